@@ -1,0 +1,79 @@
+"""One typed Settings object: argument > ``EMBERBOX_*`` environment variable > default.
+
+Settings are built once by the entry point (CLI, server, test fixture) and passed down;
+nothing imports a module-level instance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Accel = Literal["auto", "kvm", "tcg"]
+VMMName = Literal["auto", "qemu", "firecracker"]
+Mode = Literal["development", "production"]
+
+
+def _home() -> Path:
+    return Path.home()
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune. Units are in the names."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBERBOX_", extra="ignore")
+
+    mode: Mode = "development"
+
+    # Where things live.
+    data_dir: Path = Field(default_factory=lambda: _home() / ".local" / "share" / "emberbox")
+    cache_dir: Path = Field(default_factory=lambda: _home() / ".cache" / "emberbox")
+    images_dir_override: Path | None = Field(default=None, alias="EMBERBOX_IMAGES_DIR")
+
+    # Virtual machine monitor.
+    vmm: VMMName = "auto"
+    accel: Accel = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_img_binary: str = "qemu-img"
+    firecracker_binary: str = "firecracker"
+    boot_timeout_s: float = Field(default=60.0, gt=0)
+    boot_attempts: int = Field(default=3, ge=1, le=10)
+    kvm_probe_timeout_s: float = Field(default=15.0, gt=0)
+    console_log_max_bytes: int = Field(default=1 << 20, ge=4096)
+
+    # Sandbox shape and limits.
+    default_image: str = "default"
+    default_vcpus: int = Field(default=1, ge=1)
+    default_memory_mib: int = Field(default=512, ge=64)
+    max_vcpus: int = Field(default=4, ge=1)
+    max_memory_mib: int = Field(default=8192, ge=64)
+    default_exec_timeout_s: float = Field(default=60.0, gt=0)
+    max_exec_timeout_s: float = Field(default=3600.0, gt=0)
+    exec_output_max_bytes: int = Field(default=16 << 20, ge=1024)
+
+    # Service.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_sandboxes: int = Field(default=16, ge=1)
+    default_timeout_s: int = Field(default=300, ge=1)
+    max_timeout_s: int = Field(default=24 * 3600, ge=1)
+    reaper_interval_s: float = Field(default=1.0, gt=0)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.images_dir_override or self.cache_dir / "images"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.cache_dir / "downloads"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "emberbox.db"
