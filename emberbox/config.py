@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     firecracker_binary: str = "firecracker"
     boot_timeout_s: float = Field(default=60.0, gt=0)
     boot_attempts: int = Field(default=3, ge=1, le=10)
-    kvm_probe_timeout_s: float = Field(default=15.0, gt=0)
+    kvm_probe_timeout_s: float = Field(default=10.0, gt=0)
     console_log_max_bytes: int = Field(default=1 << 20, ge=4096)
 
     # Sandbox shape and limits.

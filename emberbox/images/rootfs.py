@@ -1,0 +1,113 @@
+"""The guest root filesystem: ``mmdebstrap`` into a tarball, then ``mkfs.ext4 -d``.
+
+No loop mounts and no Docker: mmdebstrap writes a tarball (cached by its inputs), the
+tarball is unpacked into a scratch directory, the guest agent is copied in, and
+``mkfs.ext4 -d`` turns the directory into a sparse image file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from emberbox.errors import ImageBuildError
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# Docs, man pages and translations are dead weight in a sandbox image.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+)
+
+
+@dataclass(frozen=True)
+class RootfsRecipe:
+    """What goes into an image's root filesystem."""
+
+    suite: str = "bookworm"
+    variant: str = "minbase"
+    packages: tuple[str, ...] = ("python3", "procps", "iproute2", "ca-certificates")
+    mirror: str = DEFAULT_MIRROR
+    size_mib: int = 2048
+
+    def key(self) -> str:
+        """Cache key of the mmdebstrap tarball (size is applied later, not part of it)."""
+        blob = json.dumps(
+            [self.suite, self.variant, sorted(self.packages), self.mirror, DPKG_EXCLUDES]
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mmdebstrap_argv(recipe: RootfsRecipe, out_tar: Path) -> list[str]:
+    """The mmdebstrap command line producing ``out_tar`` for ``recipe``."""
+    argv = ["mmdebstrap", f"--variant={recipe.variant}", "--quiet"]
+    if recipe.packages:
+        argv.append("--include=" + ",".join(recipe.packages))
+    argv += [f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES]
+    argv += [recipe.suite, str(out_tar), recipe.mirror]
+    return argv
+
+
+def mkfs_argv(source_dir: Path, image: Path, size_mib: int, label: str = "emberbox") -> list[str]:
+    """``mkfs.ext4 -d``: a filesystem populated from ``source_dir``, no mounting needed."""
+    return [
+        "mkfs.ext4", "-F", "-q", "-L", label, "-d", str(source_dir),
+        "-E", "lazy_itable_init=1,lazy_journal_init=1",
+        str(image), f"{size_mib}M",
+    ]  # fmt: skip
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise ImageBuildError(f"`{argv[0]}` failed (exit {proc.returncode}): {tail}")
+
+
+def build_tarball(recipe: RootfsRecipe, cache: Path) -> Path:
+    """The mmdebstrap tarball for ``recipe``, built once and cached under ``cache``."""
+    cache.mkdir(parents=True, exist_ok=True)
+    tar = cache / f"rootfs-{recipe.suite}-{recipe.key()}.tar"
+    if tar.exists():
+        return tar
+    if shutil.which("mmdebstrap") is None:
+        raise ImageBuildError("mmdebstrap not found: install the mmdebstrap package")
+    # mmdebstrap picks its output format from the file name: keep the .tar suffix.
+    partial = tar.with_name(f".partial-{os.getpid()}-{tar.name}")
+    try:
+        _run(mmdebstrap_argv(recipe, partial))
+        partial.rename(tar)
+    finally:
+        partial.unlink(missing_ok=True)
+    return tar
+
+
+def guest_files(agent_files: dict[str, bytes], hostname: str = "emberbox") -> dict[str, bytes]:
+    """Files the builder writes into the root filesystem (path → content)."""
+    files = {f"opt/emberbox/{name}": data for name, data in agent_files.items()}
+    files["etc/hostname"] = f"{hostname}\n".encode()
+    files["etc/hosts"] = f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n::1 localhost\n".encode()
+    return files
+
+
+def assemble_ext4(tarball: Path, files: dict[str, bytes], dest: Path, size_mib: int) -> None:
+    """Unpack ``tarball``, add ``files``, and write the ext4 image ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="emberbox-rootfs-", dir=dest.parent) as scratch:
+        root = Path(scratch) / "root"
+        root.mkdir()
+        _run(["tar", "-xpf", str(tarball), "-C", str(root), "--numeric-owner"])
+        for rel, data in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            path.chmod(0o755 if rel.endswith(".py") else 0o644)
+        _run(mkfs_argv(root, dest, size_mib))

@@ -1,0 +1,218 @@
+"""The library API: a running microVM with its guest agent connected.
+
+    async with Sandbox.boot(image="default", vcpus=1, memory_mib=512) as sb:
+        result = await sb.exec(["python3", "-c", "print(6*7)"])
+
+``boot()`` returns only after the agent's handshake and kills the VM on exit. The
+service layer uses :meth:`Sandbox.start` with ``lifetime="detached"`` so that VMs outlive
+a server restart, and :meth:`Sandbox.attach` to adopt them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from emberbox.config import Settings
+from emberbox.errors import HostError, InvalidRequest
+from emberbox.guest.client import AgentClient, ExecResult, HelloInfo
+from emberbox.images.registry import ImageInfo, ImageRegistry
+from emberbox.vmm.base import VM, Driver, Lifetime, VMConfig
+from emberbox.vmm.boot import boot_until_ready, connect_agent
+from emberbox.vmm.select import choose_driver
+
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+OutputCallback = Callable[[bytes], object]
+
+
+def new_sandbox_id() -> str:
+    return secrets.token_hex(8)
+
+
+def check_shape(settings: Settings, vcpus: int, memory_mib: int) -> None:
+    if not 1 <= vcpus <= settings.max_vcpus:
+        raise InvalidRequest(f"vcpus must be between 1 and {settings.max_vcpus}, got {vcpus}")
+    if not 64 <= memory_mib <= settings.max_memory_mib:
+        raise InvalidRequest(
+            f"memory_mib must be between 64 and {settings.max_memory_mib}, got {memory_mib}"
+        )
+
+
+def work_dir_for(settings: Settings, sandbox_id: str) -> Path:
+    work_dir = settings.vms_dir / sandbox_id
+    longest = work_dir / "console.sock"
+    if len(str(longest).encode()) > MAX_SOCKET_PATH:
+        raise HostError(
+            f"data dir {settings.data_dir} is too deep: socket path {longest} exceeds "
+            f"{MAX_SOCKET_PATH} bytes; set EMBERBOX_DATA_DIR to a shorter path"
+        )
+    return work_dir
+
+
+class Sandbox:
+    """One microVM and its agent connection; kill it (or use ``boot()``) when done."""
+
+    def __init__(
+        self, sandbox_id: str, image: str, vm: VM, agent: AgentClient, hello: HelloInfo,
+        vcpus: int, memory_mib: int,
+    ) -> None:  # fmt: skip
+        self.id = sandbox_id
+        self.image = image
+        self.vm = vm
+        self.agent = agent
+        self.hello = hello
+        self.vcpus = vcpus
+        self.memory_mib = memory_mib
+
+    @property
+    def pid(self) -> int | None:
+        return self.vm.pid
+
+    @property
+    def work_dir(self) -> Path:
+        return self.vm.work_dir
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        image: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        sandbox_id: str | None = None,
+        lifetime: Lifetime = "ephemeral",
+        driver: Driver | None = None,
+    ) -> Sandbox:
+        """Boot a sandbox and return once its agent has answered the handshake.
+
+        Raises ImageNotFound, InvalidRequest, HostError, BootTimeout or VMMCrashed.
+        """
+        vcpus = vcpus or settings.default_vcpus
+        memory_mib = memory_mib or settings.default_memory_mib
+        check_shape(settings, vcpus, memory_mib)
+        info = ImageRegistry(settings).get(image or settings.default_image)
+        sandbox_id = sandbox_id or new_sandbox_id()
+        config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime)
+        if driver is None:
+            driver = choose_driver(settings, info.files).driver
+        ready = await boot_until_ready(
+            lambda: driver.start(config),
+            timeout_s=settings.boot_timeout_s,
+            attempts=settings.boot_attempts,
+            hostname=_hostname(sandbox_id),
+            sandbox_id=sandbox_id,
+        )
+        return cls(sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def boot(
+        cls,
+        image: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        *,
+        settings: Settings | None = None,
+    ) -> AsyncIterator[Sandbox]:
+        """An ephemeral sandbox for the duration of an ``async with`` block."""
+        sandbox = await cls.start(
+            settings or Settings(), image=image, vcpus=vcpus, memory_mib=memory_mib
+        )
+        try:
+            yield sandbox
+        finally:
+            await sandbox.kill()
+
+    @classmethod
+    async def attach(
+        cls,
+        settings: Settings,
+        *,
+        sandbox_id: str,
+        pid: int,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        driver: Driver | None = None,
+    ) -> Sandbox:
+        """Adopt a detached VM left running by an earlier process and reconnect its agent."""
+        info = ImageRegistry(settings).get(image)
+        config = _config(settings, info, sandbox_id, vcpus, memory_mib, "detached")
+        if driver is None:
+            driver = choose_driver(settings, info.files).driver
+        vm = await driver.attach(config, pid)
+        try:
+            agent, hello = await connect_agent(
+                vm,
+                timeout_s=min(settings.boot_timeout_s, 15.0),
+                hostname=_hostname(sandbox_id),
+                sandbox_id=sandbox_id,
+            )
+        except BaseException:
+            await vm.kill()
+            raise
+        return cls(sandbox_id, image, vm, agent, hello, vcpus, memory_mib)
+
+    def is_running(self) -> bool:
+        return self.vm.is_running() and not self.agent.closed
+
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        output_max_bytes: int | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) and wait for it.
+
+        A command that runs past ``timeout_s`` is killed with its process group and
+        comes back with ``timed_out=True``.
+        """
+        return await self.agent.exec(
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            output_max_bytes=output_max_bytes,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    async def kill(self) -> None:
+        """End the VM and remove its files. Idempotent."""
+        try:
+            await self.agent.aclose()
+        finally:
+            await self.vm.kill()
+
+    async def detach(self) -> None:
+        """Drop the agent connection but leave the VM running (server shutdown)."""
+        await self.agent.aclose()
+
+
+def _hostname(sandbox_id: str) -> str:
+    return f"emberbox-{sandbox_id[:12]}"
+
+
+def _config(
+    settings: Settings, info: ImageInfo, sandbox_id: str, vcpus: int, memory_mib: int,
+    lifetime: Lifetime,
+) -> VMConfig:  # fmt: skip
+    return VMConfig(
+        vm_id=sandbox_id,
+        work_dir=work_dir_for(settings, sandbox_id),
+        guest=info.files,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        console_log_max_bytes=settings.console_log_max_bytes,
+        lifetime=lifetime,
+    )

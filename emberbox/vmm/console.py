@@ -1,0 +1,89 @@
+"""The guest's serial console, drained from a socket into a size-capped log file.
+
+QEMU's own file backend cannot cap a file, and a guest that writes a gigabyte to its
+console must not fill the host's disk. So the console goes to a unix socket and this
+reader appends at most ``max_bytes`` to ``console.log``; beyond that it keeps draining
+(so the guest is never stalled by us) and remembers only a rolling tail in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from pathlib import Path
+
+TAIL_BYTES = 64 * 1024
+CAP_NOTE = b"\n[emberbox: console log capped; later output dropped]\n"
+
+
+class ConsoleLog:
+    """Owns the console connection and the log file of one VM."""
+
+    def __init__(self, socket_path: Path, log_path: Path, max_bytes: int) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.dropped = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        reader = await self._connect()
+        if reader is None:
+            return
+        with self.log_path.open("ab") as log:
+            self.written = log.tell()
+            while chunk := await reader.read(65536):
+                self._remember(chunk)
+                room = self.max_bytes - self.written
+                if room > 0:
+                    log.write(chunk[:room])
+                    log.flush()
+                    self.written += min(room, len(chunk))
+                    if len(chunk) > room:
+                        log.write(CAP_NOTE)
+                self.dropped += max(0, len(chunk) - max(room, 0))
+
+    async def _connect(self) -> asyncio.StreamReader | None:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.01)
+                continue
+            self._writer = writer  # the guest never reads its console: we only keep it open
+            return reader
+        return None
+
+    def _remember(self, chunk: bytes) -> None:
+        self._tail.append(chunk)
+        self._tail_size += len(chunk)
+        while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
+            self._tail_size -= len(self._tail.popleft())
+
+    def tail(self, max_bytes: int = 8192) -> str:
+        """The last ``max_bytes`` of console output (from memory, else from the file)."""
+        data = b"".join(self._tail)
+        if not data and self.log_path.exists():
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, self.log_path.stat().st_size - max_bytes))
+                data = f.read()
+        return data[-max_bytes:].decode("utf-8", "replace")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await self._task
+            self._task = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

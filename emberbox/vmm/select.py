@@ -1,0 +1,58 @@
+"""Picking a driver from Settings: ``EMBERBOX_VMM=auto|firecracker|qemu``.
+
+``auto`` takes Firecracker when its binary is present and KVM is usable, else QEMU
+(with KVM when a probe boot proves it works, else TCG). Production mode refuses TCG.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from emberbox.config import Settings
+from emberbox.errors import HostError
+from emberbox.vmm import accel
+from emberbox.vmm.base import Driver, GuestFiles
+from emberbox.vmm.qemu import QemuDriver
+
+log = logging.getLogger("emberbox.vmm")
+
+
+@dataclass(frozen=True)
+class DriverChoice:
+    driver: Driver
+    reason: str
+    accel: str  # "kvm" or "tcg"
+
+
+def firecracker_status(settings: Settings) -> tuple[bool, str]:
+    from emberbox.vmm.firecracker import firecracker_usable
+
+    return firecracker_usable(settings.firecracker_binary)
+
+
+def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
+    """The driver for this host and settings, and a sentence saying why."""
+    if settings.vmm in ("auto", "firecracker"):
+        usable, why = firecracker_status(settings)
+        if usable:
+            from emberbox.vmm.firecracker import FirecrackerDriver
+
+            return DriverChoice(
+                FirecrackerDriver(binary=settings.firecracker_binary), f"firecracker: {why}", "kvm"
+            )
+        if settings.vmm == "firecracker":
+            raise HostError(f"EMBERBOX_VMM=firecracker but Firecracker is not usable: {why}")
+    qemu = QemuDriver("tcg", settings.qemu_binary, settings.qemu_img_binary)
+    chosen, why = accel.resolve_accel(settings, qemu.version(), guest)
+    if chosen == "tcg" and settings.mode == "production":
+        raise HostError(
+            f"production mode refuses QEMU TCG (software emulation is not a security "
+            f"boundary); KVM is needed: {why}"
+        )
+    if chosen == "tcg":
+        log.warning(
+            "QEMU with TCG software emulation (%s): slow, and NOT a security boundary", why
+        )
+    qemu.accel = chosen
+    return DriverChoice(qemu, f"qemu/{chosen}: {why}", chosen)
