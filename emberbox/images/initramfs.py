@@ -99,7 +99,9 @@ def render_init(modules: list[str], agent_path: str = AGENT_PATH) -> str:
     ``emberbox.probe`` on the kernel command line makes it print a marker and power off
     instead (used to check that an accelerator can boot a guest at all).
     """
-    loads = "\n".join(f"insmod /lib/modules/{name}.ko || echo \"init: insmod {name} failed\"" for name in modules)
+    loads = "\n".join(
+        f'insmod /lib/modules/{name}.ko || echo "init: insmod {name} failed"' for name in modules
+    )
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin

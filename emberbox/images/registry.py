@@ -12,6 +12,7 @@ a disk from under a VM. Callers name images; they never pass host paths.
 
 from __future__ import annotations
 
+import builtins
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,7 +90,7 @@ class ImageRegistry:
                 found.append(info)
         return found
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         return [info.name for info in self.list()]
 
     def get(self, name: str) -> ImageInfo:

@@ -55,9 +55,15 @@ class Sandbox:
     """One microVM and its agent connection; kill it (or use ``boot()``) when done."""
 
     def __init__(
-        self, sandbox_id: str, image: str, vm: VM, agent: AgentClient, hello: HelloInfo,
-        vcpus: int, memory_mib: int,
-    ) -> None:  # fmt: skip
+        self,
+        sandbox_id: str,
+        image: str,
+        vm: VM,
+        agent: AgentClient,
+        hello: HelloInfo,
+        vcpus: int,
+        memory_mib: int,
+    ) -> None:
         self.id = sandbox_id
         self.image = image
         self.vm = vm
@@ -204,9 +210,13 @@ def _hostname(sandbox_id: str) -> str:
 
 
 def _config(
-    settings: Settings, info: ImageInfo, sandbox_id: str, vcpus: int, memory_mib: int,
+    settings: Settings,
+    info: ImageInfo,
+    sandbox_id: str,
+    vcpus: int,
+    memory_mib: int,
     lifetime: Lifetime,
-) -> VMConfig:  # fmt: skip
+) -> VMConfig:
     return VMConfig(
         vm_id=sandbox_id,
         work_dir=work_dir_for(settings, sandbox_id),

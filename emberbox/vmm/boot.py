@@ -76,7 +76,9 @@ async def boot_until_ready(
             last = exc if isinstance(exc, VMMError) else VMMCrashed(str(exc), tail)
             if isinstance(last, VMMError) and not last.console_tail:
                 last.console_tail = tail
-            log.warning("boot attempt %d/%d of %s failed: %s", attempt, attempts, sandbox_id, exc.message)
+            log.warning(
+                "boot attempt %d/%d of %s failed: %s", attempt, attempts, sandbox_id, exc.message
+            )
             await vm.kill()
         except BaseException:
             await vm.kill()

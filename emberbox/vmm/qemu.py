@@ -145,6 +145,27 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def wait_for_exit(pid: int) -> None:
+    """Wait until ``pid`` ends, without polling (a pidfd turns readable at exit)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def process_cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -169,7 +190,9 @@ class QemuVM:
         self._popen = popen
         self._janitor = janitor
         self._killed = False
-        self.console = ConsoleLog(self.paths.console, self.paths.console_log, config.console_log_max_bytes)
+        self.console = ConsoleLog(
+            self.paths.console, self.paths.console_log, config.console_log_max_bytes
+        )
         self.console.start()
 
     @property
@@ -194,7 +217,9 @@ class QemuVM:
         stderr = ""
         with contextlib.suppress(OSError):
             stderr = self.paths.vmm_log.read_text(errors="replace")[-2000:].strip()
-        desc = f"QEMU (pid {self._pid}) exited" + (f" with status {code}" if code is not None else "")
+        desc = f"QEMU (pid {self._pid}) exited" + (
+            f" with status {code}" if code is not None else ""
+        )
         return f"{desc}: {stderr}" if stderr else desc
 
     async def open_agent_stream(self, timeout_s: float) -> AgentStream:
@@ -207,7 +232,9 @@ class QemuVM:
                 if not self.is_running():
                     raise VMMCrashed(self.exit_description(), self.console_tail()) from exc
                 if loop.time() > deadline:
-                    raise VMMError(f"agent socket not available: {exc}", self.console_tail()) from exc
+                    raise VMMError(
+                        f"agent socket not available: {exc}", self.console_tail()
+                    ) from exc
                 await asyncio.sleep(0.01)
 
     def console_tail(self, max_bytes: int = 8192) -> str:
@@ -223,8 +250,8 @@ class QemuVM:
         raise VMMError("snapshots are not supported by this QEMU driver yet")
 
     async def wait(self) -> int:
-        while self.is_running():
-            await asyncio.sleep(0.05)
+        if self.is_running():
+            await wait_for_exit(self._pid)
         if self._popen is not None:
             return self._popen.wait()
         return -1
@@ -242,6 +269,8 @@ class QemuVM:
             with contextlib.suppress(ProcessLookupError):
                 self._janitor.kill()
             self._janitor.wait()
+            if self._janitor.stdin is not None:
+                self._janitor.stdin.close()  # only now: its closing is the janitor's cue
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._pid, signal.SIGKILL)
         if self._popen is not None:
@@ -258,7 +287,9 @@ class QemuDriver:
 
     name = "qemu"
 
-    def __init__(self, accel: Accel, binary: str = "qemu-system-x86_64", qemu_img: str = "qemu-img") -> None:
+    def __init__(
+        self, accel: Accel, binary: str = "qemu-system-x86_64", qemu_img: str = "qemu-img"
+    ) -> None:
         self.accel = accel
         self.binary = binary
         self.qemu_img = qemu_img
@@ -301,7 +332,7 @@ class QemuDriver:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if ephemeral else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if ephemeral else None,
             )
         janitor = spawn_janitor(popen.pid, config.work_dir) if ephemeral else None
         return QemuVM(config, popen.pid, popen, janitor)

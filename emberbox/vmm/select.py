@@ -51,8 +51,6 @@ def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
             f"boundary); KVM is needed: {why}"
         )
     if chosen == "tcg":
-        log.warning(
-            "QEMU with TCG software emulation (%s): slow, and NOT a security boundary", why
-        )
+        log.warning("QEMU with TCG software emulation (%s): slow, and NOT a security boundary", why)
     qemu.accel = chosen
     return DriverChoice(qemu, f"qemu/{chosen}: {why}", chosen)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install what emberbox needs on a Debian 12 host, idempotently: apt packages, the
+# Python venv, and the default guest image (cached under ~/.cache/emberbox).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# The image builder asks apt which kernel package is current: apt needs its lists.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache policy linux-image-cloud-amd64 | grep -q 'Candidate: [0-9]'; then
+    echo "setup: apt-get update"
+    $SUDO apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+stamp=.venv/.emberbox-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing emberbox into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -U pip
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    touch "$stamp"
+fi
+
+.venv/bin/emberbox image build --name default

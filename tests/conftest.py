@@ -1,0 +1,110 @@
+"""Shared fixtures: isolated settings, the guest image, and sandbox factories that clean up.
+
+Integration tests boot real VMs (QEMU; TCG on hosts without a usable KVM). Every VM a
+test makes is killed by its factory even when the test fails, and a failed VM's console
+tail is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from emberbox.config import Settings
+from emberbox.images.build import ImageBuilder
+from emberbox.images.registry import ImageInfo
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def short_tmp_dir(prefix: str) -> Path:
+    """A temp dir under /tmp: unix socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def image_settings() -> Settings:
+    """Settings whose cache (images, downloads) is the user's real one."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def default_image(image_settings: Settings) -> ImageInfo:
+    """The default image, built once if missing (a cache hit when it is up to date)."""
+    info, _ = ImageBuilder(image_settings).build("default")
+    return info
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = short_tmp_dir("eb-")
+    yield path
+    leftovers = qemu_pids_under(path)
+    for pid in leftovers:
+        subprocess.run(["kill", "-9", str(pid)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+    assert not leftovers, f"test left QEMU processes running: {leftovers}"
+
+
+@pytest.fixture(params=["qemu", pytest.param("firecracker", marks=pytest.mark.firecracker)])
+def vmm(request: pytest.FixtureRequest) -> str:
+    """The VMM driver under test: every VM test runs once per driver."""
+    name: str = request.param
+    if name == "firecracker":
+        from emberbox.vmm.firecracker import firecracker_usable
+
+        usable, why = firecracker_usable()
+        if not usable:
+            pytest.skip(f"Firecracker driver needs a firecracker binary and usable KVM: {why}")
+    return name
+
+
+@pytest.fixture
+def settings(
+    data_dir: Path, image_settings: Settings, default_image: ImageInfo, vmm: str
+) -> Settings:
+    """Settings with a private data dir, the shared image cache and the driver under test."""
+    return image_settings.model_copy(update={"data_dir": data_dir, "vmm": vmm})
+
+
+def qemu_pids_under(path: Path) -> list[int]:
+    """PIDs of processes whose command line mentions ``path`` (VMMs we started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline and b"qemu" in cmdline.split(b"\0")[0]:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+async def sandbox_factory(settings: Settings) -> AsyncIterator[object]:
+    """Boots sandboxes for a test and kills every one of them afterwards."""
+    from emberbox.service.sandbox import Sandbox
+
+    made: list[Sandbox] = []
+
+    async def make(**kwargs: object) -> Sandbox:
+        sb = await Sandbox.start(settings, **kwargs)  # type: ignore[arg-type]
+        made.append(sb)
+        return sb
+
+    yield make
+    for sb in made:
+        if not sb.vm.is_running():
+            print(f"--- console of {sb.id} ---\n{sb.vm.console_tail()}")
+        await sb.kill()
