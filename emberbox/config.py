@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     kvm_probe_timeout_s: float = Field(default=10.0, gt=0)
     console_log_max_bytes: int = Field(default=1 << 20, ge=4096)
 
+    # Firecracker (see docs/firecracker.md).
+    firecracker_api_timeout_s: float = Field(default=30.0, gt=0)
+    firecracker_jailer: bool = False
+    jailer_binary: str = "jailer"
+    jailer_uid: int | None = Field(default=None, ge=1)
+    jailer_gid: int | None = Field(default=None, ge=1)
+    jailer_chroot_base_dir: Path = Path("/srv/jailer")
+    jailer_memory_overhead_mib: int = Field(default=64, ge=0)
+    jailer_fsize_limit_bytes: int | None = Field(default=None, ge=1)
+
     # Sandbox shape and limits.
     default_image: str = "default"
     default_vcpus: int = Field(default=1, ge=1)

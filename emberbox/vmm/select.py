@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from emberbox.config import Settings
 from emberbox.errors import HostError
@@ -31,16 +33,40 @@ def firecracker_status(settings: Settings) -> tuple[bool, str]:
     return firecracker_usable(settings.firecracker_binary)
 
 
+def firecracker_driver(settings: Settings) -> Driver:
+    from emberbox.vmm.firecracker import FirecrackerDriver
+    from emberbox.vmm.jailer import JailerConfig
+
+    jailer = None
+    if settings.firecracker_jailer:
+        binary = shutil.which(settings.firecracker_binary)
+        if binary is None or settings.jailer_uid is None or settings.jailer_gid is None:
+            raise HostError(
+                "jailer mode needs the firecracker binary on PATH and "
+                "EMBERBOX_JAILER_UID / EMBERBOX_JAILER_GID set"
+            )
+        jailer = JailerConfig(
+            exec_file=Path(binary),
+            uid=settings.jailer_uid,
+            gid=settings.jailer_gid,
+            jailer_binary=settings.jailer_binary,
+            chroot_base_dir=settings.jailer_chroot_base_dir,
+            memory_overhead_mib=settings.jailer_memory_overhead_mib,
+            fsize_limit_bytes=settings.jailer_fsize_limit_bytes,
+        )
+    return FirecrackerDriver(
+        settings.firecracker_binary,
+        jailer=jailer,
+        api_timeout_s=settings.firecracker_api_timeout_s,
+    )
+
+
 def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
     """The driver for this host and settings, and a sentence saying why."""
     if settings.vmm in ("auto", "firecracker"):
         usable, why = firecracker_status(settings)
         if usable:
-            from emberbox.vmm.firecracker import FirecrackerDriver
-
-            return DriverChoice(
-                FirecrackerDriver(binary=settings.firecracker_binary), f"firecracker: {why}", "kvm"
-            )
+            return DriverChoice(firecracker_driver(settings), f"firecracker: {why}", "kvm")
         if settings.vmm == "firecracker":
             raise HostError(f"EMBERBOX_VMM=firecracker but Firecracker is not usable: {why}")
     qemu = QemuDriver("tcg", settings.qemu_binary, settings.qemu_img_binary)
