@@ -202,7 +202,10 @@ class Sandbox:
 
     async def detach(self) -> None:
         """Drop the agent connection but leave the VM running (server shutdown)."""
-        await self.agent.aclose()
+        try:
+            await self.agent.aclose()
+        finally:
+            await self.vm.release()
 
 
 def _hostname(sandbox_id: str) -> str:

@@ -87,11 +87,22 @@ class VM(Protocol):
         ...
 
     async def wait(self) -> int:
-        """Wait for the VMM process to end; its exit status."""
+        """Wait for the VMM process to end; its exit status (-1 for an adopted process,
+        whose status goes to its real parent)."""
         ...
 
     async def kill(self) -> None:
-        """End the VMM and remove every file it had. Idempotent; safe on cancellation."""
+        """End the VMM and remove every file it had. Idempotent; safe on cancellation.
+
+        Read :meth:`console_tail` first if you want it: the console log goes too.
+        """
+        ...
+
+    async def release(self) -> None:
+        """Stop managing the VM but leave it running (a detached VM at server shutdown).
+
+        A later process re-adopts it with :meth:`Driver.attach`.
+        """
         ...
 
 

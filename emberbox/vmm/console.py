@@ -36,6 +36,10 @@ class ConsoleLog:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        with contextlib.suppress(OSError):  # the VMM went away: nothing more to log
+            await self._drain()
+
+    async def _drain(self) -> None:
         reader = await self._connect()
         if reader is None:
             return

@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,9 @@ class _Child:
     def kill(self) -> None:
         if self._popen.poll() is None:
             self._popen.kill()
+
+    def reap_in_background(self) -> None:
+        threading.Thread(target=self._popen.wait, name=f"reap-{self.pid}", daemon=True).start()
 
 
 class _Adopted:
@@ -452,6 +456,12 @@ class FirecrackerVM:
             await self._wait_gone(10.0)
         finally:
             self._remove_files()  # synchronous: runs even when the awaits were cancelled
+
+    async def release(self) -> None:
+        """Leave the VM running; a daemon thread reaps our child whenever it ends."""
+        await self._client.aclose()
+        if isinstance(self._process, _Child):
+            self._process.reap_in_background()
 
     async def _wait_gone(self, timeout_s: float) -> None:
         if not await _wait_exit(self._process, timeout_s):

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,11 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def reap_in_background(popen: subprocess.Popen[bytes]) -> None:
+    """Let a released child run on; a daemon thread reaps it whenever it ends."""
+    threading.Thread(target=popen.wait, name=f"reap-{popen.pid}", daemon=True).start()
+
+
 async def wait_for_exit(pid: int) -> None:
     """Wait until ``pid`` ends, without polling (a pidfd turns readable at exit)."""
     try:
@@ -263,6 +269,12 @@ class QemuVM:
             self._killed = True
             self._terminate()
         await self.console.aclose()
+
+    async def release(self) -> None:
+        await self.console.aclose()
+        if self._popen is not None and not self._killed:
+            reap_in_background(self._popen)
+            self._popen = None
 
     def _terminate(self) -> None:
         if self._janitor is not None:

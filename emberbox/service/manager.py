@@ -1,0 +1,749 @@
+"""The sandbox manager: create, exec in, time out and kill sandboxes; survive restarts.
+
+The manager owns three things: the :class:`~emberbox.store.Store` (the truth about every
+sandbox), the live :class:`SandboxHandle` of each running sandbox, and the reaper task.
+Every state change goes through :func:`~emberbox.service.state.check_transition` and an
+atomic compare-and-set in the store, under a per-sandbox lock so that create, kill and
+the reaper never interleave on one sandbox. Execs take no lock: the guest agent
+multiplexes any number of them.
+
+Sandboxes are booted ``detached``: :meth:`SandboxManager.close` leaves them running and
+the next :meth:`SandboxManager.start` re-attaches them (:mod:`emberbox.service.reconcile`).
+``start`` and ``close`` must run in the same task (``async with manager:`` does).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, Unpack
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.guest.client import ExecResult
+from emberbox.service import orphans
+from emberbox.service.reaper import Reaper
+from emberbox.service.reconcile import reconcile
+from emberbox.service.state import LIVE_STATES, SandboxState, check_transition
+from emberbox.store import ExecLogEntry, SandboxFields, SandboxRow, Store, utcnow
+from emberbox.vmm.base import Lifetime
+
+log = logging.getLogger(__name__)
+
+#: Called with each chunk of output as it arrives (sync or async; the sandbox decides).
+OutputCallback = Callable[[bytes], Any]
+
+MIN_MEMORY_MIB = 64
+ID_BYTES = 6  # 12 hex characters: short enough for unix socket paths under vms_dir
+SHUTDOWN_BOOT_WAIT_S = 30.0
+
+
+class SandboxHandle(Protocol):
+    """A running sandbox as the manager drives it (``emberbox.service.sandbox.Sandbox``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def work_dir(self) -> Path: ...
+    def is_running(self) -> bool: ...
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        output_max_bytes: int | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult: ...
+    async def kill(self) -> None:
+        """End the VMM and remove its work dir. Idempotent."""
+
+    async def detach(self) -> None:
+        """Close the agent connection and leave the VMM running. Idempotent."""
+
+
+class SandboxFactory(Protocol):
+    """``Sandbox.start``: boot a sandbox; returns after the agent handshake."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str,
+        lifetime: Lifetime,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class SandboxAttacher(Protocol):
+    """``Sandbox.attach``: re-adopt a VMM left running by an earlier server."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        *,
+        sandbox_id: str,
+        pid: int,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class ImageCatalog(Protocol):
+    """``ImageRegistry``: which images exist (``get`` raises ``errors.ImageNotFound``)."""
+
+    def names(self) -> list[str]: ...
+    def get(self, name: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox as the service reports it. Times are UTC."""
+
+    id: str
+    state: SandboxState
+    image: str
+    vcpus: int
+    memory_mib: int
+    metadata: dict[str, str]
+    env: dict[str, str]
+    timeout_s: int
+    created_at: datetime
+    expires_at: datetime
+    ip_address: str | None
+    vmm_pid: int | None
+    work_dir: Path | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: SandboxRow) -> SandboxRecord:
+        return cls(
+            id=row.id,
+            state=SandboxState(row.state),
+            image=row.image,
+            vcpus=row.vcpus,
+            memory_mib=row.memory_mib,
+            metadata=dict(row.metadata),
+            env=dict(row.env),
+            timeout_s=row.timeout_s,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            ip_address=row.ip_address,
+            vmm_pid=row.vmm_pid,
+            work_dir=row.work_dir,
+            error=row.error,
+        )
+
+
+class _Phase(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Boot:
+    """A boot in progress, so that kill() and close() can interrupt it."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    interrupted: bool = False
+    error: str | None = None  # None when interrupted by kill(): the row ends ``stopped``
+
+    def interrupt(self, error: str | None) -> None:
+        if not self.interrupted:
+            self.interrupted, self.error = True, error
+        self.scope.cancel()
+
+
+@dataclass(frozen=True)
+class _Spec:
+    image: str
+    vcpus: int
+    memory_mib: int
+    timeout_s: int
+    metadata: dict[str, str]
+    env: dict[str, str]
+
+
+class SandboxManager:
+    """Owns every sandbox of one server. Use as ``async with SandboxManager(settings):``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sandbox_factory: SandboxFactory | None = None,
+        sandbox_attacher: SandboxAttacher | None = None,
+        image_registry: ImageCatalog | None = None,
+    ) -> None:
+        self._settings = settings
+        self._factory = sandbox_factory or _default_factory()
+        self._attacher = sandbox_attacher or _default_attacher()
+        self._images = image_registry or _default_registry(settings)
+        self._phase = _Phase.NEW
+        self._store: Store | None = None
+        self._live: dict[str, SandboxHandle] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._boots: dict[str, _Boot] = {}
+        self._admission = anyio.Lock()  # makes "count live, then insert" atomic
+        self._stack = contextlib.AsyncExitStack()
+        self._task_group: TaskGroup | None = None
+        self.reaper = Reaper(self, settings.reaper_interval_s)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, reconcile with what survived a restart, start the reaper."""
+        if self._phase is not _Phase.NEW:
+            raise errors.Conflict(f"sandbox manager is {self._phase.value}; cannot start")
+        self._phase = _Phase.OPEN
+        try:
+            vms_dir = self._settings.vms_dir
+            await anyio.to_thread.run_sync(lambda: vms_dir.mkdir(0o700, True, True))
+            self._store = await Store.open(self._settings.db_path)
+            report = await reconcile(self._settings, self._store, self._attach_row)
+            self._live.update(report.attached)
+            self._task_group = await self._stack.enter_async_context(anyio.create_task_group())
+            await self._task_group.start(self.reaper.run)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the reaper, detach from running sandboxes (they keep running), close the
+        store. Boots in progress are abandoned (``error``). Idempotent."""
+        if self._phase is _Phase.CLOSED:
+            return
+        self._phase = _Phase.CLOSED
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()  # no reaping while we shut down
+        with anyio.CancelScope(shield=True):
+            for boot in list(self._boots.values()):
+                boot.interrupt("server shut down during boot")
+            with anyio.move_on_after(SHUTDOWN_BOOT_WAIT_S):
+                for boot in list(self._boots.values()):
+                    await boot.done.wait()
+        # The reaper's task group was entered by start(), so it is left here, outside any
+        # scope opened since; the reaper is already cancelled, so this returns promptly.
+        try:
+            await self._stack.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                live, self._live = self._live, {}
+                for sandbox_id, handle in live.items():
+                    try:
+                        await handle.detach()
+                    except Exception:
+                        log.exception("sandbox %s: detaching failed", sandbox_id)
+                if self._store is not None:
+                    await self._store.close()
+
+    async def __aenter__(self) -> SandboxManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        self._open_store()
+        return SandboxRecord.from_row(await self._row(sandbox_id))
+
+    async def list(
+        self, *, state: SandboxState | None = None, metadata: dict[str, str] | None = None
+    ) -> builtins.list[SandboxRecord]:
+        """Sandboxes, oldest first; ``metadata`` pairs must all match."""
+        rows = await self._open_store().list(
+            states=None if state is None else {state}, metadata=metadata
+        )
+        return [SandboxRecord.from_row(row) for row in rows]
+
+    async def image_names(self) -> builtins.list[str]:
+        return await anyio.to_thread.run_sync(self._images.names)
+
+    async def exec_log(self, sandbox_id: str) -> builtins.list[ExecLogEntry]:
+        """The commands run in a sandbox, oldest first."""
+        store = self._open_store()
+        await self._row(sandbox_id)
+        return await store.exec_log(sandbox_id)
+
+    # -- create --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        image: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        timeout_s: int | None = None,
+        metadata: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> SandboxRecord:
+        """Boot a sandbox; returns once it is ``running`` (its agent answered).
+
+        Raises InvalidRequest / ImageNotFound before anything boots, QuotaExceeded at
+        ``max_sandboxes`` live sandboxes, the boot's own error (BootTimeout, VMMCrashed,
+        HostError; the row is then ``error``) or Conflict if killed while booting.
+        """
+        store = self._open_store()
+        spec = _validate_spec(self._settings, image, vcpus, memory_mib, timeout_s, metadata, env)
+        await anyio.to_thread.run_sync(self._images.get, spec.image)
+        row = await self._admit(store, spec)
+        boot = self._boots[row.id] = _Boot()
+        lock = self._lock(row.id)
+        try:
+            with anyio.CancelScope(shield=True):  # only a kill() in progress holds it
+                await lock.acquire()
+            try:
+                return await self._boot(row, boot)
+            finally:
+                lock.release()
+        finally:
+            del self._boots[row.id]
+            boot.done.set()
+
+    async def _admit(self, store: Store, spec: _Spec) -> SandboxRow:
+        limit = self._settings.max_sandboxes
+        async with self._admission:
+            live = await store.count(states=LIVE_STATES)
+            if live >= limit:
+                raise errors.QuotaExceeded(
+                    f"sandbox limit reached: {live} sandboxes are creating or running "
+                    f"(max_sandboxes={limit}); kill one first",
+                    limit=limit,
+                    live=live,
+                )
+            for _ in range(5):
+                sandbox_id = secrets.token_hex(ID_BYTES)
+                now = utcnow()
+                row = SandboxRow(
+                    id=sandbox_id,
+                    state=SandboxState.CREATING,
+                    image=spec.image,
+                    vcpus=spec.vcpus,
+                    memory_mib=spec.memory_mib,
+                    timeout_s=spec.timeout_s,
+                    metadata=spec.metadata,
+                    env=spec.env,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=spec.timeout_s),
+                    updated_at=now,
+                    work_dir=self._settings.vms_dir / sandbox_id,
+                )
+                with contextlib.suppress(errors.Conflict):  # id collision: draw again
+                    return await store.insert(row)
+        raise errors.EmberboxError("could not allocate a unique sandbox id")
+
+    async def _boot(self, row: SandboxRow, boot: _Boot) -> SandboxRecord:
+        """Boot ``row`` (state ``creating``, lock held); whatever happens, the row leaves
+        ``creating`` and nothing of a failed boot stays behind."""
+        handle: SandboxHandle | None = None
+        try:
+            if (await self._row(row.id)).state != SandboxState.CREATING:
+                boot.interrupt(None)  # a kill() got the lock before us
+            if not boot.interrupted:
+                with boot.scope:
+                    handle = await self._factory(
+                        self._settings,
+                        image=row.image,
+                        vcpus=row.vcpus,
+                        memory_mib=row.memory_mib,
+                        sandbox_id=row.id,
+                        lifetime="detached",
+                    )
+            if handle is not None and not boot.interrupted:
+                self._live[row.id] = handle
+                return await self._move(
+                    row.id,
+                    SandboxState.CREATING,
+                    SandboxState.RUNNING,
+                    vmm_pid=handle.pid,
+                    work_dir=handle.work_dir,
+                    expires_at=utcnow() + timedelta(seconds=row.timeout_s),
+                )
+        except BaseException as exc:
+            # An error raised because kill()/close() interrupted the boot is that
+            # interruption, handled below; anything else (or our caller's cancellation)
+            # is a failed boot.
+            if not (boot.interrupted and isinstance(exc, Exception)):
+                error = boot.error if boot.interrupted else _failure_reason(exc)
+                with anyio.CancelScope(shield=True):
+                    await self._abort_boot(row, self._live.pop(row.id, None) or handle, error)
+                raise
+        with anyio.CancelScope(shield=True):
+            await self._abort_boot(row, self._live.pop(row.id, None) or handle, boot.error)
+        how = "killed" if boot.error is None else "abandoned (server shutting down)"
+        raise errors.Conflict(f"sandbox {row.id} was {how} while booting", sandbox_id=row.id)
+
+    async def _abort_boot(
+        self, row: SandboxRow, handle: SandboxHandle | None, error: str | None
+    ) -> None:
+        """Leave nothing of a boot that did not finish. A row still ``creating`` ends
+        ``error`` (with the reason) or, when it was killed, ``stopped``. Call shielded."""
+        try:
+            await self._teardown(row, handle)
+        except Exception:
+            log.exception("sandbox %s: cleaning up a failed boot", row.id)
+        current = await self._row(row.id)
+        if current.state != SandboxState.CREATING:
+            return  # already settled by a kill() that ran before the boot
+        if error is not None:
+            await self._move(row.id, SandboxState.CREATING, SandboxState.ERROR, error=error)
+        else:
+            await self._move(row.id, SandboxState.CREATING, SandboxState.STOPPING)
+            await self._move(row.id, SandboxState.STOPPING, SandboxState.STOPPED)
+            self._locks.pop(row.id, None)  # stopped is final: no one needs to serialise
+
+    # -- exec ----------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: builtins.list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv, or a string for ``sh -c``) in a running sandbox.
+
+        ``timeout_s`` defaults to ``default_exec_timeout_s`` and is capped at
+        ``max_exec_timeout_s``; ``env`` is merged over the sandbox's env.
+        """
+        self._open_store()
+        _validate_command(cmd, cwd)
+        _validate_env(env or {}, "env")
+        timeout = self._exec_timeout(timeout_s)
+        row = await self._row(sandbox_id)
+        handle = self._live.get(sandbox_id)
+        if row.state != SandboxState.RUNNING or handle is None:
+            raise _not_running(sandbox_id, row.state)
+        started, t0 = utcnow(), time.monotonic()
+        try:
+            result = await handle.exec(
+                cmd,
+                env={**row.env, **(env or {})},
+                cwd=cwd,
+                timeout_s=timeout,
+                stdin=stdin,
+                output_max_bytes=self._settings.exec_output_max_bytes,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        except errors.ExecTimeout as exc:
+            partial = exc.result if isinstance(exc.result, ExecResult) else None
+            await self._log_exec(sandbox_id, cmd, started, t0, partial, timed_out=True)
+            raise
+        except errors.EmberboxError as exc:
+            await self._log_exec(sandbox_id, cmd, started, t0, None, timed_out=False)
+            current = await self._db().get(sandbox_id)
+            if current is not None and current.state != SandboxState.RUNNING:
+                raise _not_running(sandbox_id, current.state) from exc  # killed meanwhile
+            raise
+        await self._log_exec(sandbox_id, cmd, started, t0, result, timed_out=result.timed_out)
+        return result
+
+    def _exec_timeout(self, timeout_s: float | None) -> float:
+        if timeout_s is None:
+            timeout_s = self._settings.default_exec_timeout_s
+        if not timeout_s > 0:
+            raise errors.InvalidRequest(f"timeout_s must be positive (got {timeout_s})")
+        return min(float(timeout_s), self._settings.max_exec_timeout_s)
+
+    async def _log_exec(
+        self,
+        sandbox_id: str,
+        cmd: builtins.list[str] | str,
+        started: datetime,
+        t0: float,
+        result: ExecResult | None,
+        *,
+        timed_out: bool,
+    ) -> None:
+        entry = ExecLogEntry(
+            sandbox_id=sandbox_id,
+            command=cmd,
+            started_at=started,
+            duration_ms=result.duration_ms if result else (time.monotonic() - t0) * 1000,
+            exit_code=result.exit_code if result else None,
+            timed_out=timed_out,
+        )
+        try:  # the caller's result matters more than its log line
+            await self._db().log_exec(entry)
+        except Exception:
+            log.exception("sandbox %s: could not write the exec log", sandbox_id)
+
+    # -- kill, timeout, failure ------------------------------------------------------------
+
+    async def kill(self, sandbox_id: str) -> None:
+        """Stop a sandbox: its VMM ends, its files go, it ends ``stopped``. Idempotent;
+        safe to call concurrently; interrupts a boot in progress."""
+        self._open_store()
+        row = await self._row(sandbox_id)
+        if row.state == SandboxState.STOPPED:
+            return
+        boot = self._boots.get(sandbox_id)
+        if boot is not None:
+            boot.interrupt(None)
+        async with self._lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                await self._stop_locked(sandbox_id)
+
+    async def _stop_locked(self, sandbox_id: str) -> None:
+        row = await self._row(sandbox_id)
+        if row.state == SandboxState.STOPPED:
+            return
+        if row.state != SandboxState.STOPPING:
+            await self._move(sandbox_id, SandboxState(row.state), SandboxState.STOPPING)
+        try:
+            await self._teardown(row, self._live.pop(sandbox_id, None))
+        except Exception as exc:
+            await self._move(
+                sandbox_id, SandboxState.STOPPING, SandboxState.ERROR, error=f"kill failed: {exc}"
+            )
+            raise
+        await self._move(sandbox_id, SandboxState.STOPPING, SandboxState.STOPPED)
+        self._locks.pop(sandbox_id, None)
+
+    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        """Make a running sandbox expire ``timeout_s`` seconds from now."""
+        _check_range("timeout_s", timeout_s, 1, self._settings.max_timeout_s)
+        fields: SandboxFields = {
+            "timeout_s": timeout_s,
+            "expires_at": utcnow() + timedelta(seconds=timeout_s),
+        }
+        try:
+            row = await self._open_store().transition(
+                sandbox_id, {SandboxState.RUNNING}, SandboxState.RUNNING, **fields
+            )
+        except errors.Conflict as exc:
+            state = exc.details.get("state", "not running")
+            raise errors.Conflict(
+                f"sandbox {sandbox_id} is {state}; only a running sandbox's timeout can change",
+                sandbox_id=sandbox_id,
+                state=state,
+            ) from exc
+        return SandboxRecord.from_row(row)
+
+    async def expired_ids(self, now: datetime) -> builtins.list[str]:
+        """(Reaper) running sandboxes past their ``expires_at``."""
+        rows = await self._db().list(states={SandboxState.RUNNING}, expires_before=now)
+        return [row.id for row in rows]
+
+    def crashed_ids(self) -> builtins.list[str]:
+        """(Reaper) running sandboxes whose VMM has ended on its own."""
+        return [sid for sid, handle in self._live.items() if not handle.is_running()]
+
+    async def mark_failed(self, sandbox_id: str, reason: str) -> None:
+        """(Reaper) tear down a running sandbox whose VMM failed and record it ``error``."""
+        async with self._lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                row = await self._row(sandbox_id)
+                if row.state != SandboxState.RUNNING:
+                    return
+                try:
+                    await self._teardown(row, self._live.pop(sandbox_id, None))
+                except Exception:
+                    log.exception("sandbox %s: cleaning up after a VMM failure", sandbox_id)
+                await self._move(sandbox_id, SandboxState.RUNNING, SandboxState.ERROR, error=reason)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _open_store(self) -> Store:
+        """The store, for a public call: refused unless the manager is open."""
+        if self._phase is not _Phase.OPEN:
+            raise errors.Conflict(f"sandbox manager is {self._phase.value}; call start() first")
+        return self._db()
+
+    def _db(self) -> Store:
+        """The store, for internal work (which may still run while close() waits)."""
+        if self._store is None or self._store.closed:
+            raise errors.Conflict("sandbox manager has no open store")
+        return self._store
+
+    async def _row(self, sandbox_id: str) -> SandboxRow:
+        row = await self._db().get(sandbox_id)
+        if row is None:
+            raise errors.NotFound(f"no sandbox {sandbox_id}", sandbox_id=sandbox_id)
+        return row
+
+    def _lock(self, sandbox_id: str) -> anyio.Lock:
+        return self._locks.setdefault(sandbox_id, anyio.Lock())
+
+    async def _move(
+        self,
+        sandbox_id: str,
+        src: SandboxState,
+        dst: SandboxState,
+        **fields: Unpack[SandboxFields],
+    ) -> SandboxRecord:
+        """The one way state changes: legal per the state machine, and a CAS in SQLite."""
+        check_transition(src, dst, sandbox_id=sandbox_id)
+        row = await self._db().transition(sandbox_id, {src}, dst, **fields)
+        return SandboxRecord.from_row(row)
+
+    async def _teardown(self, row: SandboxRow, handle: SandboxHandle | None) -> None:
+        """End the VMM and remove the work dir. Without a handle (a failed boot, a
+        crashed VMM) or when ``handle.kill()`` fails, find leftovers through ``/proc``."""
+        work_dir = row.work_dir or self._settings.vms_dir / row.id
+        vms_dir = self._settings.vms_dir
+        try:
+            if handle is not None:
+                await handle.kill()
+        except BaseException:
+            await anyio.to_thread.run_sync(orphans.purge, work_dir, vms_dir, None)
+            raise
+        if handle is None:
+            await anyio.to_thread.run_sync(orphans.purge, work_dir, vms_dir, None)
+        else:
+            await anyio.to_thread.run_sync(orphans.remove_dir, work_dir, vms_dir)
+
+    async def _attach_row(self, row: SandboxRow) -> SandboxHandle:
+        if row.vmm_pid is None:
+            raise errors.VMMCrashed(f"sandbox {row.id} has no recorded VMM pid")
+        return await self._attacher(
+            self._settings,
+            sandbox_id=row.id,
+            pid=row.vmm_pid,
+            image=row.image,
+            vcpus=row.vcpus,
+            memory_mib=row.memory_mib,
+        )
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise errors.InvalidRequest(
+            f"{name} must be an integer from {low} to {high} (got {value!r})",
+            field=name,
+        )
+
+
+def _validate_mapping(values: object, what: str) -> dict[str, str]:
+    if not isinstance(values, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in values.items()
+    ):
+        raise errors.InvalidRequest(f"{what} must map non-empty strings to strings", field=what)
+    return dict(values)
+
+
+def _validate_env(env: object, what: str) -> dict[str, str]:
+    checked = _validate_mapping(env, what)
+    for key, value in checked.items():
+        if "=" in key or "\0" in key or "\0" in value:
+            raise errors.InvalidRequest(f"{what}: invalid variable {key!r}", field=what)
+    return checked
+
+
+def _validate_spec(
+    settings: Settings,
+    image: str | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    timeout_s: int | None,
+    metadata: dict[str, str] | None,
+    env: dict[str, str] | None,
+) -> _Spec:
+    spec = _Spec(
+        image=settings.default_image if image is None else image,
+        vcpus=settings.default_vcpus if vcpus is None else vcpus,
+        memory_mib=settings.default_memory_mib if memory_mib is None else memory_mib,
+        timeout_s=settings.default_timeout_s if timeout_s is None else timeout_s,
+        metadata=_validate_mapping(metadata or {}, "metadata"),
+        env=_validate_env(env or {}, "env"),
+    )
+    if not isinstance(spec.image, str) or not spec.image:
+        raise errors.InvalidRequest("image must be a non-empty name", field="image")
+    _check_range("vcpus", spec.vcpus, 1, settings.max_vcpus)
+    _check_range("memory_mib", spec.memory_mib, MIN_MEMORY_MIB, settings.max_memory_mib)
+    _check_range("timeout_s", spec.timeout_s, 1, settings.max_timeout_s)
+    return spec
+
+
+def _validate_command(cmd: object, cwd: str | None) -> None:
+    if isinstance(cmd, str):
+        ok = bool(cmd.strip()) and "\0" not in cmd
+    elif isinstance(cmd, list):
+        ok = bool(cmd) and all(isinstance(a, str) and "\0" not in a for a in cmd) and bool(cmd[0])
+    else:
+        ok = False
+    if not ok:
+        raise errors.InvalidRequest(
+            "cmd must be a non-empty string or a non-empty list of strings", field="cmd"
+        )
+    if cwd is not None and (not cwd or "\0" in cwd):
+        raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
+
+
+def _not_running(sandbox_id: str, state: str) -> errors.Conflict:
+    return errors.Conflict(f"sandbox {sandbox_id} is {state}", sandbox_id=sandbox_id, state=state)
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return "creation was cancelled"
+    if isinstance(exc, errors.EmberboxError):
+        return f"boot failed: {exc.message}"
+    return f"boot failed: {type(exc).__name__}: {exc}"
+
+
+# -- the real implementations, imported late (they pull in the VMM drivers) ------------------
+
+
+def _default_factory() -> SandboxFactory:
+    from emberbox.service.sandbox import Sandbox
+
+    return Sandbox.start
+
+
+def _default_attacher() -> SandboxAttacher:
+    from emberbox.service.sandbox import Sandbox
+
+    return Sandbox.attach
+
+
+def _default_registry(settings: Settings) -> ImageCatalog:
+    from emberbox.images.registry import ImageRegistry
+
+    return ImageRegistry(settings)
+
+
+__all__ = [
+    "ImageCatalog",
+    "OutputCallback",
+    "SandboxAttacher",
+    "SandboxFactory",
+    "SandboxHandle",
+    "SandboxManager",
+    "SandboxRecord",
+    "SandboxState",
+]

@@ -1,0 +1,99 @@
+"""Schema migrations, versioned in code.
+
+``MIGRATIONS[i]`` moves a database from ``PRAGMA user_version`` ``i`` to ``i + 1``. Each
+script runs in its own ``BEGIN IMMEDIATE`` transaction together with the version bump,
+so a crash leaves the database at a whole version. Never edit a released script: append
+a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from emberbox import errors
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: sandboxes and the commands they ran.
+    """
+    CREATE TABLE sandboxes (
+        id          TEXT PRIMARY KEY,
+        state       TEXT NOT NULL,
+        image       TEXT NOT NULL,
+        vcpus       INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib  INTEGER NOT NULL CHECK (memory_mib > 0),
+        metadata    TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(metadata)),
+        env         TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(env)),
+        timeout_s   INTEGER NOT NULL CHECK (timeout_s > 0),
+        created_at  TEXT NOT NULL,
+        expires_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        vmm_pid     INTEGER,
+        work_dir    TEXT,
+        ip_address  TEXT,
+        error       TEXT
+    );
+    CREATE INDEX sandboxes_state_expires ON sandboxes (state, expires_at);
+    CREATE TABLE exec_log (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes (id) ON DELETE CASCADE,
+        command     TEXT NOT NULL CHECK (json_valid(command)),
+        exit_code   INTEGER,
+        duration_ms REAL NOT NULL,
+        timed_out   INTEGER NOT NULL DEFAULT 0 CHECK (timed_out IN (0, 1)),
+        started_at  TEXT NOT NULL
+    );
+    CREATE INDEX exec_log_sandbox ON exec_log (sandbox_id, id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return int(version)
+
+
+def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Apply every pending script; returns the version reached. Idempotent.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``) so that the explicit
+    transactions here are the only ones.
+    """
+    current = schema_version(conn)
+    if current > len(migrations):
+        raise errors.HostError(
+            f"database schema version {current} is newer than this emberbox understands "
+            f"({len(migrations)}); upgrade emberbox or use another data_dir",
+            schema_version=current,
+        )
+    for version in range(current, len(migrations)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            if schema_version(conn) != version:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _statements(migrations[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return schema_version(conn)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into complete statements (``executescript`` would COMMIT for us)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            if pending.strip():
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()!r}")
+    return statements

@@ -1,0 +1,154 @@
+"""Typed rows in and out of the store, and their SQLite encoding.
+
+The store knows nothing of the sandbox state machine: ``state`` is plain text here and
+the service layer (:mod:`emberbox.service.state`) decides which moves are legal.
+Datetimes are always timezone-aware UTC; they are stored as ISO 8601 text with
+microseconds so that SQL string comparison orders them correctly.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypedDict
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SandboxRow:
+    """One row of ``sandboxes``."""
+
+    id: str
+    state: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    timeout_s: int
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    metadata: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    vmm_pid: int | None = None
+    work_dir: Path | None = None
+    ip_address: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecLogEntry:
+    """One row of ``exec_log``: a command that ran (or tried to) in a sandbox."""
+
+    sandbox_id: str
+    command: list[str] | str
+    started_at: datetime
+    duration_ms: float
+    exit_code: int | None = None
+    timed_out: bool = False
+    id: int | None = None  # assigned by SQLite
+
+
+class SandboxFields(TypedDict, total=False):
+    """The columns of ``sandboxes`` that may change after insert."""
+
+    state: str
+    timeout_s: int
+    expires_at: datetime
+    metadata: dict[str, str]
+    env: dict[str, str]
+    vmm_pid: int | None
+    work_dir: Path | None
+    ip_address: str | None
+    error: str | None
+
+
+UPDATABLE_COLUMNS = frozenset(SandboxFields.__annotations__)
+SANDBOX_COLUMNS = (
+    "id",
+    "state",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "metadata",
+    "env",
+    "timeout_s",
+    "created_at",
+    "expires_at",
+    "updated_at",
+    "vmm_pid",
+    "work_dir",
+    "ip_address",
+    "error",
+)
+
+
+def encode_time(value: datetime) -> str:
+    """UTC ISO 8601 with microseconds; naive datetimes are refused (they are bugs)."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store only takes aware datetimes")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def decode_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def encode_value(value: Any) -> Any:
+    """A Python value as SQLite stores it (JSON for mappings, text for paths and times)."""
+    if isinstance(value, datetime):
+        return encode_time(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return value
+
+
+def row_to_params(row: SandboxRow) -> tuple[Any, ...]:
+    return tuple(encode_value(getattr(row, name)) for name in SANDBOX_COLUMNS)
+
+
+def sandbox_from_db(values: tuple[Any, ...]) -> SandboxRow:
+    """Decode a ``SELECT <SANDBOX_COLUMNS>`` tuple."""
+    raw = dict(zip(SANDBOX_COLUMNS, values, strict=True))
+    return SandboxRow(
+        id=raw["id"],
+        state=raw["state"],
+        image=raw["image"],
+        vcpus=raw["vcpus"],
+        memory_mib=raw["memory_mib"],
+        metadata=json.loads(raw["metadata"]),
+        env=json.loads(raw["env"]),
+        timeout_s=raw["timeout_s"],
+        created_at=decode_time(raw["created_at"]),
+        expires_at=decode_time(raw["expires_at"]),
+        updated_at=decode_time(raw["updated_at"]),
+        vmm_pid=raw["vmm_pid"],
+        work_dir=Path(raw["work_dir"]) if raw["work_dir"] is not None else None,
+        ip_address=raw["ip_address"],
+        error=raw["error"],
+    )
+
+
+def exec_from_db(values: tuple[Any, ...]) -> ExecLogEntry:
+    """Decode a ``SELECT id, sandbox_id, command, exit_code, duration_ms, timed_out,
+    started_at`` tuple."""
+    id_, sandbox_id, command, exit_code, duration_ms, timed_out, started_at = values
+    return ExecLogEntry(
+        id=id_,
+        sandbox_id=sandbox_id,
+        command=json.loads(command),
+        exit_code=exit_code,
+        duration_ms=duration_ms,
+        timed_out=bool(timed_out),
+        started_at=decode_time(started_at),
+    )

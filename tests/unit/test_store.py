@@ -1,0 +1,288 @@
+"""The SQLite store: schema, typed rows, compare-and-set, filters, concurrency."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from emberbox import errors
+from emberbox.service.state import SandboxState, check_transition
+from emberbox.store import SCHEMA_VERSION, ExecLogEntry, SandboxRow, Store, migrations, utcnow
+from emberbox.store.db import connect
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "emberbox.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(db_path) as opened:
+        yield opened
+
+
+def make_row(sandbox_id: str = "sb1", **overrides: object) -> SandboxRow:
+    now = datetime(2020, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    values: dict[str, object] = {
+        "id": sandbox_id,
+        "state": "creating",
+        "image": "default",
+        "vcpus": 1,
+        "memory_mib": 512,
+        "timeout_s": 300,
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=300),
+        "updated_at": now,
+        "metadata": {"team": "a"},
+        "env": {"K": "V"},
+        "work_dir": Path("/vms") / sandbox_id,
+    }
+    values.update(overrides)
+    return SandboxRow(**values)  # type: ignore[arg-type]
+
+
+def test_open_creates_private_dir_and_file(db_path: Path) -> None:
+    """A fresh database lives in a 0700 directory, as a 0600 file, in WAL mode."""
+    connect(db_path).close()
+    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_connection_pragmas(db_path: Path) -> None:
+    """The connection runs with synchronous=FULL, foreign keys on and a busy timeout."""
+    conn = connect(db_path)
+    try:
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    finally:
+        conn.close()
+
+
+async def test_migrations_are_idempotent(db_path: Path) -> None:
+    """Opening the same database twice runs each migration once and keeps the data."""
+    async with await Store.open(db_path) as first:
+        await first.insert(make_row())
+        assert await first.schema_version() == SCHEMA_VERSION
+    async with await Store.open(db_path) as second:
+        assert await second.schema_version() == SCHEMA_VERSION
+        assert (await second.get("sb1")) is not None
+
+
+def test_migrate_applies_new_scripts_in_order(tmp_path: Path) -> None:
+    """A later script runs on top of an existing database and bumps user_version."""
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    try:
+        assert migrations.migrate(conn, ("CREATE TABLE a (x);",)) == 1
+        assert migrations.migrate(conn, ("CREATE TABLE a (x);", "CREATE TABLE b (y);")) == 2
+        assert migrations.migrate(conn, ("CREATE TABLE a (x);", "CREATE TABLE b (y);")) == 2
+    finally:
+        conn.close()
+
+
+def test_failed_migration_rolls_back_whole(tmp_path: Path) -> None:
+    """A script that fails halfway leaves neither its tables nor a version bump."""
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            migrations.migrate(conn, ("CREATE TABLE a (x);\nSELECT * FROM missing;",))
+        assert migrations.schema_version(conn) == 0
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+    finally:
+        conn.close()
+
+
+async def test_newer_schema_is_refused(db_path: Path) -> None:
+    """A database written by a newer emberbox is refused, not silently used."""
+    await (await Store.open(db_path)).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(errors.HostError, match="newer"):
+        await Store.open(db_path)
+
+
+async def test_roundtrip_keeps_types(store: Store) -> None:
+    """A row comes back equal: aware UTC datetimes, dicts, paths, None."""
+    row = make_row()
+    assert await store.insert(row) == row
+    got = await store.get("sb1")
+    assert got == row
+    assert got is not None and got.created_at.tzinfo is not None
+
+
+async def test_naive_datetime_is_refused(store: Store) -> None:
+    """Naive datetimes never reach the database."""
+    with pytest.raises(ValueError, match="naive"):
+        await store.insert(make_row(created_at=datetime(2020, 1, 1)))
+
+
+async def test_duplicate_id_is_conflict(store: Store) -> None:
+    """Inserting an existing id raises Conflict."""
+    await store.insert(make_row())
+    with pytest.raises(errors.Conflict, match="already exists"):
+        await store.insert(make_row())
+
+
+async def test_get_unknown_is_none(store: Store) -> None:
+    """get() of an unknown id answers None."""
+    assert await store.get("nope") is None
+
+
+async def test_update_changes_fields_and_updated_at(store: Store) -> None:
+    """update() sets the given columns and bumps updated_at; unknown ids are NotFound."""
+    await store.insert(make_row())
+    got = await store.update("sb1", vmm_pid=42, error="boom", work_dir=Path("/x"))
+    assert (got.vmm_pid, got.error, got.work_dir) == (42, "boom", Path("/x"))
+    assert got.updated_at > make_row().updated_at
+    with pytest.raises(errors.NotFound):
+        await store.update("nope", error="x")
+
+
+async def test_transition_is_compare_and_set(store: Store) -> None:
+    """transition() moves only from the expected states and sets fields with it."""
+    await store.insert(make_row())
+    got = await store.transition("sb1", {"creating"}, "running", vmm_pid=7)
+    assert (got.state, got.vmm_pid) == ("running", 7)
+    with pytest.raises(errors.Conflict) as caught:
+        await store.transition("sb1", {"creating"}, "error", error="x")
+    assert str(caught.value) == "sandbox sb1 is running; cannot move to error"
+    assert (await store.get("sb1")) == got  # the failed CAS changed nothing
+    with pytest.raises(errors.NotFound):
+        await store.transition("nope", {"creating"}, "running")
+
+
+async def test_transition_message_matches_state_machine(store: Store) -> None:
+    """A lost race in the store is worded exactly like an illegal move."""
+    await store.insert(make_row(state="stopped"))
+    with pytest.raises(errors.Conflict) as from_store:
+        await store.transition("sb1", {SandboxState.STOPPING}, SandboxState.RUNNING)
+    with pytest.raises(errors.Conflict) as from_machine:
+        check_transition(SandboxState.STOPPED, SandboxState.RUNNING, sandbox_id="sb1")
+    assert str(from_store.value) == str(from_machine.value)
+
+
+async def test_concurrent_transitions_have_one_winner(store: Store) -> None:
+    """Of twenty tasks racing one CAS, exactly one wins and the rest get Conflict."""
+    await store.insert(make_row())
+    outcomes: list[str] = []
+
+    async def race(n: int) -> None:
+        try:
+            await store.transition("sb1", {"creating"}, "running", vmm_pid=n)
+            outcomes.append("won")
+        except errors.Conflict:
+            outcomes.append("lost")
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(race, n)
+    assert sorted(outcomes) == ["lost"] * 19 + ["won"]
+
+
+async def test_concurrent_inserts_from_many_tasks(store: Store) -> None:
+    """Fifty tasks inserting and logging at once all land."""
+
+    async def work(n: int) -> None:
+        await store.insert(make_row(f"sb{n}"))
+        await store.log_exec(
+            ExecLogEntry(sandbox_id=f"sb{n}", command=["true"], started_at=utcnow(), duration_ms=1)
+        )
+
+    async with anyio.create_task_group() as tg:
+        for n in range(50):
+            tg.start_soon(work, n)
+    assert await store.count() == 50
+    assert len(await store.exec_log("sb7")) == 1
+
+
+async def test_list_filters_by_state_metadata_and_expiry(store: Store) -> None:
+    """list() filters by states, every metadata pair, and expires_before."""
+    base = make_row().created_at
+    await store.insert(make_row("a", state="running", metadata={"team": "x", "env": "prod"}))
+    await store.insert(make_row("b", state="running", metadata={"team": "y"}))
+    await store.insert(
+        make_row("c", state="stopped", metadata={"team": "x"}, expires_at=base - timedelta(1))
+    )
+
+    def ids(rows: list[SandboxRow]) -> list[str]:
+        return [r.id for r in rows]
+
+    assert ids(await store.list()) == ["a", "b", "c"]
+    assert ids(await store.list(states={"running"})) == ["a", "b"]
+    assert ids(await store.list(states=[])) == []
+    assert ids(await store.list(metadata={"team": "x"})) == ["a", "c"]
+    assert ids(await store.list(metadata={"team": "x", "env": "prod"})) == ["a"]
+    assert ids(await store.list(metadata={"team": "x"}, states={"stopped"})) == ["c"]
+    assert ids(await store.list(metadata={"team": "z"})) == []
+    assert ids(await store.list(expires_before=base)) == ["c"]
+    assert await store.count(states={"running", "creating"}) == 2
+
+
+async def test_metadata_filter_takes_any_key(store: Store) -> None:
+    """Metadata keys with dots, quotes and dollar signs match literally."""
+    odd = {'a.b"$[0]': "v", "k": "1"}
+    await store.insert(make_row(metadata=odd))
+    assert len(await store.list(metadata={'a.b"$[0]': "v"})) == 1
+    assert await store.list(metadata={"a": "v"}) == []
+
+
+async def test_exec_log_roundtrip_and_cascade(store: Store) -> None:
+    """Exec log entries come back typed, and go with their sandbox on delete."""
+    await store.insert(make_row())
+    when = utcnow()
+    logged = await store.log_exec(
+        ExecLogEntry(
+            sandbox_id="sb1", command="echo hi", started_at=when, duration_ms=2.5, exit_code=0
+        )
+    )
+    assert logged.id is not None
+    await store.log_exec(
+        ExecLogEntry(
+            sandbox_id="sb1", command=["sleep", "9"], started_at=when, duration_ms=9, timed_out=True
+        )
+    )
+    entries = await store.exec_log("sb1")
+    assert [e.command for e in entries] == ["echo hi", ["sleep", "9"]]
+    assert entries[1].timed_out and entries[1].exit_code is None
+    assert entries[0].started_at == when
+    assert await store.delete("sb1") is True
+    assert await store.exec_log("sb1") == []
+    assert await store.delete("sb1") is False
+
+
+async def test_exec_log_needs_an_existing_sandbox(store: Store) -> None:
+    """The foreign key refuses exec log lines for unknown sandboxes."""
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.log_exec(
+            ExecLogEntry(sandbox_id="ghost", command=["x"], started_at=utcnow(), duration_ms=0)
+        )
+
+
+async def test_close_is_idempotent_and_final(db_path: Path) -> None:
+    """close() twice is fine; calls after close raise instead of touching a closed handle."""
+    store = await Store.open(db_path)
+    await store.close()
+    await store.close()
+    assert store.closed
+    with pytest.raises(errors.EmberboxError, match="closed"):
+        await store.get("x")
