@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Accel = Literal["auto", "kvm", "tcg"]
@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     exec_output_max_bytes: int = Field(default=16 << 20, ge=1024)
 
     # Service.
+    api_key: SecretStr | None = None  # when set, every API call needs "Bearer <key>"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     max_sandboxes: int = Field(default=16, ge=1)

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from emberbox.config import Settings
 from emberbox.errors import EmberboxError
 
-T = TypeVar("T")
 EXIT_ERROR = 125  # emberbox itself failed (as docker run does), not the user's command
 err_console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    err_console.print(f"[red]emberbox: error:[/red] {message}", markup=True, soft_wrap=True)
+    err_console.print(f"[red]emberbox: error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -41,12 +41,6 @@ def clean_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("emberbox: interrupted")
         raise typer.Exit(130) from None
-
-
-def guarded(fn: Callable[[], T]) -> T:
-    with clean_errors():
-        return fn()
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def write_out(data: bytes) -> None:

@@ -198,8 +198,9 @@ class SandboxManager:
         image_registry: ImageCatalog | None = None,
     ) -> None:
         self._settings = settings
-        self._factory = sandbox_factory or _default_factory()
-        self._attacher = sandbox_attacher or _default_attacher()
+        default_factory, default_attacher = _default_handles()
+        self._factory = sandbox_factory or default_factory
+        self._attacher = sandbox_attacher or default_attacher
         self._images = image_registry or _default_registry(settings)
         self._phase = _Phase.NEW
         self._store: Store | None = None
@@ -719,16 +720,22 @@ def _failure_reason(exc: BaseException) -> str:
 # -- the real implementations, imported late (they pull in the VMM drivers) ------------------
 
 
-def _default_factory() -> SandboxFactory:
+def _default_handles() -> tuple[SandboxFactory, SandboxAttacher]:
+    """Sandbox.start / Sandbox.attach sharing one driver, chosen (and probed) once."""
     from emberbox.service.sandbox import Sandbox
+    from emberbox.vmm.select import DriverCache
 
-    return Sandbox.start
+    drivers = DriverCache()
 
+    async def start(settings: Settings, **kwargs: Any) -> SandboxHandle:
+        driver = drivers.get(settings, kwargs.get("image"))
+        return await Sandbox.start(settings, driver=driver, **kwargs)
 
-def _default_attacher() -> SandboxAttacher:
-    from emberbox.service.sandbox import Sandbox
+    async def attach(settings: Settings, **kwargs: Any) -> SandboxHandle:
+        driver = drivers.get(settings, kwargs.get("image"))
+        return await Sandbox.attach(settings, driver=driver, **kwargs)
 
-    return Sandbox.attach
+    return start, attach
 
 
 def _default_registry(settings: Settings) -> ImageCatalog:

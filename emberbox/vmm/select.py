@@ -80,3 +80,18 @@ def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
         log.warning("QEMU with TCG software emulation (%s): slow, and NOT a security boundary", why)
     qemu.accel = chosen
     return DriverChoice(qemu, f"qemu/{chosen}: {why}", chosen)
+
+
+class DriverCache:
+    """One driver per process and settings: the choice (and its KVM probe) is made once."""
+
+    def __init__(self) -> None:
+        self._choice: DriverChoice | None = None
+
+    def get(self, settings: Settings, image: str | None) -> Driver:
+        if self._choice is None:
+            from emberbox.images.registry import ImageRegistry
+
+            info = ImageRegistry(settings).get(image or settings.default_image)
+            self._choice = choose_driver(settings, info.files)
+        return self._choice.driver

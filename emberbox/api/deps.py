@@ -1,0 +1,99 @@
+"""What routes get injected: the settings, the sandbox manager and the image registry.
+
+They live on ``app.state.emberbox`` (one :class:`AppContext` per app), never in module
+globals, so several apps (tests) can run side by side.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.service.state import SandboxState
+
+if TYPE_CHECKING:
+    from emberbox.images.registry import ImageRegistry
+    from emberbox.service.manager import SandboxManager
+
+METADATA_PREFIX = "metadata."
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    manager: SandboxManager
+    registry: ImageRegistry
+
+
+def get_context(request: Request) -> AppContext:
+    context = request.app.state.emberbox
+    assert isinstance(context, AppContext)
+    return context
+
+
+def get_settings(request: Request) -> Settings:
+    return get_context(request).settings
+
+
+def get_manager(request: Request) -> SandboxManager:
+    return get_context(request).manager
+
+
+def get_registry(request: Request) -> ImageRegistry:
+    return get_context(request).registry
+
+
+def _configured_api_key(settings: Settings) -> str | None:
+    if settings.api_key is None:
+        return None
+    return settings.api_key.get_secret_value() or None
+
+
+def require_api_key(request: Request) -> None:
+    """When ``Settings.api_key`` is set, every request must carry ``Bearer <key>``."""
+    expected = _configured_api_key(get_settings(request))
+    if expected is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
+        raise StarletteHTTPException(
+            401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def parse_metadata_filter(
+    params: Iterable[tuple[str, str]], *, allowed: set[str]
+) -> dict[str, str]:
+    """``metadata.KEY=VALUE`` query parameters as ``{KEY: VALUE}``; other names are refused."""
+    found: dict[str, str] = {}
+    for name, value in params:
+        if name in allowed:
+            continue
+        if not name.startswith(METADATA_PREFIX):
+            raise errors.InvalidRequest(
+                f"unknown query parameter {name!r}; filter with state= or metadata.KEY=VALUE"
+            )
+        key = name.removeprefix(METADATA_PREFIX)
+        if not key:
+            raise errors.InvalidRequest("empty metadata key in query parameter 'metadata.'")
+        if key in found and found[key] != value:
+            raise errors.InvalidRequest(f"metadata.{key} given twice with different values")
+        found[key] = value
+    return found
+
+
+def state_from_name(name: str | None) -> SandboxState | None:
+    """The service's state enum for a wire name (the schema already checked the name)."""
+    return None if name is None else SandboxState(name)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ManagerDep = Annotated["SandboxManager", Depends(get_manager)]
+RegistryDep = Annotated["ImageRegistry", Depends(get_registry)]

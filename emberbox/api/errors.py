@@ -1,0 +1,103 @@
+"""Errors to HTTP, in one place: the status code comes from the exception class.
+
+Every error response has the same body, ``{"error": {"type": ..., "message": ...}}``,
+where ``type`` is the class name in :mod:`emberbox.errors` (or ``ValidationError`` for a
+request that does not match its schema), so the SDK can raise the same class again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emberbox import errors
+from emberbox.models import ErrorBody, ErrorDetail
+
+log = logging.getLogger(__name__)
+
+VALIDATION_ERROR = "ValidationError"
+
+_DESCRIPTIONS = {
+    400: "Invalid request (InvalidRequest, ImageNotFound, AgentRequestFailed)",
+    401: "Missing or wrong API key",
+    403: "A configured limit would be passed (QuotaExceeded)",
+    404: "No such sandbox (NotFound)",
+    409: "The sandbox is in a state that forbids the call (Conflict)",
+    422: "The request does not match its schema (ValidationError)",
+    500: "Internal error",
+    502: "The VMM or the guest agent failed (VMMError, AgentError)",
+    503: "The host lacks something (HostError)",
+    504: "The command ran past its timeout (ExecTimeout)",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each listed status documented with ErrorBody."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def error_response(status_code: int, type_name: str, message: str, **extra: Any) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(type=type_name, message=message, **extra))
+    return JSONResponse(status_code=status_code, content=body.model_dump(exclude_none=True))
+
+
+def format_validation_errors(items: Sequence[Any]) -> str:
+    """``"vcpus: Input should be greater than or equal to 1; ..."``, naming each field."""
+    parts = []
+    for item in items:
+        loc = [str(p) for p in item.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        where = ".".join(loc) or "body"
+        msg = str(item.get("msg", "invalid"))
+        if item.get("type") == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error")
+            where, msg = "body", f"invalid JSON ({reason})" if reason else "invalid JSON"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.EmberboxError)
+    extra: dict[str, Any] = {}
+    if isinstance(exc, errors.ImageNotFound):
+        extra["image"] = exc.name
+        extra["available"] = list(exc.available)
+    if isinstance(exc, errors.VMMError) and exc.console_tail:
+        extra["console_tail"] = exc.console_tail
+    if exc.status_code >= 500:
+        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return error_response(exc.status_code, type(exc).__name__, exc.message, **extra)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, VALIDATION_ERROR, format_validation_errors(exc.errors()))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    # Routing errors (unknown path, wrong method), unparseable bodies and the auth check.
+    assert isinstance(exc, StarletteHTTPException)
+    names = {400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}
+    response = error_response(exc.status_code, names.get(exc.status_code, "HTTPError"), exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Last resort: a bug. Starlette re-raises after this so the server logs the traceback.
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return error_response(500, "EmberboxError", "internal error (see the server log)")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.EmberboxError, _emberbox_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

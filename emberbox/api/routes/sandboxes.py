@@ -1,0 +1,126 @@
+"""``/v1/sandboxes``: create, list, inspect, extend, exec in and kill sandboxes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from emberbox import errors
+from emberbox.api.deps import ManagerDep, parse_metadata_filter, state_from_name
+from emberbox.api.errors import error_responses
+from emberbox.guest.client import ExecResult
+from emberbox.models import (
+    ExecRequest,
+    ExecResponse,
+    SandboxCreate,
+    SandboxList,
+    SandboxPublic,
+    SandboxStateName,
+    TimeoutUpdate,
+)
+
+if TYPE_CHECKING:
+    from emberbox.service.manager import SandboxManager
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
+
+SandboxId = Annotated[str, Path(min_length=1, max_length=128, description="Sandbox id")]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SandboxPublic,
+    responses=error_responses(400, 403, 422, 502, 503),
+)
+async def create_sandbox(body: SandboxCreate, manager: ManagerDep) -> SandboxPublic:
+    """Boot a sandbox; answers once its agent is ready."""
+    record = await manager.create(**body.model_dump())
+    return SandboxPublic.from_record(record)
+
+
+@router.get("", response_model=SandboxList, responses=error_responses(400, 422))
+async def list_sandboxes(
+    request: Request,
+    manager: ManagerDep,
+    state: Annotated[SandboxStateName | None, Query(description="Only this state")] = None,
+) -> SandboxList:
+    """List sandboxes; filter by `state=` and any number of `metadata.KEY=VALUE`."""
+    metadata = parse_metadata_filter(request.query_params.multi_items(), allowed={"state"})
+    records = await manager.list(state=state_from_name(state), metadata=metadata or None)
+    return SandboxList(sandboxes=[SandboxPublic.from_record(r) for r in records])
+
+
+@router.get("/{sandbox_id}", response_model=SandboxPublic, responses=error_responses(404, 422))
+async def get_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
+    return SandboxPublic.from_record(await manager.get(sandbox_id))
+
+
+@router.delete(
+    "/{sandbox_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(404, 422, 502),
+)
+async def kill_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> Response:
+    """Kill a sandbox. Killing a stopped one again is a no-op (204)."""
+    await manager.get(sandbox_id)  # an unknown id is a 404, not a silent no-op
+    await manager.kill(sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{sandbox_id}/timeout",
+    response_model=SandboxPublic,
+    responses=error_responses(400, 404, 409, 422),
+)
+async def set_timeout(
+    sandbox_id: SandboxId, body: TimeoutUpdate, manager: ManagerDep
+) -> SandboxPublic:
+    """Kill the sandbox `timeout_s` seconds from now instead of at its current deadline."""
+    return SandboxPublic.from_record(await manager.set_timeout(sandbox_id, body.timeout_s))
+
+
+@router.post(
+    "/{sandbox_id}/exec",
+    response_model=ExecResponse,
+    responses=error_responses(400, 404, 409, 422, 502, 504),
+)
+async def exec_command(
+    sandbox_id: SandboxId, body: ExecRequest, manager: ManagerDep
+) -> ExecResponse:
+    """Run a command to completion. A timed-out command answers 200 with `timed_out`."""
+    result = await run_command(
+        manager,
+        sandbox_id,
+        body.cmd,
+        env=body.env or None,
+        cwd=body.cwd,
+        timeout_s=body.timeout_s,
+        stdin=None if body.stdin is None else body.stdin.encode("utf-8"),
+    )
+    return ExecResponse.from_result(result)
+
+
+async def run_command(
+    manager: SandboxManager,
+    sandbox_id: str,
+    cmd: list[str] | str,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    timeout_s: float | None = None,
+    stdin: bytes | None = None,
+) -> ExecResult:
+    """``manager.exec``, turning ExecTimeout with a partial result into that result."""
+    try:
+        result: ExecResult = await manager.exec(
+            sandbox_id, cmd, env=env, cwd=cwd, timeout_s=timeout_s, stdin=stdin
+        )
+    except errors.ExecTimeout as exc:
+        if not isinstance(exc.result, ExecResult):
+            raise
+        return dataclasses.replace(exc.result, timed_out=True)
+    return result

@@ -1,0 +1,34 @@
+"""``/healthz`` and ``/v1/images``."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends
+
+from emberbox import __version__
+from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep, require_api_key
+from emberbox.api.errors import error_responses
+from emberbox.models import Health, ImagePublic
+from emberbox.service.state import LIVE_STATES
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz(manager: ManagerDep) -> Health:
+    """Liveness, version and how many sandboxes are live (creating or running)."""
+    records = await manager.list()
+    live = sum(1 for record in records if record.state in LIVE_STATES)
+    return Health(version=__version__, sandboxes=live)
+
+
+@router.get(
+    "/v1/images",
+    response_model=list[ImagePublic],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401),
+)
+async def list_images(registry: RegistryDep, settings: SettingsDep) -> list[ImagePublic]:
+    """Registered guest images."""
+    infos = await anyio.to_thread.run_sync(registry.list)
+    return [ImagePublic.from_info(info, default_name=settings.default_image) for info in infos]

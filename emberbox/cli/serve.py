@@ -1,0 +1,51 @@
+"""``emberbox serve``: run the HTTP API with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from emberbox import __version__
+from emberbox.api.app import create_app
+from emberbox.config import Settings
+
+log = logging.getLogger("emberbox.serve")
+
+
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: $EMBERBOX_HOST or 127.0.0.1)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port (default: $EMBERBOX_PORT or 8080)")
+    ] = None,
+) -> None:
+    """Serve the sandbox API (OpenAPI docs at /docs) until interrupted."""
+    overrides: dict[str, Any] = {"host": host, "port": port}
+    settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("emberbox").setLevel(logging.INFO)  # the CLI may have set WARNING
+    if not _is_loopback(settings.host):
+        log.warning("listening on %s: anyone who reaches this port can run code", settings.host)
+    log.info(
+        "emberbox %s on http://%s:%d (docs at /docs; data in %s; images in %s)",
+        __version__,
+        settings.host,
+        settings.port,
+        settings.data_dir,
+        settings.images_dir,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

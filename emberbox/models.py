@@ -1,0 +1,273 @@
+"""Wire schemas shared by the HTTP API, the SDK and the CLI (pydantic v2).
+
+Request models (``*Create``, ``*Request``, ``*Update``) forbid unknown fields, so a typo
+in a client is a 422 naming the field instead of a silently ignored option. Public
+models (``*Public``, ``*Response``) are what the server sends; they never carry host
+details (work directories, VMM pids) or secrets (the sandbox's environment).
+
+Limits set here are sanity bounds of the wire format; the service checks the operator's
+limits (``Settings.max_vcpus`` ...) and answers 400/403 when a request passes them.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+if TYPE_CHECKING:
+    from emberbox.guest.client import ExecResult
+    from emberbox.images.registry import ImageInfo
+    from emberbox.service.manager import SandboxRecord
+
+# The values of emberbox.service.state.SandboxState, as they travel on the wire.
+SandboxStateName = Literal["creating", "running", "stopping", "stopped", "error"]
+
+MAX_TIMEOUT_S = 366 * 24 * 3600  # wire bound; Settings.max_timeout_s is the real limit
+MAX_EXEC_TIMEOUT_S = 7 * 24 * 3600.0  # wire bound; Settings.max_exec_timeout_s applies
+
+ImageName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+MetadataValue = Annotated[str, StringConstraints(max_length=1024)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=64)]
+EnvName = Annotated[str, StringConstraints(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+Env = Annotated[dict[EnvName, EnvValue], Field(max_length=1024)]
+HostPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --- sandboxes ---------------------------------------------------------------------------
+
+
+class SandboxCreate(_Request):
+    """Ask for a new sandbox. Unset fields take the server's defaults (``Settings``)."""
+
+    image: ImageName | None = Field(
+        default=None, description="Image name; null uses the server default (`default`)."
+    )
+    vcpus: int | None = Field(
+        default=None, ge=1, le=64, description="Virtual CPUs; null uses the server default (1)."
+    )
+    memory_mib: int | None = Field(
+        default=None,
+        ge=64,
+        le=1_048_576,
+        description="Guest memory in MiB; null uses the server default (512).",
+    )
+    timeout_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TIMEOUT_S,
+        description="Seconds until the sandbox is killed; null uses the server default (300).",
+    )
+    metadata: Metadata = Field(default_factory=dict, description="Labels to filter lists by.")
+    env: Env = Field(default_factory=dict, description="Environment of every command run.")
+
+
+class SandboxPublic(_Public):
+    """A sandbox as the server describes it."""
+
+    id: str
+    state: SandboxStateName
+    image: str
+    vcpus: int
+    memory_mib: int
+    timeout_s: int = Field(description="Lifetime in seconds, counted from the last update.")
+    created_at: datetime
+    expires_at: datetime
+    ip_address: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    error: str | None = Field(default=None, description="Why the sandbox is in state `error`.")
+
+    @classmethod
+    def from_record(cls, record: SandboxRecord) -> SandboxPublic:
+        """The public view of a service record (drops env, pid and work dir)."""
+        return cls(
+            id=record.id,
+            state=record.state.value,
+            image=record.image,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            timeout_s=record.timeout_s,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            ip_address=record.ip_address,
+            metadata=dict(record.metadata),
+            error=record.error,
+        )
+
+
+class SandboxList(_Public):
+    sandboxes: list[SandboxPublic]
+
+
+class TimeoutUpdate(_Request):
+    """Give a sandbox a new lifetime, counted from now."""
+
+    timeout_s: int = Field(ge=1, le=MAX_TIMEOUT_S, description="Seconds from now.")
+
+
+# --- commands ----------------------------------------------------------------------------
+
+ShellCommand = Annotated[str, StringConstraints(min_length=1)]
+Argv = Annotated[list[str], Field(min_length=1)]
+
+
+class ExecRequest(_Request):
+    """Run one command: a string goes through ``/bin/sh -c``, a list is an argv."""
+
+    cmd: Argv | ShellCommand
+    env: Env = Field(default_factory=dict, description="Added to the sandbox's environment.")
+    cwd: HostPath | None = Field(default=None, description="Working directory in the guest.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_EXEC_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="Seconds before the command is killed; null uses the server default.",
+    )
+    stdin: str | None = Field(default=None, description="Text fed to the command (UTF-8).")
+
+    @field_validator("cmd")
+    @classmethod
+    def _check_cmd(cls, cmd: list[str] | str) -> list[str] | str:
+        parts = [cmd] if isinstance(cmd, str) else cmd
+        if any("\x00" in part for part in parts):
+            raise ValueError("must not contain NUL characters")
+        if not parts[0].strip():
+            raise ValueError("the command (first element) must not be blank")
+        return cmd
+
+
+class ExecResponse(_Public):
+    """What a finished command left. Output is UTF-8 decoded, invalid bytes replaced."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_ms: float
+    timed_out: bool = False
+    output_truncated: bool = False
+    signal: int | None = Field(default=None, description="Signal that ended the command.")
+
+    @classmethod
+    def from_result(cls, result: ExecResult) -> ExecResponse:
+        return cls(
+            exit_code=result.exit_code,
+            stdout=result.stdout.decode("utf-8", errors="replace"),
+            stderr=result.stderr.decode("utf-8", errors="replace"),
+            duration_ms=result.duration_ms if math.isfinite(result.duration_ms) else 0.0,
+            timed_out=result.timed_out,
+            output_truncated=result.output_truncated,
+            signal=result.signal,
+        )
+
+
+# --- the seed's two endpoints (compatibility) --------------------------------------------
+
+
+class VMCreate(_Request):
+    """``POST /vm/create`` of the original FastAPI service."""
+
+    name: Annotated[str, StringConstraints(max_length=1024)]
+    user_id: Annotated[str, StringConstraints(max_length=1024)]
+    root_image_path: HostPath | None = Field(
+        default=None, description="Must be the rootfs of a registered image."
+    )
+    kernel_path: HostPath | None = Field(
+        default=None, description="Must be the kernel (bzImage or vmlinux) of the same image."
+    )
+
+
+class VMCreateResponse(_Public):
+    ip_address: str | None
+    vm_id: str
+
+
+class CommandRequest(_Request):
+    """``POST /exec/command``: a shell command line."""
+
+    vm_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    command: ShellCommand
+
+
+class CommandResponse(_Public):
+    success: bool = Field(description="exit_code == 0")
+    output: str = Field(description="stdout followed by stderr")
+    exit_code: int
+
+
+# --- system ------------------------------------------------------------------------------
+
+
+class ImagePublic(_Public):
+    """A registered guest image."""
+
+    name: str
+    size_bytes: int
+    created_at: datetime
+    kernel_release: str | None = None
+    default: bool = Field(default=False, description="Used when a request names no image.")
+
+    @classmethod
+    def from_info(cls, info: ImageInfo, *, default_name: str) -> ImagePublic:
+        kernel = info.manifest.get("kernel")
+        release = kernel.get("release") if isinstance(kernel, dict) else None
+        return cls(
+            name=info.name,
+            size_bytes=info.size_bytes,
+            created_at=info.created_at,
+            kernel_release=release if isinstance(release, str) else None,
+            default=info.name == default_name,
+        )
+
+
+class Health(_Public):
+    status: Literal["ok"] = "ok"
+    version: str
+    sandboxes: int = Field(description="Live sandboxes (creating or running).")
+
+
+class ErrorDetail(_Public):
+    type: str = Field(description="Class name in emberbox.errors, or ValidationError.")
+    message: str
+    image: str | None = Field(default=None, description="ImageNotFound: the name asked for.")
+    available: list[str] | None = Field(default=None, description="ImageNotFound: known images.")
+    console_tail: str | None = Field(default=None, description="VMMError: last console lines.")
+
+
+class ErrorBody(_Public):
+    """Every error response: ``{"error": {"type": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+__all__ = [
+    "CommandRequest",
+    "CommandResponse",
+    "ErrorBody",
+    "ErrorDetail",
+    "ExecRequest",
+    "ExecResponse",
+    "Health",
+    "ImagePublic",
+    "SandboxCreate",
+    "SandboxList",
+    "SandboxPublic",
+    "SandboxStateName",
+    "TimeoutUpdate",
+    "VMCreate",
+    "VMCreateResponse",
+]

@@ -1,0 +1,236 @@
+"""In-memory stand-ins for SandboxManager and ImageRegistry and a threaded test server,
+shared by the API and SDK unit tests (this module holds no tests)."""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.guest.client import ExecResult
+from emberbox.service.state import SandboxState
+from emberbox.vmm.base import GuestFiles
+
+FILE_NAMES = {"kernel": "vmlinuz", "vmlinux": "vmlinux", "initrd": "initramfs.cpio"}
+FILE_NAMES["rootfs"] = "rootfs.ext4"
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    """The fields of service.manager.SandboxRecord."""
+
+    id: str
+    state: SandboxState
+    image: str
+    vcpus: int
+    memory_mib: int
+    metadata: dict[str, str]
+    env: dict[str, str]
+    timeout_s: int
+    created_at: datetime
+    expires_at: datetime
+    ip_address: str | None
+    vmm_pid: int | None
+    work_dir: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class FakeImage:
+    name: str
+    directory: Path
+    manifest: dict[str, Any]
+    files: GuestFiles
+    size_bytes: int
+    created_at: datetime
+
+
+class FakeRegistry:
+    """Images are directories ``root/<name>/`` holding the four guest files."""
+
+    def __init__(self, root: Path, names: tuple[str, ...] = ("default", "python")) -> None:
+        self.root = root
+        for name in names:
+            directory = root / name
+            directory.mkdir(parents=True, exist_ok=True)
+            for file_name in FILE_NAMES.values():
+                (directory / file_name).write_bytes(b"x")
+
+    def list(self) -> list[FakeImage]:
+        return [self.get(path.name) for path in sorted(self.root.iterdir())]
+
+    def names(self) -> builtins.list[str]:
+        return [path.name for path in sorted(self.root.iterdir())]
+
+    def get(self, name: str) -> FakeImage:
+        directory = self.root / name
+        if "/" in name or not directory.is_dir():
+            raise errors.ImageNotFound(name, self.names())
+        files = GuestFiles(**{kind: directory / f for kind, f in FILE_NAMES.items()})
+        created = datetime(2026, 1, 1, tzinfo=UTC)
+        manifest = {"kernel": {"release": "6.6.1"}}
+        return FakeImage(name, directory, manifest, files, 4096, created)
+
+    def find_by_path(self, path: str) -> tuple[FakeImage, str] | None:
+        wanted = Path(path).resolve()
+        for image in self.list():
+            for kind in FILE_NAMES:
+                if getattr(image.files, kind).resolve() == wanted:
+                    return image, kind
+        return None
+
+
+class FakeManager:
+    """SandboxManager's methods over a dict. ``exec`` answers from ``self.scripts``."""
+
+    def __init__(self, settings: Settings, registry: FakeRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.records: dict[str, FakeRecord] = {}
+        self.calls: builtins.list[tuple[str, dict[str, Any]]] = []
+        self.raise_on_exec: errors.EmberboxError | None = None
+        self._ids = itertools.count(1)
+
+    async def create(
+        self,
+        *,
+        image: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        timeout_s: int | None = None,
+        metadata: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> FakeRecord:
+        s = self.settings
+        self.calls.append(("create", {"image": image, "metadata": metadata}))
+        name = self.registry.get(image or s.default_image).name
+        vcpus = vcpus or s.default_vcpus
+        if vcpus > s.max_vcpus:
+            raise errors.InvalidRequest(f"vcpus {vcpus} is over the limit of {s.max_vcpus}")
+        if len(self.live()) >= s.max_sandboxes:
+            raise errors.QuotaExceeded(f"{s.max_sandboxes} sandboxes are running already")
+        now = datetime.now(UTC)
+        timeout_s = timeout_s or s.default_timeout_s
+        sandbox_id = f"sb-{next(self._ids)}"
+        record = FakeRecord(
+            id=sandbox_id,
+            state=SandboxState.RUNNING,
+            image=name,
+            vcpus=vcpus,
+            memory_mib=memory_mib or s.default_memory_mib,
+            metadata=dict(metadata or {}),
+            env=dict(env or {}),
+            timeout_s=timeout_s,
+            created_at=now,
+            expires_at=now + timedelta(seconds=timeout_s),
+            ip_address="10.0.0.2",
+            vmm_pid=4242,
+            work_dir=f"/nonexistent/vms/{sandbox_id}",
+            error=None,
+        )
+        self.records[sandbox_id] = record
+        return record
+
+    def live(self) -> builtins.list[FakeRecord]:
+        return [r for r in self.records.values() if r.state is SandboxState.RUNNING]
+
+    async def get(self, sandbox_id: str) -> FakeRecord:
+        try:
+            return self.records[sandbox_id]
+        except KeyError:
+            raise errors.NotFound(f"no sandbox {sandbox_id!r}") from None
+
+    async def list(
+        self, *, state: SandboxState | None = None, metadata: dict[str, str] | None = None
+    ) -> builtins.list[FakeRecord]:
+        self.calls.append(("list", {"state": state, "metadata": metadata}))
+        return [
+            r
+            for r in self.records.values()
+            if (state is None or r.state is state)
+            and all(r.metadata.get(k) == v for k, v in (metadata or {}).items())
+        ]
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: builtins.list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+    ) -> ExecResult:
+        record = await self.get(sandbox_id)
+        self.calls.append(("exec", {"cmd": cmd, "env": env, "cwd": cwd, "stdin": stdin}))
+        if record.state is not SandboxState.RUNNING:
+            raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
+        if self.raise_on_exec is not None:
+            raise self.raise_on_exec
+        text = cmd if isinstance(cmd, str) else " ".join(cmd)
+        stdout = (stdin or b"") + f"ran {text} in {sandbox_id}\n".encode()
+        exit_code = 3 if "fail" in text else 0
+        return ExecResult(exit_code, stdout, b"err\xff\n", duration_ms=1.5)
+
+    async def kill(self, sandbox_id: str) -> None:
+        record = await self.get(sandbox_id)
+        self.records[sandbox_id] = replace(record, state=SandboxState.STOPPED, ip_address=None)
+
+    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> FakeRecord:
+        record = await self.get(sandbox_id)
+        if record.state is not SandboxState.RUNNING:
+            raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
+        expires = datetime.now(UTC) + timedelta(seconds=timeout_s)
+        self.records[sandbox_id] = replace(record, timeout_s=timeout_s, expires_at=expires)
+        return self.records[sandbox_id]
+
+    async def image_names(self) -> builtins.list[str]:
+        return self.registry.names()
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on a free port in a thread; yield its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def fake_app(tmp_path: Path, settings: Settings | None = None) -> tuple[Any, FakeManager]:
+    """The real app over a FakeManager and a FakeRegistry under ``tmp_path``."""
+    from emberbox.api import create_app
+
+    settings = settings or Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    registry = FakeRegistry(tmp_path / "images")
+    manager = FakeManager(settings, registry)
+    return create_app(settings, manager, registry=registry), manager  # type: ignore[arg-type]
