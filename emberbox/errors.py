@@ -5,6 +5,7 @@ Every error the library, the server, the SDK or the CLI raises on purpose is one
     EmberboxError
     ├── InvalidRequest          bad input from a caller (HTTP 400 / 422)
     │   └── ImageNotFound       unknown image name; carries the available names
+    ├── Unauthorized            no or wrong API key (HTTP 401)
     ├── NotFound                no such sandbox / snapshot (HTTP 404)
     ├── Conflict                the object is in a state that forbids the call (HTTP 409)
     ├── QuotaExceeded           a configured limit would be passed (HTTP 403 / 429)
@@ -53,6 +54,10 @@ class ImageNotFound(InvalidRequest):
         super().__init__(f"unknown image {name!r}; available images: {names}", available=available)
         self.name = name
         self.available = available
+
+
+class Unauthorized(EmberboxError):
+    status_code = 401
 
 
 class NotFound(EmberboxError):

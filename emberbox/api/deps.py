@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emberbox import errors
 from emberbox.config import Settings
@@ -63,9 +62,7 @@ def require_api_key(request: Request) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
-        raise StarletteHTTPException(
-            401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise errors.Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
 
 
 def parse_metadata_filter(

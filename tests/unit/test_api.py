@@ -464,15 +464,9 @@ def test_format_validation_errors() -> None:
 # --- authentication ----------------------------------------------------------------------
 
 
-class KeyedSettings(Settings):
-    """Settings with the api_key field the API honours when present."""
-
-    api_key: str | None = "s3cret"
-
-
 async def test_api_key_is_required_when_configured(tmp_path: Path, registry: FakeRegistry) -> None:
     """With Settings.api_key set, /v1 and seed routes need the Bearer key; /healthz does not."""
-    settings = KeyedSettings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", api_key="s3cret")
     app = create_app(settings, FakeManager(settings, registry), registry=registry)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:

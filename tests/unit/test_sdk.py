@@ -120,11 +120,8 @@ def test_url_and_api_key_from_arguments_and_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EMBERBOX_API_KEY is sent as a Bearer token; an argument beats the environment."""
-
-    class KeyedSettings(Settings):
-        api_key: str | None = "k1"
-
-    app, _ = fake_app(tmp_path, KeyedSettings(data_dir=tmp_path / "d", cache_dir=tmp_path / "c"))
+    keyed = Settings(data_dir=tmp_path / "d", cache_dir=tmp_path / "c", api_key="k1")
+    app, _ = fake_app(tmp_path, keyed)
     with serving(app) as url:
         monkeypatch.setenv("EMBERBOX_URL", url)
         monkeypatch.delenv("EMBERBOX_API_KEY", raising=False)
