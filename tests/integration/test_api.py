@@ -41,6 +41,7 @@ class Server:
     url: str
     settings: Settings  # what the server runs with (data dir, limits)
     log_path: Path
+    process: subprocess.Popen[bytes]
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=BOOT_WAIT_S)
@@ -71,7 +72,7 @@ def serve_emberbox(data_dir: Path, **env: str) -> Iterator[Server]:
     command += ["serve", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    server = Server(f"http://127.0.0.1:{port}", Settings(data_dir=data_dir), log_path)
+    server = Server(f"http://127.0.0.1:{port}", Settings(data_dir=data_dir), log_path, process)
     try:
         _wait_until_up(server, process)
         yield server
@@ -358,3 +359,36 @@ def test_images_health_and_docs(server: Server, default_image: ImageInfo) -> Non
         spec = client.get("/openapi.json").json()
         assert {"/v1/sandboxes", "/vm/create", "/exec/command", "/healthz"} <= set(spec["paths"])
         json.dumps(spec)
+
+
+# --- crash recovery ----------------------------------------------------------------------
+
+
+def test_sigkill_mid_exec_then_restart_reconciles(data_dir: Path, default_image: ImageInfo) -> None:
+    """After SIGKILL of the server mid-exec, a restart re-attaches live VMs, marks dead ones."""
+    with serve_emberbox(data_dir) as first, first.client() as client:
+        alive = client.post("/v1/sandboxes", json={}).json()
+        doomed = client.post("/v1/sandboxes", json={}).json()
+        in_flight = subprocess.Popen(
+            ["curl", "-s", "-X", "POST", f"{first.url}/v1/sandboxes/{alive['id']}/exec",
+             "-H", "content-type: application/json", "-d", '{"cmd": "sleep 5; echo late"}'],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1)
+        first.process.kill()
+        first.process.wait()
+        in_flight.wait(30)
+        # While no server runs, one VMM dies: the restart must notice.
+        doomed_pids = _pids_mentioning(f"emberbox-{doomed['id']}")
+        assert doomed_pids
+        for pid in doomed_pids:
+            os.kill(pid, signal.SIGKILL)
+    with serve_emberbox(data_dir) as second, second.client() as client:
+        listing = {s["id"]: s for s in client.get("/v1/sandboxes").json()["sandboxes"]}
+        assert listing[alive["id"]]["state"] == "running"
+        assert listing[doomed["id"]]["state"] == "error"
+        assert listing[doomed["id"]]["error"]
+        again = client.post(f"/v1/sandboxes/{alive['id']}/exec", json={"cmd": "echo again"})
+        assert again.json()["stdout"] == "again\n"
+        assert not (data_dir / "vms" / doomed["id"]).exists()
+        assert len(qemu_pids_under(data_dir)) == 1
