@@ -13,7 +13,8 @@ for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 # The image builder asks apt which kernel package is current: apt needs its lists.
-if [ ${#missing[@]} -gt 0 ] || ! apt-cache policy linux-image-cloud-amd64 | grep -q 'Candidate: [0-9]'; then
+policy=$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)
+if [ ${#missing[@]} -gt 0 ] || ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
     echo "setup: apt-get update"
     $SUDO apt-get update -q
 fi
