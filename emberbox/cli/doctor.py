@@ -18,6 +18,7 @@ from emberbox.config import Settings
 from emberbox.errors import EmberboxError
 from emberbox.images.registry import ImageRegistry
 from emberbox.vmm import accel
+from emberbox.vmm.host import kvm_device_usable
 from emberbox.vmm.qemu import parse_version
 
 console = Console(highlight=False)
@@ -55,7 +56,7 @@ def cgroup_check() -> Check:
 
 
 def kvm_check(settings: Settings) -> Check:
-    device = accel.kvm_device_usable()
+    device = kvm_device_usable()
     if not device.usable:
         return Check(
             "KVM", False, f"{device.reason}; QEMU will use TCG (slow, not a boundary)", False

@@ -17,20 +17,12 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emberbox.vmm.host import PROC, ProcInfo, read_process
+
 log = logging.getLogger(__name__)
 
-PROC = Path("/proc")
 KILL_WAIT_S = 5.0
 _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    """A process as ``/proc`` shows it."""
-
-    pid: int
-    uid: int
-    args: tuple[str, ...]
 
 
 @dataclass
@@ -42,28 +34,6 @@ class SweepReport:
 
 
 # -- pure parsing -------------------------------------------------------------------------
-
-
-def parse_cmdline(raw: bytes) -> tuple[str, ...]:
-    """``/proc/<pid>/cmdline`` (NUL-separated, usually NUL-terminated) as arguments."""
-    if raw.endswith(b"\0"):
-        raw = raw[:-1]
-    if not raw:
-        return ()
-    return tuple(part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0"))
-
-
-def parse_stat_state(raw: str) -> str:
-    """The state letter of ``/proc/<pid>/stat`` (``Z`` zombie, ``X`` dead, ...).
-
-    The command name in parentheses may itself hold spaces and parentheses, so split
-    after the last ``)``.
-    """
-    _, _, rest = raw.rpartition(")")
-    fields = rest.split()
-    if not fields:
-        raise ValueError(f"unparseable /proc stat line: {raw!r}")
-    return fields[0]
 
 
 def _occurrences(arg: str, path: str) -> Iterator[int]:
@@ -117,19 +87,6 @@ def is_under(path: Path, parent: Path) -> bool:
 
 
 # -- /proc --------------------------------------------------------------------------------
-
-
-def read_process(pid: int, proc: Path = PROC) -> ProcInfo | None:
-    """The live (non-zombie) process ``pid``, or None if it is gone or unreadable."""
-    base = proc / str(pid)
-    try:
-        uid = base.stat().st_uid
-        if parse_stat_state((base / "stat").read_text()) in {"Z", "X", "x"}:
-            return None
-        args = parse_cmdline((base / "cmdline").read_bytes())
-    except (OSError, ValueError):
-        return None
-    return ProcInfo(pid=pid, uid=uid, args=args)
 
 
 def iter_processes(proc: Path = PROC) -> Iterator[ProcInfo]:

@@ -21,9 +21,9 @@ from emberbox.guest.client import AgentClient, ExecResult, HelloInfo
 from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.vmm.base import VM, Driver, Lifetime, VMConfig
 from emberbox.vmm.boot import boot_until_ready, connect_agent
+from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
 from emberbox.vmm.select import choose_driver
 
-MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 OutputCallback = Callable[[bytes], object]
 
 
@@ -43,10 +43,10 @@ def check_shape(settings: Settings, vcpus: int, memory_mib: int) -> None:
 def work_dir_for(settings: Settings, sandbox_id: str) -> Path:
     work_dir = settings.vms_dir / sandbox_id
     longest = work_dir / "console.sock"
-    if len(str(longest).encode()) > MAX_SOCKET_PATH:
+    if not socket_path_fits(longest):
         raise HostError(
             f"data dir {settings.data_dir} is too deep: socket path {longest} exceeds "
-            f"{MAX_SOCKET_PATH} bytes; set EMBERBOX_DATA_DIR to a shorter path"
+            f"{UNIX_PATH_MAX} bytes; set EMBERBOX_DATA_DIR to a shorter path"
         )
     return work_dir
 

@@ -16,32 +16,14 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass
 
 from emberbox.config import Settings
 from emberbox.images.initramfs import PROBE_MARKER
 from emberbox.vmm.base import GuestFiles
+from emberbox.vmm.host import KvmVerdict, kvm_device_usable
 from emberbox.vmm.qemu import Accel, kernel_cmdline, machine_args
 
 log = logging.getLogger("emberbox.accel")
-
-
-@dataclass(frozen=True)
-class KvmVerdict:
-    usable: bool
-    reason: str
-
-
-def kvm_device_usable(path: str = "/dev/kvm") -> KvmVerdict:
-    """Whether ``/dev/kvm`` exists and this process may open it read-write."""
-    if not os.path.exists(path):
-        return KvmVerdict(False, f"{path} does not exist (no hardware virtualization here)")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return KvmVerdict(False, f"cannot open {path}: {exc.strerror}")
-    os.close(fd)
-    return KvmVerdict(True, f"{path} is accessible")
 
 
 def probe_argv(binary: str, guest: GuestFiles) -> list[str]:

@@ -63,7 +63,7 @@ async def boot_until_ready(
     sandbox_id: str,
 ) -> Ready:
     """Start a VM with ``start`` until one answers the handshake (the boot watchdog)."""
-    last: VMMError | AgentError | None = None
+    last: VMMError | None = None
     for attempt in range(1, attempts + 1):
         vm = await start()
         try:
@@ -74,8 +74,7 @@ async def boot_until_ready(
         except (VMMError, AgentError) as exc:
             tail = vm.console_tail()
             last = exc if isinstance(exc, VMMError) else VMMCrashed(str(exc), tail)
-            if isinstance(last, VMMError) and not last.console_tail:
-                last.console_tail = tail
+            last.console_tail = last.console_tail or tail
             log.warning(
                 "boot attempt %d/%d of %s failed: %s", attempt, attempts, sandbox_id, exc.message
             )

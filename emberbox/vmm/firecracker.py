@@ -44,6 +44,7 @@ from emberbox.guest.protocol import AGENT_VSOCK_PORT
 from emberbox.vmm import fc_api, jailer
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.fc_api import ApiRequest, BootPlan, VsockHandshake, VsockRefused
+from emberbox.vmm.host import kvm_device_usable, read_process, socket_path_fits
 from emberbox.vmm.jailer import JailerConfig
 
 NAME = "firecracker"
@@ -56,7 +57,6 @@ VSOCK = "vsock.sock"
 SNAPSHOT_STATE = "vmstate"
 SNAPSHOT_MEMORY = "memory"
 GUEST_CID = 3
-_UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
 _PR_SET_PDEATHSIG = 1
 _FICLONE = 0x40049409
 _ZERO = bytes(1 << 16)
@@ -66,11 +66,9 @@ def firecracker_usable(binary: str = NAME) -> tuple[bool, str]:
     """Whether Firecracker can run VMs here, and why not: binary present, KVM openable."""
     if shutil.which(binary) is None:
         return False, f"no Firecracker binary {binary!r} on PATH"
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return False, f"/dev/kvm cannot be opened read-write: {exc.strerror}"
-    os.close(fd)
+    kvm = kvm_device_usable()
+    if not kvm.usable:
+        return False, kvm.reason
     return True, "Firecracker binary found and /dev/kvm usable"
 
 
@@ -143,11 +141,6 @@ def cmdline_matches(argv: list[str], api_socket: str, jail_id: str | None = None
 def _has_option(argv: list[str], name: str, value: str) -> bool:
     pairs = itertools.pairwise(argv)
     return f"{name}={value}" in argv or any(a == name and b == value for a, b in pairs)
-
-
-def _read_cmdline(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    return [arg.decode("utf-8", errors="replace") for arg in raw.split(b"\0") if arg]
 
 
 # --- vsock -----------------------------------------------------------------------------
@@ -596,8 +589,11 @@ class FirecrackerDriver:
         layout = self._layout(config)
         try:
             process = _Adopted(pid)
-            argv = _read_cmdline(pid)
-        except (ProcessLookupError, FileNotFoundError) as exc:
+            info = read_process(pid)
+            if info is None:
+                raise ProcessLookupError(pid)
+            argv = list(info.args)
+        except ProcessLookupError as exc:
             raise VMMCrashed(f"Firecracker pid {pid} of VM {config.vm_id} is gone") from exc
         jail_id = layout.jail[1] if layout.jail is not None else None
         if not cmdline_matches(argv, layout.api_socket_arg, jail_id) or process.poll() is not None:
@@ -615,7 +611,7 @@ class FirecrackerDriver:
             sock = jailer.api_socket_path(self._jailer, jail_id)
             layout = _Layout(work_dir, root, sock, jailer.JAIL_API_SOCKET, (self._jailer, jail_id))
         for path in (layout.api_socket, layout.root / VSOCK):
-            if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            if not socket_path_fits(path):
                 raise HostError(f"socket path too long for a unix socket: {path}")
         return layout
 

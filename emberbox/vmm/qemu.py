@@ -26,6 +26,7 @@ from emberbox.errors import HostError, VMMCrashed, VMMError
 from emberbox.guest.protocol import AGENT_PORT_NAME
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.console import ConsoleLog
+from emberbox.vmm.host import read_process
 
 Accel = Literal["kvm", "tcg"]
 PR_SET_PDEATHSIG = 1
@@ -137,15 +138,6 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def reap_in_background(popen: subprocess.Popen[bytes]) -> None:
     """Let a released child run on; a daemon thread reaps it whenever it ends."""
     threading.Thread(target=popen.wait, name=f"reap-{popen.pid}", daemon=True).start()
@@ -170,14 +162,6 @@ async def wait_for_exit(pid: int) -> None:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-
-
-def process_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 class QemuVM:
@@ -216,7 +200,7 @@ class QemuVM:
     def is_running(self) -> bool:
         if self._popen is not None:
             return self._popen.poll() is None
-        return _pid_alive(self._pid)
+        return read_process(self._pid) is not None
 
     def exit_description(self) -> str:
         code = self._popen.poll() if self._popen is not None else None
@@ -289,7 +273,7 @@ class QemuVM:
             self._popen.wait()
         else:
             deadline = time.monotonic() + 5
-            while _pid_alive(self._pid) and time.monotonic() < deadline:
+            while read_process(self._pid) is not None and time.monotonic() < deadline:
                 time.sleep(0.005)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -353,7 +337,8 @@ class QemuDriver:
         raise VMMError("snapshot restore is not supported by this QEMU driver yet")
 
     async def attach(self, config: VMConfig, pid: int) -> QemuVM:
-        if not _pid_alive(pid) or str(config.work_dir) not in " ".join(process_cmdline(pid)):
+        info = read_process(pid)
+        if info is None or str(config.work_dir) not in " ".join(info.args):
             raise VMMCrashed(f"no QEMU process {pid} for {config.work_dir}")
         return QemuVM(config, pid, None, None)
 

@@ -24,6 +24,7 @@ from emberbox.service.reaper import VMM_EXITED
 from emberbox.service.reconcile import RESTARTED_DURING_BOOT, VMM_GONE
 from emberbox.service.state import SandboxState
 from emberbox.store import SandboxRow, Store, utcnow
+from emberbox.vmm import host
 from emberbox.vmm.base import Lifetime
 
 pytestmark = pytest.mark.anyio
@@ -668,15 +669,15 @@ async def test_orphan_dirs_and_processes_are_removed(
 
 def test_parse_cmdline_splits_on_nul() -> None:
     """cmdline bytes become argv; a trailing NUL and empty input are handled."""
-    assert orphans.parse_cmdline(b"qemu\0-name\0x\0") == ("qemu", "-name", "x")
-    assert orphans.parse_cmdline(b"") == ()
-    assert orphans.parse_cmdline(b"a\0\0b") == ("a", "", "b")
+    assert host.parse_cmdline(b"qemu\0-name\0x\0") == ("qemu", "-name", "x")
+    assert host.parse_cmdline(b"") == ()
+    assert host.parse_cmdline(b"a\0\0b") == ("a", "", "b")
 
 
 def test_parse_stat_state_survives_odd_names() -> None:
     """The state letter is found even when the command name has spaces and parentheses."""
-    assert orphans.parse_stat_state("42 (qemu) S 1 42 42") == "S"
-    assert orphans.parse_stat_state("42 (a) b) (c) Z 1 2") == "Z"
+    assert host.parse_stat_state("42 (qemu) S 1 42 42") == "S"
+    assert host.parse_stat_state("42 (a) b) (c) Z 1 2") == "Z"
 
 
 @pytest.mark.parametrize(
