@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     max_timeout_s: int = Field(default=24 * 3600, ge=1)
     reaper_interval_s: float = Field(default=1.0, gt=0)
 
+    # Fast start (see docs/snapshots.md).
+    templates: bool = True  # create restores a per-image "ready" snapshot instead of booting
+    pool_size: int = Field(default=1, ge=0, le=64)  # restored sandboxes kept ready per image
+    pool_memory_budget_mib: int = Field(default=4096, ge=0)  # guest memory the pool may hold
+    snapshot_timeout_s: float = Field(default=300.0, gt=0)
+
     @property
     def images_dir(self) -> Path:
         return self.images_dir_override or self.cache_dir / "images"
@@ -84,6 +90,16 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def templates_dir(self) -> Path:
+        """Template snapshots: a cache, rebuilt from the image when missing."""
+        return self.cache_dir / "templates"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """User snapshots and paused sandboxes: data, kept until deleted."""
+        return self.data_dir / "snapshots"
 
     @property
     def db_path(self) -> Path:

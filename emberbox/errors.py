@@ -8,12 +8,14 @@ Every error the library, the server, the SDK or the CLI raises on purpose is one
     ├── Unauthorized            no or wrong API key (HTTP 401)
     ├── NotFound                no such sandbox / snapshot (HTTP 404)
     ├── Conflict                the object is in a state that forbids the call (HTTP 409)
+    │   └── SnapshotMismatch    a snapshot made by another VMM, version, image or VM shape
     ├── QuotaExceeded           a configured limit would be passed (HTTP 403 / 429)
     ├── ImageBuildError         building a guest image failed (a step and its output)
     ├── HostError               the host lacks something (QEMU, KVM, space) (HTTP 503)
     ├── VMMError                the virtual machine monitor misbehaved (HTTP 502)
     │   ├── BootTimeout         no agent handshake within the boot timeout
-    │   └── VMMCrashed          the VMM process ended unexpectedly
+    │   ├── VMMCrashed          the VMM process ended unexpectedly
+    │   └── SnapshotCorrupt     a snapshot file could not be loaded (names the file)
     └── AgentError              the guest agent failed us (HTTP 502)
         ├── ProtocolError       bytes on the agent channel that are not our protocol
         ├── AgentDisconnected   the agent channel closed
@@ -68,6 +70,10 @@ class Conflict(EmberboxError):
     status_code = 409
 
 
+class SnapshotMismatch(Conflict):
+    pass
+
+
 class QuotaExceeded(EmberboxError):
     status_code = 403
 
@@ -98,6 +104,10 @@ class BootTimeout(VMMError):
 
 
 class VMMCrashed(VMMError):
+    pass
+
+
+class SnapshotCorrupt(VMMError):
     pass
 
 

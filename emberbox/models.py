@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from emberbox.guest.client import ExecResult
     from emberbox.images.registry import ImageInfo
     from emberbox.service.manager import SandboxRecord
+    from emberbox.service.snapshots import SnapshotRecord
 
 # The values of emberbox.service.state.SandboxState, as they travel on the wire.
-SandboxStateName = Literal["creating", "running", "stopping", "stopped", "error"]
+SandboxStateName = Literal["creating", "running", "paused", "stopping", "stopped", "error"]
 
 MAX_TIMEOUT_S = 366 * 24 * 3600  # wire bound; Settings.max_timeout_s is the real limit
 MAX_EXEC_TIMEOUT_S = 7 * 24 * 3600.0  # wire bound; Settings.max_exec_timeout_s applies
@@ -38,6 +39,9 @@ EnvName = Annotated[str, StringConstraints(max_length=256, pattern=r"^[A-Za-z_][
 EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 Env = Annotated[dict[EnvName, EnvValue], Field(max_length=1024)]
 HostPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+ObjectId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
 
 
 class _Request(BaseModel):
@@ -55,7 +59,8 @@ class SandboxCreate(_Request):
     """Ask for a new sandbox. Unset fields take the server's defaults (``Settings``)."""
 
     image: ImageName | None = Field(
-        default=None, description="Image name; null uses the server default (`default`)."
+        default=None,
+        description="Image name; null uses the snapshot's, else the server default (`default`).",
     )
     vcpus: int | None = Field(
         default=None, ge=1, le=64, description="Virtual CPUs; null uses the server default (1)."
@@ -74,6 +79,13 @@ class SandboxCreate(_Request):
     )
     metadata: Metadata = Field(default_factory=dict, description="Labels to filter lists by.")
     env: Env = Field(default_factory=dict, description="Environment of every command run.")
+    snapshot_id: ObjectId | None = Field(
+        default=None,
+        description=(
+            "Fork from this snapshot instead of booting: the sandbox gets the snapshot's "
+            "image, vcpus and memory_mib (giving different ones is a 409 SnapshotMismatch)."
+        ),
+    )
 
 
 class SandboxPublic(_Public):
@@ -90,6 +102,7 @@ class SandboxPublic(_Public):
     ip_address: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     error: str | None = Field(default=None, description="Why the sandbox is in state `error`.")
+    snapshot_id: str | None = Field(default=None, description="The snapshot it was forked from.")
 
     @classmethod
     def from_record(cls, record: SandboxRecord) -> SandboxPublic:
@@ -106,11 +119,44 @@ class SandboxPublic(_Public):
             ip_address=record.ip_address,
             metadata=dict(record.metadata),
             error=record.error,
+            snapshot_id=record.snapshot_id,
         )
 
 
 class SandboxList(_Public):
     sandboxes: list[SandboxPublic]
+
+
+# --- snapshots ---------------------------------------------------------------------------
+
+
+class SnapshotPublic(_Public):
+    """A snapshot (memory and disk) of a sandbox; new sandboxes can be forked from it."""
+
+    id: str
+    sandbox_id: str = Field(description="The sandbox it was taken of (may since have stopped).")
+    image: str
+    vcpus: int
+    memory_mib: int
+    size_bytes: int = Field(description="Disk space the snapshot's files take on the server.")
+    created_at: datetime
+
+    @classmethod
+    def from_record(cls, record: SnapshotRecord) -> SnapshotPublic:
+        """The public view of a service record (drops the host path and the VMM)."""
+        return cls(
+            id=record.id,
+            sandbox_id=record.sandbox_id,
+            image=record.image,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            size_bytes=record.size_bytes,
+            created_at=record.created_at,
+        )
+
+
+class SnapshotList(_Public):
+    snapshots: list[SnapshotPublic]
 
 
 class TimeoutUpdate(_Request):
@@ -267,6 +313,8 @@ __all__ = [
     "SandboxList",
     "SandboxPublic",
     "SandboxStateName",
+    "SnapshotList",
+    "SnapshotPublic",
     "TimeoutUpdate",
     "VMCreate",
     "VMCreateResponse",

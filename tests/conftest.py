@@ -72,8 +72,9 @@ def vmm(request: pytest.FixtureRequest) -> str:
 def settings(
     data_dir: Path, image_settings: Settings, default_image: ImageInfo, vmm: str
 ) -> Settings:
-    """Settings with a private data dir, the shared image cache and the driver under test."""
-    return image_settings.model_copy(update={"data_dir": data_dir, "vmm": vmm})
+    """Settings with a private data dir, the shared image (and template) cache and the
+    driver under test; no warm pool unless a test asks for one."""
+    return image_settings.model_copy(update={"data_dir": data_dir, "vmm": vmm, "pool_size": 0})
 
 
 def qemu_pids_under(path: Path) -> list[int]:

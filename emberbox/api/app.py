@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from emberbox import __version__
 from emberbox.api.deps import AppContext, require_api_key
 from emberbox.api.errors import error_responses, install_error_handlers
-from emberbox.api.routes import sandboxes, seed, system
+from emberbox.api.routes import sandboxes, seed, snapshots, system
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
 from emberbox.service.manager import SandboxManager
@@ -56,6 +56,7 @@ def create_app(
     guarded = [Depends(require_api_key)]
     auth_errors = error_responses(401)
     app.include_router(sandboxes.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(snapshots.router, dependencies=guarded, responses=auth_errors)
     app.include_router(seed.router, dependencies=guarded, responses=auth_errors)
     app.include_router(system.router)
     return app

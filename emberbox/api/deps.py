@@ -86,6 +86,15 @@ def parse_metadata_filter(
     return found
 
 
+def refuse_unknown_params(names: Iterable[str], *, allowed: set[str]) -> None:
+    """A misspelt filter is a 400, not a silently unfiltered list."""
+    unknown = sorted(set(names) - allowed)
+    if unknown:
+        raise errors.InvalidRequest(
+            f"unknown query parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
 def state_from_name(name: str | None) -> SandboxState | None:
     """The service's state enum for a wire name (the schema already checked the name)."""
     return None if name is None else SandboxState(name)

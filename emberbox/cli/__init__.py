@@ -25,9 +25,10 @@ app.command()(doctor.doctor)
 
 
 def _mount_service_commands() -> None:
-    from emberbox.cli import sandbox, serve
+    from emberbox.cli import sandbox, serve, snapshot
 
     app.add_typer(sandbox.app, name="sandbox")
+    app.add_typer(snapshot.app, name="snapshot")
     app.command()(serve.serve)
 
 

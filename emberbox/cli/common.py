@@ -1,11 +1,11 @@
-"""Helpers shared by the CLI commands: one-line errors and Settings."""
+"""Helpers shared by the CLI commands: one-line errors, Settings and the client options."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -17,6 +17,17 @@ from emberbox.errors import EmberboxError
 
 EXIT_ERROR = 125  # emberbox itself failed (as docker run does), not the user's command
 err_console = Console(stderr=True, highlight=False)
+
+# Options of the commands that talk to a server through the SDK.
+Url = Annotated[
+    str | None,
+    typer.Option("--url", envvar="EMBERBOX_URL", help="Server URL (default http://127.0.0.1:8080)"),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="EMBERBOX_API_KEY", help="Bearer key", show_default=False),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -41,6 +52,10 @@ def clean_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("emberbox: interrupted")
         raise typer.Exit(130) from None
+
+
+def print_json(text: str) -> None:
+    sys.stdout.write(text + "\n")
 
 
 def write_out(data: bytes) -> None:

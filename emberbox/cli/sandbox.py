@@ -1,4 +1,7 @@
-"""``emberbox sandbox ...``: manage sandboxes of a running server through the SDK."""
+"""``emberbox sandbox ...``: manage sandboxes of a running server through the SDK.
+
+``emberbox snapshot ...`` (:mod:`emberbox.cli.snapshot`) lists and deletes snapshots.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from emberbox.cli.common import clean_errors, err_console
+from emberbox.cli.common import ApiKey, Json, Url, clean_errors, err_console, print_json
 from emberbox.sdk import CommandResult, Sandbox, SandboxInfo
 
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
@@ -20,15 +23,6 @@ app = typer.Typer(help="Manage sandboxes through a running server", no_args_is_h
 
 _out = Console()
 
-Url = Annotated[
-    str | None,
-    typer.Option("--url", envvar="EMBERBOX_URL", help="Server URL (default http://127.0.0.1:8080)"),
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option("--api-key", envvar="EMBERBOX_API_KEY", help="Bearer key", show_default=False),
-]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 SandboxId = Annotated[str, typer.Argument(help="Sandbox id", show_default=False)]
 Pairs = Annotated[
     list[str] | None,
@@ -46,10 +40,6 @@ def _parse_pairs(items: list[str] | None, option: str) -> dict[str, str] | None:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
         pairs[key] = value
     return pairs
-
-
-def _print_json(text: str) -> None:
-    sys.stdout.write(text + "\n")
 
 
 def _table(infos: list[SandboxInfo]) -> Table:
@@ -71,9 +61,9 @@ def _table(infos: list[SandboxInfo]) -> Table:
 def _show(infos: list[SandboxInfo], as_json: bool, *, single: bool = False) -> None:
     if as_json:
         if single:
-            _print_json(infos[0].model_dump_json(indent=2))
+            print_json(infos[0].model_dump_json(indent=2))
         else:
-            _print_json("[" + ",".join(i.model_dump_json() for i in infos) + "]")
+            print_json("[" + ",".join(i.model_dump_json() for i in infos) + "]")
         return
     _out.print(_table(infos))
 
@@ -92,11 +82,18 @@ def create(
     ] = None,
     metadata: Pairs = None,
     env: Pairs = None,
+    snapshot_id: Annotated[
+        str | None,
+        typer.Option("--snapshot", help="Fork from this snapshot id", show_default=False),
+    ] = None,
     as_json: Json = False,
     url: Url = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Boot a sandbox and print it (its id is what the other commands take)."""
+    """Boot a sandbox, or fork one from --snapshot, and print it.
+
+    Its id is what the other commands take.
+    """
     with clean_errors():
         sandbox = Sandbox.create(
             image,
@@ -105,6 +102,7 @@ def create(
             timeout_s=timeout_s,
             metadata=_parse_pairs(metadata, "--metadata"),
             env=_parse_pairs(env, "--env"),
+            snapshot_id=snapshot_id,
             url=url,
             api_key=api_key,
         )
@@ -166,7 +164,7 @@ def exec_(
             command, env=_parse_pairs(env, "--env"), cwd=cwd, timeout_s=timeout_s, stdin=stdin
         )
     if as_json:
-        _print_json(result.model_dump_json(indent=2))
+        print_json(result.model_dump_json(indent=2))
     else:
         sys.stdout.write(result.stdout)
         sys.stdout.flush()
@@ -208,6 +206,43 @@ def timeout(
     """Kill the sandbox SECONDS from now instead of at its current deadline."""
     with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
         _show([sandbox.set_timeout(seconds)], as_json, single=True)
+
+
+@app.command()
+def pause(
+    sandbox_id: SandboxId, as_json: Json = False, url: Url = None, api_key: ApiKey = None
+) -> None:
+    """Save a running sandbox to disk and free its CPU and memory until resumed."""
+    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+        _show([sandbox.pause()], as_json, single=True)
+
+
+@app.command()
+def resume(
+    sandbox_id: SandboxId, as_json: Json = False, url: Url = None, api_key: ApiKey = None
+) -> None:
+    """Bring a paused sandbox back where it left off."""
+    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+        _show([sandbox.resume()], as_json, single=True)
+
+
+@app.command()
+def snapshot(
+    sandbox_id: SandboxId,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Save a running sandbox's memory and disk (it keeps running); print the snapshot id.
+
+    Fork from it with: emberbox sandbox create --snapshot SNAPSHOT_ID
+    """
+    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+        info = sandbox.snapshot()
+    if as_json:
+        print_json(info.model_dump_json(indent=2))
+    else:
+        sys.stdout.write(info.id + "\n")
 
 
 @contextmanager

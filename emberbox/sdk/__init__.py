@@ -9,6 +9,10 @@
 Errors the server raises arrive as the same classes of :mod:`emberbox.errors`
 (``NotFound``, ``Conflict``, ``ImageNotFound`` ...); a server that cannot be reached is
 a :class:`HostError`.
+
+Snapshots: ``sb.snapshot()`` saves a running sandbox, ``Sandbox.create(snapshot_id=...)``
+forks new ones from it, :class:`Snapshots` lists and deletes them; ``sb.pause()`` and
+``sb.resume()`` park a sandbox on disk and bring it back.
 """
 
 from __future__ import annotations
@@ -24,16 +28,19 @@ from emberbox.errors import (
     InvalidRequest,
     NotFound,
     QuotaExceeded,
+    SnapshotCorrupt,
+    SnapshotMismatch,
     VMMError,
 )
-from emberbox.sdk._async import AsyncCommands, AsyncSandbox
-from emberbox.sdk._calls import CommandResult, SandboxInfo
-from emberbox.sdk._sync import Commands, Sandbox
+from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
+from emberbox.sdk._calls import CommandResult, SandboxInfo, SnapshotInfo
+from emberbox.sdk._sync import Commands, Sandbox, Snapshots
 
 __all__ = [
     "AgentError",
     "AsyncCommands",
     "AsyncSandbox",
+    "AsyncSnapshots",
     "BootTimeout",
     "CommandResult",
     "Commands",
@@ -47,5 +54,9 @@ __all__ = [
     "QuotaExceeded",
     "Sandbox",
     "SandboxInfo",
+    "SnapshotCorrupt",
+    "SnapshotInfo",
+    "SnapshotMismatch",
+    "Snapshots",
     "VMMError",
 ]

@@ -17,7 +17,7 @@ import httpx
 import pydantic
 
 from emberbox import errors
-from emberbox.models import ExecResponse, SandboxList, SandboxPublic
+from emberbox.models import ExecResponse, SandboxList, SandboxPublic, SnapshotList, SnapshotPublic
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "EMBERBOX_URL"
@@ -27,12 +27,17 @@ CONNECT_TIMEOUT_S = 10.0
 DEFAULT_WAIT_S = 30.0  # get, list, timeout
 KILL_WAIT_S = 120.0  # teardown of a wedged VMM can take a while
 CREATE_WAIT_S = 300.0  # boot: Settings.boot_timeout_s x boot_attempts, with room to spare
+SAVE_WAIT_S = 360.0  # snapshot, pause, resume: Settings.snapshot_timeout_s (300), and room
 EXEC_MARGIN_S = 30.0  # added to a command's own timeout
 EXEC_DEFAULT_WAIT_S = 3600.0 + EXEC_MARGIN_S  # no timeout given: the server's limit applies
 
 
 class SandboxInfo(SandboxPublic):
     """A sandbox as the server describes it (``id``, ``state``, ``expires_at`` ...)."""
+
+
+class SnapshotInfo(SnapshotPublic):
+    """A snapshot as the server describes it (``id``, ``sandbox_id``, ``size_bytes`` ...)."""
 
 
 class CommandResult(ExecResponse):
@@ -93,6 +98,7 @@ def create_call(
     timeout_s: int | None,
     metadata: Mapping[str, str] | None,
     env: Mapping[str, str] | None,
+    snapshot_id: str | None = None,
 ) -> Call:
     body = _without_none(
         image=image,
@@ -101,6 +107,7 @@ def create_call(
         timeout_s=timeout_s,
         metadata=None if metadata is None else dict(metadata),
         env=None if env is None else dict(env),
+        snapshot_id=snapshot_id,
     )
     return Call("POST", "/v1/sandboxes", json=body, wait_s=CREATE_WAIT_S)
 
@@ -124,6 +131,31 @@ def timeout_call(sandbox_id: str, timeout_s: int) -> Call:
     return Call("POST", path, json={"timeout_s": timeout_s})
 
 
+def pause_call(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/pause", wait_s=SAVE_WAIT_S)
+
+
+def resume_call(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/resume", wait_s=SAVE_WAIT_S)
+
+
+def snapshot_call(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/snapshots", wait_s=SAVE_WAIT_S)
+
+
+def list_snapshots_call(sandbox_id: str | None) -> Call:
+    params = [] if sandbox_id is None else [("sandbox_id", sandbox_id)]
+    return Call("GET", "/v1/snapshots", params=params)
+
+
+def get_snapshot_call(snapshot_id: str) -> Call:
+    return Call("GET", f"/v1/snapshots/{_quote(snapshot_id, 'snapshot')}")
+
+
+def delete_snapshot_call(snapshot_id: str) -> Call:
+    return Call("DELETE", f"/v1/snapshots/{_quote(snapshot_id, 'snapshot')}", wait_s=KILL_WAIT_S)
+
+
 def run_call(
     sandbox_id: str,
     cmd: list[str] | str,
@@ -143,11 +175,11 @@ def run_call(
     return Call("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/exec", json=body, wait_s=wait_s)
 
 
-def _quote(sandbox_id: str) -> str:
+def _quote(object_id: str, what: str = "sandbox") -> str:
     # Ids are server-made tokens; refuse anything that could change the path.
-    if not sandbox_id or any(c in sandbox_id for c in "/?#%\\") or sandbox_id in (".", ".."):
-        raise errors.InvalidRequest(f"not a sandbox id: {sandbox_id!r}")
-    return sandbox_id
+    if not object_id or any(c in object_id for c in "/?#%\\") or object_id in (".", ".."):
+        raise errors.InvalidRequest(f"not a {what} id: {object_id!r}")
+    return object_id
 
 
 # --- answers -----------------------------------------------------------------------------
@@ -169,6 +201,11 @@ def parse(model: type[Model], response: httpx.Response) -> Model:
 def parse_list(response: httpx.Response) -> list[SandboxInfo]:
     sandboxes = parse(SandboxList, response).sandboxes
     return [SandboxInfo.model_validate(item.model_dump()) for item in sandboxes]
+
+
+def parse_snapshot_list(response: httpx.Response) -> list[SnapshotInfo]:
+    snapshots = parse(SnapshotList, response).snapshots
+    return [SnapshotInfo.model_validate(item.model_dump()) for item in snapshots]
 
 
 def raise_for_error(response: httpx.Response) -> None:

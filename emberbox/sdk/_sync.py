@@ -10,7 +10,7 @@ import httpx
 
 from emberbox import errors
 from emberbox.sdk import _calls
-from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo
+from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo, SnapshotInfo
 
 
 def _send(client: httpx.Client, config: ClientConfig, call: Call) -> httpx.Response:
@@ -80,6 +80,7 @@ class Sandbox:
         timeout_s: int | None = None,
         metadata: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
+        snapshot_id: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -87,11 +88,13 @@ class Sandbox:
 
         ``timeout_s`` is its lifetime in seconds, ``memory_mib`` its memory in MiB;
         unset values take the server's defaults. ``metadata`` labels it for ``list``.
+        With ``snapshot_id`` it is forked from that snapshot (see :meth:`snapshot`) and
+        gets its image, vcpus and memory; asking for others raises SnapshotMismatch.
 
         >>> sb = Sandbox.create("default", timeout_s=600, metadata={"user": "ada"})
         """
-        call = _calls.create_call(image, vcpus, memory_mib, timeout_s, metadata, env)
-        info = _request_once(call, url, api_key, SandboxInfo)
+        call = _calls.create_call(image, vcpus, memory_mib, timeout_s, metadata, env, snapshot_id)
+        info = _calls.parse(SandboxInfo, _send_once(call, url, api_key))
         return cls(info.id, url=url, api_key=api_key)
 
     @classmethod
@@ -123,9 +126,7 @@ class Sandbox:
 
         >>> [s.id for s in Sandbox.list(state="running", metadata={"user": "ada"})]
         """
-        config = ClientConfig.resolve(url, api_key)
-        with httpx.Client(**config.client_options()) as client:
-            return _calls.parse_list(_send(client, config, _calls.list_call(state, metadata)))
+        return _calls.parse_list(_send_once(_calls.list_call(state, metadata), url, api_key))
 
     def info(self) -> SandboxInfo:
         """What the server says about this sandbox now (state, expires_at, ip_address ...)."""
@@ -141,6 +142,32 @@ class Sandbox:
         >>> sb.set_timeout(3600).expires_at
         """
         return _calls.parse(SandboxInfo, self._request(_calls.timeout_call(self.id, timeout_s)))
+
+    def pause(self) -> SandboxInfo:
+        """Save the running sandbox to disk and free its CPU and memory (state ``paused``).
+
+        Commands are refused (Conflict) until :meth:`resume`. Waits up to 360 s.
+
+        >>> sb.pause().state
+        'paused'
+        """
+        return _calls.parse(SandboxInfo, self._request(_calls.pause_call(self.id)))
+
+    def resume(self) -> SandboxInfo:
+        """Restore the paused sandbox where it left off (state ``running``).
+
+        >>> sb.resume().state
+        'running'
+        """
+        return _calls.parse(SandboxInfo, self._request(_calls.resume_call(self.id)))
+
+    def snapshot(self) -> SnapshotInfo:
+        """Save the running sandbox's memory and disk; it keeps running. Fork new
+        sandboxes from it with ``create(snapshot_id=...)``; delete it with Snapshots.
+
+        >>> fork = Sandbox.create(snapshot_id=sb.snapshot().id)
+        """
+        return _calls.parse(SnapshotInfo, self._request(_calls.snapshot_call(self.id)))
 
     def kill(self) -> None:
         """Stop the sandbox and free its resources. Killing it twice is fine."""
@@ -175,9 +202,41 @@ class Sandbox:
         return _send(self._client, self._config, call)
 
 
-def _request_once(
-    call: Call, url: str | None, api_key: str | None, model: type[SandboxInfo]
-) -> SandboxInfo:
+class Snapshots:
+    """The server's snapshots: list, inspect and delete them (take one with
+    :meth:`Sandbox.snapshot`). ``url`` and ``api_key`` as for :class:`Sandbox`.
+
+    >>> [s.id for s in Snapshots.list(sandbox_id=sb.id)]
+    """
+
+    @staticmethod
+    def list(
+        sandbox_id: str | None = None, *, url: str | None = None, api_key: str | None = None
+    ) -> builtins.list[SnapshotInfo]:
+        """Snapshots, oldest first; only those taken of ``sandbox_id`` when given."""
+        call = _calls.list_snapshots_call(sandbox_id)
+        return _calls.parse_snapshot_list(_send_once(call, url, api_key))
+
+    @staticmethod
+    def get(
+        snapshot_id: str, *, url: str | None = None, api_key: str | None = None
+    ) -> SnapshotInfo:
+        """One snapshot (``size_bytes`` is the disk it takes); NotFound when unknown."""
+        call = _calls.get_snapshot_call(snapshot_id)
+        return _calls.parse(SnapshotInfo, _send_once(call, url, api_key))
+
+    @staticmethod
+    def delete(snapshot_id: str, *, url: str | None = None, api_key: str | None = None) -> None:
+        """Delete a snapshot and its files; Conflict while a live sandbox forked from it.
+
+        >>> Snapshots.delete(snap.id)
+        """
+        call = _calls.delete_snapshot_call(snapshot_id)
+        _calls.raise_for_error(_send_once(call, url, api_key))
+
+
+def _send_once(call: Call, url: str | None, api_key: str | None) -> httpx.Response:
+    """One request on a client of its own (the answer is read before it closes)."""
     config = ClientConfig.resolve(url, api_key)
     with httpx.Client(**config.client_options()) as client:
-        return _calls.parse(model, _send(client, config, call))
+        return _send(client, config, call)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import enum
+import json
 import logging
 import secrets
+import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,11 +36,13 @@ from emberbox import errors
 from emberbox.config import Settings
 from emberbox.guest.client import ExecResult
 from emberbox.service import orphans
+from emberbox.service.pool import PoolShape, WarmPool
 from emberbox.service.reaper import Reaper
 from emberbox.service.reconcile import reconcile
+from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import LIVE_STATES, SandboxState, check_transition
-from emberbox.store import ExecLogEntry, SandboxFields, SandboxRow, Store, utcnow
-from emberbox.vmm.base import Lifetime
+from emberbox.store import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow, Store, utcnow
+from emberbox.vmm.base import Lifetime, SnapshotFiles
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,12 @@ class SandboxHandle(Protocol):
     async def detach(self) -> None:
         """Close the agent connection and leave the VMM running. Idempotent."""
 
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        """Save the VM into ``dest``; with ``stop`` the VM ends (pause to disk)."""
+
+    async def greet(self, sandbox_id: str) -> object:
+        """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out)."""
+
 
 class SandboxFactory(Protocol):
     """``Sandbox.start``: boot a sandbox; returns after the agent handshake."""
@@ -91,6 +101,23 @@ class SandboxFactory(Protocol):
         memory_mib: int,
         sandbox_id: str,
         lifetime: Lifetime,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class SandboxRestorer(Protocol):
+    """``Sandbox.restore``: start a sandbox from a snapshot; returns after the hello."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        snapshot: SnapshotFiles,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str,
+        lifetime: Lifetime,
+        adopt_disk: bool,
     ) -> Awaitable[SandboxHandle]: ...
 
 
@@ -134,6 +161,7 @@ class SandboxRecord:
     vmm_pid: int | None
     work_dir: Path | None
     error: str | None
+    snapshot_id: str | None = None  # the snapshot this sandbox was forked from
 
     @classmethod
     def from_row(cls, row: SandboxRow) -> SandboxRecord:
@@ -152,6 +180,7 @@ class SandboxRecord:
             vmm_pid=row.vmm_pid,
             work_dir=row.work_dir,
             error=row.error,
+            snapshot_id=row.snapshot_id,
         )
 
 
@@ -195,12 +224,15 @@ class SandboxManager:
         *,
         sandbox_factory: SandboxFactory | None = None,
         sandbox_attacher: SandboxAttacher | None = None,
+        sandbox_restorer: SandboxRestorer | None = None,
         image_registry: ImageCatalog | None = None,
     ) -> None:
         self._settings = settings
-        default_factory, default_attacher = _default_handles()
+        default_factory, default_attacher, default_restorer = _default_handles()
         self._factory = sandbox_factory or default_factory
         self._attacher = sandbox_attacher or default_attacher
+        self._restorer = sandbox_restorer or default_restorer
+        self.pool: WarmPool[SandboxHandle] = WarmPool(settings, self._fill_pool, ID_BYTES)
         self._images = image_registry or _default_registry(settings)
         self._phase = _Phase.NEW
         self._store: Store | None = None
@@ -227,6 +259,7 @@ class SandboxManager:
             self._live.update(report.attached)
             self._task_group = await self._stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self.reaper.run)
+            await self._task_group.start(self.pool.run)
         except BaseException:
             await self.close()
             raise
@@ -251,6 +284,7 @@ class SandboxManager:
             await self._stack.aclose()
         finally:
             with anyio.CancelScope(shield=True):
+                await self.pool.close()  # its filler task has ended with the task group
                 live, self._live = self._live, {}
                 for sandbox_id, handle in live.items():
                     try:
@@ -302,46 +336,124 @@ class SandboxManager:
         timeout_s: int | None = None,
         metadata: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        snapshot_id: str | None = None,
     ) -> SandboxRecord:
-        """Boot a sandbox; returns once it is ``running`` (its agent answered).
+        """Start a sandbox; returns once it is ``running`` (its agent answered).
 
-        Raises InvalidRequest / ImageNotFound before anything boots, QuotaExceeded at
-        ``max_sandboxes`` live sandboxes, the boot's own error (BootTimeout, VMMCrashed,
-        HostError; the row is then ``error``) or Conflict if killed while booting.
+        It comes from the warm pool when one is ready, else from the image's template
+        snapshot, else (no template possible) from a cold boot. With ``snapshot_id`` it
+        is a fork of that snapshot instead (same image and shape; SnapshotMismatch when
+        the request names others).
+
+        Raises InvalidRequest / ImageNotFound / NotFound before anything starts,
+        QuotaExceeded at ``max_sandboxes`` live sandboxes, the start's own error
+        (BootTimeout, VMMCrashed, SnapshotCorrupt, HostError; the row is then ``error``)
+        or Conflict if killed while starting.
         """
         store = self._open_store()
+        source: SnapshotRow | None = None
+        if snapshot_id is not None:
+            source = await self._snapshot_row(snapshot_id)
+            image, vcpus, memory_mib = _fork_shape(source, image, vcpus, memory_mib)
+            await self._check_image_unchanged(source)
         spec = _validate_spec(self._settings, image, vcpus, memory_mib, timeout_s, metadata, env)
         await anyio.to_thread.run_sync(self._images.get, spec.image)
-        row = await self._admit(store, spec)
+        shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
+        pooled = None if source is not None else self.pool.take(shape)
+        try:
+            row = await self._admit(
+                store, spec, pooled.id if pooled else None, snapshot_id=snapshot_id
+            )
+        except BaseException:
+            if pooled is not None:
+                with anyio.CancelScope(shield=True):
+                    await pooled.kill()
+            raise
         boot = self._boots[row.id] = _Boot()
         lock = self._lock(row.id)
         try:
             with anyio.CancelScope(shield=True):  # only a kill() in progress holds it
                 await lock.acquire()
             try:
-                return await self._boot(row, boot)
+                return await self._boot(row, boot, self._starter(row, source, pooled))
             finally:
                 lock.release()
         finally:
             del self._boots[row.id]
             boot.done.set()
 
-    async def _admit(self, store: Store, spec: _Spec) -> SandboxRow:
-        limit = self._settings.max_sandboxes
+    def _starter(
+        self, row: SandboxRow, source: SnapshotRow | None, pooled: SandboxHandle | None
+    ) -> Callable[[], Awaitable[SandboxHandle]]:
+        """How ``row``'s VM comes to be: handed out by the pool, forked, or started."""
+        settings = self._settings
+
+        async def hand_out(pooled: SandboxHandle) -> SandboxHandle:
+            try:
+                await pooled.greet(row.id)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await pooled.kill()
+                raise
+            return pooled
+
+        if pooled is not None:
+            return lambda: hand_out(pooled)
+        if source is not None:
+
+            async def fork(source: SnapshotRow) -> SandboxHandle:
+                with _public_snapshot_errors(f"snapshot {source.id}"):
+                    return await self._restorer(
+                        settings,
+                        _snapshot_files(source),
+                        image=row.image,
+                        vcpus=row.vcpus,
+                        memory_mib=row.memory_mib,
+                        sandbox_id=row.id,
+                        lifetime="detached",
+                        adopt_disk=False,
+                    )
+
+            return lambda: fork(source)
+        return lambda: self._factory(
+            settings,
+            image=row.image,
+            vcpus=row.vcpus,
+            memory_mib=row.memory_mib,
+            sandbox_id=row.id,
+            lifetime="detached",
+        )
+
+    async def _fill_pool(self, shape: PoolShape, sandbox_id: str) -> SandboxHandle:
+        """(Pool) one sandbox of ``shape`` restored from its template, never used."""
+        return await self._factory(
+            self._settings,
+            image=shape.image,
+            vcpus=shape.vcpus,
+            memory_mib=shape.memory_mib,
+            sandbox_id=sandbox_id,
+            lifetime="detached",
+        )
+
+    def pool_ready(self, image: str | None = None) -> int:
+        """How many sandboxes the warm pool holds ready (for ``image``, if given)."""
+        return self.pool.ready_count(image)
+
+    async def _admit(
+        self,
+        store: Store,
+        spec: _Spec,
+        sandbox_id: str | None = None,
+        *,
+        snapshot_id: str | None = None,
+    ) -> SandboxRow:
         async with self._admission:
-            live = await store.count(states=LIVE_STATES)
-            if live >= limit:
-                raise errors.QuotaExceeded(
-                    f"sandbox limit reached: {live} sandboxes are creating or running "
-                    f"(max_sandboxes={limit}); kill one first",
-                    limit=limit,
-                    live=live,
-                )
+            await self._check_quota(store)
             for _ in range(5):
-                sandbox_id = secrets.token_hex(ID_BYTES)
+                chosen = sandbox_id or secrets.token_hex(ID_BYTES)
                 now = utcnow()
                 row = SandboxRow(
-                    id=sandbox_id,
+                    id=chosen,
                     state=SandboxState.CREATING,
                     image=spec.image,
                     vcpus=spec.vcpus,
@@ -352,13 +464,31 @@ class SandboxManager:
                     created_at=now,
                     expires_at=now + timedelta(seconds=spec.timeout_s),
                     updated_at=now,
-                    work_dir=self._settings.vms_dir / sandbox_id,
+                    work_dir=self._settings.vms_dir / chosen,
+                    snapshot_id=snapshot_id,
                 )
-                with contextlib.suppress(errors.Conflict):  # id collision: draw again
+                try:
                     return await store.insert(row)
+                except errors.Conflict:
+                    if sandbox_id is not None:  # a pooled VM's id: it cannot change
+                        raise
         raise errors.EmberboxError("could not allocate a unique sandbox id")
 
-    async def _boot(self, row: SandboxRow, boot: _Boot) -> SandboxRecord:
+    async def _check_quota(self, store: Store) -> None:
+        """Call holding ``_admission``."""
+        limit = self._settings.max_sandboxes
+        live = await store.count(states=LIVE_STATES)
+        if live >= limit:
+            raise errors.QuotaExceeded(
+                f"sandbox limit reached: {live} sandboxes are creating or running "
+                f"(max_sandboxes={limit}); kill one first",
+                limit=limit,
+                live=live,
+            )
+
+    async def _boot(
+        self, row: SandboxRow, boot: _Boot, start: Callable[[], Awaitable[SandboxHandle]]
+    ) -> SandboxRecord:
         """Boot ``row`` (state ``creating``, lock held); whatever happens, the row leaves
         ``creating`` and nothing of a failed boot stays behind."""
         handle: SandboxHandle | None = None
@@ -367,14 +497,7 @@ class SandboxManager:
                 boot.interrupt(None)  # a kill() got the lock before us
             if not boot.interrupted:
                 with boot.scope:
-                    handle = await self._factory(
-                        self._settings,
-                        image=row.image,
-                        vcpus=row.vcpus,
-                        memory_mib=row.memory_mib,
-                        sandbox_id=row.id,
-                        lifetime="detached",
-                    )
+                    handle = await start()
             if handle is not None and not boot.interrupted:
                 self._live[row.id] = handle
                 return await self._move(
@@ -552,6 +675,156 @@ class SandboxManager:
             ) from exc
         return SandboxRecord.from_row(row)
 
+    # -- snapshots, pause and resume ------------------------------------------------------
+
+    async def snapshot(self, sandbox_id: str) -> SnapshotRecord:
+        """Save a running sandbox (memory + disk; the guest pauses only for the save).
+        New sandboxes can be forked from it with ``create(snapshot_id=...)``."""
+        store = self._open_store()
+        async with self._lock(sandbox_id):
+            with anyio.CancelScope(shield=True):  # a half-taken snapshot would stop the VM
+                row, handle = await self._running(sandbox_id)
+                snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
+                dest = self._settings.snapshots_dir / snapshot_id
+                await anyio.to_thread.run_sync(_private_dir, dest.parent)
+                limit = self._settings.snapshot_timeout_s
+                try:
+                    with anyio.fail_after(limit):
+                        files = await handle.snapshot(dest)
+                except TimeoutError as exc:
+                    raise errors.VMMError(f"snapshot took longer than {limit:g} s") from exc
+                size = await anyio.to_thread.run_sync(_disk_usage, dest)
+                snap = SnapshotRow(
+                    id=snapshot_id,
+                    sandbox_id=sandbox_id,
+                    image=row.image,
+                    vcpus=row.vcpus,
+                    memory_mib=row.memory_mib,
+                    vmm=files.vmm,
+                    vmm_version=files.vmm_version,
+                    size_bytes=size,
+                    created_at=utcnow(),
+                    path=dest,
+                    image_hash=await self._image_hash(row.image),
+                )
+                try:
+                    await store.insert_snapshot(snap)
+                except BaseException:
+                    await anyio.to_thread.run_sync(_remove_tree, dest)
+                    raise
+        return _snapshot_record(snap)
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Save a running sandbox to disk and end its VMM (its memory is freed); resume
+        brings back its processes and files. A paused sandbox does not expire and does
+        not count against ``max_sandboxes``."""
+        self._open_store()
+        async with self._lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                _, handle = await self._running(sandbox_id)
+                dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
+                await anyio.to_thread.run_sync(_private_dir, dest.parent)
+                await anyio.to_thread.run_sync(_remove_tree, dest)  # a stale one
+                try:
+                    files = await handle.snapshot(dest, stop=True)
+                except errors.EmberboxError as exc:
+                    if not handle.is_running():  # the VMM is gone, and its state with it
+                        await self.mark_failed_locked(sandbox_id, f"pause failed: {exc}")
+                    raise
+                self._live.pop(sandbox_id, None)
+                await anyio.to_thread.run_sync(_write_meta, dest, files)
+                record = await self._move(
+                    sandbox_id,
+                    SandboxState.RUNNING,
+                    SandboxState.PAUSED,
+                    paused_dir=dest,
+                    vmm_pid=None,
+                )
+        return record
+
+    async def resume(self, sandbox_id: str) -> SandboxRecord:
+        """Restore a paused sandbox where it left off (a new timeout period starts)."""
+        store = self._open_store()
+        async with self._lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                row = await self._row(sandbox_id)
+                if row.state != SandboxState.PAUSED or row.paused_dir is None:
+                    raise _not_running(sandbox_id, row.state, "only a paused sandbox resumes")
+                files = await anyio.to_thread.run_sync(_read_meta, row.paused_dir)
+                async with self._admission:
+                    await self._check_quota(store)
+                    with _public_snapshot_errors(f"the saved state of sandbox {sandbox_id}"):
+                        handle = await self._restorer(
+                            self._settings,
+                            files,
+                            image=row.image,
+                            vcpus=row.vcpus,
+                            memory_mib=row.memory_mib,
+                            sandbox_id=sandbox_id,
+                            lifetime="detached",
+                            adopt_disk=True,
+                        )
+                    self._live[sandbox_id] = handle
+                    record = await self._move(
+                        sandbox_id,
+                        SandboxState.PAUSED,
+                        SandboxState.RUNNING,
+                        paused_dir=None,
+                        vmm_pid=handle.pid,
+                        work_dir=handle.work_dir,
+                        expires_at=utcnow() + timedelta(seconds=row.timeout_s),
+                    )
+                await anyio.to_thread.run_sync(_remove_tree, row.paused_dir)
+        return record
+
+    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
+        rows = await self._open_store().list_snapshots(sandbox_id)
+        return [_snapshot_record(row) for row in rows]
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        self._open_store()
+        return _snapshot_record(await self._snapshot_row(snapshot_id))
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot and its files; Conflict while a live fork still needs it."""
+        store = self._open_store()
+        row = await self._snapshot_row(snapshot_id)
+        in_use = {
+            SandboxState.CREATING,
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+            SandboxState.STOPPING,
+        }
+        await store.delete_snapshot(snapshot_id, unless_used_in=in_use)
+        await anyio.to_thread.run_sync(_remove_tree, row.path)
+
+    async def _image_hash(self, image: str) -> str:
+        info = await anyio.to_thread.run_sync(self._images.get, image)
+        return str(getattr(info, "image_hash", ""))
+
+    async def _check_image_unchanged(self, source: SnapshotRow) -> None:
+        """A snapshot loads only into a VM of the image build it was made from."""
+        current = await self._image_hash(source.image)
+        if source.image_hash and current != source.image_hash:
+            raise errors.SnapshotMismatch(
+                f"snapshot {source.id} was made from an earlier build of image "
+                f"{source.image!r}, which has been rebuilt since; it cannot be restored",
+                snapshot_id=source.id,
+            )
+
+    async def _snapshot_row(self, snapshot_id: str) -> SnapshotRow:
+        row = await self._db().get_snapshot(snapshot_id)
+        if row is None:
+            raise errors.NotFound(f"no snapshot {snapshot_id}", snapshot_id=snapshot_id)
+        return row
+
+    async def _running(self, sandbox_id: str) -> tuple[SandboxRow, SandboxHandle]:
+        row = await self._row(sandbox_id)
+        handle = self._live.get(sandbox_id)
+        if row.state != SandboxState.RUNNING or handle is None:
+            raise _not_running(sandbox_id, row.state)
+        return row, handle
+
     async def expired_ids(self, now: datetime) -> builtins.list[str]:
         """(Reaper) running sandboxes past their ``expires_at``."""
         rows = await self._db().list(states={SandboxState.RUNNING}, expires_before=now)
@@ -565,14 +838,17 @@ class SandboxManager:
         """(Reaper) tear down a running sandbox whose VMM failed and record it ``error``."""
         async with self._lock(sandbox_id):
             with anyio.CancelScope(shield=True):
-                row = await self._row(sandbox_id)
-                if row.state != SandboxState.RUNNING:
-                    return
-                try:
-                    await self._teardown(row, self._live.pop(sandbox_id, None))
-                except Exception:
-                    log.exception("sandbox %s: cleaning up after a VMM failure", sandbox_id)
-                await self._move(sandbox_id, SandboxState.RUNNING, SandboxState.ERROR, error=reason)
+                await self.mark_failed_locked(sandbox_id, reason)
+
+    async def mark_failed_locked(self, sandbox_id: str, reason: str) -> None:
+        row = await self._row(sandbox_id)
+        if row.state != SandboxState.RUNNING:
+            return
+        try:
+            await self._teardown(row, self._live.pop(sandbox_id, None))
+        except Exception:
+            log.exception("sandbox %s: cleaning up after a VMM failure", sandbox_id)
+        await self._move(sandbox_id, SandboxState.RUNNING, SandboxState.ERROR, error=reason)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -614,6 +890,8 @@ class SandboxManager:
         crashed VMM) or when ``handle.kill()`` fails, find leftovers through ``/proc``."""
         work_dir = row.work_dir or self._settings.vms_dir / row.id
         vms_dir = self._settings.vms_dir
+        if row.paused_dir is not None:
+            await anyio.to_thread.run_sync(_remove_tree, row.paused_dir)
         try:
             if handle is not None:
                 await handle.kill()
@@ -705,8 +983,89 @@ def _validate_command(cmd: object, cwd: str | None) -> None:
         raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
 
 
-def _not_running(sandbox_id: str, state: str) -> errors.Conflict:
-    return errors.Conflict(f"sandbox {sandbox_id} is {state}", sandbox_id=sandbox_id, state=state)
+def _not_running(sandbox_id: str, state: str, hint: str = "") -> errors.Conflict:
+    message = f"sandbox {sandbox_id} is {state}" + (f"; {hint}" if hint else "")
+    return errors.Conflict(message, sandbox_id=sandbox_id, state=state)
+
+
+@contextlib.contextmanager
+def _public_snapshot_errors(what: str) -> Iterator[None]:
+    """SnapshotCorrupt names host paths: log those, tell the caller only the file's name."""
+    try:
+        yield
+    except errors.SnapshotCorrupt as exc:
+        log.warning("%s cannot be loaded: %s", what, exc.message)
+        name = Path(str(exc.details.get("file", "?"))).name
+        raise errors.SnapshotCorrupt(
+            f"{what} cannot be loaded: its file {name!r} is missing, truncated or corrupt",
+            file=name,
+        ) from exc
+
+
+def _fork_shape(
+    source: SnapshotRow, image: str | None, vcpus: int | None, memory_mib: int | None
+) -> tuple[str, int, int]:
+    """A fork has its snapshot's image and shape; asking for others is a 409."""
+    wanted = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
+    have = {"image": source.image, "vcpus": source.vcpus, "memory_mib": source.memory_mib}
+    for name, value in wanted.items():
+        if value is not None and value != have[name]:
+            raise errors.SnapshotMismatch(
+                f"snapshot {source.id} was made of a sandbox with {name}={have[name]!r}; "
+                f"a fork of it cannot have {name}={value!r} (leave it out)",
+                snapshot_id=source.id,
+                field=name,
+            )
+    return source.image, source.vcpus, source.memory_mib
+
+
+def _snapshot_files(row: SnapshotRow) -> SnapshotFiles:
+    return SnapshotFiles(directory=row.path, vmm=row.vmm, vmm_version=row.vmm_version)
+
+
+def _snapshot_record(row: SnapshotRow) -> SnapshotRecord:
+    return SnapshotRecord(
+        id=row.id,
+        sandbox_id=row.sandbox_id,
+        image=row.image,
+        vcpus=row.vcpus,
+        memory_mib=row.memory_mib,
+        vmm=row.vmm,
+        vmm_version=row.vmm_version,
+        size_bytes=row.size_bytes,
+        created_at=row.created_at,
+        path=row.path,
+        image_hash=row.image_hash,
+    )
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+_META = "meta.json"
+
+
+def _write_meta(directory: Path, files: SnapshotFiles) -> None:
+    meta = {"vmm": files.vmm, "vmm_version": files.vmm_version}
+    (directory / _META).write_text(json.dumps(meta))
+
+
+def _read_meta(directory: Path) -> SnapshotFiles:
+    path = directory / _META
+    try:
+        meta = json.loads(path.read_text())
+        return SnapshotFiles(directory, str(meta["vmm"]), str(meta["vmm_version"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise errors.SnapshotCorrupt(f"cannot read {path}: {exc}", file=str(path)) from exc
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -720,22 +1079,12 @@ def _failure_reason(exc: BaseException) -> str:
 # -- the real implementations, imported late (they pull in the VMM drivers) ------------------
 
 
-def _default_handles() -> tuple[SandboxFactory, SandboxAttacher]:
-    """Sandbox.start / Sandbox.attach sharing one driver, chosen (and probed) once."""
-    from emberbox.service.sandbox import Sandbox
-    from emberbox.vmm.select import DriverCache
+def _default_handles() -> tuple[SandboxFactory, SandboxAttacher, SandboxRestorer]:
+    """The real start (template restore, cold boot as fallback), attach and restore."""
+    from emberbox.service.launch import Launcher
 
-    drivers = DriverCache()
-
-    async def start(settings: Settings, **kwargs: Any) -> SandboxHandle:
-        driver = drivers.get(settings, kwargs.get("image"))
-        return await Sandbox.start(settings, driver=driver, **kwargs)
-
-    async def attach(settings: Settings, **kwargs: Any) -> SandboxHandle:
-        driver = drivers.get(settings, kwargs.get("image"))
-        return await Sandbox.attach(settings, driver=driver, **kwargs)
-
-    return start, attach
+    launcher = Launcher()
+    return launcher.start, launcher.attach, launcher.restore
 
 
 def _default_registry(settings: Settings) -> ImageCatalog:

@@ -10,16 +10,17 @@ a server restart, and :meth:`Sandbox.attach` to adopt them again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from emberbox.config import Settings
-from emberbox.errors import HostError, InvalidRequest
+from emberbox.errors import AgentError, HostError, InvalidRequest
 from emberbox.guest.client import AgentClient, ExecResult, HelloInfo
 from emberbox.images.registry import ImageInfo, ImageRegistry
-from emberbox.vmm.base import VM, Driver, Lifetime, VMConfig
+from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
 from emberbox.vmm.boot import boot_until_ready, connect_agent
 from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
 from emberbox.vmm.select import choose_driver
@@ -114,6 +115,47 @@ class Sandbox:
         return cls(sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib)
 
     @classmethod
+    async def restore(
+        cls,
+        settings: Settings,
+        snapshot: SnapshotFiles,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str | None = None,
+        lifetime: Lifetime = "ephemeral",
+        driver: Driver | None = None,
+        adopt_disk: bool = False,
+        timeout_s: float | None = None,
+    ) -> Sandbox:
+        """Start a sandbox from ``snapshot`` (made by a VM of this image and shape) and
+        return once its agent answered a fresh hello: new entropy (RNG reseeded), the
+        wall clock, hostname and sandbox id, so that no two restores are alike.
+
+        Raises SnapshotMismatch, SnapshotCorrupt, or the agent's error; no retry: a
+        snapshot that does not come up once will not the second time.
+        """
+        check_shape(settings, vcpus, memory_mib)
+        info = ImageRegistry(settings).get(image)
+        sandbox_id = sandbox_id or new_sandbox_id()
+        config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime)
+        if driver is None:
+            driver = choose_driver(settings, info.files).driver
+        vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
+        try:
+            agent, hello = await connect_agent(
+                vm,
+                timeout_s=timeout_s or min(settings.boot_timeout_s, 15.0),
+                hostname=_hostname(sandbox_id),
+                sandbox_id=sandbox_id,
+            )
+        except BaseException:
+            await vm.kill()
+            raise
+        return cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib)
+
+    @classmethod
     @contextlib.asynccontextmanager
     async def boot(
         cls,
@@ -191,6 +233,37 @@ class Sandbox:
             output_max_bytes=output_max_bytes,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+        )
+
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        """Save the VM into the new directory ``dest`` (see :meth:`VM.snapshot`); with
+        ``stop`` the VM ends afterwards and this sandbox is done with."""
+        if stop:
+            await self.agent.aclose()
+        files = await self.vm.snapshot(dest, stop=stop)
+        if not stop:
+            await self._reconnect_if_lost()
+        return files
+
+    async def greet(self, sandbox_id: str) -> HelloInfo:
+        """Say hello again (fresh entropy, clock, hostname, id): a pooled sandbox handed
+        out as ``sandbox_id`` (which must be the id it was started with)."""
+        if sandbox_id != self.id:
+            raise InvalidRequest(f"sandbox {self.id} cannot be renamed to {sandbox_id}")
+        self.hello = await self.agent.handshake(
+            timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id
+        )
+        return self.hello
+
+    async def _reconnect_if_lost(self) -> None:
+        """Some VMMs (Firecracker) reset the agent transport while snapshotting."""
+        try:
+            await asyncio.wait_for(self.agent.ping(), 2.0)
+            return
+        except (TimeoutError, AgentError):
+            await self.agent.aclose()
+        self.agent, self.hello = await connect_agent(
+            self.vm, timeout_s=15.0, hostname=_hostname(self.id), sandbox_id=self.id
         )
 
     async def kill(self) -> None:

@@ -3,7 +3,8 @@
 ::
 
     creating ──► running | error | stopping
-    running  ──► stopping | error
+    running  ──► paused | stopping | error
+    paused   ──► running | stopping | error    (saved to disk; no VMM while paused)
     stopping ──► stopped | error
     error    ──► stopping | stopped      (cleanup of a failed sandbox)
     stopped      final
@@ -25,6 +26,7 @@ class SandboxState(enum.StrEnum):
 
     CREATING = "creating"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERROR = "error"
@@ -34,7 +36,12 @@ _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
     SandboxState.CREATING: frozenset(
         {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
     ),
-    SandboxState.RUNNING: frozenset({SandboxState.STOPPING, SandboxState.ERROR}),
+    SandboxState.RUNNING: frozenset(
+        {SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR}
+    ),
+    SandboxState.PAUSED: frozenset(
+        {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
+    ),
     SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR}),
     SandboxState.ERROR: frozenset({SandboxState.STOPPING, SandboxState.STOPPED}),
     SandboxState.STOPPED: frozenset(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from emberbox.store.db import Store
 from emberbox.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from emberbox.store.records import ExecLogEntry, SandboxFields, SandboxRow, utcnow
+from emberbox.store.records import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow, utcnow
 
 __all__ = [
     "MIGRATIONS",
@@ -12,6 +12,7 @@ __all__ = [
     "ExecLogEntry",
     "SandboxFields",
     "SandboxRow",
+    "SnapshotRow",
     "Store",
     "utcnow",
 ]

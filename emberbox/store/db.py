@@ -26,15 +26,19 @@ from emberbox import errors
 from emberbox.store import migrations
 from emberbox.store.records import (
     SANDBOX_COLUMNS,
+    SNAPSHOT_COLUMNS,
     UPDATABLE_COLUMNS,
     ExecLogEntry,
     SandboxFields,
     SandboxRow,
+    SnapshotRow,
     encode_time,
     encode_value,
     exec_from_db,
     row_to_params,
     sandbox_from_db,
+    snapshot_from_db,
+    snapshot_to_params,
     utcnow,
 )
 
@@ -46,6 +50,11 @@ _COLUMNS = ", ".join(SANDBOX_COLUMNS)
 _MARKS = ", ".join("?" for _ in SANDBOX_COLUMNS)
 _SELECT_SANDBOX = f"SELECT {_COLUMNS} FROM sandboxes"  # noqa: S608
 _INSERT_SANDBOX = f"INSERT INTO sandboxes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
+_SELECT_SNAPSHOT = f"SELECT {', '.join(SNAPSHOT_COLUMNS)} FROM snapshots"  # noqa: S608
+_INSERT_SNAPSHOT = (
+    f"INSERT INTO snapshots ({', '.join(SNAPSHOT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in SNAPSHOT_COLUMNS)})"
+)
 _SELECT_EXEC = (
     "SELECT id, sandbox_id, command, exit_code, duration_ms, timed_out, started_at FROM exec_log"
 )
@@ -208,6 +217,63 @@ class Store:
             return [exec_from_db(values) for values in conn.execute(sql, (sandbox_id,))]
 
         return await self._call(run)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    async def insert_snapshot(self, row: SnapshotRow) -> SnapshotRow:
+        def run(conn: sqlite3.Connection) -> SnapshotRow:
+            conn.execute(_INSERT_SNAPSHOT, snapshot_to_params(row))
+            return row
+
+        return await self._call(run)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRow | None:
+        def run(conn: sqlite3.Connection) -> SnapshotRow | None:
+            values = conn.execute(f"{_SELECT_SNAPSHOT} WHERE id = ?", (snapshot_id,)).fetchone()
+            return snapshot_from_db(values) if values is not None else None
+
+        return await self._call(run)
+
+    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRow]:
+        """Snapshots, oldest first; only those taken of ``sandbox_id`` when given."""
+        where, params = (" WHERE sandbox_id = ?", [sandbox_id]) if sandbox_id else ("", [])
+        sql = f"{_SELECT_SNAPSHOT}{where} ORDER BY created_at, id"
+
+        def run(conn: sqlite3.Connection) -> builtins.list[SnapshotRow]:
+            return [snapshot_from_db(values) for values in conn.execute(sql, params)]
+
+        return await self._call(run)
+
+    async def delete_snapshot(self, snapshot_id: str, *, unless_used_in: Collection[str]) -> None:
+        """Delete a snapshot row, atomically refusing (:class:`errors.Conflict`) while a
+        sandbox in one of the states ``unless_used_in`` was forked from it, or another
+        snapshot was taken of such a fork."""
+        states = sorted({encode_value(s) for s in unless_used_in})
+        marks = ", ".join("?" for _ in states)
+        in_use_sql = f"SELECT id FROM sandboxes WHERE snapshot_id = ? AND state IN ({marks})"  # noqa: S608
+
+        # A snapshot of a fork has its disk layered on the fork's snapshot: keep that too.
+        child_sql = (
+            "SELECT s.id FROM snapshots s JOIN sandboxes b ON s.sandbox_id = b.id"
+            " WHERE b.snapshot_id = ?"
+        )
+
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                users = [r[0] for r in conn.execute(in_use_sql, (snapshot_id, *states))]
+                users += [f"(snapshot {r[0]})" for r in conn.execute(child_sql, (snapshot_id,))]
+                if users:
+                    raise errors.Conflict(
+                        f"snapshot {snapshot_id} is in use by {', '.join(users)}: "
+                        "kill those sandboxes and delete those snapshots first",
+                        snapshot_id=snapshot_id,
+                        sandboxes=users,
+                    )
+                deleted = conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+                if deleted.rowcount == 0:
+                    raise errors.NotFound(f"no snapshot {snapshot_id}", snapshot_id=snapshot_id)
+
+        await self._call(run)
 
     async def schema_version(self) -> int:
         return await self._call(migrations.schema_version)

@@ -44,6 +44,27 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX exec_log_sandbox ON exec_log (sandbox_id, id);
     """,
+    # 2: snapshots; a sandbox remembers the snapshot it was forked from and, while
+    # paused, where its saved state is.
+    """
+    CREATE TABLE snapshots (
+        id          TEXT PRIMARY KEY,
+        sandbox_id  TEXT NOT NULL,
+        image       TEXT NOT NULL,
+        image_hash  TEXT NOT NULL,
+        vcpus       INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib  INTEGER NOT NULL CHECK (memory_mib > 0),
+        vmm         TEXT NOT NULL,
+        vmm_version TEXT NOT NULL,
+        size_bytes  INTEGER NOT NULL CHECK (size_bytes >= 0),
+        created_at  TEXT NOT NULL,
+        path        TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_sandbox ON snapshots (sandbox_id, created_at);
+    ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+    ALTER TABLE sandboxes ADD COLUMN paused_dir TEXT;
+    CREATE INDEX sandboxes_snapshot ON sandboxes (snapshot_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -40,6 +40,25 @@ class SandboxRow:
     work_dir: Path | None = None
     ip_address: str | None = None
     error: str | None = None
+    snapshot_id: str | None = None  # forked from this snapshot
+    paused_dir: Path | None = None  # while paused: the saved VM
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    """One row of ``snapshots``."""
+
+    id: str
+    sandbox_id: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    vmm: str
+    vmm_version: str
+    size_bytes: int
+    created_at: datetime
+    path: Path
+    image_hash: str = ""  # the image build it was made from
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class SandboxFields(TypedDict, total=False):
     work_dir: Path | None
     ip_address: str | None
     error: str | None
+    paused_dir: Path | None
 
 
 UPDATABLE_COLUMNS = frozenset(SandboxFields.__annotations__)
@@ -86,6 +106,21 @@ SANDBOX_COLUMNS = (
     "work_dir",
     "ip_address",
     "error",
+    "snapshot_id",
+    "paused_dir",
+)
+SNAPSHOT_COLUMNS = (
+    "id",
+    "sandbox_id",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "vmm",
+    "vmm_version",
+    "size_bytes",
+    "created_at",
+    "path",
+    "image_hash",
 )
 
 
@@ -136,6 +171,20 @@ def sandbox_from_db(values: tuple[Any, ...]) -> SandboxRow:
         work_dir=Path(raw["work_dir"]) if raw["work_dir"] is not None else None,
         ip_address=raw["ip_address"],
         error=raw["error"],
+        snapshot_id=raw["snapshot_id"],
+        paused_dir=Path(raw["paused_dir"]) if raw["paused_dir"] is not None else None,
+    )
+
+
+def snapshot_to_params(row: SnapshotRow) -> tuple[Any, ...]:
+    return tuple(encode_value(getattr(row, name)) for name in SNAPSHOT_COLUMNS)
+
+
+def snapshot_from_db(values: tuple[Any, ...]) -> SnapshotRow:
+    """Decode a ``SELECT <SNAPSHOT_COLUMNS>`` tuple."""
+    raw = dict(zip(SNAPSHOT_COLUMNS, values, strict=True))
+    return SnapshotRow(
+        **{**raw, "created_at": decode_time(raw["created_at"]), "path": Path(raw["path"])}
     )
 
 

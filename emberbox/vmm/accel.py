@@ -30,7 +30,7 @@ def probe_argv(binary: str, guest: GuestFiles) -> list[str]:
     """A KVM boot of the guest kernel that only prints the probe marker."""
     return [
         binary,
-        *machine_args("kvm"),
+        "-machine", *machine_args("kvm"),
         "-smp", "1", "-m", "256M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(guest.kernel),

@@ -41,16 +41,26 @@ class VMConfig:
     # "ephemeral": the VM dies with the process that booted it (library use, CLI run).
     # "detached": the VM outlives its parent so that a restarted server can re-attach.
     lifetime: Lifetime = "ephemeral"
+    # Back guest RAM with this file, shared, so that a snapshot of the VM can leave the RAM
+    # in the file instead of copying it: that VM becomes a template whose clones map the
+    # file copy-on-write. Drivers that cannot do this copy the RAM as usual.
+    memory_file: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SnapshotFiles:
-    """A saved VM: device state + memory + the disk as it was, in one directory."""
+    """A saved VM: device state + memory + the disk as it was, in one directory.
+
+    The directory's layout is the writing driver's business; a restore checks ``vmm``
+    and ``vmm_version`` against itself before it reads anything.
+    """
 
     directory: Path
     vmm: str  # driver name that wrote it
     vmm_version: str
+    # Set for a template: guest RAM stays in this file (see VMConfig.memory_file).
+    memory_file: Path | None = None
 
 
 @runtime_checkable
@@ -82,8 +92,14 @@ class VM(Protocol):
 
     async def resume(self) -> None: ...
 
-    async def snapshot(self, dest: Path) -> SnapshotFiles:
-        """Save memory, device state and disk into ``dest`` (VM paused meanwhile)."""
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        """Save memory, device state and disk into ``dest`` (a new directory).
+
+        The guest is paused for the save and then resumed; with ``stop`` the VMM ends
+        instead (its disk moves into ``dest``, and nothing else of it stays): that is
+        how a sandbox is paused to disk. On failure ``dest`` is removed and the VM is as
+        before (running, or paused when it was).
+        """
         ...
 
     async def wait(self) -> int:
@@ -115,12 +131,26 @@ class Driver(Protocol):
         """The VMM's version string (part of snapshot compatibility keys)."""
         ...
 
+    def snapshot_key(self) -> str:
+        """What a snapshot must have been made under to load here: VMM, version and
+        anything else that changes the machine (QEMU's accelerator picks the machine)."""
+        ...
+
     async def start(self, config: VMConfig) -> VM:
         """Start the VMM for ``config``; returns once the process is up (not the guest)."""
         ...
 
-    async def restore(self, config: VMConfig, snapshot: SnapshotFiles) -> VM:
-        """Start a VMM from a snapshot; returns once the process is up."""
+    async def restore(
+        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+    ) -> VM:
+        """Start a VMM from a snapshot; returns once the guest runs again.
+
+        The new VM writes to its own copy-on-write layer over the snapshot's disk, which
+        stays untouched, so one snapshot can be restored many times. With ``adopt_disk``
+        the snapshot's disk itself moves into the VM (resuming a paused sandbox, whose
+        snapshot is used once). Raises SnapshotMismatch when another VMM, version or VM
+        shape wrote it, and SnapshotCorrupt naming the file that could not be loaded.
+        """
         ...
 
     async def attach(self, config: VMConfig, pid: int) -> VM:

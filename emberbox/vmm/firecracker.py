@@ -39,7 +39,7 @@ from typing import Protocol
 
 import httpx
 
-from emberbox.errors import BootTimeout, HostError, InvalidRequest, VMMCrashed, VMMError
+from emberbox.errors import BootTimeout, HostError, SnapshotMismatch, VMMCrashed, VMMError
 from emberbox.guest.protocol import AGENT_VSOCK_PORT
 from emberbox.vmm import fc_api, jailer
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
@@ -395,11 +395,12 @@ class FirecrackerVM:
         await self.request(ApiRequest("PATCH", "/vm", fc_api.vm_state_payload("Resumed")))
         self._paused = False
 
-    async def snapshot(self, dest: Path) -> SnapshotFiles:
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
         """Write ``vmstate``, ``memory`` and ``rootfs.ext4`` into ``dest``.
 
         Firecracker resets the vsock transport while snapshotting: open agent streams end
-        and must be reopened (the guest's listening socket survives).
+        and must be reopened (the guest's listening socket survives). With ``stop`` the
+        VMM is killed after the save (its files go with it).
         """
         dest = _private_dir(dest)
         paused_here = not self._paused
@@ -409,9 +410,14 @@ class FirecrackerVM:
             await self._write_snapshot(dest)
             # The disk is copied while paused, so it matches the memory image exactly.
             await asyncio.to_thread(clone_file, self._layout.root / ROOTFS, dest / ROOTFS)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         finally:
-            if paused_here and self.is_running():
+            if paused_here and self.is_running() and not stop:
                 await self.resume()
+        if stop:
+            await self.kill()
         return SnapshotFiles(dest, NAME, self._version())
 
     async def _write_snapshot(self, dest: Path) -> None:
@@ -534,6 +540,9 @@ class FirecrackerDriver:
             self._version = fc_api.parse_version(out.stdout.decode(errors="replace"))
         return self._version
 
+    def snapshot_key(self) -> str:
+        return f"{NAME}-{self.version()}"
+
     async def start(self, config: VMConfig) -> FirecrackerVM:
         layout = self._layout(config)
         guest = config.guest
@@ -562,9 +571,16 @@ class FirecrackerDriver:
 
         return await self._launch(config, layout, place_files, requests)
 
-    async def restore(self, config: VMConfig, snapshot: SnapshotFiles) -> FirecrackerVM:
+    async def restore(
+        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+    ) -> FirecrackerVM:
+        """Restore ``snapshot`` (its disk is copied in, reflinked where the filesystem can;
+        ``adopt_disk`` changes nothing here: the snapshot is left whole either way)."""
         if snapshot.vmm != NAME:
-            raise InvalidRequest(f"snapshot was written by {snapshot.vmm!r}, not {NAME!r}")
+            raise SnapshotMismatch(
+                f"snapshot was written by {snapshot.vmm!r}, not {NAME!r}",
+                snapshot=str(snapshot.directory),
+            )
         src = snapshot.directory.absolute()
         _require_files(src / SNAPSHOT_STATE, src / SNAPSHOT_MEMORY, src / ROOTFS)
         layout = self._layout(config)

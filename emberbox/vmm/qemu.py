@@ -18,18 +18,24 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from emberbox.errors import HostError, VMMCrashed, VMMError
+from emberbox.errors import HostError, SnapshotCorrupt, SnapshotMismatch, VMMCrashed, VMMError
 from emberbox.guest.protocol import AGENT_PORT_NAME
+from emberbox.vmm import migration
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.console import ConsoleLog
 from emberbox.vmm.host import read_process
+from emberbox.vmm.qmp import QMPClient
 
 Accel = Literal["kvm", "tcg"]
 PR_SET_PDEATHSIG = 1
+NAME = "qemu"
+STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
+DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
+QMP_TIMEOUT_S = 10.0
 # Skip hardware the guest would otherwise probe for (slow under emulation).
 BASE_KERNEL_ARGS = (
     "console=ttyS0",
@@ -75,14 +81,11 @@ class QemuPaths:
 
 
 def machine_args(accel: Accel) -> list[str]:
+    """The ``-machine`` value followed by the ``-cpu`` option for ``accel``."""
     if accel == "kvm":
-        return [
-            "-machine",
-            "microvm,accel=kvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on",
-            "-cpu",
-            "host",
-        ]
-    return ["-machine", "q35,accel=tcg", "-cpu", "max"]
+        machine = "microvm,accel=kvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on"
+        return [machine, "-cpu", "host"]
+    return ["q35,accel=tcg", "-cpu", "max"]
 
 
 def device_args(accel: Accel) -> tuple[str, str]:
@@ -96,14 +99,35 @@ def kernel_cmdline(extra: tuple[str, ...] = ()) -> str:
     return " ".join((*BASE_KERNEL_ARGS, *extra))
 
 
-def build_argv(binary: str, accel: Accel, config: VMConfig) -> list[str]:
-    """The QEMU command line for ``config`` (pure: no files touched)."""
+def memory_args(config: VMConfig, *, shared: bool) -> list[str]:
+    """Guest RAM as a backend named ``mem`` in every case, so that a snapshot of any VM
+    can be loaded by any other with the same shape (RAM blocks are matched by name)."""
+    size = f"size={config.memory_mib}M"
+    if config.memory_file is None:
+        backend = f"memory-backend-ram,id=mem,{size}"
+    else:
+        share = "on" if shared else "off"
+        backend = f"memory-backend-file,id=mem,{size},mem-path={config.memory_file},share={share}"
+    return ["-object", backend]
+
+
+def build_argv(
+    binary: str, accel: Accel, config: VMConfig, *, incoming: bool = False, shared: bool = True
+) -> list[str]:
+    """The QEMU command line for ``config`` (pure: no files touched).
+
+    ``incoming``: wait for a saved state (``-incoming defer``) instead of booting.
+    ``shared``: map ``config.memory_file`` shared (a template) or copy-on-write (a clone).
+    """
     paths = QemuPaths(config.work_dir)
     blk, serial_bus = device_args(accel)
+    machine, *cpu = machine_args(accel)
     return [
         binary,
         "-name", f"emberbox-{config.vm_id},process=emberbox-{config.vm_id}",
-        *machine_args(accel),
+        *memory_args(config, shared=shared),
+        "-machine", f"{machine},memory-backend=mem",
+        *cpu,
         "-smp", str(config.vcpus),
         "-m", f"{config.memory_mib}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -118,11 +142,17 @@ def build_argv(binary: str, accel: Accel, config: VMConfig) -> list[str]:
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        *(["-incoming", "defer"] if incoming else []),
     ]  # fmt: skip
 
 
-def overlay_argv(qemu_img: str, backing: Path, overlay: Path) -> list[str]:
-    return [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay)]
+def overlay_argv(
+    qemu_img: str, backing: Path, overlay: Path, backing_format: str = "raw"
+) -> list[str]:
+    return [
+        *(qemu_img, "create", "-q", "-f", "qcow2"),
+        *("-F", backing_format, "-b", str(backing), str(overlay)),
+    ]
 
 
 def parse_version(text: str) -> str:
@@ -173,13 +203,17 @@ class QemuVM:
         pid: int,
         popen: subprocess.Popen[bytes] | None,
         janitor: subprocess.Popen[bytes] | None,
+        vmm_version: str = "",
     ) -> None:
         self.config = config
+        self.vmm_version = vmm_version
         self.paths = QemuPaths(config.work_dir)
         self._pid = pid
         self._popen = popen
         self._janitor = janitor
         self._killed = False
+        self._qmp: QMPClient | None = None
+        self.save_timeout_s = 300.0
         self.console = ConsoleLog(
             self.paths.console, self.paths.console_log, config.console_log_max_bytes
         )
@@ -230,14 +264,58 @@ class QemuVM:
     def console_tail(self, max_bytes: int = 8192) -> str:
         return self.console.tail(max_bytes)
 
+    async def qmp(self) -> QMPClient:
+        """This VM's QMP session, opened on first use."""
+        if self._qmp is None:
+            try:
+                self._qmp = await QMPClient.connect(self.paths.qmp, QMP_TIMEOUT_S)
+            except VMMError as exc:
+                if not self.is_running():
+                    raise VMMCrashed(self.exit_description(), self.console_tail()) from exc
+                raise
+        return self._qmp
+
     async def pause(self) -> None:
-        raise VMMError("pause is not supported by this QEMU driver yet")
+        await (await self.qmp()).execute("stop")
 
     async def resume(self) -> None:
-        raise VMMError("resume is not supported by this QEMU driver yet")
+        await (await self.qmp()).execute("cont")
 
-    async def snapshot(self, dest: Path) -> SnapshotFiles:
-        raise VMMError("snapshots are not supported by this QEMU driver yet")
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        """(See :meth:`VM.snapshot`.) A template VM always stops: its RAM file *is* the
+        snapshot, so the guest must never run on it again."""
+        template = self.config.memory_file is not None
+        stop = stop or template
+        qmp = await self.qmp()
+        was_running = (await qmp.execute("query-status")).get("running", False)
+        os.mkdir(dest, 0o700)
+        try:
+            await qmp.execute("stop")
+            await migration.save(
+                qmp, dest / STATE_FILE, ignore_shared=template, timeout_s=self.save_timeout_s
+            )
+            if stop:
+                # The state is safe on disk: end QEMU, then take its disk (no copy).
+                self._terminate(remove_files=False)
+                os.replace(self.paths.overlay, dest / DISK_FILE)
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+                await self._close_qmp()
+                await self.console.aclose()
+            else:
+                # Migration flushed the disk's metadata and left it inactive: copy it now,
+                # while the guest cannot write, then let the guest run on.
+                await asyncio.to_thread(shutil.copyfile, self.paths.overlay, dest / DISK_FILE)
+                if was_running:
+                    await qmp.execute("cont")
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            if not self._killed and self.is_running() and was_running:
+                with contextlib.suppress(VMMError, OSError):
+                    await qmp.execute("cont")
+            raise
+        return SnapshotFiles(
+            dest, NAME, self.vmm_version, self.config.memory_file if template else None
+        )
 
     async def wait(self) -> int:
         if self.is_running():
@@ -250,17 +328,24 @@ class QemuVM:
         # Synchronous on purpose: nothing here awaits before the process is gone and the
         # files are removed, so a cancelled caller cannot leave half a VM behind.
         if not self._killed:
-            self._killed = True
             self._terminate()
+        await self._close_qmp()
         await self.console.aclose()
 
     async def release(self) -> None:
+        await self._close_qmp()
         await self.console.aclose()
         if self._popen is not None and not self._killed:
             reap_in_background(self._popen)
             self._popen = None
 
-    def _terminate(self) -> None:
+    async def _close_qmp(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            await qmp.aclose()
+
+    def _terminate(self, *, remove_files: bool = True) -> None:
+        self._killed = True
         if self._janitor is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._janitor.kill()
@@ -275,7 +360,8 @@ class QemuVM:
             deadline = time.monotonic() + 5
             while read_process(self._pid) is not None and time.monotonic() < deadline:
                 time.sleep(0.005)
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if remove_files:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 class QemuDriver:
@@ -300,14 +386,70 @@ class QemuDriver:
             self._version = parse_version(out.stdout)
         return self._version
 
+    def snapshot_key(self) -> str:
+        return f"{NAME}-{self.version()}-{self.accel}"
+
     async def start(self, config: VMConfig) -> QemuVM:
         self.version()  # a clear HostError when QEMU is missing
+        await self._make_overlay(config, config.guest.rootfs, "raw")
+        return self._spawn(config, build_argv(self.binary, self.accel, config))
+
+    async def restore(
+        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+    ) -> QemuVM:
+        if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.version()):
+            raise SnapshotMismatch(
+                f"snapshot {snapshot.directory} was written by {snapshot.vmm} "
+                f"{snapshot.vmm_version}; this is {NAME} {self.version()}",
+                snapshot=str(snapshot.directory),
+            )
+        state, disk = snapshot.directory / STATE_FILE, snapshot.directory / DISK_FILE
+        for path in (state, disk, *filter(None, [snapshot.memory_file])):
+            if not path.is_file():
+                raise SnapshotCorrupt(f"snapshot file {path} is missing", file=str(path))
         paths = QemuPaths(config.work_dir)
-        config.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config.work_dir.chmod(0o700)
+        if adopt_disk:
+            _make_work_dir(config.work_dir)
+            os.link(disk, paths.overlay)  # the snapshot keeps its name until we succeed
+        else:
+            await self._make_overlay(config, disk, "qcow2")
+        # A clone maps the template's RAM file copy-on-write; the VM itself is no template.
+        boot_config = replace(config, memory_file=snapshot.memory_file)
+        argv = build_argv(self.binary, self.accel, boot_config, incoming=True, shared=False)
+        state_fd = os.open(state, os.O_RDONLY)  # inherited by QEMU under the same number
+        try:
+            vm = self._spawn(config, argv, pass_fds=(state_fd,))
+            await self._load(vm, state, state_fd, ignore_shared=snapshot.memory_file is not None)
+        except BaseException:
+            shutil.rmtree(config.work_dir, ignore_errors=True)
+            raise
+        finally:
+            os.close(state_fd)
+        return vm
+
+    async def _load(self, vm: QemuVM, state: Path, state_fd: int, *, ignore_shared: bool) -> None:
+        try:
+            qmp = await vm.qmp()
+            await migration.load(qmp, state_fd, ignore_shared=ignore_shared, timeout_s=300.0)
+        except BaseException as exc:
+            if isinstance(exc, VMMError):  # QEMU exits when a stream does not load
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(vm.wait(), 2.0)
+            alive, description = vm.is_running(), vm.exit_description()
+            await vm.kill()
+            if isinstance(exc, VMMError) and not alive:
+                raise SnapshotCorrupt(
+                    f"could not load snapshot {state}: {description}", file=str(state)
+                ) from exc
+            raise
+
+    async def _make_overlay(self, config: VMConfig, backing: Path, backing_format: str) -> None:
+        _make_work_dir(config.work_dir)
         proc = await asyncio.to_thread(
             subprocess.run,
-            overlay_argv(self.qemu_img, config.guest.rootfs, paths.overlay),
+            overlay_argv(
+                self.qemu_img, backing, QemuPaths(config.work_dir).overlay, backing_format
+            ),
             capture_output=True,
             text=True,
             check=False,
@@ -315,9 +457,8 @@ class QemuDriver:
         if proc.returncode != 0:
             shutil.rmtree(config.work_dir, ignore_errors=True)
             raise VMMError(f"qemu-img could not create the overlay: {proc.stderr.strip()}")
-        return self._spawn(config, build_argv(self.binary, self.accel, config))
 
-    def _spawn(self, config: VMConfig, argv: list[str]) -> QemuVM:
+    def _spawn(self, config: VMConfig, argv: list[str], pass_fds: tuple[int, ...] = ()) -> QemuVM:
         paths = QemuPaths(config.work_dir)
         ephemeral = config.lifetime == "ephemeral"
         with paths.vmm_log.open("wb") as log:
@@ -328,19 +469,22 @@ class QemuDriver:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                pass_fds=pass_fds,
                 preexec_fn=_die_with_parent if ephemeral else None,
             )
         janitor = spawn_janitor(popen.pid, config.work_dir) if ephemeral else None
-        return QemuVM(config, popen.pid, popen, janitor)
-
-    async def restore(self, config: VMConfig, snapshot: SnapshotFiles) -> QemuVM:
-        raise VMMError("snapshot restore is not supported by this QEMU driver yet")
+        return QemuVM(config, popen.pid, popen, janitor, self.version())
 
     async def attach(self, config: VMConfig, pid: int) -> QemuVM:
         info = read_process(pid)
         if info is None or str(config.work_dir) not in " ".join(info.args):
             raise VMMCrashed(f"no QEMU process {pid} for {config.work_dir}")
-        return QemuVM(config, pid, None, None)
+        return QemuVM(config, pid, None, None, self.version())
+
+
+def _make_work_dir(work_dir: Path) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    work_dir.chmod(0o700)
 
 
 def spawn_janitor(pid: int, work_dir: Path) -> subprocess.Popen[bytes]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,10 @@ class QMPClient:
         await self.execute("qmp_capabilities")
 
     async def _read_message(self) -> dict[str, Any]:
-        line = await self._reader.readline()
+        try:
+            line = await self._reader.readline()
+        except OSError as exc:  # QEMU exited under us
+            raise VMMError(f"QMP connection lost: {exc}") from exc
         if not line:
             raise VMMError("QMP connection closed")
         message: dict[str, Any] = json.loads(line)
@@ -63,8 +69,11 @@ class QMPClient:
         if arguments:
             request["arguments"] = arguments
         async with self._lock:
-            self._writer.write(json.dumps(request).encode() + b"\n")
-            await self._writer.drain()
+            try:
+                self._writer.write(json.dumps(request).encode() + b"\n")
+                await self._writer.drain()
+            except OSError as exc:
+                raise VMMError(f"QMP connection lost: {exc}") from exc
             while True:
                 message = await self._read_message()
                 if "event" in message:
@@ -74,6 +83,31 @@ class QMPClient:
                     desc = message["error"].get("desc", message["error"])
                     raise VMMError(f"QMP {command} failed: {desc}")
                 return message.get("return")
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a copy of ``fd`` under ``name`` (QMP ``getfd``, SCM_RIGHTS).
+
+        Migration then writes to ``fd:NAME`` without QEMU spawning anything, which a
+        ``-sandbox spawn=deny`` QEMU could not do for an ``exec:`` URI.
+        """
+        request = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode()
+        async with self._lock:
+            await self._writer.drain()
+            transport_sock = self._writer.get_extra_info("socket")
+            # A private socket object over a duplicate of the connection's fd: sendmsg on
+            # the transport's own socket is not allowed from asyncio code.
+            with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+                rights = array.array("i", [fd])
+                sock.sendmsg([request + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            while True:
+                message = await self._read_message()
+                if "event" in message:
+                    self.events.append(message)
+                    continue
+                if "error" in message:
+                    desc = message["error"].get("desc", message["error"])
+                    raise VMMError(f"QMP getfd failed: {desc}")
+                return
 
     async def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
         """Wait for the next event called ``name`` (events seen earlier count)."""

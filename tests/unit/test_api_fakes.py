@@ -20,11 +20,14 @@ import uvicorn
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.guest.client import ExecResult
+from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import SandboxState
 from emberbox.vmm.base import GuestFiles
 
 FILE_NAMES = {"kernel": "vmlinuz", "vmlinux": "vmlinux", "initrd": "initramfs.cpio"}
 FILE_NAMES["rootfs"] = "rootfs.ext4"
+# A fork in one of these states still needs its snapshot (as in SandboxManager).
+IN_USE_STATES = frozenset(SandboxState) - {SandboxState.STOPPED, SandboxState.ERROR}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class FakeRecord:
     vmm_pid: int | None
     work_dir: str
     error: str | None
+    snapshot_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,13 @@ class FakeRegistry:
 
 
 class FakeManager:
-    """SandboxManager's methods over a dict. ``exec`` answers from ``self.scripts``."""
+    """SandboxManager's methods over dicts. ``exec`` echoes its command and stdin."""
 
     def __init__(self, settings: Settings, registry: FakeRegistry) -> None:
         self.settings = settings
         self.registry = registry
         self.records: dict[str, FakeRecord] = {}
+        self.snapshots: dict[str, SnapshotRecord] = {}
         self.calls: builtins.list[tuple[str, dict[str, Any]]] = []
         self.raise_on_exec: errors.EmberboxError | None = None
         self._ids = itertools.count(1)
@@ -112,9 +117,12 @@ class FakeManager:
         timeout_s: int | None = None,
         metadata: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        snapshot_id: str | None = None,
     ) -> FakeRecord:
         s = self.settings
         self.calls.append(("create", {"image": image, "metadata": metadata}))
+        if snapshot_id is not None:
+            image, vcpus, memory_mib = await self._fork_shape(snapshot_id, image, vcpus, memory_mib)
         name = self.registry.get(image or s.default_image).name
         vcpus = vcpus or s.default_vcpus
         if vcpus > s.max_vcpus:
@@ -139,9 +147,22 @@ class FakeManager:
             vmm_pid=4242,
             work_dir=f"/nonexistent/vms/{sandbox_id}",
             error=None,
+            snapshot_id=snapshot_id,
         )
         self.records[sandbox_id] = record
         return record
+
+    async def _fork_shape(
+        self, snapshot_id: str, image: str | None, vcpus: int | None, memory_mib: int | None
+    ) -> tuple[str, int, int]:
+        snap = await self.get_snapshot(snapshot_id)
+        asked = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
+        for field, value in asked.items():
+            if value is not None and value != getattr(snap, field):
+                raise errors.SnapshotMismatch(
+                    f"snapshot {snapshot_id} has {field} {getattr(snap, field)}, not {value}"
+                )
+        return snap.image, snap.vcpus, snap.memory_mib
 
     def live(self) -> builtins.list[FakeRecord]:
         return [r for r in self.records.values() if r.state is SandboxState.RUNNING]
@@ -200,6 +221,60 @@ class FakeManager:
 
     async def image_names(self) -> builtins.list[str]:
         return self.registry.names()
+
+    async def pause(self, sandbox_id: str) -> FakeRecord:
+        return await self._move(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+
+    async def resume(self, sandbox_id: str) -> FakeRecord:
+        return await self._move(sandbox_id, SandboxState.PAUSED, SandboxState.RUNNING)
+
+    async def _move(self, sandbox_id: str, src: SandboxState, dst: SandboxState) -> FakeRecord:
+        record = await self.get(sandbox_id)
+        if record.state is not src:
+            raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}, not {src.value}")
+        self.records[sandbox_id] = replace(record, state=dst)
+        return self.records[sandbox_id]
+
+    async def snapshot(self, sandbox_id: str) -> SnapshotRecord:
+        record = await self.get(sandbox_id)
+        if record.state is not SandboxState.RUNNING:
+            raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
+        snapshot_id = f"snap-{next(self._ids)}"
+        self.snapshots[snapshot_id] = SnapshotRecord(
+            id=snapshot_id,
+            sandbox_id=sandbox_id,
+            image=record.image,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            vmm="qemu",
+            vmm_version="9.0.0",
+            size_bytes=record.memory_mib * 2**20,
+            created_at=datetime.now(UTC),
+            path=Path(f"/nonexistent/snapshots/{snapshot_id}"),
+        )
+        return self.snapshots[snapshot_id]
+
+    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
+        self.calls.append(("list_snapshots", {"sandbox_id": sandbox_id}))
+        found = [s for s in self.snapshots.values() if sandbox_id in (None, s.sandbox_id)]
+        return sorted(found, key=lambda s: (s.created_at, s.id))
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        try:
+            return self.snapshots[snapshot_id]
+        except KeyError:
+            raise errors.NotFound(f"no snapshot {snapshot_id}") from None
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.get_snapshot(snapshot_id)
+        users = [
+            r.id
+            for r in self.records.values()
+            if r.snapshot_id == snapshot_id and r.state in IN_USE_STATES
+        ]
+        if users:
+            raise errors.Conflict(f"snapshot {snapshot_id} is in use by {', '.join(users)}")
+        del self.snapshots[snapshot_id]
 
 
 @contextmanager

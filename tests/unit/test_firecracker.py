@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from emberbox.errors import HostError, InvalidRequest, VMMError
+from emberbox.errors import HostError, InvalidRequest, SnapshotMismatch, VMMError
 from emberbox.vmm import fc_api
 from emberbox.vmm.base import Driver, GuestFiles, SnapshotFiles, VMConfig
 from emberbox.vmm.fc_api import ApiRequest, BootPlan
@@ -226,7 +226,7 @@ def test_usable_checks_kvm_when_the_binary_exists(tmp_path: Path) -> None:
 async def test_restore_refuses_another_vmms_snapshot(tmp_path: Path) -> None:
     """A QEMU snapshot cannot be loaded by Firecracker."""
     snap = SnapshotFiles(tmp_path, "qemu", "8.2.0")
-    with pytest.raises(InvalidRequest, match="qemu"):
+    with pytest.raises(SnapshotMismatch, match="qemu"):
         await FirecrackerDriver().restore(_config(tmp_path / "vm"), snap)
 
 

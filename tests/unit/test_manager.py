@@ -190,6 +190,7 @@ def settings(tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         cache_dir=tmp_path / "cache",
         max_sandboxes=3,
+        pool_size=0,
         max_vcpus=2,
         max_memory_mib=1024,
         max_timeout_s=600,

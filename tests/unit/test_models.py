@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -16,9 +17,11 @@ from emberbox.models import (
     SandboxCreate,
     SandboxPublic,
     SandboxStateName,
+    SnapshotPublic,
     TimeoutUpdate,
     VMCreate,
 )
+from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import SandboxState
 from tests.unit.test_api_fakes import FakeRecord
 
@@ -27,7 +30,7 @@ def test_sandbox_create_leaves_defaults_to_the_server() -> None:
     """Unset shape fields are None so that Settings' defaults apply."""
     body = SandboxCreate()
     assert (body.image, body.vcpus, body.memory_mib, body.timeout_s) == (None, None, None, None)
-    assert (body.metadata, body.env) == ({}, {})
+    assert (body.metadata, body.env, body.snapshot_id) == ({}, {}, None)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +47,11 @@ def test_sandbox_create_leaves_defaults_to_the_server() -> None:
         {"env": {"X": "a\x00b"}},
         {"metadata": {"": "v"}},
         {"metadata": {f"k{i}": "v" for i in range(65)}},
+        {"snapshot_id": ""},
+        {"snapshot_id": "../x"},
+        {"snapshot_id": ".x"},
+        {"snapshot_id": "a\x00"},
+        {"snapshot_id": "x" * 129},
         {"unknown": 1},
     ],
 )
@@ -112,7 +120,52 @@ def test_sandbox_public_from_record_hides_host_details() -> None:
         error=None,
     )
     public = SandboxPublic.from_record(record)  # type: ignore[arg-type]
-    assert public.state == "running"
+    assert (public.state, public.snapshot_id) == ("running", None)
     dumped = public.model_dump_json()
     assert "secret" not in dumped
     assert "/var/lib/x" not in dumped
+
+
+def test_sandbox_public_carries_the_snapshot_it_was_forked_from() -> None:
+    """A forked sandbox names its snapshot; a paused one says `paused`."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    record = FakeRecord(
+        id="sb-2",
+        state=SandboxState.PAUSED,
+        image="default",
+        vcpus=1,
+        memory_mib=512,
+        metadata={},
+        env={},
+        timeout_s=60,
+        created_at=now,
+        expires_at=now,
+        ip_address=None,
+        vmm_pid=None,
+        work_dir="/var/lib/x",
+        error=None,
+        snapshot_id="snap-1",
+    )
+    public = SandboxPublic.from_record(record)  # type: ignore[arg-type]
+    assert (public.state, public.snapshot_id) == ("paused", "snap-1")
+
+
+def test_snapshot_public_from_record_hides_host_details() -> None:
+    """The public view drops the host path and the VMM that wrote the snapshot."""
+    record = SnapshotRecord(
+        id="snap-1",
+        sandbox_id="sb-1",
+        image="python",
+        vcpus=2,
+        memory_mib=256,
+        vmm="firecracker",
+        vmm_version="1.9.0",
+        size_bytes=123,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        path=Path("/var/lib/emberbox/snapshots/snap-1"),
+    )
+    public = SnapshotPublic.from_record(record)
+    assert (public.id, public.sandbox_id, public.size_bytes) == ("snap-1", "sb-1", 123)
+    dumped = public.model_dump_json()
+    assert "/var/lib" not in dumped
+    assert "firecracker" not in dumped

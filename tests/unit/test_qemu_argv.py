@@ -26,7 +26,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 def test_tcg_uses_q35_with_pci_devices() -> None:
     """Under TCG the machine is q35 with virtio-pci devices (microvm hangs there)."""
     argv = build_argv("qemu-system-x86_64", "tcg", config())
-    assert option(argv, "-machine") == ["q35,accel=tcg"]
+    assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
     assert "virtio-blk-pci,drive=root" in option(argv, "-device")
     assert "virtio-serial-pci,id=vser" in option(argv, "-device")
 
@@ -66,3 +66,18 @@ def test_version_parsing() -> None:
     assert parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)") == "7.2.22"
     with pytest.raises(HostError):
         parse_version("command not found")
+
+
+def test_restore_argv_maps_the_template_copy_on_write_and_waits_for_state() -> None:
+    """A clone maps the template's RAM file privately and waits (`-incoming defer`);
+    every VM's RAM backend is named `mem`, so any VM's state loads into any other."""
+    template = config(memory_file=Path("/t/memory"))
+    clone = build_argv("qemu-system-x86_64", "tcg", template, incoming=True, shared=False)
+    (backend,) = option(clone, "-object")
+    assert backend.startswith("memory-backend-file,id=mem,")
+    assert "mem-path=/t/memory" in backend and backend.endswith("share=off")
+    assert option(clone, "-incoming") == ["defer"]
+    maker = build_argv("qemu-system-x86_64", "tcg", template)
+    assert option(maker, "-object")[0].endswith("share=on") and "-incoming" not in maker
+    plain = build_argv("qemu-system-x86_64", "tcg", config())
+    assert option(plain, "-object")[0].startswith("memory-backend-ram,id=mem,")

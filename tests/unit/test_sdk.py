@@ -13,7 +13,16 @@ import pytest
 import emberbox.sdk as sdk
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.sdk import AsyncSandbox, CommandResult, Sandbox, SandboxInfo, _calls
+from emberbox.sdk import (
+    AsyncSandbox,
+    AsyncSnapshots,
+    CommandResult,
+    Sandbox,
+    SandboxInfo,
+    SnapshotInfo,
+    Snapshots,
+    _calls,
+)
 from tests.unit.test_api_fakes import FakeManager, fake_app, serving
 
 
@@ -73,6 +82,43 @@ def test_sync_lifecycle(url: str, manager: FakeManager) -> None:
     assert manager.records[sb.id].state.value == "stopped"
     assert [s.id for s in Sandbox.list(state="stopped")] == [sb.id]
     sb.kill()  # again: still fine, on a fresh connection
+    sb.close()
+
+
+def test_sync_snapshots_pause_and_resume(url: str, manager: FakeManager) -> None:
+    """snapshot, fork, list, get, delete, pause and resume, all through HTTP."""
+    with Sandbox.create("python", vcpus=2) as sb:
+        snap = sb.snapshot()
+        assert isinstance(snap, SnapshotInfo)
+        assert (snap.sandbox_id, snap.image, snap.vcpus) == (sb.id, "python", 2)
+        assert "path" not in snap.model_dump()
+        with Sandbox.create(snapshot_id=snap.id) as fork:
+            forked = fork.info()
+            assert (forked.snapshot_id, forked.image, forked.vcpus) == (snap.id, "python", 2)
+            with pytest.raises(errors.SnapshotMismatch, match="vcpus") as mismatch:
+                Sandbox.create(snapshot_id=snap.id, vcpus=1)
+            assert isinstance(mismatch.value, errors.Conflict)
+            with pytest.raises(errors.Conflict, match=fork.id):
+                Snapshots.delete(snap.id)
+        assert [s.id for s in Snapshots.list()] == [snap.id]
+        assert [s.id for s in Snapshots.list(sb.id)] == [snap.id]
+        assert Snapshots.list(sandbox_id=fork.id) == []
+        assert Snapshots.get(snap.id) == snap
+        assert sb.pause().state == "paused"
+        with pytest.raises(errors.Conflict):
+            sb.commands.run("true")
+        with pytest.raises(errors.Conflict):
+            sb.snapshot()
+        assert sb.resume().state == "running"
+        assert sb.commands.run("true").exit_code == 0
+        Snapshots.delete(snap.id)
+    assert manager.snapshots == {}
+    with pytest.raises(errors.NotFound):
+        Snapshots.get(snap.id)
+    with pytest.raises(errors.NotFound):
+        Snapshots.delete(snap.id)
+    with pytest.raises(errors.NotFound):
+        Sandbox.create(snapshot_id="snap-nope")
     sb.close()
 
 
@@ -167,6 +213,25 @@ def test_calls_are_sized_to_their_work() -> None:
         _calls.get_call("../healthz")
 
 
+def test_snapshot_calls() -> None:
+    """Snapshot, pause and resume wait for a memory dump; ids cannot change the path."""
+    fork = _calls.create_call(None, None, None, None, None, None, "snap-1")
+    assert fork.json == {"snapshot_id": "snap-1"}
+    for call, method, path in [
+        (_calls.snapshot_call("sb-1"), "POST", "/v1/sandboxes/sb-1/snapshots"),
+        (_calls.pause_call("sb-1"), "POST", "/v1/sandboxes/sb-1/pause"),
+        (_calls.resume_call("sb-1"), "POST", "/v1/sandboxes/sb-1/resume"),
+    ]:
+        assert (call.method, call.path, call.json) == (method, path, None)
+        assert call.wait_s > 300
+    assert _calls.list_snapshots_call(None).params == []
+    assert _calls.list_snapshots_call("sb-1").params == [("sandbox_id", "sb-1")]
+    assert _calls.get_snapshot_call("snap-1").path == "/v1/snapshots/snap-1"
+    assert _calls.delete_snapshot_call("snap-1").method == "DELETE"
+    with pytest.raises(errors.InvalidRequest, match="not a snapshot id"):
+        _calls.delete_snapshot_call("../v1/sandboxes/sb-1")
+
+
 def _response(status: int, body: object | None = None, text: str = "") -> httpx.Response:
     request = httpx.Request("GET", "http://e/v1/sandboxes")
     if body is None:
@@ -190,6 +255,11 @@ def test_error_mapping_of_unknown_and_malformed_bodies() -> None:
     )
     assert isinstance(timeout, errors.ExecTimeout)
     assert timeout.result is None
+    corrupt = _calls.error_from_response(
+        _response(502, {"error": {"type": "SnapshotCorrupt", "message": "m", "console_tail": "t"}})
+    )
+    assert isinstance(corrupt, errors.VMMError)
+    assert (type(corrupt), corrupt.console_tail) == (errors.SnapshotCorrupt, "t")
     html = _calls.error_from_response(_response(502, text="<html>Bad Gateway</html>"))
     assert type(html) is errors.EmberboxError
     assert "HTTP 502" in str(html)
@@ -198,7 +268,10 @@ def test_error_mapping_of_unknown_and_malformed_bodies() -> None:
 
 def test_every_error_class_survives_the_round_trip() -> None:
     """Each class of the tree, sent by name, comes back as exactly that class."""
-    for name, cls in errors.all_error_classes().items():
+    classes = errors.all_error_classes()
+    assert classes["SnapshotMismatch"] is errors.SnapshotMismatch
+    assert classes["SnapshotCorrupt"] is errors.SnapshotCorrupt
+    for name, cls in classes.items():
         body = {"error": {"type": name, "message": "boom"}}
         exc = _calls.error_from_response(_response(cls.status_code, body))
         assert type(exc) is cls
@@ -228,6 +301,28 @@ async def test_async_lifecycle(url: str, manager: FakeManager) -> None:
 
 
 @pytest.mark.anyio
+async def test_async_snapshots_pause_and_resume(url: str, manager: FakeManager) -> None:
+    """The async client's snapshot calls do what the sync ones do."""
+    async with await AsyncSandbox.create(memory_mib=256) as sb:
+        snap = await sb.snapshot()
+        assert (snap.sandbox_id, snap.memory_mib) == (sb.id, 256)
+        async with await AsyncSandbox.create(snapshot_id=snap.id) as fork:
+            assert (await fork.info()).snapshot_id == snap.id
+            with pytest.raises(errors.SnapshotMismatch):
+                await AsyncSandbox.create(snapshot_id=snap.id, memory_mib=512)
+            with pytest.raises(errors.Conflict):
+                await AsyncSnapshots.delete(snap.id)
+        assert [s.id for s in await AsyncSnapshots.list(sb.id)] == [snap.id]
+        assert await AsyncSnapshots.get(snap.id) == snap
+        assert (await sb.pause()).state == "paused"
+        assert (await sb.resume()).state == "running"
+        await AsyncSnapshots.delete(snap.id)
+    assert await AsyncSnapshots.list() == []
+    with pytest.raises(errors.NotFound):
+        await AsyncSnapshots.get(snap.id)
+
+
+@pytest.mark.anyio
 async def test_async_unreachable_server_is_a_host_error() -> None:
     """Connection refused raises HostError in the async client too."""
     with pytest.raises(errors.HostError, match="cannot reach emberbox"):
@@ -247,7 +342,8 @@ def _public_methods(cls: type) -> dict[str, list[tuple[object, ...]]]:
 
 
 @pytest.mark.parametrize(
-    ("sync_cls", "async_cls"), [(Sandbox, AsyncSandbox), (sdk.Commands, sdk.AsyncCommands)]
+    ("sync_cls", "async_cls"),
+    [(Sandbox, AsyncSandbox), (sdk.Commands, sdk.AsyncCommands), (Snapshots, AsyncSnapshots)],
 )
 def test_sync_and_async_have_the_same_calls(sync_cls: type, async_cls: type) -> None:
     """Same public names and parameters (names, kinds, defaults) in both clients."""
@@ -265,6 +361,9 @@ def test_sync_and_async_have_the_same_calls(sync_cls: type, async_cls: type) -> 
         "get_info",
         "kill",
         "set_timeout",
+        "pause",
+        "resume",
+        "snapshot",
     }
 
 
@@ -280,6 +379,11 @@ def test_exported_members() -> None:
         "SandboxInfo",
         "NotFound",
         "HostError",
+        "Snapshots",
+        "AsyncSnapshots",
+        "SnapshotInfo",
+        "SnapshotMismatch",
+        "SnapshotCorrupt",
     ):
         assert name in sdk.__all__
     assert sdk.NotFound is errors.NotFound

@@ -1,14 +1,18 @@
-"""``emberbox sandbox ...`` commands against the real app (fake manager) on a free port."""
+"""``emberbox sandbox ...`` and ``emberbox snapshot ...`` commands against the real app
+(fake manager) on a free port."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from emberbox.cli import snapshot
 from emberbox.cli.common import EXIT_ERROR
 from emberbox.cli.sandbox import app
 from tests.unit.test_api_fakes import FakeManager, fake_app, serving
@@ -85,3 +89,67 @@ def test_unreachable_server(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["list", "--url", "http://127.0.0.1:1"])
     assert result.exit_code == EXIT_ERROR
     assert result.stderr.startswith("emberbox: error: cannot reach emberbox at http://127.0.0.1:1")
+
+
+def test_pause_resume_snapshot_and_fork(served: FakeManager) -> None:
+    """pause/resume print the sandbox; snapshot prints its id; create --snapshot forks."""
+    sandbox_id = _create("--vcpus", "2")
+    paused = runner.invoke(app, ["pause", sandbox_id, "--json"])
+    assert (paused.exit_code, json.loads(paused.stdout)["state"]) == (0, "paused")
+    again = runner.invoke(app, ["pause", sandbox_id])
+    assert again.exit_code == EXIT_ERROR
+    assert again.stderr.startswith("emberbox: error: ")
+    resumed = runner.invoke(app, ["resume", sandbox_id])
+    assert resumed.exit_code == 0
+    assert "running" in resumed.stdout
+    taken = runner.invoke(app, ["snapshot", sandbox_id])
+    assert taken.exit_code == 0, taken.output
+    snapshot_id = taken.stdout.strip()
+    assert list(served.snapshots) == [snapshot_id]
+    as_json = runner.invoke(app, ["snapshot", sandbox_id, "--json"])
+    assert json.loads(as_json.stdout)["sandbox_id"] == sandbox_id
+    fork_id = _create("--snapshot", snapshot_id)
+    assert served.records[fork_id].snapshot_id == snapshot_id
+    assert served.records[fork_id].vcpus == 2
+    mismatch = runner.invoke(app, ["create", "--snapshot", snapshot_id, "--vcpus", "1"])
+    assert mismatch.exit_code == EXIT_ERROR
+    assert "Traceback" not in mismatch.output
+
+
+def test_snapshot_list_and_rm(served: FakeManager) -> None:
+    """snapshot list shows a table or JSON (optionally of one sandbox); rm deletes."""
+    first, second = _create(), _create()
+    ids = [runner.invoke(app, ["snapshot", sb]).stdout.strip() for sb in (first, second)]
+    listed = runner.invoke(snapshot.app, ["list", "--json"])
+    assert [s["id"] for s in json.loads(listed.stdout)] == ids
+    mine = runner.invoke(snapshot.app, ["list", "--json", "--sandbox", second])
+    assert [s["id"] for s in json.loads(mine.stdout)] == ids[1:]
+    table = runner.invoke(snapshot.app, ["list"])
+    assert table.exit_code == 0
+    assert ids[0] in table.stdout
+    assert "/nonexistent" not in table.stdout
+    fork_id = _create("--snapshot", ids[0])
+    in_use = runner.invoke(snapshot.app, ["rm", ids[0]])
+    assert in_use.exit_code == EXIT_ERROR
+    assert fork_id in in_use.stderr
+    assert runner.invoke(app, ["kill", fork_id]).exit_code == 0
+    removed = runner.invoke(snapshot.app, ["rm", ids[0]])
+    assert removed.exit_code == 0
+    assert list(served.snapshots) == ids[1:]
+    gone = runner.invoke(snapshot.app, ["rm", ids[0]])
+    assert gone.exit_code == EXIT_ERROR
+    assert gone.stderr.strip().splitlines() == [f"emberbox: error: no snapshot {ids[0]}"]
+
+
+def test_snapshot_commands_are_mounted() -> None:
+    """`emberbox snapshot` and the new `emberbox sandbox` verbs exist in the real CLI."""
+    main = "import sys; from emberbox.cli import main; sys.exit(main())"
+    for args, names in [
+        (["snapshot", "--help"], ("list", "rm")),
+        (["sandbox", "--help"], ("pause", "resume", "snapshot")),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-c", main, *args], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert all(name in done.stdout for name in names), done.stdout

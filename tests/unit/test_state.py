@@ -22,6 +22,10 @@ ALLOWED = {
     (S.CREATING, S.STOPPING),
     (S.RUNNING, S.STOPPING),
     (S.RUNNING, S.ERROR),
+    (S.RUNNING, S.PAUSED),
+    (S.PAUSED, S.RUNNING),
+    (S.PAUSED, S.STOPPING),
+    (S.PAUSED, S.ERROR),
     (S.STOPPING, S.STOPPED),
     (S.STOPPING, S.ERROR),
     (S.ERROR, S.STOPPING),
@@ -61,6 +65,6 @@ def test_sources_inverts_the_table() -> None:
 
 def test_values_are_the_wire_names() -> None:
     """States are strings equal to their wire names, and only creating/running are live."""
-    assert [s.value for s in S] == ["creating", "running", "stopping", "stopped", "error"]
+    assert [s.value for s in S] == ["creating", "running", "paused", "stopping", "stopped", "error"]
     assert str(S.RUNNING) == "running"
     assert {S.CREATING, S.RUNNING} == LIVE_STATES

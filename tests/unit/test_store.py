@@ -13,7 +13,15 @@ import pytest
 
 from emberbox import errors
 from emberbox.service.state import SandboxState, check_transition
-from emberbox.store import SCHEMA_VERSION, ExecLogEntry, SandboxRow, Store, migrations, utcnow
+from emberbox.store import (
+    SCHEMA_VERSION,
+    ExecLogEntry,
+    SandboxRow,
+    SnapshotRow,
+    Store,
+    migrations,
+    utcnow,
+)
 from emberbox.store.db import connect
 
 pytestmark = pytest.mark.anyio
@@ -286,3 +294,46 @@ async def test_close_is_idempotent_and_final(db_path: Path) -> None:
     assert store.closed
     with pytest.raises(errors.EmberboxError, match="closed"):
         await store.get("x")
+
+
+def make_snapshot(snapshot_id: str, sandbox_id: str) -> SnapshotRow:
+    return SnapshotRow(
+        id=snapshot_id,
+        sandbox_id=sandbox_id,
+        image="default",
+        vcpus=1,
+        memory_mib=512,
+        vmm="qemu",
+        vmm_version="7.2.22",
+        size_bytes=1234,
+        created_at=utcnow(),
+        path=Path("/snaps") / snapshot_id,
+    )
+
+
+async def test_snapshot_rows_round_trip_and_list_by_sandbox(store: Store) -> None:
+    await store.insert(make_row("a"))
+    first = await store.insert_snapshot(make_snapshot("s1", "a"))
+    await store.insert_snapshot(make_snapshot("s2", "b"))
+    assert await store.get_snapshot("s1") == first
+    assert await store.get_snapshot("nope") is None
+    assert [s.id for s in await store.list_snapshots()] == ["s1", "s2"]
+    assert [s.id for s in await store.list_snapshots("a")] == ["s1"]
+
+
+async def test_a_snapshot_in_use_cannot_be_deleted(store: Store) -> None:
+    """Refused while a live fork uses it, or while a snapshot of a fork depends on it."""
+    live = {"creating", "running", "paused", "stopping"}
+    await store.insert_snapshot(make_snapshot("s1", "origin"))
+    await store.insert(make_row("fork", state="running", snapshot_id="s1"))
+    with pytest.raises(errors.Conflict, match="fork"):
+        await store.delete_snapshot("s1", unless_used_in=live)
+    await store.update("fork", state="stopped")
+    await store.insert_snapshot(make_snapshot("s2", "fork"))  # its disk sits on s1's
+    with pytest.raises(errors.Conflict, match="s2"):
+        await store.delete_snapshot("s1", unless_used_in=live)
+    await store.delete_snapshot("s2", unless_used_in=live)
+    await store.delete_snapshot("s1", unless_used_in=live)
+    assert await store.list_snapshots() == []
+    with pytest.raises(errors.NotFound):
+        await store.delete_snapshot("s1", unless_used_in=live)

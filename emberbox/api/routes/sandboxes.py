@@ -1,4 +1,5 @@
-"""``/v1/sandboxes``: create, list, inspect, extend, exec in and kill sandboxes."""
+"""``/v1/sandboxes``: create, list, inspect, extend, pause, resume, exec in and kill
+sandboxes. Snapshots (``POST /v1/sandboxes/{id}/snapshots``) are in :mod:`.snapshots`."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ SandboxId = Annotated[str, Path(min_length=1, max_length=128, description="Sandb
     "",
     status_code=201,
     response_model=SandboxPublic,
-    responses=error_responses(400, 403, 422, 502, 503),
+    responses=error_responses(400, 403, 404, 409, 422, 502, 503),
 )
 async def create_sandbox(body: SandboxCreate, manager: ManagerDep) -> SandboxPublic:
-    """Boot a sandbox; answers once its agent is ready."""
+    """Boot a sandbox, or fork one from `snapshot_id`; answers once its agent is ready."""
     record = await manager.create(**body.model_dump())
     return SandboxPublic.from_record(record)
 
@@ -81,6 +82,26 @@ async def set_timeout(
 ) -> SandboxPublic:
     """Kill the sandbox `timeout_s` seconds from now instead of at its current deadline."""
     return SandboxPublic.from_record(await manager.set_timeout(sandbox_id, body.timeout_s))
+
+
+@router.post(
+    "/{sandbox_id}/pause",
+    response_model=SandboxPublic,
+    responses=error_responses(404, 409, 422, 502),
+)
+async def pause_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
+    """Save a running sandbox to disk and stop its VMM; state `paused`. 409 unless running."""
+    return SandboxPublic.from_record(await manager.pause(sandbox_id))
+
+
+@router.post(
+    "/{sandbox_id}/resume",
+    response_model=SandboxPublic,
+    responses=error_responses(403, 404, 409, 422, 502),
+)
+async def resume_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
+    """Restore a paused sandbox where it left off; state `running`. 409 unless paused."""
+    return SandboxPublic.from_record(await manager.resume(sandbox_id))
 
 
 @router.post(

@@ -1,0 +1,116 @@
+"""The warm pool: sandboxes restored ahead of time and handed out by ``create``.
+
+Only the default shape (``default_image``, ``default_vcpus``, ``default_memory_mib``) is
+pooled. A pooled VM has been restored from the template and greeted once; it has never
+run a command, so handing it out cannot leak anything between users. At hand-out the
+manager greets it again (fresh entropy, clock, id) and refilling starts at once. The pool
+holds at most ``pool_size`` VMs and at most ``pool_memory_budget_mib`` of guest memory.
+
+Pooled VMs have no row in SQLite; a server that dies leaves them to the orphan sweep of
+the next start, and :meth:`WarmPool.close` kills them at a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from emberbox import errors
+from emberbox.config import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_FAILURE_S = 10.0
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    image: str
+    vcpus: int
+    memory_mib: int
+
+
+class Pooled(Protocol):
+    """What the pool keeps: anything with an id that can be killed."""
+
+    @property
+    def id(self) -> str: ...
+
+    async def kill(self) -> None: ...
+
+
+P = TypeVar("P", bound=Pooled)
+
+
+class WarmPool(Generic[P]):
+    """``fill(shape, id)`` makes one pooled sandbox (restored from the template)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        fill: Callable[[PoolShape, str], Awaitable[P]],
+        id_bytes: int = 6,
+    ) -> None:
+        self.shape = PoolShape(
+            settings.default_image, settings.default_vcpus, settings.default_memory_mib
+        )
+        budget = settings.pool_memory_budget_mib // max(1, self.shape.memory_mib)
+        self.size = min(settings.pool_size, budget)
+        self._fill = fill
+        self._id_bytes = id_bytes
+        self._ready: list[P] = []
+        self._wake = anyio.Event()
+        self._closed = False
+
+    def ready_count(self, image: str | None = None) -> int:
+        if image is not None and image != self.shape.image:
+            return 0
+        return len(self._ready)
+
+    def take(self, shape: PoolShape) -> P | None:
+        """A ready sandbox of ``shape``, or None; starts a refill either way."""
+        if shape != self.shape or not self._ready:
+            return None
+        sandbox = self._ready.pop(0)
+        self._wake.set()
+        return sandbox
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the pool full until cancelled (run in the manager's task group)."""
+        task_status.started()
+        if self.size == 0:
+            return
+        while not self._closed:
+            if len(self._ready) >= self.size:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            sandbox_id = secrets.token_hex(self._id_bytes)
+            try:
+                sandbox = await self._fill(self.shape, sandbox_id)
+            except errors.EmberboxError as exc:
+                log.warning("warm pool: could not prepare a sandbox: %s", exc.message)
+                await anyio.sleep(RETRY_AFTER_FAILURE_S)
+                continue
+            if self._closed:
+                with anyio.CancelScope(shield=True):
+                    await sandbox.kill()
+                return
+            self._ready.append(sandbox)
+
+    async def close(self) -> None:
+        """Kill every pooled VM. Call shielded, after cancelling :meth:`run`."""
+        self._closed = True
+        self._wake.set()
+        ready, self._ready = self._ready, []
+        for sandbox in ready:
+            try:
+                await sandbox.kill()
+            except Exception:
+                log.exception("warm pool: killing %s failed", sandbox.id)
