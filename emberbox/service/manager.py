@@ -425,8 +425,10 @@ class SandboxManager:
         )
 
     async def _fill_pool(self, shape: PoolShape, sandbox_id: str) -> SandboxHandle:
-        """(Pool) one sandbox of ``shape`` restored from its template, never used."""
-        return await self._factory(
+        """(Pool) one sandbox of ``shape`` restored from its template. It runs only our
+        own ``true`` (which warms the VMM's translation of the exec path), never a
+        caller's command."""
+        handle = await self._factory(
             self._settings,
             image=shape.image,
             vcpus=shape.vcpus,
@@ -434,6 +436,13 @@ class SandboxManager:
             sandbox_id=sandbox_id,
             lifetime="detached",
         )
+        try:
+            await handle.exec(["true"], timeout_s=30)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await handle.kill()
+            raise
+        return handle
 
     def pool_ready(self, image: str | None = None) -> int:
         """How many sandboxes the warm pool holds ready (for ``image``, if given)."""
