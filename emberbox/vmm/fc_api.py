@@ -4,8 +4,9 @@
   against Firecracker's own Swagger description (``tests/unit/test_firecracker_contract.py``);
 * the request sequences that boot and restore a VM (:func:`boot_requests`,
   :func:`restore_requests`), so the order is tested without a process;
-* the host side of Firecracker's vsock ``CONNECT <port>`` handshake (:class:`VsockHandshake`);
 * parsing of error bodies and of ``firecracker --version``.
+
+The vsock ``CONNECT <port>`` handshake is in :mod:`emberbox.vmm.vsock`.
 
 Paths in payloads are strings *as Firecracker sees them*: relative to its working
 directory (which is the jail root under the jailer) wherever the path ends up recorded in a
@@ -162,7 +163,11 @@ def restore_requests(
 
 
 def api_error(status: int, body: bytes, request: ApiRequest, console_tail: str = "") -> VMMError:
-    """The VMMError for a non-2xx answer; Firecracker explains itself in ``fault_message``."""
+    """The VMMError for a non-2xx answer; Firecracker explains itself in ``fault_message``.
+
+    ``details`` carry ``status``, ``path`` and ``fault`` (the reason alone, for callers
+    that reword the error, such as a refused snapshot load).
+    """
     text = body.decode("utf-8", errors="replace").strip()
     try:
         parsed = json.loads(text) if text else {}
@@ -177,6 +182,7 @@ def api_error(status: int, body: bytes, request: ApiRequest, console_tail: str =
         console_tail,
         status=status,
         path=request.path,
+        fault=reason,
     )
 
 
@@ -190,56 +196,3 @@ def parse_version(output: str) -> str:
         first = output.strip().splitlines()[0] if output.strip() else "(no output)"
         raise VMMError(f"cannot read a Firecracker version from {first!r}")
     return match.group(1)
-
-
-# --- vsock -----------------------------------------------------------------------------
-# Firecracker proxies host-initiated vsock connections through a unix socket: the host
-# writes "CONNECT <port>\n" and Firecracker answers "OK <host port>\n" once the guest
-# accepted. If nobody listens on that guest port, Firecracker just closes the connection.
-
-
-class VsockRefused(Exception):
-    """The handshake did not end in ``OK`` (nobody listening yet, or not Firecracker)."""
-
-
-@dataclass(frozen=True)
-class VsockAccepted:
-    host_port: int
-    leftover: bytes  # bytes after the OK line: already the guest's stream
-
-
-def connect_request(port: int) -> bytes:
-    if not 0 < port < 1 << 32:
-        raise ValueError(f"vsock port {port} out of range")
-    return f"CONNECT {port}\n".encode("ascii")
-
-
-class VsockHandshake:
-    """Incremental parser of Firecracker's answer to ``CONNECT``.
-
-    Feed it what the socket returns, in pieces of any size. It answers None while the
-    line is incomplete, a :class:`VsockAccepted` once ``OK <n>\\n`` arrived (with any bytes
-    that followed it), and raises :class:`VsockRefused` for anything else.
-    """
-
-    MAX_LINE = 64  # "OK 4294967295\n" is 14 bytes; more without a newline is not Firecracker
-
-    def __init__(self) -> None:
-        self._buf = b""
-
-    def feed(self, data: bytes) -> VsockAccepted | None:
-        self._buf += data
-        line, sep, rest = self._buf.partition(b"\n")
-        if not sep:
-            if len(self._buf) > self.MAX_LINE or not b"OK ".startswith(self._buf[:3]):
-                raise VsockRefused(f"unexpected answer to CONNECT: {self._buf[:80]!r}")
-            return None
-        words = line.split()
-        if len(words) != 2 or words[0] != b"OK" or not words[1].isdigit():
-            raise VsockRefused(f"unexpected answer to CONNECT: {line[:80]!r}")
-        return VsockAccepted(int(words[1]), rest)
-
-    def eof(self) -> VsockRefused:
-        """The error for a connection closed before the OK line (guest not listening)."""
-        got = f" after {self._buf!r}" if self._buf else ""
-        return VsockRefused(f"Firecracker closed the vsock connection{got}: agent not listening")

@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -46,9 +47,14 @@ CHECK_STATEFUL = (
 
 @pytest.fixture
 def manager_settings(settings: Settings) -> Settings:
-    if settings.vmm != "qemu":
-        pytest.skip("snapshot flows are exercised with QEMU here")
+    """Per driver (the conftest's ``vmm``): Firecracker must pass the same flows."""
     return settings.model_copy(update={"max_sandboxes": 12})
+
+
+def state_file(directory: Path) -> Path:
+    """The device-state file of a snapshot directory (QEMU: state, Firecracker: vmstate)."""
+    (found,) = [p for p in (directory / "state", directory / "vmstate") if p.exists()]
+    return found
 
 
 def process_gone(pid: int) -> bool:
@@ -151,10 +157,10 @@ async def test_truncated_snapshot_fails_cleanly_naming_the_file(
         origin = await manager.create()
         snap = await manager.snapshot(origin.id)
         await manager.kill(origin.id)
-        state = snap.path / "state"
+        state = state_file(snap.path)
         with state.open("r+b") as f:
             f.truncate(state.stat().st_size // 3)
-        with pytest.raises(errors.SnapshotCorrupt, match=f"{snap.id}.*'state'"):
+        with pytest.raises(errors.SnapshotCorrupt, match=f"{snap.id}.*'{state.name}'"):
             await manager.create(snapshot_id=snap.id)
         failed = [r for r in await manager.list() if r.snapshot_id == snap.id]
         assert [r.state for r in failed] == [SandboxState.ERROR]
@@ -177,7 +183,7 @@ async def test_broken_template_falls_back_to_cold_boot_and_is_rebuilt(
         await manager.kill(first.id)
         (current,) = settings.templates_dir.glob(f"*/{CURRENT}")
         broken_generation = current.resolve()
-        (broken_generation / "snap" / "state").write_bytes(b"not a migration stream")
+        state_file(broken_generation / "snap").write_bytes(b"not a saved VM state")
         caplog.set_level(logging.WARNING)
         second = await manager.create()
         assert (await run(manager, second.id, "echo ok")) == "ok\n"

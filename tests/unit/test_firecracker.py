@@ -1,27 +1,27 @@
-"""Pure parts of the Firecracker driver: payloads, boot args, errors, files, processes."""
+"""Firecracker driver parts without a VMM: payloads, boot args, errors, files, processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from emberbox.errors import HostError, InvalidRequest, SnapshotMismatch, VMMError
-from emberbox.vmm import fc_api
+from emberbox.errors import HostError, InvalidRequest, SnapshotCorrupt, SnapshotMismatch, VMMError
+from emberbox.vmm import fc_api, fc_client
 from emberbox.vmm.base import Driver, GuestFiles, SnapshotFiles, VMConfig
 from emberbox.vmm.fc_api import ApiRequest, BootPlan
-from emberbox.vmm.firecracker import (
-    FirecrackerDriver,
-    clone_file,
-    cmdline_matches,
-    firecracker_usable,
-    read_tail,
-    trim_log,
-)
+from emberbox.vmm.fc_client import ApiClient
+from emberbox.vmm.fc_files import clone_file
+from emberbox.vmm.fc_process import cmdline_matches, read_tail, trim_log
+from emberbox.vmm.firecracker import FirecrackerDriver, firecracker_usable
 
 
 @pytest.fixture
@@ -118,6 +118,7 @@ def test_fault_message_becomes_the_error_message() -> None:
     assert isinstance(err, VMMError)
     assert err.message == "Firecracker refused PUT /boot-source (HTTP 400): Kernel not found"
     assert err.console_tail == "tail" and err.details["status"] == 400
+    assert err.details["fault"] == "Kernel not found"  # the reason alone, for rewording
 
 
 @pytest.mark.parametrize(
@@ -230,6 +231,85 @@ async def test_restore_refuses_another_vmms_snapshot(tmp_path: Path) -> None:
         await FirecrackerDriver().restore(_config(tmp_path / "vm"), snap)
 
 
+def _fake_firecracker(directory: Path) -> str:
+    fake = directory / "firecracker"
+    fake.write_text("#!/bin/sh\necho 'Firecracker v1.16.1'\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def _snapshot_dir(directory: Path, without: str) -> SnapshotFiles:
+    directory.mkdir()
+    for name in {"vmstate", "memory", "rootfs.ext4"} - {without}:
+        (directory / name).write_bytes(b"x")
+    return SnapshotFiles(directory, "firecracker", "1.16.1")
+
+
+@pytest.mark.anyio
+async def test_restore_refuses_another_versions_snapshot(tmp_path: Path) -> None:
+    """A snapshot from another Firecracker version is a SnapshotMismatch naming both."""
+    snap = SnapshotFiles(tmp_path, "firecracker", "1.15.0")
+    driver = FirecrackerDriver(_fake_firecracker(tmp_path))
+    with pytest.raises(
+        SnapshotMismatch, match=r"Firecracker 1\.15\.0; this is Firecracker 1\.16\.1"
+    ):
+        await driver.restore(_config(tmp_path / "vm"), snap)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("missing", ["vmstate", "memory", "rootfs.ext4"])
+async def test_restore_names_a_missing_snapshot_file(tmp_path: Path, missing: str) -> None:
+    """Each missing snapshot file is SnapshotCorrupt naming it (as QEMU's driver does)."""
+    snap = _snapshot_dir(tmp_path / "snap", without=missing)
+    config = _config(tmp_path / "vm")
+    with pytest.raises(SnapshotCorrupt) as caught:
+        await FirecrackerDriver(_fake_firecracker(tmp_path)).restore(config, snap)
+    path = snap.directory / missing
+    assert caught.value.message == f"snapshot file {path} is missing"
+    assert caught.value.details == {"file": str(path)}
+    assert not config.work_dir.exists()
+
+
+class _LiveProcess:
+    pid = 4_000_000
+
+    def poll(self) -> int | None:
+        return None
+
+    def kill(self) -> None:
+        pass
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory short enough for unix socket paths."""
+    path = Path(tempfile.mkdtemp(prefix="fc", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_load_that_times_out_with_a_live_vmm_is_not_called_corrupt(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer and no exit says nothing about the snapshot: a plain VMMError, not Corrupt."""
+    monkeypatch.setattr(fc_client, "LOAD_EXIT_GRACE_S", 0.05)
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    sock = short_dir / "api.sock"
+    server = await asyncio.start_unix_server(never_answer, path=str(sock))
+    client = ApiClient(sock, _LiveProcess(), lambda: "tail", timeout_s=5)
+    req = fc_api.restore_requests("l", "m", "vmstate", "memory")[-1]
+    async with server:
+        with pytest.raises(VMMError, match="PUT /snapshot/load failed") as caught:
+            await client.load_snapshot(req, short_dir / "vmstate", timeout_s=0.1)
+        await client.aclose()
+    assert not isinstance(caught.value, SnapshotCorrupt)
+
+
 @pytest.mark.anyio
 async def test_socket_paths_too_long_fail_before_spawning(tmp_path: Path) -> None:
     """A work dir whose socket path would not fit in sun_path is a HostError, not a hang."""
@@ -248,9 +328,9 @@ def _alive(pid: int) -> bool:
 _SPAWN_THEN_EXIT = """
 import sys
 from pathlib import Path
-from emberbox.vmm.firecracker import _spawn
-child = _spawn(["sleep", "30"], Path(sys.argv[1]), Path(sys.argv[1]) / "console.log",
-               die_with_parent=sys.argv[2] == "ephemeral")
+from emberbox.vmm.fc_process import spawn
+child = spawn(["sleep", "30"], Path(sys.argv[1]), Path(sys.argv[1]) / "console.log",
+              die_with_parent=sys.argv[2] == "ephemeral")
 print(child.pid, flush=True)
 """
 

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator
 
-from emberbox.errors import VMMCrashed, VMMError
+from emberbox.errors import SnapshotCorrupt, VMMCrashed, VMMError
 from emberbox.vmm import fc_api
-from emberbox.vmm.base import GuestFiles, VMConfig
+from emberbox.vmm.base import GuestFiles, SnapshotFiles, VMConfig
 from emberbox.vmm.firecracker import FirecrackerDriver
 from emberbox.vmm.jailer import JailerConfig
 
@@ -138,6 +138,8 @@ def route(method, path, body):
     elif path == "/snapshot/create":
         if not state["paused"]:
             raise Fault("Cannot create snapshot: the microVM is not paused.")
+        if MODE == "snapshot-fails":
+            raise Fault("Create snapshot error: No space left on device (os error 28)")
         with open(host(body["snapshot_path"]), "w") as f:
             json.dump({"drive": state["drive"], "vsock": state["vsock"]}, f)
         with open(host(body["mem_file_path"]), "wb") as f:
@@ -145,8 +147,14 @@ def route(method, path, body):
     elif path == "/snapshot/load":
         if state["configured"] - {"/logger", "/metrics"}:
             raise Fault("Loading a snapshot not allowed after configuring boot resources.")
-        with open(host(body["snapshot_path"])) as f:
-            saved = json.load(f)
+        if MODE == "die-on-load":
+            print("fake firecracker: bad snapshot state, aborting", file=sys.stderr, flush=True)
+            os._exit(134)
+        try:
+            with open(host(body["snapshot_path"])) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise Fault(f"Load snapshot error: Failed to restore from snapshot: {exc}")
         require_file(body["mem_backend"]["backend_path"])
         require_file(saved["drive"])  # like Firecracker: the recorded drive path is reopened
         state.update(drive=saved["drive"], vsock=saved["vsock"], running=True)
@@ -270,11 +278,35 @@ def _config(short_tmp: Path, guest: GuestFiles, vm_id: str, **kw: Any) -> VMConf
 
 
 def _requests(record: Path) -> list[dict[str, Any]]:
+    """What the fake Firecrackers were asked, in order (none: no process ever served)."""
+    if not record.exists():
+        return []
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _handmade_snapshot(short_tmp: Path, vmstate: bytes) -> SnapshotFiles:
+    """A snapshot directory as the driver writes it, ``vmstate`` as given."""
+    directory = short_tmp / "snaps" / "handmade"
+    directory.mkdir(parents=True)
+    (directory / "vmstate").write_bytes(vmstate)
+    (directory / "memory").write_bytes(b"guest memory")
+    (directory / "rootfs.ext4").write_bytes(b"ext4 disk")
+    return SnapshotFiles(directory, "firecracker", "1.16.1")
+
+
+_GOOD_VMSTATE = json.dumps({"drive": "rootfs.ext4", "vsock": "vsock.sock"}).encode()
 
 
 # --- the spec validator ----------------------------------------------------------------
@@ -564,3 +596,125 @@ async def test_snapshot_of_a_paused_vm_leaves_it_paused(
     assert await vm.wait() == -9
     states = [r["body"]["state"] for r in _requests(record) if r["path"] == "/vm"]
     assert states == ["Paused"]
+
+
+# --- snapshot errors and stop ----------------------------------------------------------
+
+
+@needs_spec
+@pytest.mark.anyio
+async def test_refused_snapshot_load_is_corrupt_and_cleans_up(
+    short_tmp: Path, record: Path, guest: GuestFiles, validator: SpecValidator
+) -> None:
+    """A load refused with a 400 fault is SnapshotCorrupt naming vmstate; the VM is gone."""
+    snap = _handmade_snapshot(short_tmp, b"\x00truncated")
+    state = snap.directory.absolute() / "vmstate"
+    config = _config(short_tmp, guest, "vm1")
+    with pytest.raises(SnapshotCorrupt) as caught:
+        await FirecrackerDriver(str(_fake_binary(short_tmp, record))).restore(config, snap)
+    err = caught.value
+    assert err.message.startswith(f"could not load snapshot {state}: Load snapshot error: ")
+    assert err.details["file"] == str(state)
+    assert "firecracker starting" in err.console_tail
+    requests = _requests(record)
+    _assert_valid(validator, requests)
+    assert requests[-1]["path"] == "/snapshot/load"
+    assert not _alive(requests[-1]["pid"]) and not config.work_dir.exists()
+    assert state.read_bytes() == b"\x00truncated"  # the snapshot is left for the caller
+
+
+@pytest.mark.anyio
+async def test_vmm_dying_during_load_is_corrupt_and_cleans_up(
+    short_tmp: Path, record: Path, guest: GuestFiles
+) -> None:
+    """A Firecracker that exits while loading is SnapshotCorrupt with its exit and stderr."""
+    snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)
+    driver = FirecrackerDriver(str(_fake_binary(short_tmp, record, mode="die-on-load")))
+    config = _config(short_tmp, guest, "vm1")
+    with pytest.raises(SnapshotCorrupt, match=r"Firecracker exited \(status 134\)") as caught:
+        await driver.restore(config, snap)
+    state = snap.directory.absolute() / "vmstate"
+    assert caught.value.message.startswith(f"could not load snapshot {state}: ")
+    assert caught.value.details["file"] == str(state)
+    assert "bad snapshot state, aborting" in caught.value.console_tail
+    assert not _alive(_requests(record)[-1]["pid"]) and not config.work_dir.exists()
+
+
+@pytest.mark.anyio
+async def test_restore_of_a_snapshot_missing_a_file_starts_nothing(
+    short_tmp: Path, record: Path, guest: GuestFiles
+) -> None:
+    """A missing ``memory`` is SnapshotCorrupt naming it, before any process or file exists."""
+    snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)
+    (snap.directory / "memory").unlink()
+    config = _config(short_tmp, guest, "vm1")
+    with pytest.raises(SnapshotCorrupt, match="is missing") as caught:
+        await FirecrackerDriver(str(_fake_binary(short_tmp, record))).restore(config, snap)
+    assert caught.value.details["file"] == str(snap.directory.absolute() / "memory")
+    assert _requests(record) == [] and not config.work_dir.exists()
+
+
+@pytest.mark.anyio
+async def test_snapshot_with_stop_ends_the_vmm_and_keeps_dest(
+    short_tmp: Path, record: Path, guest: GuestFiles
+) -> None:
+    """snapshot(stop=True) kills the VMM, removes its work dir and leaves a loadable dest."""
+    driver = FirecrackerDriver(str(_fake_binary(short_tmp, record)))
+    config = _config(short_tmp, guest, "vm1")
+    vm = await driver.start(config)
+    try:
+        pid = vm.pid
+        assert pid is not None
+        snap = await vm.snapshot(short_tmp / "snaps" / "paused", stop=True)
+        assert not vm.is_running() and not _alive(pid) and not config.work_dir.exists()
+    finally:
+        await vm.kill()  # idempotent: nothing left to do
+    assert {p.name for p in snap.directory.iterdir()} == {"vmstate", "memory", "rootfs.ext4"}
+    assert _digest(snap.directory / "rootfs.ext4") == _digest(guest.rootfs)
+    states = [r["body"]["state"] for r in _requests(record) if r["path"] == "/vm"]
+    assert states == ["Paused"]  # never resumed: the guest ran no further than the snapshot
+
+    restored = await driver.restore(_config(short_tmp, guest, "vm2"), snap)
+    await restored.kill()
+
+
+@pytest.mark.anyio
+async def test_failed_snapshot_with_stop_keeps_the_vm_running(
+    short_tmp: Path, record: Path, guest: GuestFiles
+) -> None:
+    """When the save fails, stop or not, dest is removed and the guest runs on."""
+    driver = FirecrackerDriver(str(_fake_binary(short_tmp, record, mode="snapshot-fails")))
+    vm = await driver.start(_config(short_tmp, guest, "vm1"))
+    try:
+        with pytest.raises(VMMError, match="No space left on device"):
+            await vm.snapshot(short_tmp / "snaps" / "s1", stop=True)
+        assert vm.is_running() and not (short_tmp / "snaps" / "s1").exists()
+    finally:
+        await vm.kill()
+    states = [r["body"]["state"] for r in _requests(record) if r["path"] == "/vm"]
+    assert states == ["Paused", "Resumed"]
+
+
+@pytest.mark.anyio
+async def test_restore_with_adopt_disk_copies_and_leaves_the_snapshot(
+    short_tmp: Path, record: Path, guest: GuestFiles
+) -> None:
+    """adopt_disk is safe to ignore: the VM gets its own disk, the snapshot stays whole."""
+    snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)
+    before = {p.name: _digest(p) for p in snap.directory.iterdir()}
+    config = _config(short_tmp, guest, "vm1")
+    vm = await FirecrackerDriver(str(_fake_binary(short_tmp, record))).restore(
+        config, snap, adopt_disk=True
+    )
+    try:
+        disk = config.work_dir / "rootfs.ext4"
+        assert disk.stat().st_nlink == 1  # a copy, not a link to the snapshot's disk
+        assert {p.name: _digest(p) for p in snap.directory.iterdir()} == before
+        shutil.rmtree(snap.directory)  # what a caller that adopted the disk may do next
+        reader, writer = await vm.open_agent_stream(timeout_s=10)
+        assert await reader.readexactly(2) == b"EB"
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await vm.kill()
+    assert not config.work_dir.exists()

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from emberbox.errors import BootTimeout, VMMCrashed
-from emberbox.vmm.fc_api import VsockAccepted, VsockHandshake, VsockRefused, connect_request
-from emberbox.vmm.firecracker import connect_vsock
+from emberbox.vmm.vsock import (
+    VsockAccepted,
+    VsockHandshake,
+    VsockRefused,
+    connect_request,
+    connect_vsock,
+)
 
 
 @pytest.fixture
