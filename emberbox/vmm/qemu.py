@@ -36,6 +36,7 @@ NAME = "qemu"
 STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
 DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
 QMP_TIMEOUT_S = 10.0
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # Skip hardware the guest would otherwise probe for (slow under emulation).
 BASE_KERNEL_ARGS = (
     "console=ttyS0",
@@ -142,6 +143,8 @@ def build_argv(
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        # seccomp: no obsolete syscalls, no setuid/exec of helpers, no affinity games.
+        "-sandbox", SECCOMP,
         *(["-incoming", "defer"] if incoming else []),
     ]  # fmt: skip
 

@@ -81,3 +81,15 @@ def test_restore_argv_maps_the_template_copy_on_write_and_waits_for_state() -> N
     assert option(maker, "-object")[0].endswith("share=on") and "-incoming" not in maker
     plain = build_argv("qemu-system-x86_64", "tcg", config())
     assert option(plain, "-object")[0].startswith("memory-backend-ram,id=mem,")
+
+
+def test_qemu_runs_under_its_seccomp_sandbox() -> None:
+    """Every VM gets QEMU's seccomp filter; snapshots use fd: URIs, so spawn=deny holds."""
+    (sandbox,) = option(build_argv("qemu-system-x86_64", "tcg", config()), "-sandbox")
+    assert sandbox.split(",") == [
+        "on",
+        "obsolete=deny",
+        "elevateprivileges=deny",
+        "spawn=deny",
+        "resourcecontrol=deny",
+    ]
