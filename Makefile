@@ -26,8 +26,10 @@ lint:
 typecheck:
 	.venv/bin/mypy
 
+# `make bench BENCH_ARGS=--quick` for a smoke test; `$(PY) -m bench --help` for the knobs.
 bench: setup
-	$(PY) -m bench
+	@bench/setup.sh
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache

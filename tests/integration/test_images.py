@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from emberbox.config import Settings
-from emberbox.images.build import ImageBuilder
+from emberbox.images.build import AGENT_FILES, ImageBuilder
 from emberbox.images.registry import ImageInfo
 
 
@@ -20,7 +20,8 @@ def test_rebuild_with_same_inputs_is_a_cache_hit(
     assert steps == ["resolving the kernel package"]
     inputs = info.manifest["inputs"]
     assert inputs["kernel_package"]["name"].startswith("linux-image-")
-    assert set(inputs["agent_sha256"]) == {"agent.py", "protocol.py"}
+    assert set(inputs["agent_sha256"]) == set(AGENT_FILES)
+    assert {"agent.py", "protocol.py"} <= set(AGENT_FILES)
 
 
 def test_image_holds_kernel_vmlinux_initramfs_and_ext4(default_image: ImageInfo) -> None:
