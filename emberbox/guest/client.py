@@ -1,10 +1,11 @@
 """Host side of the agent protocol (asyncio): requests over one byte stream to the agent.
 
 :class:`AgentClient` wraps the ``(StreamReader, StreamWriter)`` pair a VMM driver gives
-back. A reader task routes frames by request id, so any number of requests (``exec``
-streaming output included) share the one stream. Foreign errors are translated here,
-at the boundary: a closed stream is :class:`~emberbox.errors.AgentDisconnected`, bytes
-that are not frames are :class:`~emberbox.errors.ProtocolError`.
+back (through :class:`~emberbox.guest.link.AgentLink`, which routes frames by request
+id, so any number of requests, streaming ones included, share the one stream). Its
+methods are the ops of docs/protocol.md: commands, background processes, files.
+Error answers raise the matching :mod:`emberbox.errors` class (NotFound,
+InvalidRequest, Conflict, else AgentRequestFailed).
 """
 
 from __future__ import annotations
@@ -13,49 +14,47 @@ import asyncio
 import base64
 import contextlib
 import inspect
-import itertools
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
 from emberbox import errors
 from emberbox.guest import protocol
+from emberbox.guest.answers import (
+    ExecLimits,
+    ExecResult,
+    FileInfo,
+    FileType,
+    HelloInfo,
+    ProcessInfo,
+    ProcessStatus,
+    exec_result_from,
+    file_info_from,
+    file_infos_from,
+    hello_info_from,
+    process_infos_from,
+    process_status_from,
+)
+from emberbox.guest.link import AgentLink, checked
+
+__all__ = [
+    "AgentClient",
+    "ExecLimits",
+    "ExecResult",
+    "FileInfo",
+    "FileType",
+    "HelloInfo",
+    "OutputCallback",
+    "ProcessInfo",
+    "ProcessStatus",
+]
 
 HELLO_RESEND_S = 0.5
 EXEC_GRACE_S = 15.0  # how long past its own timeout an exec may take to be answered
-READ_SIZE = 64 * 1024
 
 OutputCallback = Callable[[bytes], object]
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a finished command left: exit code, its output and how long it ran."""
-
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    duration_ms: float
-    timed_out: bool = False
-    output_truncated: bool = False
-    signal: int | None = None
-
-
-@dataclass(frozen=True)
-class HelloInfo:
-    """The agent's answer to the handshake."""
-
-    protocol: int
-    agent_version: str
-    boot_time: float
-    kernel: str
-    warnings: tuple[str, ...] = ()  # what the agent could not do (clock, entropy, ...)
-
-
-_CLOSED = object()  # queued to every pending call when the channel fails
 
 
 class AgentClient:
@@ -68,17 +67,12 @@ class AgentClient:
         async with AgentClient(reader, writer) as agent:
             await agent.handshake(timeout_s=30)
             result = await agent.exec(["uname", "-a"], timeout_s=10)
+            await agent.write_file("/tmp/x", b"data")
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Queue[protocol.Frame | object]] = {}
-        self._write_lock = asyncio.Lock()
-        self._failure: tuple[type[errors.AgentError], str] | None = None
-        self.ready = asyncio.Event()  # set by the agent's "ready" event
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        self._link = AgentLink(reader, writer)
+        self.ready = self._link.ready  # set by the agent's "ready" event
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -93,17 +87,11 @@ class AgentClient:
 
     @property
     def closed(self) -> bool:
-        return self._failure is not None
+        return self._link.closed
 
     async def aclose(self) -> None:
         """Close the stream; pending requests raise AgentDisconnected. Idempotent."""
-        self._fail(errors.AgentDisconnected, "agent channel closed")
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._writer.close()
-        with contextlib.suppress(OSError, RuntimeError):  # the peer may be gone already
-            await self._writer.wait_closed()
+        await self._link.aclose()
 
     async def handshake(
         self,
@@ -126,14 +114,34 @@ class AgentClient:
             "hostname": hostname,
             "sandbox_id": sandbox_id,
         }
-        reply = await self._hello_until_answered(body, timeout_s, set_time)
-        answer = _checked(reply)
+
+        def hello() -> dict[str, Any]:
+            return {**body, "time_ns": time.time_ns() if set_time else None}
+
+        reply = await self._link.first_answer(hello, timeout_s, HELLO_RESEND_S)
+        if reply is None:
+            raise errors.BootTimeout(f"agent did not answer the handshake within {timeout_s} s")
+        answer = checked(reply)
         if answer.get("protocol") != protocol.PROTOCOL_VERSION:
             raise errors.ProtocolError(
                 f"agent speaks protocol {answer.get('protocol')!r}, "
                 f"we speak {protocol.PROTOCOL_VERSION}"
             )
-        return _hello_info(answer)
+        return hello_info_from(answer)
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Any request; returns the agent's answer, raises on an error answer."""
+        return await self._link.request({"op": op, **fields})
+
+    async def ping(self) -> None:
+        await self.request("ping")
+
+    async def shutdown(self) -> None:
+        """Ask the guest to power off; the channel closing right after is expected."""
+        with contextlib.suppress(errors.AgentDisconnected):
+            await self.request("shutdown")
+
+    # -- commands --------------------------------------------------------------------------
 
     async def exec(
         self,
@@ -144,6 +152,7 @@ class AgentClient:
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         output_max_bytes: int | None = None,
+        limits: ExecLimits | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
@@ -152,206 +161,188 @@ class AgentClient:
         ``on_stdout``/``on_stderr`` get each chunk as it arrives (coroutines are awaited).
         A command past ``timeout_s`` is killed by the agent (``timed_out=True``); if the
         agent does not answer within ``timeout_s + 15`` seconds, ExecTimeout is raised.
+        ``limits`` runs it in a cgroup of its own (``memory_limited``, ``peak_memory_kib``).
         """
-        body: dict[str, Any] = {
+        body = {
+            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
             "op": "exec",
-            "argv": cmd if isinstance(cmd, list) else None,
-            "shell": cmd if isinstance(cmd, str) else None,
-            "env": env or {},
-            "cwd": cwd,
-            "timeout_s": timeout_s,
             "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None,
-            "output_max_bytes": output_max_bytes,
         }
         output = _Output(on_stdout, on_stderr)
         deadline = None if timeout_s is None else timeout_s + EXEC_GRACE_S
         try:
-            reply = await asyncio.wait_for(self._call(body, output.feed), deadline)
+            answer = await asyncio.wait_for(self._link.request(body, output.feed), deadline)
         except TimeoutError:
             raise errors.ExecTimeout(
                 f"agent did not answer an exec within {deadline} s", result=None
             ) from None
-        return output.result(_checked(reply))
+        return exec_result_from(answer, bytes(output.stdout), bytes(output.stderr))
 
-    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Any request; returns the agent's answer, raises on an error answer."""
-        return _checked(await self._call({"op": op, **fields}))
+    # -- background processes --------------------------------------------------------------
 
-    async def ping(self) -> None:
-        await self.request("ping")
-
-    async def shutdown(self) -> None:
-        """Ask the guest to power off; the channel closing right after is expected."""
-        with contextlib.suppress(errors.AgentDisconnected):
-            await self.request("shutdown")
-
-    async def _call(
+    async def spawn(
         self,
-        body: dict[str, Any],
-        on_data: Callable[[protocol.Frame], Any] | None = None,
-    ) -> dict[str, Any]:
-        """Send one request and wait for its RESPONSE, passing data frames to on_data."""
-        rid, frames = self._open_call()
-        try:
-            await self._send(protocol.encode_json(protocol.Kind.REQUEST, rid, body))
-            while True:
-                frame = self._frame_or_raise(await frames.get())
-                if frame.kind is protocol.Kind.RESPONSE:
-                    return frame.json()
-                if on_data is not None:
-                    await on_data(frame)
-        finally:
-            self._calls.pop(rid, None)
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        output_max_bytes: int | None = None,
+        pty: tuple[int, int] | None = None,
+        limits: ExecLimits | None = None,
+    ) -> int:
+        """Start ``cmd`` in the background, in its own session; returns its guest pid.
 
-    async def _hello_until_answered(
-        self, body: dict[str, Any], timeout_s: float, set_time: bool
-    ) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        answers: asyncio.Queue[protocol.Frame | object] = asyncio.Queue()
-        rids: list[int] = []  # all share one queue: the first answer to any of them wins
-        try:
-            while (left := deadline - loop.time()) > 0:
-                rid = next(self._ids)
-                rids.append(rid)
-                self._calls[rid] = answers
-                hello = {**body, "time_ns": time.time_ns() if set_time else None}
-                await self._send(protocol.encode_json(protocol.Kind.REQUEST, rid, hello))
-                reply = await self._next_response(answers, min(HELLO_RESEND_S, left))
-                if reply is not None:
-                    return reply
-        finally:
-            for rid in rids:  # later answers find no call and are dropped
-                self._calls.pop(rid, None)
-        raise errors.BootTimeout(f"agent did not answer the handshake within {timeout_s} s")
+        ``pty=(cols, rows)`` runs it on a terminal. Its output is kept in a buffer of
+        ``output_max_bytes`` (default 1 MiB, oldest bytes dropped) for :meth:`attach`.
+        """
+        body = {
+            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
+            "op": "spawn",
+            "pty": None if pty is None else {"cols": pty[0], "rows": pty[1]},
+        }
+        return int((await self._link.request(body))["pid"])
 
-    async def _next_response(
-        self, frames: asyncio.Queue[protocol.Frame | object], wait_s: float
-    ) -> dict[str, Any] | None:
-        try:
-            async with asyncio.timeout(wait_s):
-                while True:
-                    frame = self._frame_or_raise(await frames.get())
-                    if frame.kind is protocol.Kind.RESPONSE:
-                        return frame.json()
-        except TimeoutError:
-            return None
+    async def attach(
+        self,
+        pid: int,
+        *,
+        from_start: bool = True,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus:
+        """Follow a spawned process's output (its buffer first, with ``from_start``)
+        until it ends; returns how it ended. With a PTY all output is stdout."""
+        output = _Output(on_stdout, on_stderr, keep=False)
+        body = {"op": "attach", "pid": pid, "from_start": from_start}
+        return process_status_from(await self._link.request(body, output.feed))
 
-    def _open_call(self) -> tuple[int, asyncio.Queue[protocol.Frame | object]]:
-        self._raise_if_failed()
-        rid = next(self._ids)
-        frames: asyncio.Queue[protocol.Frame | object] = asyncio.Queue()
-        self._calls[rid] = frames
-        return rid, frames
+    async def write_stdin(
+        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
+    ) -> int:
+        """Write to a spawned process's stdin; returns the bytes written. ``close``
+        closes stdin afterwards (on a PTY: sends the terminal's end-of-file, ^D)."""
+        body = {"op": "write_stdin", "pid": pid, "close": close}
+        return int((await self._link.upload(body, data))["written"])
 
-    def _frame_or_raise(self, item: protocol.Frame | object) -> protocol.Frame:
-        if isinstance(item, protocol.Frame):
-            return item
-        self._raise_if_failed()
-        raise errors.AgentDisconnected("agent channel closed")  # not reached: failed
+    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None:
+        """Send ``sig`` (``"TERM"``, ``"SIGKILL"``, 15) to the process (its group)."""
+        await self.request("signal", pid=pid, signal=sig, group=group)
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            cls, message = self._failure
-            raise cls(message)  # a fresh instance per caller: tracebacks are per raise
+    async def resize(self, pid: int, cols: int, rows: int) -> None:
+        """Resize a spawned process's PTY (Conflict if it has none)."""
+        await self.request("resize", pid=pid, cols=cols, rows=rows)
 
-    async def _send(self, data: bytes) -> None:
-        async with self._write_lock:
-            self._raise_if_failed()
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-            except (ConnectionError, OSError) as exc:
-                self._fail(errors.AgentDisconnected, "agent channel closed")
-                raise errors.AgentDisconnected(f"agent channel closed: {exc}") from exc
+    async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
+        """The process's status after waiting up to ``timeout_s`` (None: no wait)."""
+        return process_status_from(await self.request("wait", pid=pid, timeout_s=timeout_s))
 
-    async def _read_loop(self) -> None:
-        decoder = protocol.FrameDecoder()
-        try:
-            while data := await self._reader.read(READ_SIZE):
-                for frame in decoder.feed(data):
-                    self._route(frame)
-        except protocol.ProtocolViolation as exc:
-            self._fail(errors.ProtocolError, f"agent sent bytes that are not frames: {exc}")
-            self._writer.close()
-        except (ConnectionError, OSError):
-            pass
-        finally:  # whatever ended the loop, no answer can come any more
-            self._fail(errors.AgentDisconnected, "agent channel closed")
+    async def ps(self) -> list[ProcessInfo]:
+        """Every spawned process the agent remembers, running or ended."""
+        return process_infos_from(await self.request("ps"))
 
-    def _route(self, frame: protocol.Frame) -> None:
-        if frame.rid == 0 and frame.kind is protocol.Kind.EVENT:
-            if frame.json().get("event") == "ready":
-                self.ready.set()
-            return
-        calls = self._calls.get(frame.rid)
-        if calls is not None:  # else a late answer to a request given up on: dropped
-            calls.put_nowait(frame)
+    async def forget(self, pid: int) -> None:
+        """Drop an ended process's record and buffer (Conflict while it runs)."""
+        await self.request("forget", pid=pid)
 
-    def _fail(self, cls: type[errors.AgentError], message: str) -> None:
-        if self._failure is not None:
-            return
-        self._failure = (cls, message)
-        for calls in self._calls.values():
-            calls.put_nowait(_CLOSED)
+    # -- files (paths in the guest: relative ones from /) ----------------------------------
+
+    async def stat(self, path: str) -> FileInfo:
+        """The file at ``path`` (not following a final symlink)."""
+        return file_info_from(path, await self.request("stat", path=path))
+
+    async def list_dir(self, path: str) -> list[FileInfo]:
+        """The directory's entries, sorted by name."""
+        return file_infos_from(path, await self.request("list", path=path))
+
+    def read_file(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes from ``offset`` (``length`` of them, None: to the end) in
+        chunks of at most 64 KiB, streamed as the caller consumes them."""
+        return self._link.download({"op": "read", "path": path, "offset": offset, "length": length})
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        offset: int = 0,
+        truncate: bool = True,
+    ) -> int:
+        """Write ``data`` at ``offset`` as it comes; returns the bytes written. ``mode``
+        applies to a new file; ``truncate`` makes the file end where the data ends."""
+        body = {
+            "op": "write",
+            "path": path,
+            "mode": mode,
+            "offset": offset,
+            "truncate": truncate,
+        }
+        return int((await self._link.upload(body, data))["written"])
+
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        await self.request("mkdir", path=path, parents=parents, mode=mode)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self.request("remove", path=path, recursive=recursive)
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self.request("rename", src=src, dst=dst)
+
+    def tar_out(self, path: str) -> AsyncIterator[bytes]:
+        """A POSIX tar stream of ``path``: a directory's contents, or one file."""
+        return self._link.download({"op": "tar_out", "path": path})
+
+    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int:
+        """Extract the tar stream ``data`` into the directory ``path`` (made if missing);
+        returns the member count. Unsafe members fail it with InvalidRequest."""
+        return int((await self._link.upload({"op": "tar_in", "path": path}, data))["entries"])
+
+
+def _command(
+    cmd: list[str] | str,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    timeout_s: float | None,
+    output_max_bytes: int | None,
+    limits: ExecLimits | None,
+) -> dict[str, Any]:
+    """The fields exec and spawn share."""
+    return {
+        "argv": cmd if isinstance(cmd, list) else None,
+        "shell": cmd if isinstance(cmd, str) else None,
+        "env": env or {},
+        "cwd": cwd,
+        "timeout_s": timeout_s,
+        "output_max_bytes": output_max_bytes,
+        "limits": None if limits is None else limits.wire(),
+    }
 
 
 class _Output:
-    """Collects an exec's output and passes each chunk to the caller's callbacks."""
+    """Collects output (unless not `keep`) and passes each chunk to the callbacks."""
 
-    def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None):
-        self._stdout, self._stderr = bytearray(), bytearray()
+    def __init__(
+        self,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        keep: bool = True,
+    ) -> None:
+        self.stdout, self.stderr = bytearray(), bytearray()
+        self._keep = keep
         self._callbacks = {protocol.Kind.STDOUT: on_stdout, protocol.Kind.STDERR: on_stderr}
 
     async def feed(self, frame: protocol.Frame) -> None:
-        if frame.kind is protocol.Kind.STDOUT:
-            self._stdout += frame.payload
-        elif frame.kind is protocol.Kind.STDERR:
-            self._stderr += frame.payload
-        else:
+        if frame.kind not in self._callbacks:
             return
+        if self._keep:
+            (self.stdout if frame.kind is protocol.Kind.STDOUT else self.stderr).extend(
+                frame.payload
+            )
         callback = self._callbacks[frame.kind]
         if callback is not None:
             outcome = callback(frame.payload)
             if inspect.isawaitable(outcome):
                 await outcome
-
-    def result(self, answer: dict[str, Any]) -> ExecResult:
-        try:
-            return ExecResult(
-                exit_code=int(answer["exit_code"]),
-                stdout=bytes(self._stdout),
-                stderr=bytes(self._stderr),
-                duration_ms=float(answer["duration_ms"]),
-                timed_out=bool(answer.get("timed_out", False)),
-                output_truncated=bool(answer.get("output_truncated", False)),
-                signal=None if answer.get("signal") is None else int(answer["signal"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise errors.ProtocolError(f"malformed exec answer {answer!r}") from exc
-
-
-def _checked(reply: dict[str, Any]) -> dict[str, Any]:
-    """The answer of a successful request; an error answer raised as our exception."""
-    if reply.get("ok") is True:
-        return reply
-    error = reply.get("error")
-    if not isinstance(error, dict):
-        raise errors.ProtocolError(f"malformed agent answer {reply!r}")
-    kind, message = str(error.get("type")), str(error.get("message"))
-    if kind == "InvalidRequest":
-        raise errors.InvalidRequest(message)
-    raise errors.AgentRequestFailed(f"{kind}: {message}", type=kind)
-
-
-def _hello_info(answer: dict[str, Any]) -> HelloInfo:
-    try:
-        return HelloInfo(
-            protocol=int(answer["protocol"]),
-            agent_version=str(answer["agent_version"]),
-            boot_time=float(answer["boot_time"]),
-            kernel=str(answer["kernel"]),
-            warnings=tuple(str(w) for w in answer.get("warnings") or ()),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise errors.ProtocolError(f"malformed hello answer {answer!r}") from exc

@@ -12,7 +12,9 @@ over the one stream. JSON kinds carry one UTF-8 JSON object; data kinds carry ra
 
 A conversation: the host sends ``REQUEST`` ``{"op": ...}`` with a fresh rid; the agent
 may send ``EVENT``, ``STDOUT`` and ``STDERR`` frames for that rid and ends it with exactly
-one ``RESPONSE`` (``{"ok": true, ...}`` or ``{"ok": false, "error": {...}}``). The agent
+one ``RESPONSE`` (``{"ok": true, ...}`` or ``{"ok": false, "error": {...}}``); the host
+may send ``STDIN`` frames (a zero-length one ends them) and ``EVENT`` frames (``ack``,
+``cancel``) for it. See docs/protocol.md for the ops and the flow control. The agent
 announces itself with an unsolicited ``EVENT`` ``{"event": "ready"}`` on rid 0 each time
 it (re)opens its channel; the host then sends ``hello``.
 
@@ -29,13 +31,18 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 AGENT_PORT_NAME = "org.emberbox.agent"  # virtio-serial port name
 AGENT_VSOCK_PORT = 1024
 MAGIC = b"EB"
 HEADER = struct.Struct(">2sBII")
 MAX_PAYLOAD = 1 << 20
 DATA_CHUNK = 64 * 1024
+# Flow control of bulk transfers (STDIN uploads, `read` and `tar_out` downloads): the
+# sender keeps at most WINDOW unacknowledged bytes in flight on a request; the receiver
+# acknowledges with EVENT {"event": "ack", "bytes": total} at least every ACK_EVERY bytes.
+WINDOW = 4 << 20
+ACK_EVERY = 256 * 1024
 
 
 class Kind(enum.IntEnum):

@@ -23,7 +23,13 @@ from emberbox.config import Settings
 from emberbox.errors import ImageBuildError, InvalidRequest
 from emberbox.images import initramfs, kernel
 from emberbox.images.registry import FILE_NAMES, MANIFEST, ImageInfo, ImageRegistry
-from emberbox.images.rootfs import RootfsRecipe, assemble_ext4, build_tarball, guest_files
+from emberbox.images.rootfs import (
+    POLYGLOT_PACKAGES,
+    RootfsRecipe,
+    assemble_ext4,
+    build_tarball,
+    guest_files,
+)
 
 BUILDER_VERSION = 1
 BUSYBOX = Path("/bin/busybox")
@@ -38,13 +44,33 @@ class ImageRecipe:
 
 RECIPES: dict[str, ImageRecipe] = {
     "default": ImageRecipe(RootfsRecipe(), "Debian bookworm (minimal) with Python 3"),
+    # The one-shot runner's image (emberbox.service.run): every language it offers.
+    "polyglot": ImageRecipe(
+        RootfsRecipe(packages=(*RootfsRecipe().packages, *POLYGLOT_PACKAGES)),
+        "Debian bookworm (minimal) with Python 3, Node.js, GCC and G++",
+    ),
 }
+
+
+# The guest agent's modules, installed side by side in /opt/emberbox (stdlib only).
+AGENT_FILES = (
+    "agent.py",
+    "archive.py",
+    "cgroups.py",
+    "channel.py",
+    "commands.py",
+    "common.py",
+    "fdio.py",
+    "files.py",
+    "processes.py",
+    "protocol.py",
+)
 
 
 def agent_files() -> dict[str, bytes]:
     """The guest agent's files as installed into /opt/emberbox in the guest."""
     guest = Path(__file__).resolve().parent.parent / "guest"
-    return {name: (guest / name).read_bytes() for name in ("agent.py", "protocol.py")}
+    return {name: (guest / name).read_bytes() for name in AGENT_FILES}
 
 
 def _sha256(data: bytes) -> str:

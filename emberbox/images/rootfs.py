@@ -28,6 +28,10 @@ DPKG_EXCLUDES = (
     "path-include=/usr/share/locale/locale.alias",
 )
 
+# What the polyglot image adds for the one-shot runner: Node.js, and C/C++ compilers with
+# the C library's headers (libc6-dev is only a Recommends of gcc).
+POLYGLOT_PACKAGES = ("nodejs", "gcc", "g++", "libc6-dev")
+
 
 @dataclass(frozen=True)
 class RootfsRecipe:

@@ -5,24 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from emberbox import errors
 from emberbox.guest import protocol
-from emberbox.guest.client import AgentClient
+from emberbox.guest.client import AgentClient, ExecLimits
+from emberbox.images.build import agent_files
+from tests.unit.test_agent_fixtures import RunningAgent, chunked, running_agent
 
 pytestmark = pytest.mark.anyio
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -30,39 +27,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class RunningAgent:
-    proc: subprocess.Popen[bytes]
-    socket_path: str
-    workdir: str
-
-    async def connect(self) -> AgentClient:
-        return AgentClient(*await asyncio.open_unix_connection(self.socket_path))
-
-
 @pytest.fixture
 def agent() -> Iterator[RunningAgent]:
-    # Short path under /tmp: unix socket paths are limited to 107 bytes.
-    workdir = tempfile.mkdtemp(prefix="eb-", dir="/tmp")
-    socket_path = os.path.join(workdir, "a.sock")
-    log = open(os.path.join(workdir, "agent.log"), "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emberbox.guest.agent", "--listen", f"unix:{socket_path}"],
-        stderr=log,
-        cwd=REPO,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(socket_path):
-            assert proc.poll() is None and time.monotonic() < deadline, "agent did not start"
-            time.sleep(0.02)
-        yield RunningAgent(proc, socket_path, workdir)
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
-        sys.stderr.write(Path(workdir, "agent.log").read_text())  # shown if the test failed
-        shutil.rmtree(workdir)
+    with running_agent() as started:
+        yield started
 
 
 def pgrep(pattern: str) -> bool:
@@ -284,3 +252,58 @@ async def test_shutdown_stops_test_mode_agent(client: AgentClient, agent: Runnin
     """Not being PID 1, the agent answers shutdown and then exits 0."""
     await client.shutdown()
     assert await asyncio.to_thread(agent.proc.wait, 5) == 0
+
+
+async def test_limits_refused_when_not_pid_1(client: AgentClient) -> None:
+    """Not PID 1, the agent leaves the host's cgroups alone: limits are refused, saying why."""
+    with pytest.raises(errors.AgentRequestFailed, match="only as PID 1"):
+        await client.exec(["true"], limits=ExecLimits(memory_mib=64))
+    with pytest.raises(errors.InvalidRequest, match="memory_mib"):
+        await client.request("exec", argv=["true"], limits={"memory_mib": 0})
+    result = await client.exec(["true"])
+    assert (result.memory_limited, result.peak_memory_kib) == (False, None)
+
+
+async def test_cancelled_exec_kills_the_command(client: AgentClient) -> None:
+    """A caller that gives up on an exec (task cancelled) makes the agent kill it."""
+    marker = f"200.{secrets.randbelow(10**6):06d}"
+    pending = asyncio.create_task(client.exec(f"sleep {marker}"))
+    deadline = time.monotonic() + 5
+    while not await asyncio.to_thread(pgrep, f"sleep {marker}"):
+        assert time.monotonic() < deadline, "the command never started"
+        await asyncio.sleep(0.05)
+    pending.cancel()
+    deadline = time.monotonic() + 3
+    while await asyncio.to_thread(pgrep, f"sleep {marker}"):
+        assert time.monotonic() < deadline, "the abandoned command still runs"
+        await asyncio.sleep(0.05)
+    await client.ping()
+
+
+GUEST_PYTHON = Path("/usr/bin/python3")  # Debian's, as in the guest image
+
+
+@pytest.fixture
+def flat_install(tmp_path: Path) -> list[str]:
+    """The image's agent files side by side, as in /opt/emberbox; the command to run it."""
+    if not GUEST_PYTHON.exists():
+        pytest.skip("needs the system's /usr/bin/python3 (Debian's, as in the guest)")
+    for name, data in agent_files().items():
+        (tmp_path / name).write_bytes(data)
+    command = [str(GUEST_PYTHON), "-s", "-E", "-u", str(tmp_path / "agent.py")]
+    no_package = subprocess.run([*command[:-1], "-c", "import emberbox"], cwd=tmp_path)
+    assert no_package.returncode != 0  # so the agent must use its flat imports
+    return command
+
+
+async def test_agent_runs_installed_flat(flat_install: list[str], tmp_path: Path) -> None:
+    """The image's agent files run as installed in the guest, without the emberbox package."""
+    with running_agent(flat_install, cwd=tmp_path) as flat:
+        async with await flat.connect() as client:
+            info = await client.handshake(timeout_s=10)
+            assert info.protocol == protocol.PROTOCOL_VERSION
+            await client.write_file(str(tmp_path / "x.txt"), b"flat")
+            archive = b"".join([chunk async for chunk in client.tar_out(str(tmp_path / "x.txt"))])
+            assert await client.tar_in(str(tmp_path / "out"), chunked(archive, 1000)) == 1
+            pid = await client.spawn(["cat", str(tmp_path / "out/x.txt")])
+            assert (await client.wait(pid, timeout_s=5)).exit_code == 0

@@ -86,7 +86,7 @@ async def test_hello_resent_until_answered(pair: tuple[AgentClient, FakeAgent]) 
     assert len(base64.b64decode(body["entropy"])) == 64
     await fake.answer(second.rid, hello_answer())
     info = await handshake
-    assert (info.protocol, info.kernel, info.boot_time) == (1, "6.1", 1.5)
+    assert (info.protocol, info.kernel, info.boot_time) == (protocol.PROTOCOL_VERSION, "6.1", 1.5)
     assert info.warnings == ("set clock: nope",)
 
 
@@ -117,11 +117,11 @@ async def test_handshake_times_out(pair: tuple[AgentClient, FakeAgent]) -> None:
 
 
 async def test_protocol_mismatch(pair: tuple[AgentClient, FakeAgent]) -> None:
-    """An agent answering with another protocol number is a ProtocolError."""
+    """An agent answering with another protocol number (an old image's) is a ProtocolError."""
     client, fake = pair
     handshake = asyncio.create_task(client.handshake(timeout_s=5))
-    await fake.answer((await fake.request()).rid, hello_answer(version=2))
-    with pytest.raises(errors.ProtocolError, match="protocol 2"):
+    await fake.answer((await fake.request()).rid, hello_answer(version=1))
+    with pytest.raises(errors.ProtocolError, match="protocol 1, we speak 2"):
         await handshake
 
 
@@ -176,12 +176,23 @@ async def test_out_of_order_responses_routed_by_rid(pair: tuple[AgentClient, Fak
     assert (result_b.exit_code, result_b.stdout, result_b.stderr) == (2, b"out-b", b"")
 
 
-async def test_error_answers_mapped(pair: tuple[AgentClient, FakeAgent]) -> None:
-    """InvalidRequest answers become errors.InvalidRequest, others AgentRequestFailed."""
+@pytest.mark.parametrize(
+    ("wire", "cls"),
+    [
+        ("InvalidRequest", errors.InvalidRequest),
+        ("NotFound", errors.NotFound),
+        ("Conflict", errors.Conflict),
+    ],
+)
+async def test_error_answers_mapped(
+    pair: tuple[AgentClient, FakeAgent], wire: str, cls: type[errors.EmberboxError]
+) -> None:
+    """InvalidRequest, NotFound and Conflict answers raise those classes, others
+    AgentRequestFailed."""
     client, fake = pair
     bad = asyncio.create_task(client.request("frobnicate"))
-    await fake.answer((await fake.request()).rid, protocol.error_payload("InvalidRequest", "no"))
-    with pytest.raises(errors.InvalidRequest, match="no"):
+    await fake.answer((await fake.request()).rid, protocol.error_payload(wire, "no"))
+    with pytest.raises(cls, match="no"):
         await bad
     broken = asyncio.create_task(client.ping())
     await fake.answer((await fake.request()).rid, protocol.error_payload("AgentError", "boom"))
@@ -250,3 +261,62 @@ async def test_shutdown_tolerates_channel_closing(pair: tuple[AgentClient, FakeA
     assert (await fake.request()).json() == {"op": "shutdown"}
     await fake.close()
     await shutdown
+
+
+async def next_chunk(reader: AsyncIterator[bytes]) -> bytes:
+    return await anext(reader)
+
+
+async def test_upload_waits_for_the_window(pair: tuple[AgentClient, FakeAgent]) -> None:
+    """An upload sends at most WINDOW unacknowledged bytes, then resumes on an ack."""
+    client, fake = pair
+    data = bytes(protocol.WINDOW + 3 * protocol.DATA_CHUNK)
+    upload = asyncio.create_task(client.write_file("/f", data))
+    rid = (await fake.request()).rid
+    received = 0
+    while received < protocol.WINDOW:
+        frame = await fake.request()
+        assert (frame.kind, frame.rid) == (Kind.STDIN, rid)
+        received += len(frame.payload)
+    with pytest.raises(TimeoutError):
+        await fake.request(timeout_s=0.3)  # the window is full
+    await fake.send(protocol.encode_json(Kind.EVENT, rid, {"event": "ack", "bytes": received}))
+    rest = [await fake.request() for _ in range(4)]
+    assert [len(f.payload) for f in rest] == [protocol.DATA_CHUNK] * 3 + [0]  # then the end
+    await fake.answer(rid, {"ok": True, "written": len(data)})
+    assert await upload == len(data)
+
+
+async def test_download_acknowledges_what_was_taken(pair: tuple[AgentClient, FakeAgent]) -> None:
+    """A download acks every ACK_EVERY bytes its consumer took, and ends on the answer."""
+    client, fake = pair
+    reader = client.read_file("/f")
+    first = asyncio.create_task(next_chunk(reader))
+    request = await fake.request()
+    assert request.json() == {"op": "read", "path": "/f", "offset": 0, "length": None}
+    chunk = bytes(protocol.DATA_CHUNK)
+    frames = protocol.ACK_EVERY // protocol.DATA_CHUNK + 1
+    await fake.send(*(protocol.encode(Kind.STDOUT, request.rid, chunk) for _ in range(frames)))
+    await fake.answer(request.rid, {"ok": True, "size": frames * len(chunk), "read": 0})
+    taken = [await first] + [chunk async for chunk in reader]
+    assert sum(map(len, taken)) == frames * len(chunk)
+    ack = await fake.request()
+    assert (ack.kind, ack.json()) == (Kind.EVENT, {"event": "ack", "bytes": protocol.ACK_EVERY})
+
+
+async def test_abandoned_calls_are_cancelled(pair: tuple[AgentClient, FakeAgent]) -> None:
+    """A cancelled request and a download closed early each tell the agent to cancel."""
+    client, fake = pair
+    pending = asyncio.create_task(client.exec(["sleep", "9"]))
+    rid = (await fake.request()).rid
+    pending.cancel()
+    cancel = await fake.request()
+    assert (cancel.kind, cancel.rid, cancel.json()) == (Kind.EVENT, rid, {"event": "cancel"})
+    reader = client.read_file("/f")
+    first = asyncio.create_task(next_chunk(reader))
+    rid = (await fake.request()).rid
+    await fake.send(protocol.encode(Kind.STDOUT, rid, b"x"))
+    assert await first == b"x"
+    await reader.aclose()  # type: ignore[attr-defined]
+    cancel = await fake.request()
+    assert (cancel.kind, cancel.rid, cancel.json()) == (Kind.EVENT, rid, {"event": "cancel"})

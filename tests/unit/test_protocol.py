@@ -119,3 +119,15 @@ def test_error_payload_shape() -> None:
         "ok": False,
         "error": {"type": "InvalidRequest", "message": "bad"},
     }
+
+
+def test_empty_data_frame_is_the_end_marker() -> None:
+    """A zero-length STDIN frame (end of input) survives encoding and decoding."""
+    frames = FrameDecoder().feed(protocol.encode(Kind.STDIN, 9, b""))
+    assert frames == [Frame(Kind.STDIN, 9, b"")]
+
+
+def test_flow_control_constants() -> None:
+    """Version 2; the window holds several acks' worth and many data frames."""
+    assert protocol.PROTOCOL_VERSION == 2
+    assert protocol.WINDOW >= 4 * protocol.ACK_EVERY >= 4 * protocol.DATA_CHUNK
