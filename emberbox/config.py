@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     default_exec_timeout_s: float = Field(default=60.0, gt=0)
     max_exec_timeout_s: float = Field(default=3600.0, gt=0)
     exec_output_max_bytes: int = Field(default=16 << 20, ge=1024)
+    max_upload_bytes: int = Field(default=1 << 30, ge=1)  # one file or archive (HTTP 413)
 
     # Service.
     api_key: SecretStr | None = None  # when set, every API call needs "Bearer <key>"
@@ -72,6 +73,13 @@ class Settings(BaseSettings):
     default_timeout_s: int = Field(default=300, ge=1)
     max_timeout_s: int = Field(default=24 * 3600, ge=1)
     reaper_interval_s: float = Field(default=1.0, gt=0)
+    # One-shot runs (POST /v1/run): each in a fresh sandbox of run_image.
+    run_image: str = "polyglot"
+    run_default_timeout_s: float = Field(default=10.0, gt=0)  # the program's run step
+    run_max_timeout_s: float = Field(default=300.0, gt=0)
+    run_compile_timeout_s: float = Field(default=60.0, gt=0)  # TCG: g++ takes ~5 s
+    run_default_memory_mib: int = Field(default=256, ge=16)  # the program's cgroup limit
+    run_output_max_bytes: int = Field(default=1 << 20, ge=1024)  # per stream; more: output_limit
 
     # Fast start (see docs/snapshots.md).
     templates: bool = True  # create restores a per-image "ready" snapshot instead of booting

@@ -10,6 +10,7 @@ Every error the library, the server, the SDK or the CLI raises on purpose is one
     ├── Conflict                the object is in a state that forbids the call (HTTP 409)
     │   └── SnapshotMismatch    a snapshot made by another VMM, version, image or VM shape
     ├── QuotaExceeded           a configured limit would be passed (HTTP 403 / 429)
+    │   └── PayloadTooLarge     an upload over max_upload_bytes (HTTP 413)
     ├── ImageBuildError         building a guest image failed (a step and its output)
     ├── HostError               the host lacks something (QEMU, KVM, space) (HTTP 503)
     ├── VMMError                the virtual machine monitor misbehaved (HTTP 502)
@@ -76,6 +77,10 @@ class SnapshotMismatch(Conflict):
 
 class QuotaExceeded(EmberboxError):
     status_code = 403
+
+
+class PayloadTooLarge(QuotaExceeded):
+    status_code = 413
 
 
 class ImageBuildError(EmberboxError):

@@ -11,14 +11,16 @@ limits (``Settings.max_vcpus`` ...) and answers 400/403 when a request passes th
 
 from __future__ import annotations
 
+import base64
 import math
+import shlex
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 if TYPE_CHECKING:
-    from emberbox.guest.client import ExecResult
+    from emberbox.guest.client import ExecResult, FileInfo, ProcessInfo, ProcessStatus
     from emberbox.images.registry import ImageInfo
     from emberbox.service.manager import SandboxRecord
     from emberbox.service.snapshots import SnapshotRecord
@@ -39,6 +41,9 @@ EnvName = Annotated[str, StringConstraints(max_length=256, pattern=r"^[A-Za-z_][
 EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 Env = Annotated[dict[EnvName, EnvValue], Field(max_length=1024)]
 HostPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
+GuestPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")
+]  # resolved by the guest (relative to /); the host never opens it
 ObjectId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
@@ -185,16 +190,27 @@ class ExecRequest(_Request):
         description="Seconds before the command is killed; null uses the server default.",
     )
     stdin: str | None = Field(default=None, description="Text fed to the command (UTF-8).")
+    stream: bool = Field(
+        default=False,
+        description=(
+            "Answer `application/x-ndjson`: one StreamEvent per line as output comes "
+            "(`stdout`/`stderr`), then one `exit` (or `error`) event."
+        ),
+    )
 
     @field_validator("cmd")
     @classmethod
     def _check_cmd(cls, cmd: list[str] | str) -> list[str] | str:
-        parts = [cmd] if isinstance(cmd, str) else cmd
-        if any("\x00" in part for part in parts):
-            raise ValueError("must not contain NUL characters")
-        if not parts[0].strip():
-            raise ValueError("the command (first element) must not be blank")
-        return cmd
+        return _checked_cmd(cmd)
+
+
+def _checked_cmd(cmd: list[str] | str) -> list[str] | str:
+    parts = [cmd] if isinstance(cmd, str) else cmd
+    if any("\x00" in part for part in parts):
+        raise ValueError("must not contain NUL characters")
+    if not parts[0].strip():
+        raise ValueError("the command (first element) must not be blank")
+    return cmd
 
 
 class ExecResponse(_Public):
@@ -300,21 +316,242 @@ class ErrorBody(_Public):
     error: ErrorDetail
 
 
+# --- streamed output (NDJSON: one event per line) ----------------------------------------
+
+
+class OutputEvent(_Public):
+    """A chunk of output. ``data`` is UTF-8 text; when the chunk's bytes are not valid
+    UTF-8, ``data`` has them with U+FFFD replacements and ``data_b64`` has them exactly.
+    (A character split between chunks is never split between events.)"""
+
+    type: Literal["stdout", "stderr"]
+    data: str
+    data_b64: str | None = Field(default=None, description="The exact bytes (base64).")
+
+    @classmethod
+    def from_bytes(cls, stream: Literal["stdout", "stderr"], chunk: bytes) -> OutputEvent:
+        try:
+            return cls(type=stream, data=chunk.decode("utf-8"))
+        except UnicodeDecodeError:
+            text = chunk.decode("utf-8", errors="replace")
+            return cls(type=stream, data=text, data_b64=base64.b64encode(chunk).decode("ascii"))
+
+    def raw(self) -> bytes:
+        """The chunk's bytes as the command wrote them."""
+        if self.data_b64 is not None:
+            return base64.b64decode(self.data_b64)
+        return self.data.encode("utf-8")
+
+
+class ExitEvent(_Public):
+    """The last event of a stream: how the command or process ended."""
+
+    type: Literal["exit"] = "exit"
+    exit_code: int | None = Field(description="null when a signal ended it (see `signal`).")
+    signal: int | None = None
+    duration_ms: float | None = None
+    timed_out: bool = False
+    output_truncated: bool = False
+    memory_limited: bool = False
+
+
+class ErrorEvent(_Public):
+    """The last event of a stream that failed after it began (the HTTP status was 200)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+StreamEvent = Annotated[OutputEvent | ExitEvent | ErrorEvent, Field(discriminator="type")]
+
+
+# --- background processes ----------------------------------------------------------------
+
+
+class PtySize(_Request):
+    """A terminal's size in character cells."""
+
+    cols: int = Field(ge=1, le=1000)
+    rows: int = Field(ge=1, le=1000)
+
+
+class ProcessCreate(_Request):
+    """Start a process that runs in the background, in its own session."""
+
+    cmd: Argv | ShellCommand
+    env: Env = Field(default_factory=dict, description="Added to the sandbox's environment.")
+    cwd: GuestPath | None = Field(default=None, description="Working directory in the guest.")
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_EXEC_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="Seconds before it is killed; null: it runs until it ends or the sandbox does.",
+    )
+    pty: PtySize | None = Field(default=None, description="Run it on a terminal of this size.")
+
+    @field_validator("cmd")
+    @classmethod
+    def _check_cmd(cls, cmd: list[str] | str) -> list[str] | str:
+        return _checked_cmd(cmd)
+
+
+class ProcessStarted(_Public):
+    pid: int = Field(description="The process id in the guest.")
+
+
+class ProcessPublic(_Public):
+    """A process started with ``POST .../processes`` (running or ended)."""
+
+    pid: int
+    cmd: str
+    running: bool
+    exit_code: int | None = None
+    pty: bool = False
+    started_at: float | None = Field(default=None, description="Unix time, guest clock.")
+
+    @classmethod
+    def from_info(cls, info: ProcessInfo) -> ProcessPublic:
+        cmd = info.cmd if isinstance(info.cmd, str) else shlex.join(info.cmd)
+        return cls(
+            pid=info.pid,
+            cmd=cmd,
+            running=info.running,
+            exit_code=info.exit_code,
+            pty=info.pty,
+            started_at=info.started_at,
+        )
+
+
+class ProcessList(_Public):
+    processes: list[ProcessPublic]
+
+
+class ProcessStatusPublic(_Public):
+    """Whether a process still runs and, once it ended, how."""
+
+    pid: int
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_ms: float | None = None
+    timed_out: bool = False
+    output_truncated: bool = False
+    memory_limited: bool = False
+
+    @classmethod
+    def from_status(cls, status: ProcessStatus) -> ProcessStatusPublic:
+        return cls(
+            pid=status.pid,
+            running=status.running,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            duration_ms=status.duration_ms,
+            timed_out=status.timed_out,
+            output_truncated=status.output_truncated,
+            memory_limited=status.memory_limited,
+        )
+
+    def exit_event(self) -> ExitEvent:
+        fields = self.model_dump(exclude={"pid", "running"})
+        return ExitEvent(**fields)
+
+
+class SignalRequest(_Request):
+    """Send a signal: a name (``TERM``, ``SIGKILL``) or a number."""
+
+    signal: (
+        Annotated[str, StringConstraints(pattern=r"^(SIG)?[A-Z][A-Z0-9+-]{0,15}$")]
+        | Annotated[int, Field(ge=1, le=64)]
+    ) = "TERM"
+    group: bool = Field(default=True, description="Signal its whole process group.")
+
+
+class StdinWritten(_Public):
+    written: int = Field(description="Bytes delivered to the process's stdin.")
+
+
+# --- files -------------------------------------------------------------------------------
+
+FileType = Literal["file", "dir", "symlink", "other"]
+_FILE_TYPES: dict[str, FileType] = {"file": "file", "dir": "dir", "symlink": "symlink"}
+
+
+class FileEntry(_Public):
+    """A file in the guest, as the guest's own ``lstat`` sees it."""
+
+    name: str
+    path: str
+    type: FileType
+    size: int
+    mode: int = Field(description="Permission bits (st_mode & 0o7777).")
+    mtime: float = Field(description="Unix time, guest clock.")
+
+    @classmethod
+    def from_info(cls, info: FileInfo) -> FileEntry:
+        return cls(
+            name=info.name,
+            path=info.path,
+            type=_FILE_TYPES.get(info.type, "other"),
+            size=info.size,
+            mode=info.mode & 0o7777,
+            mtime=info.mtime,
+        )
+
+
+class FileList(_Public):
+    path: str
+    entries: list[FileEntry]
+
+
+class MakeDir(_Request):
+    path: GuestPath
+    parents: bool = Field(default=True, description="Create missing parents too (mkdir -p).")
+    mode: int = Field(default=0o755, ge=0, le=0o7777)
+
+
+class FileWritten(_Public):
+    path: str
+    size: int = Field(description="Bytes written.")
+
+
+class ArchiveWritten(_Public):
+    path: str
+    entries: int = Field(description="Members extracted.")
+
+
 __all__ = [
+    "ArchiveWritten",
     "CommandRequest",
     "CommandResponse",
     "ErrorBody",
     "ErrorDetail",
+    "ErrorEvent",
     "ExecRequest",
     "ExecResponse",
+    "ExitEvent",
+    "FileEntry",
+    "FileList",
+    "FileWritten",
     "Health",
     "ImagePublic",
+    "MakeDir",
+    "OutputEvent",
+    "ProcessCreate",
+    "ProcessList",
+    "ProcessPublic",
+    "ProcessStarted",
+    "ProcessStatusPublic",
+    "PtySize",
     "SandboxCreate",
     "SandboxList",
     "SandboxPublic",
     "SandboxStateName",
+    "SignalRequest",
     "SnapshotList",
     "SnapshotPublic",
+    "StdinWritten",
+    "StreamEvent",
     "TimeoutUpdate",
     "VMCreate",
     "VMCreateResponse",

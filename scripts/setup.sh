@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what emberbox needs on a Debian 12 host, idempotently: apt packages, the
-# Python venv, and the default guest image (cached under ~/.cache/emberbox).
+# Python venv, and the guest images (default, polyglot; cached under ~/.cache/emberbox).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,3 +36,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 .venv/bin/emberbox image build --name default
+# The one-shot runner's image (POST /v1/run): cached like the default, ~40 s cold.
+.venv/bin/emberbox image build --name polyglot

@@ -10,7 +10,8 @@ from fastapi import Depends, FastAPI
 from emberbox import __version__
 from emberbox.api.deps import AppContext, require_api_key
 from emberbox.api.errors import error_responses, install_error_handlers
-from emberbox.api.routes import sandboxes, seed, snapshots, system
+from emberbox.api.routes import files, processes, pty, sandboxes, seed, snapshots, system
+from emberbox.api.routes.run import router as run_router
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
 from emberbox.service.manager import SandboxManager
@@ -57,7 +58,11 @@ def create_app(
     auth_errors = error_responses(401)
     app.include_router(sandboxes.router, dependencies=guarded, responses=auth_errors)
     app.include_router(snapshots.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(processes.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(files.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(pty.router)  # a WebSocket: checks the key itself, answers in frames
     app.include_router(seed.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(run_router, dependencies=guarded, responses=auth_errors)
     app.include_router(system.router)
     return app
 

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from emberbox import errors
 from emberbox.config import Settings
@@ -19,7 +20,9 @@ from emberbox.service.state import SandboxState
 
 if TYPE_CHECKING:
     from emberbox.images.registry import ImageRegistry
+    from emberbox.service.files import GuestFiles
     from emberbox.service.manager import SandboxManager
+    from emberbox.service.processes import Processes
 
 METADATA_PREFIX = "metadata."
 
@@ -31,22 +34,30 @@ class AppContext:
     registry: ImageRegistry
 
 
-def get_context(request: Request) -> AppContext:
-    context = request.app.state.emberbox
+def get_context(connection: HTTPConnection) -> AppContext:
+    context = connection.app.state.emberbox
     assert isinstance(context, AppContext)
     return context
 
 
-def get_settings(request: Request) -> Settings:
-    return get_context(request).settings
+def get_settings(connection: HTTPConnection) -> Settings:
+    return get_context(connection).settings
 
 
-def get_manager(request: Request) -> SandboxManager:
-    return get_context(request).manager
+def get_manager(connection: HTTPConnection) -> SandboxManager:
+    return get_context(connection).manager
 
 
-def get_registry(request: Request) -> ImageRegistry:
-    return get_context(request).registry
+def get_registry(connection: HTTPConnection) -> ImageRegistry:
+    return get_context(connection).registry
+
+
+def get_processes(connection: HTTPConnection) -> Processes:
+    return get_context(connection).manager.processes
+
+
+def get_files(connection: HTTPConnection) -> GuestFiles:
+    return get_context(connection).manager.files
 
 
 def _configured_api_key(settings: Settings) -> str | None:
@@ -55,12 +66,13 @@ def _configured_api_key(settings: Settings) -> str | None:
     return settings.api_key.get_secret_value() or None
 
 
-def require_api_key(request: Request) -> None:
-    """When ``Settings.api_key`` is set, every request must carry ``Bearer <key>``."""
-    expected = _configured_api_key(get_settings(request))
+def require_api_key(connection: HTTPConnection) -> None:
+    """When ``Settings.api_key`` is set, every request must carry ``Bearer <key>``
+    (WebSocket handshakes too)."""
+    expected = _configured_api_key(get_settings(connection))
     if expected is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
         raise errors.Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
 
@@ -103,3 +115,5 @@ def state_from_name(name: str | None) -> SandboxState | None:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ManagerDep = Annotated["SandboxManager", Depends(get_manager)]
 RegistryDep = Annotated["ImageRegistry", Depends(get_registry)]
+ProcessesDep = Annotated["Processes", Depends(get_processes)]
+FilesDep = Annotated["GuestFiles", Depends(get_files)]

@@ -27,8 +27,9 @@ _DESCRIPTIONS = {
     400: "Invalid request (InvalidRequest, ImageNotFound, AgentRequestFailed)",
     401: "Missing or wrong API key",
     403: "A configured limit would be passed (QuotaExceeded)",
-    404: "No such sandbox or snapshot (NotFound)",
+    404: "No such sandbox, snapshot, process or guest path (NotFound)",
     409: "The sandbox or snapshot is in a state that forbids the call (Conflict, SnapshotMismatch)",
+    413: "The upload is larger than the server's max_upload_bytes (PayloadTooLarge)",
     422: "The request does not match its schema (ValidationError)",
     500: "Internal error",
     502: "The VMM or the guest agent failed (VMMError, SnapshotCorrupt, AgentError)",
@@ -63,17 +64,23 @@ def format_validation_errors(items: Sequence[Any]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.EmberboxError)
+def error_detail(exc: errors.EmberboxError) -> ErrorDetail:
+    """The ``error`` of an error body (or of a stream's ``error`` event) for ``exc``."""
     extra: dict[str, Any] = {}
     if isinstance(exc, errors.ImageNotFound):
         extra["image"] = exc.name
         extra["available"] = list(exc.available)
     if isinstance(exc, errors.VMMError) and exc.console_tail:
         extra["console_tail"] = exc.console_tail
+    return ErrorDetail(type=type(exc).__name__, message=exc.message, **extra)
+
+
+async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.EmberboxError)
     if exc.status_code >= 500:
         log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    return error_response(exc.status_code, type(exc).__name__, exc.message, **extra)
+    body = ErrorBody(error=error_detail(exc))
+    return JSONResponse(status_code=exc.status_code, content=body.model_dump(exclude_none=True))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

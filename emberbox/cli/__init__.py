@@ -25,11 +25,14 @@ app.command()(doctor.doctor)
 
 
 def _mount_service_commands() -> None:
-    from emberbox.cli import sandbox, serve, snapshot
+    from emberbox.cli import files, sandbox, serve, snapshot
+    from emberbox.cli.exec_code import exec_code
 
     app.add_typer(sandbox.app, name="sandbox")
     app.add_typer(snapshot.app, name="snapshot")
     app.command()(serve.serve)
+    app.command()(files.cp)
+    app.command("exec-code")(exec_code)
 
 
 def main() -> None:

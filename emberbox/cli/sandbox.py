@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,6 +244,27 @@ def snapshot(
         print_json(info.model_dump_json(indent=2))
     else:
         sys.stdout.write(info.id + "\n")
+
+
+@app.command()
+def shell(
+    sandbox_id: SandboxId,
+    cmd: Annotated[
+        str | None,
+        typer.Option("--cmd", help="Program to run (default: a login shell)", show_default=False),
+    ] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Open an interactive terminal in a sandbox; exit with its program's status.
+
+    Leaving the program (exit, Ctrl-D) closes the terminal; closing the terminal ends it.
+    """
+    from emberbox.cli.shell import run_shell
+
+    with clean_errors():
+        code = asyncio.run(run_shell(sandbox_id, cmd, url, api_key))
+    raise typer.Exit(code)
 
 
 @contextmanager

@@ -13,6 +13,14 @@ a :class:`HostError`.
 Snapshots: ``sb.snapshot()`` saves a running sandbox, ``Sandbox.create(snapshot_id=...)``
 forks new ones from it, :class:`Snapshots` lists and deletes them; ``sb.pause()`` and
 ``sb.resume()`` park a sandbox on disk and bring it back.
+
+Background commands, files and terminals: ``sb.commands.run(cmd, background=True)``
+returns a :class:`CommandHandle` (``wait``, ``kill``, ``send_stdin``), and ``on_stdout=``
+streams output as it comes; ``sb.files`` reads, writes, lists and copies files and
+directories (streamed); ``sb.pty.create(cols, rows)`` opens a :class:`PtySession`.
+
+One-shot runs: ``run_code("python3", "print(6*7)")`` compiles and runs a program once in
+a fresh sandbox (``async_run_code`` for asyncio; ``list_languages`` for what it takes).
 """
 
 from __future__ import annotations
@@ -33,25 +41,49 @@ from emberbox.errors import (
     VMMError,
 )
 from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
+from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, AsyncPtySession
 from emberbox.sdk._calls import CommandResult, SandboxInfo, SnapshotInfo
+from emberbox.sdk._guest import FileInfo, ProcessInfo, ProcessStatus
+from emberbox.sdk._run import (
+    LanguageInfo,
+    RunResult,
+    async_list_languages,
+    async_run_code,
+    list_languages,
+    run_code,
+)
 from emberbox.sdk._sync import Commands, Sandbox, Snapshots
+from emberbox.sdk._sync_guest import CommandHandle, Files, Pty, PtySession
 
 __all__ = [
     "AgentError",
+    "AsyncCommandHandle",
     "AsyncCommands",
+    "AsyncFiles",
+    "AsyncPty",
+    "AsyncPtySession",
     "AsyncSandbox",
     "AsyncSnapshots",
     "BootTimeout",
+    "CommandHandle",
     "CommandResult",
     "Commands",
     "Conflict",
     "EmberboxError",
     "ExecTimeout",
+    "FileInfo",
+    "Files",
     "HostError",
     "ImageNotFound",
     "InvalidRequest",
+    "LanguageInfo",
     "NotFound",
+    "ProcessInfo",
+    "ProcessStatus",
+    "Pty",
+    "PtySession",
     "QuotaExceeded",
+    "RunResult",
     "Sandbox",
     "SandboxInfo",
     "SnapshotCorrupt",
@@ -59,4 +91,8 @@ __all__ = [
     "SnapshotMismatch",
     "Snapshots",
     "VMMError",
+    "async_list_languages",
+    "async_run_code",
+    "list_languages",
+    "run_code",
 ]

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
+from typing import Literal, overload
 
 import anyio
 import httpx
 
 from emberbox import errors
-from emberbox.sdk import _calls
+from emberbox.models import ProcessStarted
+from emberbox.sdk import _calls, _guest
+from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, collect_events
 from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo, SnapshotInfo
+from emberbox.sdk._guest import OutputCollector, OutputHandler, ProcessInfo
 
 
 async def _send(client: httpx.AsyncClient, config: ClientConfig, call: Call) -> httpx.Response:
@@ -27,6 +32,7 @@ class AsyncCommands:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
+    @overload
     async def run(
         self,
         cmd: list[str] | str,
@@ -35,18 +41,88 @@ class AsyncCommands:
         cwd: str | None = None,
         timeout_s: float | None = None,
         stdin: str | None = None,
-    ) -> CommandResult:
+        background: Literal[False] = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: str | None = None,
+        background: Literal[True],
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: str | None = None,
+        background: bool = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandResult | AsyncCommandHandle:
         """Run a command to completion and return its exit code and output.
 
         A string runs through ``/bin/sh -c``; a list is an argv. ``timeout_s`` (seconds)
         kills the command when it runs longer (the result then has ``timed_out=True``);
         without it the server's default applies. A non-zero exit code is not an error.
+        ``on_stdout``/``on_stderr`` (plain or async functions) get the output as text
+        while it runs.
 
-        >>> await sb.commands.run("python3 -c 'print(6*7)'").stdout
+        With ``background=True`` it returns at once an :class:`AsyncCommandHandle`
+        (``wait``, ``kill``, ``send_stdin``); the command keeps running across other
+        calls, and ``timeout_s`` defaults to none.
+
+        >>> (await sb.commands.run("python3 -c 'print(6*7)'")).stdout
         '42\\n'
+        >>> await sb.commands.run("for i in 1 2 3; do echo $i; sleep 1; done", on_stdout=print)
         """
-        call = _calls.run_call(self._sandbox.id, cmd, env, cwd, timeout_s, stdin)
-        return _calls.parse(CommandResult, await self._sandbox._request(call))
+        sandbox_id = self._sandbox.id
+        if background:
+            call = _guest.spawn_call(sandbox_id, cmd, env, cwd, timeout_s)
+            pid = _calls.parse(ProcessStarted, await self._sandbox._request(call)).pid
+            handle = AsyncCommandHandle(
+                self._sandbox, pid, on_stdout=on_stdout, on_stderr=on_stderr
+            )
+            if stdin is not None:
+                await handle.send_stdin(stdin)
+            return handle
+        if on_stdout is None and on_stderr is None:
+            call = _calls.run_call(sandbox_id, cmd, env, cwd, timeout_s, stdin)
+            return _calls.parse(CommandResult, await self._sandbox._request(call))
+        collector = OutputCollector(on_stdout, on_stderr)
+        call = _calls.run_call(sandbox_id, cmd, env, cwd, timeout_s, stdin, stream=True)
+        async with self._sandbox._stream(call) as response:
+            await collect_events(response, collector)
+        return collector.result()
+
+    async def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> AsyncCommandHandle:
+        """A handle on a background command started earlier (see :meth:`list`)."""
+        handle = AsyncCommandHandle(self._sandbox, pid, on_stdout=on_stdout, on_stderr=on_stderr)
+        await handle.status()  # NotFound when there is no such process
+        return handle
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """The background commands, running or ended."""
+        call = _guest.list_processes_call(self._sandbox.id)
+        return _guest.parse_processes(await self._sandbox._request(call))
 
 
 class AsyncSandbox:
@@ -67,6 +143,8 @@ class AsyncSandbox:
         self._config = ClientConfig.resolve(url, api_key)
         self._client: httpx.AsyncClient | None = None  # opened on first use, again after close()
         self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, url={self._config.url!r})"
@@ -202,9 +280,24 @@ class AsyncSandbox:
                 await self.close()
 
     async def _request(self, call: Call) -> httpx.Response:
+        return await _send(self._http(), self._config, call)
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, call: Call) -> AsyncIterator[httpx.Response]:
+        """The answer with its body not read yet; an error answer raises its class."""
+        try:
+            async with self._http().stream(**call.request_options()) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _calls.error_from_response(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise _calls.transport_error(exc, self._config) from exc
+
+    def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(**self._config.client_options())
-        return await _send(self._client, self._config, call)
+        return self._client
 
 
 class AsyncSnapshots:

@@ -74,17 +74,24 @@ class Call:
     path: str
     json: dict[str, Any] | None = None
     params: list[tuple[str, str]] | None = None
-    wait_s: float = DEFAULT_WAIT_S
+    wait_s: float | None = DEFAULT_WAIT_S  # for each read and write; None: no limit
+    content: Any = None  # a raw body: bytes, or an iterator of them (streamed)
+    headers: dict[str, str] | None = None
 
     def request_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``client.request``."""
-        return {
+        """Keyword arguments for ``client.request`` and ``client.stream``."""
+        options: dict[str, Any] = {
             "method": self.method,
             "url": self.path,
             "json": self.json,
             "params": self.params,
             "timeout": httpx.Timeout(self.wait_s, connect=CONNECT_TIMEOUT_S),
         }
+        if self.content is not None:
+            options["content"] = self.content
+        if self.headers is not None:
+            options["headers"] = self.headers
+        return options
 
 
 def _without_none(**fields: Any) -> dict[str, Any]:
@@ -163,6 +170,7 @@ def run_call(
     cwd: str | None,
     timeout_s: float | None,
     stdin: str | None,
+    stream: bool = False,
 ) -> Call:
     body = _without_none(
         cmd=cmd if isinstance(cmd, str) else list(cmd),
@@ -170,6 +178,7 @@ def run_call(
         cwd=cwd,
         timeout_s=timeout_s,
         stdin=stdin,
+        stream=stream or None,
     )
     wait_s = EXEC_DEFAULT_WAIT_S if timeout_s is None else float(timeout_s) + EXEC_MARGIN_S
     return Call("POST", f"/v1/sandboxes/{_quote(sandbox_id)}/exec", json=body, wait_s=wait_s)
@@ -217,21 +226,33 @@ def error_from_response(response: httpx.Response) -> errors.EmberboxError:
     """The exception the server raised, as the same class of :mod:`emberbox.errors`."""
     try:
         detail = response.json()["error"]
-        type_name, message = str(detail["type"]), str(detail["message"])
+        valid = isinstance(detail, dict) and {"type", "message"} <= set(detail)
     except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
         text = response.text.strip().replace("\n", " ")[:300]
         return errors.EmberboxError(
             f"HTTP {response.status_code} from {response.request.url}: {text or 'no body'}",
             status_code=response.status_code,
         )
+    return error_from_body(detail, response.status_code)
+
+
+def error_from_body(
+    detail: Mapping[str, Any], status_code: int | None = None
+) -> errors.EmberboxError:
+    """The class named by an error body's ``type`` (also the ``error`` of a stream's
+    ``error`` event), carrying the body's fields; ``status_code`` defaults to the
+    class's own (a stream's errors come after its 200)."""
+    type_name = str(detail.get("type") or "EmberboxError")
+    message = str(detail.get("message") or type_name)
     cls = errors.all_error_classes().get(type_name)
     if cls is None:
         # ValidationError is the 422 of the schema check; anything else is a foreign name.
         cls = errors.InvalidRequest if type_name == "ValidationError" else errors.EmberboxError
     exc = cls.__new__(cls)
-    errors.EmberboxError.__init__(
-        exc, message, status_code=response.status_code, remote_type=type_name
-    )
+    status = cls.status_code if status_code is None else status_code
+    errors.EmberboxError.__init__(exc, message, status_code=status, remote_type=type_name)
     if isinstance(exc, errors.ImageNotFound):
         exc.name = str(detail.get("image") or "")
         exc.available = [str(name) for name in detail.get("available") or []]

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from types import TracebackType
+from typing import Literal, overload
 
 import httpx
 
 from emberbox import errors
-from emberbox.sdk import _calls
+from emberbox.models import ProcessStarted
+from emberbox.sdk import _calls, _guest
 from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo, SnapshotInfo
+from emberbox.sdk._guest import OutputCollector, OutputHandler, ProcessInfo
+from emberbox.sdk._sync_guest import CommandHandle, Files, Pty
 
 
 def _send(client: httpx.Client, config: ClientConfig, call: Call) -> httpx.Response:
@@ -26,6 +31,7 @@ class Commands:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
 
+    @overload
     def run(
         self,
         cmd: list[str] | str,
@@ -34,18 +40,87 @@ class Commands:
         cwd: str | None = None,
         timeout_s: float | None = None,
         stdin: str | None = None,
-    ) -> CommandResult:
+        background: Literal[False] = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: str | None = None,
+        background: Literal[True],
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: str | None = None,
+        background: bool = False,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandResult | CommandHandle:
         """Run a command to completion and return its exit code and output.
 
         A string runs through ``/bin/sh -c``; a list is an argv. ``timeout_s`` (seconds)
         kills the command when it runs longer (the result then has ``timed_out=True``);
         without it the server's default applies. A non-zero exit code is not an error.
+        ``on_stdout``/``on_stderr`` get the output as text while it runs.
+
+        With ``background=True`` it returns at once a :class:`CommandHandle` (``wait``,
+        ``kill``, ``send_stdin``); the command keeps running across other calls, and
+        ``timeout_s`` defaults to none.
 
         >>> sb.commands.run("python3 -c 'print(6*7)'").stdout
         '42\\n'
+        >>> sb.commands.run("for i in 1 2 3; do echo $i; sleep 1; done", on_stdout=print)
         """
-        call = _calls.run_call(self._sandbox.id, cmd, env, cwd, timeout_s, stdin)
-        return _calls.parse(CommandResult, self._sandbox._request(call))
+        sandbox_id = self._sandbox.id
+        if background:
+            call = _guest.spawn_call(sandbox_id, cmd, env, cwd, timeout_s)
+            pid = _calls.parse(ProcessStarted, self._sandbox._request(call)).pid
+            handle = CommandHandle(self._sandbox, pid, on_stdout=on_stdout, on_stderr=on_stderr)
+            if stdin is not None:
+                handle.send_stdin(stdin)
+            return handle
+        if on_stdout is None and on_stderr is None:
+            call = _calls.run_call(sandbox_id, cmd, env, cwd, timeout_s, stdin)
+            return _calls.parse(CommandResult, self._sandbox._request(call))
+        collector = OutputCollector(on_stdout, on_stderr)
+        call = _calls.run_call(sandbox_id, cmd, env, cwd, timeout_s, stdin, stream=True)
+        with self._sandbox._stream(call) as response:
+            for line in response.iter_lines():
+                if line and (target := collector.feed(_guest.parse_event(line))):
+                    target[0](target[1])
+        return collector.result()
+
+    def connect(
+        self,
+        pid: int,
+        *,
+        on_stdout: OutputHandler | None = None,
+        on_stderr: OutputHandler | None = None,
+    ) -> CommandHandle:
+        """A handle on a background command started earlier (see :meth:`list`)."""
+        handle = CommandHandle(self._sandbox, pid, on_stdout=on_stdout, on_stderr=on_stderr)
+        handle.status()  # NotFound when there is no such process
+        return handle
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        """The background commands, running or ended."""
+        call = _guest.list_processes_call(self._sandbox.id)
+        return _guest.parse_processes(self._sandbox._request(call))
 
 
 class Sandbox:
@@ -66,6 +141,8 @@ class Sandbox:
         self._config = ClientConfig.resolve(url, api_key)
         self._client: httpx.Client | None = None  # opened on first use, again after close()
         self.commands = Commands(self)
+        self.files = Files(self)
+        self.pty = Pty(self)
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, url={self._config.url!r})"
@@ -197,9 +274,24 @@ class Sandbox:
             self.close()
 
     def _request(self, call: Call) -> httpx.Response:
+        return _send(self._http(), self._config, call)
+
+    @contextlib.contextmanager
+    def _stream(self, call: Call) -> Iterator[httpx.Response]:
+        """The answer with its body not read yet; an error answer raises its class."""
+        try:
+            with self._http().stream(**call.request_options()) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _calls.error_from_response(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise _calls.transport_error(exc, self._config) from exc
+
+    def _http(self) -> httpx.Client:
         if self._client is None:
             self._client = httpx.Client(**self._config.client_options())
-        return _send(self._client, self._config, call)
+        return self._client
 
 
 class Snapshots:

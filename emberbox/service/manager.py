@@ -22,11 +22,11 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, Unpack
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import anyio
 import anyio.to_thread
@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.guest.client import ExecResult
+from emberbox.guest.client import ExecLimits, ExecResult
 from emberbox.service import orphans
 from emberbox.service.pool import PoolShape, WarmPool
 from emberbox.service.reaper import Reaper
@@ -43,6 +43,11 @@ from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import LIVE_STATES, SandboxState, check_transition
 from emberbox.store import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow, Store, utcnow
 from emberbox.vmm.base import Lifetime, SnapshotFiles
+
+if TYPE_CHECKING:
+    from emberbox.guest.client import FileInfo, ProcessInfo, ProcessStatus
+    from emberbox.service.files import GuestFiles
+    from emberbox.service.processes import Processes
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class SandboxHandle(Protocol):
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         output_max_bytes: int | None = None,
+        limits: ExecLimits | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult: ...
@@ -87,6 +93,53 @@ class SandboxHandle(Protocol):
 
     async def greet(self, sandbox_id: str) -> object:
         """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out)."""
+
+    # Background processes and files: the agent's calls (docs/protocol.md), passed through.
+    async def spawn(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        output_max_bytes: int | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> int: ...
+    async def attach_process(
+        self,
+        pid: int,
+        *,
+        from_start: bool = True,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus: ...
+    async def write_stdin(
+        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
+    ) -> int: ...
+    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None: ...
+    async def resize(self, pid: int, cols: int, rows: int) -> None: ...
+    async def wait_process(self, pid: int, timeout_s: float | None = None) -> ProcessStatus: ...
+    async def ps(self) -> list[ProcessInfo]: ...
+    async def forget(self, pid: int) -> None: ...
+    async def stat(self, path: str) -> FileInfo: ...
+    async def list_dir(self, path: str) -> list[FileInfo]: ...
+    def read_file(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]: ...
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        offset: int = 0,
+        truncate: bool = True,
+    ) -> int: ...
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None: ...
+    async def remove(self, path: str, *, recursive: bool = False) -> None: ...
+    async def rename(self, src: str, dst: str) -> None: ...
+    def tar_out(self, path: str) -> AsyncIterator[bytes]: ...
+    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int: ...
 
 
 class SandboxFactory(Protocol):
@@ -243,6 +296,9 @@ class SandboxManager:
         self._stack = contextlib.AsyncExitStack()
         self._task_group: TaskGroup | None = None
         self.reaper = Reaper(self, settings.reaper_interval_s)
+        self.processes: Processes
+        self.files: GuestFiles
+        self.processes, self.files = _guest_services(self, settings)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -561,13 +617,15 @@ class SandboxManager:
         cwd: str | None = None,
         timeout_s: float | None = None,
         stdin: bytes | None = None,
+        limits: ExecLimits | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         """Run ``cmd`` (argv, or a string for ``sh -c``) in a running sandbox.
 
         ``timeout_s`` defaults to ``default_exec_timeout_s`` and is capped at
-        ``max_exec_timeout_s``; ``env`` is merged over the sandbox's env.
+        ``max_exec_timeout_s``; ``env`` is merged over the sandbox's env. ``limits``
+        (memory, processes) puts the command in a cgroup of its own in the guest.
         """
         self._open_store()
         _validate_command(cmd, cwd)
@@ -586,6 +644,7 @@ class SandboxManager:
                 timeout_s=timeout,
                 stdin=stdin,
                 output_max_bytes=self._settings.exec_output_max_bytes,
+                limits=limits,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
             )
@@ -833,6 +892,13 @@ class SandboxManager:
         if row.state != SandboxState.RUNNING or handle is None:
             raise _not_running(sandbox_id, row.state)
         return row, handle
+
+    async def running_handle(self, sandbox_id: str) -> tuple[SandboxRecord, SandboxHandle]:
+        """(Process and file services) a running sandbox and its handle; NotFound or
+        Conflict otherwise."""
+        self._open_store()
+        row, handle = await self._running(sandbox_id)
+        return SandboxRecord.from_row(row), handle
 
     async def expired_ids(self, now: datetime) -> builtins.list[str]:
         """(Reaper) running sandboxes past their ``expires_at``."""
@@ -1094,6 +1160,14 @@ def _default_handles() -> tuple[SandboxFactory, SandboxAttacher, SandboxRestorer
 
     launcher = Launcher()
     return launcher.start, launcher.attach, launcher.restore
+
+
+def _guest_services(manager: SandboxManager, settings: Settings) -> tuple[Processes, GuestFiles]:
+    """``manager.processes`` and ``manager.files`` (their modules import this one)."""
+    from emberbox.service.files import GuestFiles
+    from emberbox.service.processes import Processes
+
+    return Processes(manager, settings), GuestFiles(manager, settings)
 
 
 def _default_registry(settings: Settings) -> ImageCatalog:

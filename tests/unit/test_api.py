@@ -434,8 +434,9 @@ async def test_openapi_documents_models_and_errors(client: httpx.AsyncClient) ->
             responses = operation["responses"]
             success = [code for code in responses if code.startswith("2")]
             assert len(success) == 1, (method, path)
-            if success[0] != "204":
-                assert "$ref" in str(responses[success[0]]["content"]), (method, path)
+            content = str(responses.get(success[0], {}).get("content"))
+            if success[0] != "204" and "'format': 'binary'" not in content:
+                assert "$ref" in content, (method, path)
             for code, response in responses.items():
                 if code[0] in "45":
                     schema = response["content"]["application/json"]["schema"]

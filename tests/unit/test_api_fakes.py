@@ -1,9 +1,13 @@
 """In-memory stand-ins for SandboxManager and ImageRegistry and a threaded test server,
-shared by the API and SDK unit tests (this module holds no tests)."""
+shared by the API and SDK unit tests (this module holds no tests).
+
+The fake manager's process and file calls are the real services
+(``emberbox.service.processes`` / ``.files``) over a :class:`FakeGuest` per sandbox."""
 
 from __future__ import annotations
 
 import builtins
+import inspect
 import itertools
 import socket
 import threading
@@ -20,9 +24,12 @@ import uvicorn
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.guest.client import ExecResult
+from emberbox.service.files import GuestFiles
+from emberbox.service.processes import Processes
 from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import SandboxState
-from emberbox.vmm.base import GuestFiles
+from emberbox.vmm.base import GuestFiles as ImageFiles
+from tests.unit.test_api_guest_fakes import FakeGuest
 
 FILE_NAMES = {"kernel": "vmlinuz", "vmlinux": "vmlinux", "initrd": "initramfs.cpio"}
 FILE_NAMES["rootfs"] = "rootfs.ext4"
@@ -56,7 +63,7 @@ class FakeImage:
     name: str
     directory: Path
     manifest: dict[str, Any]
-    files: GuestFiles
+    files: ImageFiles
     size_bytes: int
     created_at: datetime
 
@@ -82,7 +89,7 @@ class FakeRegistry:
         directory = self.root / name
         if "/" in name or not directory.is_dir():
             raise errors.ImageNotFound(name, self.names())
-        files = GuestFiles(**{kind: directory / f for kind, f in FILE_NAMES.items()})
+        files = ImageFiles(**{kind: directory / f for kind, f in FILE_NAMES.items()})
         created = datetime(2026, 1, 1, tzinfo=UTC)
         manifest = {"kernel": {"release": "6.6.1"}}
         return FakeImage(name, directory, manifest, files, 4096, created)
@@ -107,6 +114,9 @@ class FakeManager:
         self.calls: builtins.list[tuple[str, dict[str, Any]]] = []
         self.raise_on_exec: errors.EmberboxError | None = None
         self._ids = itertools.count(1)
+        self.guests: dict[str, FakeGuest] = {}
+        self.processes = Processes(self, settings)
+        self.files = GuestFiles(self, settings)
 
     async def create(
         self,
@@ -150,7 +160,14 @@ class FakeManager:
             snapshot_id=snapshot_id,
         )
         self.records[sandbox_id] = record
+        self.guests[sandbox_id] = FakeGuest()
         return record
+
+    async def running_handle(self, sandbox_id: str) -> tuple[FakeRecord, FakeGuest]:
+        record = await self.get(sandbox_id)
+        if record.state is not SandboxState.RUNNING:
+            raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
+        return record, self.guests[sandbox_id]
 
     async def _fork_shape(
         self, snapshot_id: str, image: str | None, vcpus: int | None, memory_mib: int | None
@@ -205,6 +222,10 @@ class FakeManager:
         text = cmd if isinstance(cmd, str) else " ".join(cmd)
         stdout = (stdin or b"") + f"ran {text} in {sandbox_id}\n".encode()
         exit_code = 3 if "fail" in text else 0
+        for callback, chunk in ((on_stdout, stdout), (on_stderr, b"err\xff\n")):
+            outcome = callback(chunk) if callback is not None else None
+            if inspect.isawaitable(outcome):
+                await outcome
         return ExecResult(exit_code, stdout, b"err\xff\n", duration_ms=1.5)
 
     async def kill(self, sandbox_id: str) -> None:
@@ -284,7 +305,7 @@ def serving(app: Any) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="off")
+    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

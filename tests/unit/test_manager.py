@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,6 +63,8 @@ class FakeSandbox:
         self.detached = False
         self.exec_delay_s = 0.0
         self.exec_calls: list[dict[str, object]] = []
+        self.spawned: list[tuple[list[str] | str, dict[str, object]]] = []
+        self.stat_hook: Callable[[], Awaitable[object]] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +86,7 @@ class FakeSandbox:
         timeout_s: float | None = None,
         stdin: bytes | None = None,
         output_max_bytes: int | None = None,
+        limits: object = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
@@ -96,6 +99,17 @@ class FakeSandbox:
         if not self.running:
             raise errors.AgentDisconnected("agent channel closed")
         return ExecResult(exit_code=0, stdout=b"ok\n", stderr=b"", duration_ms=1.5)
+
+    async def spawn(self, cmd: list[str] | str, **kwargs: object) -> int:
+        self.spawned.append((cmd, kwargs))
+        return 7
+
+    async def stat(self, path: str) -> object:
+        if self.stat_hook is not None:
+            await self.stat_hook()
+        if not self.running:
+            raise errors.AgentDisconnected("agent channel closed")
+        return path
 
     async def kill(self) -> None:
         self.kills += 1
@@ -738,3 +752,41 @@ def test_is_vmm_of_our_own_process() -> None:
         me = orphans.read_process(os.getpid())
         assert me is not None and me.args
     assert not orphans.is_vmm_of(2**22 + 7, Path("/nowhere"))
+
+
+# -- background processes and files -------------------------------------------------------
+
+
+async def test_guest_calls_go_to_the_running_sandbox(manager: SandboxManager, vmm: FakeVMM) -> None:
+    """manager.processes and manager.files reach the running sandbox's handle (with its
+    env merged in); bad commands are refused first, an unknown id is NotFound and a
+    stopped sandbox Conflict."""
+    record = await manager.create(env={"A": "1"})
+    sandbox = vmm.started[record.id]
+    assert await manager.processes.spawn(record.id, "sleep 9", env={"B": "2"}) == 7
+    assert sandbox.spawned == [
+        ("sleep 9", {"env": {"A": "1", "B": "2"}, "cwd": None, "timeout_s": None, "pty": None})
+    ]
+    with pytest.raises(errors.InvalidRequest):
+        await manager.processes.spawn(record.id, " ")
+    with pytest.raises(errors.InvalidRequest):
+        await manager.files.stat(record.id, "a\0b")
+    assert await manager.files.stat(record.id, "/etc") == "/etc"
+    with pytest.raises(errors.NotFound):
+        await manager.files.stat("nope", "/etc")
+    await manager.kill(record.id)
+    with pytest.raises(errors.Conflict, match="stopped"):
+        await manager.processes.spawn(record.id, "true")
+
+
+async def test_agent_failure_of_a_sandbox_killed_meanwhile_is_a_conflict(
+    manager: SandboxManager, vmm: FakeVMM
+) -> None:
+    """A call whose agent channel closes because the sandbox was killed meanwhile is a
+    Conflict (409), not an agent failure (502)."""
+    record = await manager.create()
+    sandbox = vmm.started[record.id]
+    sandbox.stat_hook = lambda: manager.kill(record.id)
+    with pytest.raises(errors.Conflict, match="stopped") as caught:
+        await manager.files.stat(record.id, "/etc")
+    assert isinstance(caught.value.__cause__, errors.AgentDisconnected)

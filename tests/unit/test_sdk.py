@@ -343,7 +343,15 @@ def _public_methods(cls: type) -> dict[str, list[tuple[object, ...]]]:
 
 @pytest.mark.parametrize(
     ("sync_cls", "async_cls"),
-    [(Sandbox, AsyncSandbox), (sdk.Commands, sdk.AsyncCommands), (Snapshots, AsyncSnapshots)],
+    [
+        (Sandbox, AsyncSandbox),
+        (sdk.Commands, sdk.AsyncCommands),
+        (Snapshots, AsyncSnapshots),
+        (sdk.CommandHandle, sdk.AsyncCommandHandle),
+        (sdk.Files, sdk.AsyncFiles),
+        (sdk.Pty, sdk.AsyncPty),
+        (sdk.PtySession, sdk.AsyncPtySession),
+    ],
 )
 def test_sync_and_async_have_the_same_calls(sync_cls: type, async_cls: type) -> None:
     """Same public names and parameters (names, kinds, defaults) in both clients."""
@@ -384,6 +392,15 @@ def test_exported_members() -> None:
         "SnapshotInfo",
         "SnapshotMismatch",
         "SnapshotCorrupt",
+        "CommandHandle",
+        "AsyncCommandHandle",
+        "Files",
+        "AsyncFiles",
+        "PtySession",
+        "AsyncPtySession",
+        "FileInfo",
+        "ProcessInfo",
+        "ProcessStatus",
     ):
         assert name in sdk.__all__
     assert sdk.NotFound is errors.NotFound

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
+from click.testing import Result
 from typer.testing import CliRunner
 
-from emberbox.cli import snapshot
+from emberbox.cli import files, snapshot
 from emberbox.cli.common import EXIT_ERROR
 from emberbox.cli.sandbox import app
 from tests.unit.test_api_fakes import FakeManager, fake_app, serving
@@ -146,10 +148,93 @@ def test_snapshot_commands_are_mounted() -> None:
     main = "import sys; from emberbox.cli import main; sys.exit(main())"
     for args, names in [
         (["snapshot", "--help"], ("list", "rm")),
-        (["sandbox", "--help"], ("pause", "resume", "snapshot")),
+        (["sandbox", "--help"], ("pause", "resume", "snapshot", "shell")),
+        (["--help"], ("cp",)),
     ]:
         done = subprocess.run(
             [sys.executable, "-c", main, *args], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stderr
         assert all(name in done.stdout for name in names), done.stdout
+
+
+# --- cp and shell ------------------------------------------------------------------------
+
+cp_app = typer.Typer()
+cp_app.command()(files.cp)
+
+
+def _cp(*args: str, stdin: bytes | None = None) -> Result:
+    return runner.invoke(cp_app, list(args), input=stdin)
+
+
+def test_cp_copies_files_both_ways(served: FakeManager, tmp_path: Path) -> None:
+    """LOCAL ID:PATH uploads (keeping the mode), ID:PATH LOCAL downloads; a directory as
+    the destination takes the file under its own name; - is stdin or stdout."""
+    sandbox_id = _create()
+    guest = served.guests[sandbox_id]
+    local = tmp_path / "a.txt"
+    local.write_text("hello")
+    local.chmod(0o640)
+    assert _cp(str(local), f"{sandbox_id}:/tmp/b.txt").exit_code == 0
+    assert (guest.files["/tmp/b.txt"], guest.modes["/tmp/b.txt"]) == (b"hello", 0o640)
+    assert _cp(str(local), f"{sandbox_id}:/tmp").exit_code == 0
+    assert guest.files["/tmp/a.txt"] == b"hello"
+    down = tmp_path / "down"
+    down.mkdir()
+    assert _cp(f"{sandbox_id}:/tmp/b.txt", str(down)).exit_code == 0
+    assert (down / "b.txt").read_text() == "hello"
+    assert _cp(f"{sandbox_id}:/tmp/b.txt", str(tmp_path / "c.txt")).exit_code == 0
+    assert (tmp_path / "c.txt").read_text() == "hello"
+    assert _cp("-", f"{sandbox_id}:/tmp/in", stdin=b"from stdin").exit_code == 0
+    assert guest.files["/tmp/in"] == b"from stdin"
+    out = _cp(f"{sandbox_id}:/tmp/in", "-")
+    assert (out.exit_code, out.stdout) == (0, "from stdin")
+
+
+def test_cp_copies_directories_both_ways(served: FakeManager, tmp_path: Path) -> None:
+    """A directory onto a missing path becomes it; onto an existing one goes inside."""
+    sandbox_id = _create()
+    guest = served.guests[sandbox_id]
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "x").write_text("X")
+    assert _cp(str(tree), f"{sandbox_id}:/srv/app").exit_code == 0
+    assert guest.files["/srv/app/sub/x"] == b"X"
+    assert _cp(str(tree), f"{sandbox_id}:/srv").exit_code == 0
+    assert guest.files["/srv/tree/sub/x"] == b"X"
+    copied = _cp(f"{sandbox_id}:/srv/app", str(tmp_path / "back"))
+    assert copied.exit_code == 0, copied.output
+    assert (tmp_path / "back" / "sub" / "x").read_text() == "X"
+    assert _cp(f"{sandbox_id}:/srv/app", str(tmp_path / "back")).exit_code == 0
+    assert (tmp_path / "back" / "app" / "sub" / "x").read_text() == "X"
+
+
+def test_cp_refusals(served: FakeManager, tmp_path: Path) -> None:
+    """Two local paths (or two remote ones) are a usage error; a missing path is one line."""
+    sandbox_id = _create()
+    assert _cp(str(tmp_path), str(tmp_path / "x")).exit_code == 2
+    assert _cp(f"{sandbox_id}:/a", f"{sandbox_id}:/b").exit_code == 2
+    missing = _cp(f"{sandbox_id}:/nope", str(tmp_path / "x"))
+    assert missing.exit_code == EXIT_ERROR
+    assert missing.stderr.startswith("emberbox: error: ")
+    assert "Traceback" not in missing.output
+    assert files.parse_remote("./a:b") is None
+    assert files.parse_remote("sb-1:/x") == ("sb-1", "/x")
+    assert files.parse_remote("sb-1:") == ("sb-1", "/")
+
+
+def test_shell_relays_piped_input_and_exits_with_the_programs_status(
+    served: FakeManager,
+) -> None:
+    """`sandbox shell` without a terminal: stdin goes in as typed, its end is Ctrl-D, the
+    output comes back, and the exit status is the program's."""
+    sandbox_id = _create()
+    main = "import sys; from emberbox.cli import main; sys.exit(main())"
+    command = [sys.executable, "-c", main, "sandbox", "shell", sandbox_id]
+    done = subprocess.run(command, input=b"echo hi\n", capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"echo hi\n")
+    exited = subprocess.run(command, input=b"exit 5", capture_output=True, timeout=60)
+    assert (exited.returncode, exited.stdout) == (5, b"exit 5")
+    assert not [p for p in served.guests[sandbox_id].processes.values() if p.running]

@@ -4,6 +4,7 @@ sandboxes. Snapshots (``POST /v1/sandboxes/{id}/snapshots``) are in :mod:`.snaps
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -11,19 +12,29 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from emberbox import errors
 from emberbox.api.deps import ManagerDep, parse_metadata_filter, state_from_name
 from emberbox.api.errors import error_responses
+from emberbox.api.streams import (
+    NDJSON,
+    STREAM_EVENT_SCHEMA,
+    OutputEvents,
+    StreamedResponse,
+    Write,
+    ndjson_response,
+)
 from emberbox.guest.client import ExecResult
 from emberbox.models import (
     ExecRequest,
     ExecResponse,
+    ExitEvent,
     SandboxCreate,
     SandboxList,
     SandboxPublic,
     SandboxStateName,
     TimeoutUpdate,
 )
+from emberbox.service.state import SandboxState
 
 if TYPE_CHECKING:
-    from emberbox.service.manager import SandboxManager
+    from emberbox.service.manager import OutputCallback, SandboxManager
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -107,12 +118,25 @@ async def resume_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxP
 @router.post(
     "/{sandbox_id}/exec",
     response_model=ExecResponse,
-    responses=error_responses(400, 404, 409, 422, 502, 504),
+    responses={
+        **error_responses(400, 404, 409, 422, 502, 504),
+        200: {"content": {NDJSON: {"schema": STREAM_EVENT_SCHEMA}}},
+    },
 )
 async def exec_command(
     sandbox_id: SandboxId, body: ExecRequest, manager: ManagerDep
-) -> ExecResponse:
-    """Run a command to completion. A timed-out command answers 200 with `timed_out`."""
+) -> ExecResponse | StreamedResponse:
+    """Run a command to completion. A timed-out command answers 200 with `timed_out`.
+
+    With `"stream": true` the answer is NDJSON, one event per line as the command runs:
+    `{"type": "stdout"|"stderr", "data": text, "data_b64"?: exact bytes}` for each chunk
+    of output (`data_b64` only when the bytes are not valid UTF-8), then
+    `{"type": "exit", "exit_code", "duration_ms", "timed_out", ...}`, or
+    `{"type": "error", "error": {"type", "message"}}` if it failed after it began.
+    """
+    stdin = None if body.stdin is None else body.stdin.encode("utf-8")
+    if body.stream:
+        return await _stream_command(manager, sandbox_id, body, stdin)
     result = await run_command(
         manager,
         sandbox_id,
@@ -120,9 +144,51 @@ async def exec_command(
         env=body.env or None,
         cwd=body.cwd,
         timeout_s=body.timeout_s,
-        stdin=None if body.stdin is None else body.stdin.encode("utf-8"),
+        stdin=stdin,
     )
     return ExecResponse.from_result(result)
+
+
+async def _stream_command(
+    manager: SandboxManager, sandbox_id: str, body: ExecRequest, stdin: bytes | None
+) -> StreamedResponse:
+    record = await manager.get(sandbox_id)  # 404 and 409 while we can still say so
+    if record.state is not SandboxState.RUNNING:
+        raise errors.Conflict(
+            f"sandbox {sandbox_id} is {record.state.value}", sandbox_id=sandbox_id
+        )
+
+    async def produce(write: Write) -> None:
+        events = OutputEvents(write)
+        try:
+            result = await run_command(
+                manager,
+                sandbox_id,
+                body.cmd,
+                env=body.env or None,
+                cwd=body.cwd,
+                timeout_s=body.timeout_s,
+                stdin=stdin,
+                on_stdout=events.stdout,
+                on_stderr=events.stderr,
+            )
+        except Exception as exc:
+            await events.fail(exc)
+            return
+        await events.finish(exit_event(result))
+
+    return ndjson_response(produce)
+
+
+def exit_event(result: ExecResult) -> ExitEvent:
+    return ExitEvent(
+        exit_code=result.exit_code,
+        signal=result.signal,
+        duration_ms=result.duration_ms if math.isfinite(result.duration_ms) else 0.0,
+        timed_out=result.timed_out,
+        output_truncated=result.output_truncated,
+        memory_limited=result.memory_limited,
+    )
 
 
 async def run_command(
@@ -134,11 +200,20 @@ async def run_command(
     cwd: str | None = None,
     timeout_s: float | None = None,
     stdin: bytes | None = None,
+    on_stdout: OutputCallback | None = None,
+    on_stderr: OutputCallback | None = None,
 ) -> ExecResult:
     """``manager.exec``, turning ExecTimeout with a partial result into that result."""
     try:
         result: ExecResult = await manager.exec(
-            sandbox_id, cmd, env=env, cwd=cwd, timeout_s=timeout_s, stdin=stdin
+            sandbox_id,
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
         )
     except errors.ExecTimeout as exc:
         if not isinstance(exc.result, ExecResult):

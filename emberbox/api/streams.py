@@ -1,0 +1,172 @@
+"""Responses whose body is written as the work produces it: NDJSON events, raw bytes.
+
+A :class:`StreamedResponse` runs ``produce(write)``; each ``write`` goes to the client at
+once and waits while the client is slow (backpressure reaches the guest agent), and a
+client that disconnects cancels ``produce``. An error after the status line went out
+cannot change it: an NDJSON stream then ends with an ``error`` event, a byte stream is
+cut short (no final chunk), which HTTP clients report as an incomplete body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+import anyio
+from pydantic import BaseModel
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from emberbox import errors
+from emberbox.api.errors import error_detail
+from emberbox.models import ErrorDetail, ErrorEvent, ExitEvent, OutputEvent
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[bytes], Awaitable[None]]
+Produce = Callable[[Write], Awaitable[None]]
+Stream = Literal["stdout", "stderr"]
+
+# OpenAPI: what each line of an NDJSON answer is (the routes that stream name the models).
+STREAM_EVENT_SCHEMA = {
+    "type": "object",
+    "oneOf": [
+        {"$ref": f"#/components/schemas/{model.__name__}"}
+        for model in (OutputEvent, ExitEvent, ErrorEvent)
+    ],
+}
+
+
+NDJSON = "application/x-ndjson"
+OCTET_STREAM = "application/octet-stream"
+
+
+class StreamedResponse(Response):
+    """A body written by ``produce(write)`` as it runs (chunked transfer encoding).
+
+    The media type is the instance's: as a route's ``response_class`` it leaves OpenAPI
+    to document the route's error answers as JSON (routes list the 200 content).
+    """
+
+    media_type = None
+
+    def __init__(
+        self,
+        produce: Produce,
+        *,
+        media_type: str = OCTET_STREAM,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.produce = produce
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)  # no body attribute: no Content-Length
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+
+        async def write(data: bytes) -> None:
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        complete = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            try:
+                await self.produce(write)
+                complete = True
+            except errors.EmberboxError as exc:
+                log.warning("%s: stream cut short: %s", scope.get("path"), exc.message)
+            except OSError:
+                pass  # the client went away while we wrote
+            tg.cancel_scope.cancel()
+        if complete:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def ndjson_response(produce: Produce) -> StreamedResponse:
+    """One JSON document per line (``application/x-ndjson``): StreamEvents."""
+    return StreamedResponse(produce, media_type=NDJSON)
+
+
+def streamed_content(media_type: str, schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry documenting a streamed 200 answer."""
+    return {200: {"description": "Streamed", "content": {media_type: {"schema": schema}}}}
+
+
+BINARY_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary"}
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def event_line(event: BaseModel) -> bytes:
+    """One NDJSON line; null fields are left out, except in the exit event."""
+    text = event.model_dump_json(exclude_none=not isinstance(event, ExitEvent))
+    return text.encode("utf-8") + b"\n"
+
+
+class OutputEvents:
+    """Output chunks as NDJSON ``stdout``/``stderr`` events, never splitting a UTF-8
+    character between two events; :meth:`finish` writes what is held back and the last
+    event (``exit`` or ``error``)."""
+
+    def __init__(self, write: Write) -> None:
+        self._write = write
+        self._held: dict[Stream, bytes] = {"stdout": b"", "stderr": b""}
+
+    async def stdout(self, chunk: bytes) -> None:
+        await self._output("stdout", chunk)
+
+    async def stderr(self, chunk: bytes) -> None:
+        await self._output("stderr", chunk)
+
+    async def _output(self, stream: Stream, chunk: bytes) -> None:
+        ready, self._held[stream] = split_utf8(self._held[stream] + chunk)
+        if ready:
+            await self._write(event_line(OutputEvent.from_bytes(stream, ready)))
+
+    async def flush(self) -> None:
+        """Write what waits for the rest of a character (it will not come)."""
+        for stream, held in self._held.items():
+            if held:
+                await self._write(event_line(OutputEvent.from_bytes(stream, held)))
+        self._held = {"stdout": b"", "stderr": b""}
+
+    async def finish(self, last: ExitEvent | ErrorEvent) -> None:
+        await self.flush()
+        await self._write(event_line(last))
+
+    async def fail(self, exc: Exception) -> None:
+        """End the stream with an ``error`` event for ``exc`` (a bug: a generic one)."""
+        if isinstance(exc, errors.EmberboxError):
+            detail = error_detail(exc)
+        else:
+            log.error("stream failed", exc_info=exc)
+            detail = ErrorDetail(
+                type="EmberboxError", message="internal error (see the server log)"
+            )
+        await self.finish(ErrorEvent(error=detail))
+
+
+def split_utf8(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` cut before a UTF-8 sequence that its last bytes begin but do not finish:
+    (what can go out now, what waits for the next chunk)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: the lead byte is further back
+            continue
+        if 0xC2 <= byte <= 0xF4:  # the lead byte of a 2-, 3- or 4-byte sequence
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            if needed > back:
+                return data[:-back], data[-back:]
+        break
+    return data, b""

@@ -1,0 +1,493 @@
+"""One-shot runs without a VM: the language table, checks, packing, classification and
+the steps of run_code over a scripted manager."""
+
+from __future__ import annotations
+
+import io
+import signal
+import tarfile
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.guest.client import ExecLimits, ExecResult
+from emberbox.images.build import RECIPES
+from emberbox.images.rootfs import RootfsRecipe, mmdebstrap_argv
+from emberbox.service import run
+from emberbox.service.run import LANGUAGES, RunSpec, RunStatus
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio only."""
+    return "asyncio"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Default settings with private directories."""
+    return Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+
+
+def _result(**fields: Any) -> ExecResult:
+    return ExecResult(
+        **{"exit_code": 0, "stdout": b"", "stderr": b"", "duration_ms": 5.0, **fields}
+    )
+
+
+# --- the language table ------------------------------------------------------------------
+
+
+def test_the_languages_the_issue_asks_for() -> None:
+    """python3, bash, node, c and c++ are offered, each with a version command."""
+    assert set(LANGUAGES) >= {"python3", "bash", "node", "c", "c++"}
+    for name, lang in LANGUAGES.items():
+        assert lang.name == name
+        assert lang.version_cmd and lang.run_argv
+        assert "/" not in lang.source_file
+
+
+def test_compiled_languages_build_main_from_their_source() -> None:
+    """A compiled language's compiler reads its source file and writes ./main, which runs."""
+    for lang in LANGUAGES.values():
+        if lang.compile_argv is None:
+            assert lang.source_file in lang.run_argv
+            continue
+        assert lang.compiled
+        assert lang.source_file in lang.compile_argv
+        assert lang.compile_argv[lang.compile_argv.index("-o") + 1] == "main"
+        assert lang.run_argv == ("./main",)
+
+
+def test_unknown_language_lists_the_languages() -> None:
+    """An unknown language is InvalidRequest naming every language."""
+    with pytest.raises(errors.InvalidRequest) as caught:
+        run.find_language("cobol")
+    assert "cobol" in caught.value.message
+    for name in LANGUAGES:
+        assert name in caught.value.message
+
+
+def test_the_polyglot_recipe_adds_the_toolchains_to_the_default() -> None:
+    """polyglot = the default's packages + node, gcc, g++ and libc headers, still minbase
+    without Recommends; the default recipe (and so its image hash) is unchanged."""
+    default, polyglot = RECIPES["default"].rootfs, RECIPES["polyglot"].rootfs
+    assert default == RootfsRecipe()
+    assert polyglot.packages == (*default.packages, "nodejs", "gcc", "g++", "libc6-dev")
+    assert polyglot.variant == "minbase"
+    assert polyglot.key() != default.key()
+    argv = mmdebstrap_argv(polyglot, Path("/tmp/x.tar"))
+    assert "--variant=minbase" in argv
+    assert not any("Recommends" in arg for arg in argv)
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["util.h", "lib/util.py", "a_b-c+d.txt", "_x", "x" * 255])
+def test_good_file_names(name: str) -> None:
+    """Relative paths of plain components are accepted."""
+    run.check_file_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/", ".", ".hidden", "-rf", "a b", "x" * 256],
+)
+def test_bad_file_names(name: str) -> None:
+    """Absolute paths, dot components, empty parts, odd characters and long names are refused."""
+    with pytest.raises(errors.InvalidRequest):
+        run.check_file_name(name)
+
+
+def test_program_files_add_the_source_under_its_name() -> None:
+    """The source is written as the language's file, next to the extra files."""
+    files = run.program_files(LANGUAGES["c"], "int main;", [("lib/u.h", "#define U 1")])
+    assert files == {"main.c": b"int main;", "lib/u.h": b"#define U 1"}
+
+
+@pytest.mark.parametrize(
+    ("language", "files"),
+    [
+        ("c", [("main.c", "x")]),  # the source's own name
+        ("c", [("main", "x")]),  # the compiler's output
+        ("python3", [("a", "1"), ("a", "2")]),  # twice
+        ("python3", [("a", "1"), ("a/b", "2")]),  # a file and a directory
+        ("python3", [(f"f{i}", "") for i in range(run.MAX_FILES + 1)]),
+    ],
+)
+def test_program_files_refuse_clashes(language: str, files: list[tuple[str, str]]) -> None:
+    """Names that clash with the program or each other are a 400, before any sandbox."""
+    with pytest.raises(errors.InvalidRequest):
+        run.program_files(LANGUAGES[language], "", files)
+
+
+def test_a_python_program_may_ship_a_file_called_main() -> None:
+    """Only compiled languages reserve `main`."""
+    assert "main" in run.program_files(LANGUAGES["python3"], "", [("main", "data")])
+
+
+def test_pack_files_is_a_tar_under_run() -> None:
+    """The tar holds run/, its subdirectories and the files, with their bytes."""
+    packed = run.pack_files({"main.py": b"print(1)", "lib/deep/u.py": b"X = 1"})
+    with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {
+            "run",
+            "run/lib",
+            "run/lib/deep",
+            "run/main.py",
+            "run/lib/deep/u.py",
+        }
+        assert members["run/lib"].isdir()
+        assert members["run/lib"].mode == 0o777  # the program runs as nobody
+        assert members["run/main.py"].mode == 0o666
+        assert members["run/main.py"].mtime > 0
+        extracted = tar.extractfile("run/lib/deep/u.py")
+        assert extracted is not None
+        assert extracted.read() == b"X = 1"
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+def test_run_limits_take_the_settings_defaults(settings: Settings) -> None:
+    """No timeout or memory asked: the run_* defaults."""
+    limits = run.run_limits(settings, RunSpec("c", ""))
+    assert limits == (settings.run_default_timeout_s, settings.run_default_memory_mib)
+
+
+def test_run_limits_refuse_a_timeout_past_the_maximum(settings: Settings) -> None:
+    """A timeout over run_max_timeout_s is a 400 naming the field."""
+    with pytest.raises(errors.InvalidRequest) as caught:
+        run.run_limits(settings, RunSpec("c", "", timeout_s=settings.run_max_timeout_s + 1))
+    assert caught.value.details["field"] == "timeout_s"
+
+
+@pytest.mark.parametrize(
+    ("limit", "vm"), [(16, 512), (256, 512), (257, 1024), (1000, 2048), (7936, 8192)]
+)
+def test_vm_memory_grows_in_powers_of_two(settings: Settings, limit: int, vm: int) -> None:
+    """The guest has the limit plus the overhead, in few sizes (each has a template)."""
+    assert run.vm_memory_mib(settings, limit) == vm
+
+
+def test_vm_memory_stays_within_the_maximum(settings: Settings) -> None:
+    """The guest never passes max_memory_mib; a limit that cannot fit is a 400."""
+    small = settings.model_copy(update={"max_memory_mib": 1500})
+    assert run.vm_memory_mib(small, 1000) == 1500
+    with pytest.raises(errors.InvalidRequest):
+        run.vm_memory_mib(small, 1500 - run.VM_OVERHEAD_MIB + 1)
+
+
+# --- classification ----------------------------------------------------------------------
+
+CAP_KIB = 64 * 1024
+KILL = signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("fields", "over", "status"),
+    [
+        ({}, False, RunStatus.OK),
+        ({"exit_code": 3}, False, RunStatus.RUNTIME_ERROR),
+        ({"exit_code": 139, "signal": 11}, False, RunStatus.RUNTIME_ERROR),
+        ({"timed_out": True, "exit_code": 137, "signal": KILL}, False, RunStatus.TIMEOUT),
+        ({"memory_limited": True, "exit_code": 137, "signal": KILL}, False, RunStatus.MEMORY_LIMIT),
+        ({"memory_limited": True, "timed_out": True}, False, RunStatus.MEMORY_LIMIT),
+        ({"output_truncated": True}, False, RunStatus.OUTPUT_LIMIT),
+        ({}, True, RunStatus.OUTPUT_LIMIT),
+        ({"timed_out": True}, True, RunStatus.OUTPUT_LIMIT),
+        ({"exit_code": 3}, True, RunStatus.OUTPUT_LIMIT),
+        # The fallback: killed near the limit, without cgroup events.
+        ({"signal": KILL, "exit_code": 137, "peak_memory_kib": CAP_KIB}, False, "memory_limit"),
+        ({"signal": KILL, "exit_code": 137, "peak_memory_kib": 100}, False, "runtime_error"),
+        ({"signal": KILL, "exit_code": 137}, False, RunStatus.RUNTIME_ERROR),
+        (
+            {"signal": KILL, "timed_out": True, "peak_memory_kib": CAP_KIB},
+            False,
+            RunStatus.TIMEOUT,
+        ),
+    ],
+)
+def test_classify(fields: dict[str, Any], over: bool, status: str) -> None:
+    """memory_limit, output_limit, timeout, runtime_error, ok: the first that matches."""
+    assert run.classify(_result(**fields), CAP_KIB, over) == status
+
+
+def test_clip() -> None:
+    """clip keeps at most cap bytes and says whether it dropped any."""
+    assert run.clip(b"abc", 3) == (b"abc", False)
+    assert run.clip(b"abcd", 3) == (b"abc", True)
+
+
+# --- versions ----------------------------------------------------------------------------
+
+
+def test_versions_command_asks_every_language() -> None:
+    """One shell line with each language's version command."""
+    line = run.versions_command()
+    for lang in LANGUAGES.values():
+        assert f"{lang.name}=" in line
+        assert " ".join(lang.version_cmd) in line
+
+
+def test_parse_versions() -> None:
+    """The first dotted number of each language's first line; None when there is none."""
+    output = (
+        "python3=Python 3.11.2\n"
+        "bash=GNU bash, version 5.2.15(1)-release (x86_64-pc-linux-gnu)\n"
+        "node=v18.20.4\n"
+        "c=gcc (Debian 12.2.0-14+deb12u1) 12.2.0\n"
+        "c++=sh: 1: g++: not found\n"
+        "stray line\n"
+    )
+    assert run.parse_versions(output) == {
+        "python3": "3.11.2",
+        "bash": "5.2.15",
+        "node": "18.20.4",
+        "c": "12.2.0",
+        "c++": None,
+    }
+
+
+# --- run_code over a scripted manager --------------------------------------------------------
+
+Script = Callable[[list[str]], ExecResult]
+
+
+@dataclass
+class ScriptedFiles:
+    """``manager.files``: records tar_in calls (and raises ``error`` if set)."""
+
+    calls: list[tuple[str, Any]]
+    error: errors.EmberboxError | None = None
+
+    async def tar_in(
+        self, sandbox_id: str, path: str, data: AsyncIterable[bytes], *, size: int | None = None
+    ) -> int:
+        tar = b"".join([chunk async for chunk in data])
+        assert size == len(tar)
+        self.calls.append(("tar_in", {"path": path, "tar": tar}))
+        if self.error is not None:
+            raise self.error
+        return 1
+
+
+@dataclass
+class ScriptedManager:
+    """create/exec/kill; ``script`` answers each exec (argv in, result out)."""
+
+    script: Script = field(default=lambda argv: _result())
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    create_error: errors.EmberboxError | None = None
+    files: ScriptedFiles = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = ScriptedFiles(self.calls)
+
+    async def create(self, **kwargs: Any) -> SimpleNamespace:
+        self.calls.append(("create", kwargs))
+        if self.create_error is not None:
+            raise self.create_error
+        return SimpleNamespace(id="sb-1")
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        limits: ExecLimits | None = None,
+    ) -> ExecResult:
+        argv = cmd if isinstance(cmd, list) else ["sh", "-c", cmd]
+        unprivileged = argv[: len(run.RUN_AS)] == list(run.RUN_AS)
+        if unprivileged:
+            argv = argv[len(run.RUN_AS) :]
+        self.calls.append(("exec", {"argv": argv, "cwd": cwd, "timeout_s": timeout_s,
+                                    "stdin": stdin, "limits": limits, "env": env,
+                                    "nobody": unprivileged}))  # fmt: skip
+        return self.script(argv)
+
+    async def kill(self, sandbox_id: str) -> None:
+        self.calls.append(("kill", sandbox_id))
+
+    def execs(self) -> list[dict[str, Any]]:
+        return [info for name, info in self.calls if name == "exec"]
+
+
+async def test_run_code_writes_compiles_runs_and_kills(settings: Settings) -> None:
+    """A C run: one sandbox of the run image, the tar, gcc, ./main with limits, then kill."""
+    manager = ScriptedManager(lambda argv: _result(stdout=b"hi\n", peak_memory_kib=900))
+    spec = RunSpec("c", "int main(){}", stdin="in", args=["a"], timeout_s=2, memory_mib=64)
+    result = await run.run_code(manager, settings, spec)
+    assert result.status is RunStatus.OK
+    assert (result.stdout, result.exit_code, result.memory_kib, result.time_ms) == (
+        b"hi\n", 0, 900, 5.0,
+    )  # fmt: skip
+    name, created = manager.calls[0]
+    assert name == "create"
+    assert created["image"] == "polyglot"
+    assert created["memory_mib"] == 512
+    name, wrote = manager.calls[1]
+    assert (name, wrote["path"]) == ("tar_in", "/tmp")
+    with tarfile.open(fileobj=io.BytesIO(wrote["tar"])) as tar:
+        assert "run/main.c" in tar.getnames()
+    build, ran = manager.execs()
+    assert build["argv"][0] == "gcc"
+    assert build["nobody"]
+    assert build["cwd"] == run.WORK_DIR
+    assert build["timeout_s"] == settings.run_compile_timeout_s
+    assert build["limits"] == ExecLimits(memory_mib=512 - run.AGENT_RESERVE_MIB, pids=run.PIDS_MAX)
+    assert ran == {
+        "argv": ["./main", "a"],
+        "cwd": run.WORK_DIR,
+        "timeout_s": 2,
+        "stdin": b"in",
+        "limits": ExecLimits(memory_mib=64, pids=run.PIDS_MAX),
+        "env": {"HOME": run.WORK_DIR},
+        "nobody": True,
+    }
+    assert manager.calls[-1] == ("kill", "sb-1")
+
+
+async def test_a_compile_error_stops_before_running(settings: Settings) -> None:
+    """gcc failing is compile_error with its output; the program never runs."""
+
+    def script(argv: list[str]) -> ExecResult:
+        if argv[0] == "gcc":
+            return _result(exit_code=1, stderr=b"main.c:1: error: expected ';'\n")
+        return _result()
+
+    manager = ScriptedManager(script)
+    result = await run.run_code(manager, settings, RunSpec("c", "int main("))
+    assert result.status is RunStatus.COMPILE_ERROR
+    assert b"expected ';'" in result.compile_output
+    assert result.exit_code is None
+    assert [e["argv"][0] for e in manager.execs()] == ["gcc"]
+    assert manager.calls[-1] == ("kill", "sb-1")
+
+
+async def test_a_compile_timeout_is_a_compile_error(settings: Settings) -> None:
+    """A compiler past run_compile_timeout_s is compile_error, and says so."""
+
+    def script(argv: list[str]) -> ExecResult:
+        if argv[0] == "g++":
+            return _result(timed_out=True, exit_code=137, signal=9)
+        return _result()
+
+    result = await run.run_code(ScriptedManager(script), settings, RunSpec("c++", ""))
+    assert result.status is RunStatus.COMPILE_ERROR
+    assert b"timed out" in result.compile_output
+
+
+async def test_a_compiler_out_of_memory_is_a_compile_error(settings: Settings) -> None:
+    """A compiler stopped by its cgroup (not the program's limit) is compile_error."""
+
+    def script(argv: list[str]) -> ExecResult:
+        if argv[0] == "gcc":
+            return _result(memory_limited=True, exit_code=137, signal=9)
+        return _result()
+
+    result = await run.run_code(ScriptedManager(script), settings, RunSpec("c", ""))
+    assert result.status is RunStatus.COMPILE_ERROR
+    assert b"out of memory" in result.compile_output
+
+
+async def test_output_past_the_cap_is_cut_and_output_limit(settings: Settings) -> None:
+    """More than run_output_max_bytes on a stream: cut to the cap, output_limit."""
+    cap = settings.run_output_max_bytes
+    manager = ScriptedManager(lambda argv: _result(stdout=b"x" * (cap + 1), stderr=b"e"))
+    result = await run.run_code(manager, settings, RunSpec("python3", ""))
+    assert result.status is RunStatus.OUTPUT_LIMIT
+    assert len(result.stdout) == cap
+    assert result.stderr == b"e"
+
+
+async def test_an_agent_that_outlives_the_timeout_is_a_timeout(settings: Settings) -> None:
+    """ExecTimeout from the manager (the agent did not answer) is status timeout."""
+
+    def script(argv: list[str]) -> ExecResult:
+        if argv[0] == "python3":
+            raise errors.ExecTimeout("no answer", result=None)
+        return _result()
+
+    result = await run.run_code(ScriptedManager(script), settings, RunSpec("python3", ""))
+    assert result.status is RunStatus.TIMEOUT
+
+
+async def test_the_sandbox_is_killed_when_the_run_fails(settings: Settings) -> None:
+    """An agent failure propagates, and the sandbox is killed anyway."""
+
+    def script(argv: list[str]) -> ExecResult:
+        raise errors.AgentDisconnected("gone")
+
+    manager = ScriptedManager(script)
+    with pytest.raises(errors.AgentDisconnected):
+        await run.run_code(manager, settings, RunSpec("python3", ""))
+    assert manager.calls[-1] == ("kill", "sb-1")
+
+
+async def test_a_failed_write_propagates_and_kills(settings: Settings) -> None:
+    """The guest refusing the files is the server's error; the sandbox is killed anyway."""
+    manager = ScriptedManager()
+    manager.files.error = errors.AgentRequestFailed("No space left on device")
+    with pytest.raises(errors.AgentRequestFailed, match="No space"):
+        await run.run_code(manager, settings, RunSpec("python3", ""))
+    assert manager.calls[-1] == ("kill", "sb-1")
+    assert manager.execs() == []
+
+
+async def test_bad_requests_start_no_sandbox(settings: Settings) -> None:
+    """Unknown language, bad files, NUL in args, limits: 400 before create."""
+    manager = ScriptedManager()
+    bad = [
+        RunSpec("cobol", ""),
+        RunSpec("c", "", files=[("../x", "")]),
+        RunSpec("python3", "", args=["a\0b"]),
+        RunSpec("python3", "", memory_mib=1 << 20),
+        RunSpec("python3", "", timeout_s=0),
+    ]
+    for spec in bad:
+        with pytest.raises(errors.InvalidRequest):
+            await run.run_code(manager, settings, spec)
+    assert manager.calls == []
+
+
+async def test_a_missing_run_image_is_a_host_error(settings: Settings) -> None:
+    """No polyglot image on the server: 503 telling the operator how to build it."""
+    manager = ScriptedManager(create_error=errors.ImageNotFound("polyglot", ["default"]))
+    with pytest.raises(errors.HostError, match="emberbox image build --name polyglot"):
+        await run.run_code(manager, settings, RunSpec("python3", ""))
+
+
+async def test_language_versions_are_asked_once_per_image_build(settings: Settings) -> None:
+    """One sandbox answers the versions; the next call uses the cache until a rebuild."""
+    manager = ScriptedManager(lambda argv: _result(stdout=b"python3=Python 3.11.2\n"))
+
+    class Images:
+        image_hash = "aaa"
+
+        def get(self, name: str) -> object:
+            return SimpleNamespace(image_hash=self.image_hash)
+
+    images, versions = Images(), run.LanguageVersions()
+    first = await versions.languages(manager, settings, images)
+    assert {i.name: i.version for i in first}["python3"] == "3.11.2"
+    assert {i.name: i.version for i in first}["node"] is None
+    await versions.languages(manager, settings, images)
+    assert [c[0] for c in manager.calls] == ["create", "exec", "kill"]
+    images.image_hash = "bbb"
+    await versions.languages(manager, settings, images)
+    assert [c[0] for c in manager.calls].count("create") == 2
