@@ -17,12 +17,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import enum
-import json
 import logging
 import secrets
-import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,7 +33,7 @@ from anyio.abc import TaskGroup
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.guest.client import ExecLimits, ExecResult
-from emberbox.service import orphans
+from emberbox.service import orphans, snapshots, validation
 from emberbox.service.pool import PoolShape, WarmPool
 from emberbox.service.reaper import Reaper
 from emberbox.service.reconcile import reconcile
@@ -54,7 +52,6 @@ log = logging.getLogger(__name__)
 #: Called with each chunk of output as it arrives (sync or async; the sandbox decides).
 OutputCallback = Callable[[bytes], Any]
 
-MIN_MEMORY_MIB = 64
 ID_BYTES = 6  # 12 hex characters: short enough for unix socket paths under vms_dir
 SHUTDOWN_BOOT_WAIT_S = 30.0
 
@@ -258,16 +255,6 @@ class _Boot:
         self.scope.cancel()
 
 
-@dataclass(frozen=True)
-class _Spec:
-    image: str
-    vcpus: int
-    memory_mib: int
-    timeout_s: int
-    metadata: dict[str, str]
-    env: dict[str, str]
-
-
 class SandboxManager:
     """Owns every sandbox of one server. Use as ``async with SandboxManager(settings):``."""
 
@@ -410,9 +397,11 @@ class SandboxManager:
         source: SnapshotRow | None = None
         if snapshot_id is not None:
             source = await self._snapshot_row(snapshot_id)
-            image, vcpus, memory_mib = _fork_shape(source, image, vcpus, memory_mib)
+            image, vcpus, memory_mib = snapshots.fork_shape(source, image, vcpus, memory_mib)
             await self._check_image_unchanged(source)
-        spec = _validate_spec(self._settings, image, vcpus, memory_mib, timeout_s, metadata, env)
+        spec = validation.validate_spec(
+            self._settings, image, vcpus, memory_mib, timeout_s, metadata, env
+        )
         await anyio.to_thread.run_sync(self._images.get, spec.image)
         shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
         pooled = None if source is not None else self.pool.take(shape)
@@ -458,10 +447,10 @@ class SandboxManager:
         if source is not None:
 
             async def fork(source: SnapshotRow) -> SandboxHandle:
-                with _public_snapshot_errors(f"snapshot {source.id}"):
+                with snapshots.public_snapshot_errors(f"snapshot {source.id}"):
                     return await self._restorer(
                         settings,
-                        _snapshot_files(source),
+                        snapshots.snapshot_files(source),
                         image=row.image,
                         vcpus=row.vcpus,
                         memory_mib=row.memory_mib,
@@ -507,7 +496,7 @@ class SandboxManager:
     async def _admit(
         self,
         store: Store,
-        spec: _Spec,
+        spec: validation.Spec,
         sandbox_id: str | None = None,
         *,
         snapshot_id: str | None = None,
@@ -628,8 +617,8 @@ class SandboxManager:
         (memory, processes) puts the command in a cgroup of its own in the guest.
         """
         self._open_store()
-        _validate_command(cmd, cwd)
-        _validate_env(env or {}, "env")
+        validation.validate_command(cmd, cwd)
+        validation.validate_env(env or {}, "env")
         timeout = self._exec_timeout(timeout_s)
         row = await self._row(sandbox_id)
         handle = self._live.get(sandbox_id)
@@ -725,7 +714,7 @@ class SandboxManager:
 
     async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         """Make a running sandbox expire ``timeout_s`` seconds from now."""
-        _check_range("timeout_s", timeout_s, 1, self._settings.max_timeout_s)
+        validation.check_range("timeout_s", timeout_s, 1, self._settings.max_timeout_s)
         fields: SandboxFields = {
             "timeout_s": timeout_s,
             "expires_at": utcnow() + timedelta(seconds=timeout_s),
@@ -754,14 +743,14 @@ class SandboxManager:
                 row, handle = await self._running(sandbox_id)
                 snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
                 dest = self._settings.snapshots_dir / snapshot_id
-                await anyio.to_thread.run_sync(_private_dir, dest.parent)
+                await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
                 limit = self._settings.snapshot_timeout_s
                 try:
                     with anyio.fail_after(limit):
                         files = await handle.snapshot(dest)
                 except TimeoutError as exc:
                     raise errors.VMMError(f"snapshot took longer than {limit:g} s") from exc
-                size = await anyio.to_thread.run_sync(_disk_usage, dest)
+                size = await anyio.to_thread.run_sync(snapshots.disk_usage, dest)
                 snap = SnapshotRow(
                     id=snapshot_id,
                     sandbox_id=sandbox_id,
@@ -778,9 +767,9 @@ class SandboxManager:
                 try:
                     await store.insert_snapshot(snap)
                 except BaseException:
-                    await anyio.to_thread.run_sync(_remove_tree, dest)
+                    await anyio.to_thread.run_sync(snapshots.remove_tree, dest)
                     raise
-        return _snapshot_record(snap)
+        return snapshots.snapshot_record(snap)
 
     async def pause(self, sandbox_id: str) -> SandboxRecord:
         """Save a running sandbox to disk and end its VMM (its memory is freed); resume
@@ -791,8 +780,8 @@ class SandboxManager:
             with anyio.CancelScope(shield=True):
                 _, handle = await self._running(sandbox_id)
                 dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
-                await anyio.to_thread.run_sync(_private_dir, dest.parent)
-                await anyio.to_thread.run_sync(_remove_tree, dest)  # a stale one
+                await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
+                await anyio.to_thread.run_sync(snapshots.remove_tree, dest)  # a stale one
                 try:
                     files = await handle.snapshot(dest, stop=True)
                 except errors.EmberboxError as exc:
@@ -800,7 +789,7 @@ class SandboxManager:
                         await self.mark_failed_locked(sandbox_id, f"pause failed: {exc}")
                     raise
                 self._live.pop(sandbox_id, None)
-                await anyio.to_thread.run_sync(_write_meta, dest, files)
+                await anyio.to_thread.run_sync(snapshots.write_meta, dest, files)
                 record = await self._move(
                     sandbox_id,
                     SandboxState.RUNNING,
@@ -818,10 +807,12 @@ class SandboxManager:
                 row = await self._row(sandbox_id)
                 if row.state != SandboxState.PAUSED or row.paused_dir is None:
                     raise _not_running(sandbox_id, row.state, "only a paused sandbox resumes")
-                files = await anyio.to_thread.run_sync(_read_meta, row.paused_dir)
+                files = await anyio.to_thread.run_sync(snapshots.read_meta, row.paused_dir)
                 async with self._admission:
                     await self._check_quota(store)
-                    with _public_snapshot_errors(f"the saved state of sandbox {sandbox_id}"):
+                    with snapshots.public_snapshot_errors(
+                        f"the saved state of sandbox {sandbox_id}"
+                    ):
                         handle = await self._restorer(
                             self._settings,
                             files,
@@ -842,16 +833,16 @@ class SandboxManager:
                         work_dir=handle.work_dir,
                         expires_at=utcnow() + timedelta(seconds=row.timeout_s),
                     )
-                await anyio.to_thread.run_sync(_remove_tree, row.paused_dir)
+                await anyio.to_thread.run_sync(snapshots.remove_tree, row.paused_dir)
         return record
 
     async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
         rows = await self._open_store().list_snapshots(sandbox_id)
-        return [_snapshot_record(row) for row in rows]
+        return [snapshots.snapshot_record(row) for row in rows]
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
         self._open_store()
-        return _snapshot_record(await self._snapshot_row(snapshot_id))
+        return snapshots.snapshot_record(await self._snapshot_row(snapshot_id))
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot and its files; Conflict while a live fork still needs it."""
@@ -864,7 +855,7 @@ class SandboxManager:
             SandboxState.STOPPING,
         }
         await store.delete_snapshot(snapshot_id, unless_used_in=in_use)
-        await anyio.to_thread.run_sync(_remove_tree, row.path)
+        await anyio.to_thread.run_sync(snapshots.remove_tree, row.path)
 
     async def _image_hash(self, image: str) -> str:
         info = await anyio.to_thread.run_sync(self._images.get, image)
@@ -966,7 +957,7 @@ class SandboxManager:
         work_dir = row.work_dir or self._settings.vms_dir / row.id
         vms_dir = self._settings.vms_dir
         if row.paused_dir is not None:
-            await anyio.to_thread.run_sync(_remove_tree, row.paused_dir)
+            await anyio.to_thread.run_sync(snapshots.remove_tree, row.paused_dir)
         try:
             if handle is not None:
                 await handle.kill()
@@ -991,156 +982,9 @@ class SandboxManager:
         )
 
 
-# -- validation ----------------------------------------------------------------------------
-
-
-def _check_range(name: str, value: object, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise errors.InvalidRequest(
-            f"{name} must be an integer from {low} to {high} (got {value!r})",
-            field=name,
-        )
-
-
-def _validate_mapping(values: object, what: str) -> dict[str, str]:
-    if not isinstance(values, dict) or not all(
-        isinstance(k, str) and k and isinstance(v, str) for k, v in values.items()
-    ):
-        raise errors.InvalidRequest(f"{what} must map non-empty strings to strings", field=what)
-    return dict(values)
-
-
-def _validate_env(env: object, what: str) -> dict[str, str]:
-    checked = _validate_mapping(env, what)
-    for key, value in checked.items():
-        if "=" in key or "\0" in key or "\0" in value:
-            raise errors.InvalidRequest(f"{what}: invalid variable {key!r}", field=what)
-    return checked
-
-
-def _validate_spec(
-    settings: Settings,
-    image: str | None,
-    vcpus: int | None,
-    memory_mib: int | None,
-    timeout_s: int | None,
-    metadata: dict[str, str] | None,
-    env: dict[str, str] | None,
-) -> _Spec:
-    spec = _Spec(
-        image=settings.default_image if image is None else image,
-        vcpus=settings.default_vcpus if vcpus is None else vcpus,
-        memory_mib=settings.default_memory_mib if memory_mib is None else memory_mib,
-        timeout_s=settings.default_timeout_s if timeout_s is None else timeout_s,
-        metadata=_validate_mapping(metadata or {}, "metadata"),
-        env=_validate_env(env or {}, "env"),
-    )
-    if not isinstance(spec.image, str) or not spec.image:
-        raise errors.InvalidRequest("image must be a non-empty name", field="image")
-    _check_range("vcpus", spec.vcpus, 1, settings.max_vcpus)
-    _check_range("memory_mib", spec.memory_mib, MIN_MEMORY_MIB, settings.max_memory_mib)
-    _check_range("timeout_s", spec.timeout_s, 1, settings.max_timeout_s)
-    return spec
-
-
-def _validate_command(cmd: object, cwd: str | None) -> None:
-    if isinstance(cmd, str):
-        ok = bool(cmd.strip()) and "\0" not in cmd
-    elif isinstance(cmd, list):
-        ok = bool(cmd) and all(isinstance(a, str) and "\0" not in a for a in cmd) and bool(cmd[0])
-    else:
-        ok = False
-    if not ok:
-        raise errors.InvalidRequest(
-            "cmd must be a non-empty string or a non-empty list of strings", field="cmd"
-        )
-    if cwd is not None and (not cwd or "\0" in cwd):
-        raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
-
-
 def _not_running(sandbox_id: str, state: str, hint: str = "") -> errors.Conflict:
     message = f"sandbox {sandbox_id} is {state}" + (f"; {hint}" if hint else "")
     return errors.Conflict(message, sandbox_id=sandbox_id, state=state)
-
-
-@contextlib.contextmanager
-def _public_snapshot_errors(what: str) -> Iterator[None]:
-    """SnapshotCorrupt names host paths: log those, tell the caller only the file's name."""
-    try:
-        yield
-    except errors.SnapshotCorrupt as exc:
-        log.warning("%s cannot be loaded: %s", what, exc.message)
-        name = Path(str(exc.details.get("file", "?"))).name
-        raise errors.SnapshotCorrupt(
-            f"{what} cannot be loaded: its file {name!r} is missing, truncated or corrupt",
-            file=name,
-        ) from exc
-
-
-def _fork_shape(
-    source: SnapshotRow, image: str | None, vcpus: int | None, memory_mib: int | None
-) -> tuple[str, int, int]:
-    """A fork has its snapshot's image and shape; asking for others is a 409."""
-    wanted = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
-    have = {"image": source.image, "vcpus": source.vcpus, "memory_mib": source.memory_mib}
-    for name, value in wanted.items():
-        if value is not None and value != have[name]:
-            raise errors.SnapshotMismatch(
-                f"snapshot {source.id} was made of a sandbox with {name}={have[name]!r}; "
-                f"a fork of it cannot have {name}={value!r} (leave it out)",
-                snapshot_id=source.id,
-                field=name,
-            )
-    return source.image, source.vcpus, source.memory_mib
-
-
-def _snapshot_files(row: SnapshotRow) -> SnapshotFiles:
-    return SnapshotFiles(directory=row.path, vmm=row.vmm, vmm_version=row.vmm_version)
-
-
-def _snapshot_record(row: SnapshotRow) -> SnapshotRecord:
-    return SnapshotRecord(
-        id=row.id,
-        sandbox_id=row.sandbox_id,
-        image=row.image,
-        vcpus=row.vcpus,
-        memory_mib=row.memory_mib,
-        vmm=row.vmm,
-        vmm_version=row.vmm_version,
-        size_bytes=row.size_bytes,
-        created_at=row.created_at,
-        path=row.path,
-        image_hash=row.image_hash,
-    )
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def _disk_usage(path: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
-
-
-_META = "meta.json"
-
-
-def _write_meta(directory: Path, files: SnapshotFiles) -> None:
-    meta = {"vmm": files.vmm, "vmm_version": files.vmm_version}
-    (directory / _META).write_text(json.dumps(meta))
-
-
-def _read_meta(directory: Path) -> SnapshotFiles:
-    path = directory / _META
-    try:
-        meta = json.loads(path.read_text())
-        return SnapshotFiles(directory, str(meta["vmm"]), str(meta["vmm_version"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise errors.SnapshotCorrupt(f"cannot read {path}: {exc}", file=str(path)) from exc
 
 
 def _failure_reason(exc: BaseException) -> str:

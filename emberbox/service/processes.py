@@ -17,7 +17,8 @@ import anyio
 
 from emberbox import errors
 from emberbox.service.guest import GuestService
-from emberbox.service.manager import OutputCallback, _validate_command, _validate_env
+from emberbox.service.manager import OutputCallback
+from emberbox.service.validation import validate_command, validate_env
 
 if TYPE_CHECKING:
     from emberbox.guest.client import ProcessInfo, ProcessStatus
@@ -46,8 +47,8 @@ class Processes(GuestService):
         ``env`` is merged over the sandbox's env; ``timeout_s`` (seconds, None: none)
         kills its process group; ``pty=(cols, rows)`` runs it on a terminal.
         """
-        _validate_command(cmd, cwd)
-        _validate_env(env or {}, "env")
+        validate_command(cmd, cwd)
+        validate_env(env or {}, "env")
         if timeout_s is not None and not timeout_s > 0:
             raise errors.InvalidRequest(f"timeout_s must be positive (got {timeout_s})")
         if pty is not None:

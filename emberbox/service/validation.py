@@ -1,0 +1,86 @@
+"""Checks of what callers ask the manager for: shapes, env, metadata, commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emberbox import errors
+from emberbox.config import Settings
+
+MIN_MEMORY_MIB = 64
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated create request."""
+
+    image: str
+    vcpus: int
+    memory_mib: int
+    timeout_s: int
+    metadata: dict[str, str]
+    env: dict[str, str]
+
+
+def check_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise errors.InvalidRequest(
+            f"{name} must be an integer from {low} to {high} (got {value!r})",
+            field=name,
+        )
+
+
+def validate_mapping(values: object, what: str) -> dict[str, str]:
+    if not isinstance(values, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in values.items()
+    ):
+        raise errors.InvalidRequest(f"{what} must map non-empty strings to strings", field=what)
+    return dict(values)
+
+
+def validate_env(env: object, what: str) -> dict[str, str]:
+    checked = validate_mapping(env, what)
+    for key, value in checked.items():
+        if "=" in key or "\0" in key or "\0" in value:
+            raise errors.InvalidRequest(f"{what}: invalid variable {key!r}", field=what)
+    return checked
+
+
+def validate_spec(
+    settings: Settings,
+    image: str | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    timeout_s: int | None,
+    metadata: dict[str, str] | None,
+    env: dict[str, str] | None,
+) -> Spec:
+    spec = Spec(
+        image=settings.default_image if image is None else image,
+        vcpus=settings.default_vcpus if vcpus is None else vcpus,
+        memory_mib=settings.default_memory_mib if memory_mib is None else memory_mib,
+        timeout_s=settings.default_timeout_s if timeout_s is None else timeout_s,
+        metadata=validate_mapping(metadata or {}, "metadata"),
+        env=validate_env(env or {}, "env"),
+    )
+    if not isinstance(spec.image, str) or not spec.image:
+        raise errors.InvalidRequest("image must be a non-empty name", field="image")
+    check_range("vcpus", spec.vcpus, 1, settings.max_vcpus)
+    check_range("memory_mib", spec.memory_mib, MIN_MEMORY_MIB, settings.max_memory_mib)
+    check_range("timeout_s", spec.timeout_s, 1, settings.max_timeout_s)
+    return spec
+
+
+def validate_command(cmd: object, cwd: str | None) -> None:
+    if isinstance(cmd, str):
+        ok = bool(cmd.strip()) and "\0" not in cmd
+    elif isinstance(cmd, list):
+        ok = bool(cmd) and all(isinstance(a, str) and "\0" not in a for a in cmd) and bool(cmd[0])
+    else:
+        ok = False
+    if not ok:
+        raise errors.InvalidRequest(
+            "cmd must be a non-empty string or a non-empty list of strings", field="cmd"
+        )
+    if cwd is not None and (not cwd or "\0" in cwd):
+        raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
