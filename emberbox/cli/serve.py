@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Annotated, Any
 
@@ -11,7 +10,9 @@ import uvicorn
 
 from emberbox import __version__
 from emberbox.api.app import create_app
+from emberbox.cli.common import clean_errors
 from emberbox.config import Settings
+from emberbox.service.policy import check_serving
 
 log = logging.getLogger("emberbox.serve")
 
@@ -29,8 +30,9 @@ def serve(
     settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("emberbox").setLevel(logging.INFO)  # the CLI may have set WARNING
-    if not _is_loopback(settings.host):
-        log.warning("listening on %s: anyone who reaches this port can run code", settings.host)
+    with clean_errors():
+        for warning in check_serving(settings):
+            log.warning(warning)
     log.info(
         "emberbox %s on http://%s:%d (docs at /docs; data in %s; images in %s)",
         __version__,
@@ -40,12 +42,3 @@ def serve(
         settings.images_dir,
     )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

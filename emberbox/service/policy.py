@@ -1,0 +1,60 @@
+"""What the server refuses to start with (safe by default), and what it only warns about.
+
+- Listening beyond loopback without an API key: refused (anyone reaching the port could
+  run code). On loopback without a key: allowed, with a warning.
+- ``mode=production``: refuses to run without an API key and with a data dir that other
+  users can read (TCG is refused there too, by driver selection).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+from emberbox.config import Settings
+from emberbox.errors import HostError
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_serving(settings: Settings) -> list[str]:
+    """Raise HostError for a configuration the server must not run with; else the
+    warnings to log."""
+    keyed = settings.api_key is not None and bool(settings.api_key.get_secret_value())
+    if not keyed and not is_loopback(settings.host):
+        raise HostError(
+            f"refusing to listen on {settings.host} without an API key: anyone who reaches "
+            "the port could run code; set EMBERBOX_API_KEY (or listen on 127.0.0.1)"
+        )
+    if settings.mode == "production":
+        if not keyed:
+            raise HostError("production mode needs an API key: set EMBERBOX_API_KEY")
+        loose = _others_can_read(settings.data_dir)
+        if loose:
+            raise HostError(
+                f"production mode refuses data dir {loose}: other users can read it "
+                f"(chmod 700 {loose})"
+            )
+    if not keyed:
+        return ["no API key: every local user and process can use this server"]
+    return []
+
+
+def _others_can_read(data_dir: Path) -> Path | None:
+    """The data dir, or its nearest existing parent that will become it, if world- or
+    group-accessible."""
+    path = data_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if path != data_dir:
+        return None  # it will be created 0700 by the store
+    mode = path.stat().st_mode
+    return data_dir if mode & (stat.S_IRWXG | stat.S_IRWXO) else None
