@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     boot_attempts: int = Field(default=3, ge=1, le=10)
     kvm_probe_timeout_s: float = Field(default=10.0, gt=0)
     console_log_max_bytes: int = Field(default=1 << 20, ge=4096)
+    # Host cgroup per VMM process (v2, or v1 memory+pids): guest RAM + this overhead.
+    vmm_cgroup_limits: bool = True
+    vmm_memory_overhead_mib: int = Field(default=768, ge=64)
+    vmm_pids_max: int = Field(default=512, ge=16)
 
     # Firecracker (see docs/firecracker.md).
     firecracker_api_timeout_s: float = Field(default=30.0, gt=0)

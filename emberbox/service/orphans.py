@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emberbox.vmm import cgroups
 from emberbox.vmm.host import PROC, ProcInfo, read_process
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,17 @@ def purge(work_dir: Path, vms_dir: Path, pid: int | None = None) -> None:
         if mentions_path(info.args, work_dir):
             kill_process(info.pid, work_dir)
     remove_dir(work_dir, vms_dir)
+    remove_cgroup(work_dir.name)
+
+
+def remove_cgroup(name: str) -> None:
+    """The host cgroup of VM ``name``, if one is left (its process has ended)."""
+    group = cgroups.existing(name)
+    if group is not None:
+        try:
+            group.remove()
+        except OSError as exc:
+            log.error("could not remove the cgroup of %s: %s", name, exc)
 
 
 def sweep(vms_dir: Path, owned: Collection[str]) -> SweepReport:
@@ -194,6 +206,7 @@ def sweep(vms_dir: Path, owned: Collection[str]) -> SweepReport:
             try:
                 if remove_dir(entry, vms_dir):
                     report.removed_dirs.append(entry)
+                remove_cgroup(entry.name)
             except OSError as exc:
                 log.error("could not remove orphan directory %s: %s", entry, exc)
     return report

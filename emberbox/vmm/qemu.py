@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from typing import Literal
 
 from emberbox.errors import HostError, SnapshotCorrupt, SnapshotMismatch, VMMCrashed, VMMError
 from emberbox.guest.protocol import AGENT_PORT_NAME
-from emberbox.vmm import migration
+from emberbox.vmm import cgroups, migration
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.console import ConsoleLog
 from emberbox.vmm.host import read_process
@@ -33,6 +34,7 @@ from emberbox.vmm.qmp import QMPClient
 Accel = Literal["kvm", "tcg"]
 PR_SET_PDEATHSIG = 1
 NAME = "qemu"
+log = logging.getLogger(__name__)
 STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
 DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
 QMP_TIMEOUT_S = 10.0
@@ -48,6 +50,14 @@ BASE_KERNEL_ARGS = (
     "i8042.dumbkbd",
     "8250.nr_uarts=1",
 )
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Host-side limits of each QEMU process (see emberbox.vmm.cgroups)."""
+
+    memory_overhead_mib: int = 768  # on top of guest RAM: QEMU, its TCG cache, I/O
+    pids_max: int = 512
 
 
 @dataclass(frozen=True)
@@ -207,9 +217,11 @@ class QemuVM:
         popen: subprocess.Popen[bytes] | None,
         janitor: subprocess.Popen[bytes] | None,
         vmm_version: str = "",
+        cgroup: cgroups.HostCgroup | None = None,
     ) -> None:
         self.config = config
         self.vmm_version = vmm_version
+        self.cgroup = cgroup
         self.paths = QemuPaths(config.work_dir)
         self._pid = pid
         self._popen = popen
@@ -363,6 +375,9 @@ class QemuVM:
             deadline = time.monotonic() + 5
             while read_process(self._pid) is not None and time.monotonic() < deadline:
                 time.sleep(0.005)
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                self.cgroup.remove()
         if remove_files:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -373,11 +388,16 @@ class QemuDriver:
     name = "qemu"
 
     def __init__(
-        self, accel: Accel, binary: str = "qemu-system-x86_64", qemu_img: str = "qemu-img"
+        self,
+        accel: Accel,
+        binary: str = "qemu-system-x86_64",
+        qemu_img: str = "qemu-img",
+        limits: HostLimits | None = None,
     ) -> None:
         self.accel = accel
         self.binary = binary
         self.qemu_img = qemu_img
+        self.limits = limits
         self._version: str | None = None
 
     def version(self) -> str:
@@ -475,14 +495,30 @@ class QemuDriver:
                 pass_fds=pass_fds,
                 preexec_fn=_die_with_parent if ephemeral else None,
             )
+        cgroup = self._limit(config, popen.pid)
         janitor = spawn_janitor(popen.pid, config.work_dir) if ephemeral else None
-        return QemuVM(config, popen.pid, popen, janitor, self.version())
+        return QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
+
+    def _limit(self, config: VMConfig, pid: int) -> cgroups.HostCgroup | None:
+        """Put QEMU in its own host cgroup (guest RAM + overhead, pids), if configured."""
+        if self.limits is None:
+            return None
+        memory = (config.memory_mib + self.limits.memory_overhead_mib) << 20
+        cgroup = cgroups.create(config.vm_id, memory, self.limits.pids_max)
+        if cgroup is None:
+            return None
+        try:
+            cgroup.add(pid)
+        except OSError as exc:
+            log.warning("VM %s runs without host-side limits: %s", config.vm_id, exc)
+            return None
+        return cgroup
 
     async def attach(self, config: VMConfig, pid: int) -> QemuVM:
         info = read_process(pid)
         if info is None or str(config.work_dir) not in " ".join(info.args):
             raise VMMCrashed(f"no QEMU process {pid} for {config.work_dir}")
-        return QemuVM(config, pid, None, None, self.version())
+        return QemuVM(config, pid, None, None, self.version(), cgroups.existing(config.vm_id))
 
 
 def _make_work_dir(work_dir: Path) -> None:

@@ -15,7 +15,7 @@ from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.vmm import accel
 from emberbox.vmm.base import Driver, GuestFiles
-from emberbox.vmm.qemu import QemuDriver
+from emberbox.vmm.qemu import HostLimits, QemuDriver
 
 log = logging.getLogger("emberbox.vmm")
 
@@ -69,7 +69,10 @@ def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
             return DriverChoice(firecracker_driver(settings), f"firecracker: {why}", "kvm")
         if settings.vmm == "firecracker":
             raise HostError(f"EMBERBOX_VMM=firecracker but Firecracker is not usable: {why}")
-    qemu = QemuDriver("tcg", settings.qemu_binary, settings.qemu_img_binary)
+    limits = None
+    if settings.vmm_cgroup_limits:
+        limits = HostLimits(settings.vmm_memory_overhead_mib, settings.vmm_pids_max)
+    qemu = QemuDriver("tcg", settings.qemu_binary, settings.qemu_img_binary, limits)
     chosen, why = accel.resolve_accel(settings, qemu.version(), guest)
     if chosen == "tcg" and settings.mode == "production":
         raise HostError(

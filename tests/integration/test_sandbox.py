@@ -17,6 +17,7 @@ import pytest
 from emberbox.config import Settings
 from emberbox.errors import AgentDisconnected, ImageNotFound, InvalidRequest, VMMCrashed
 from emberbox.service.sandbox import Sandbox
+from emberbox.vmm import cgroups
 from tests.conftest import qemu_pids_under
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
@@ -148,3 +149,28 @@ def test_killed_owner_leaves_nothing_behind(settings: Settings, tmp_path: Path) 
         time.sleep(0.1)
     assert qemu_pids_under(settings.data_dir) == []
     assert list(settings.vms_dir.iterdir()) == []
+
+
+def read(path: Path) -> str:
+    return path.read_text()
+
+
+async def test_vmm_runs_in_its_own_host_cgroup(
+    sandbox_factory: Factory, settings: Settings
+) -> None:
+    """QEMU is limited host-side (guest RAM + overhead, pids) and its group goes with it."""
+    if settings.vmm != "qemu":
+        pytest.skip("the Firecracker driver uses the jailer's cgroups")
+    found = cgroups.version()
+    if found is None:
+        pytest.skip("no cgroup filesystem on this host")
+    sb = await sandbox_factory(memory_mib=256)
+    assert sb.pid is not None
+    assert f"/emberbox/{sb.id}" in read(Path(f"/proc/{sb.pid}/cgroup"))
+    group = cgroups.existing(sb.id)
+    assert group is not None
+    limit_file = "memory.max" if found == 2 else "memory.limit_in_bytes"
+    expected = (256 + settings.vmm_memory_overhead_mib) << 20
+    assert int(read(group.dirs[0] / limit_file)) == expected
+    await sb.kill()
+    assert cgroups.existing(sb.id) is None
