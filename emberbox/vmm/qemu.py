@@ -496,7 +496,8 @@ class QemuDriver:
                 preexec_fn=_die_with_parent if ephemeral else None,
             )
         cgroup = self._limit(config, popen.pid)
-        janitor = spawn_janitor(popen.pid, config.work_dir) if ephemeral else None
+        dirs = cgroup.dirs if cgroup is not None else ()
+        janitor = spawn_janitor(popen.pid, config.work_dir, dirs) if ephemeral else None
         return QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
 
     def _limit(self, config: VMConfig, pid: int) -> cgroups.HostCgroup | None:
@@ -526,15 +527,24 @@ def _make_work_dir(work_dir: Path) -> None:
     work_dir.chmod(0o700)
 
 
-def spawn_janitor(pid: int, work_dir: Path) -> subprocess.Popen[bytes]:
+def spawn_janitor(
+    pid: int, work_dir: Path, cgroup_dirs: tuple[Path, ...] = ()
+) -> subprocess.Popen[bytes]:
     """A tiny watcher that removes an ephemeral VM if its owner dies without cleaning up.
 
     It blocks reading a pipe only we hold open; when our process ends for any reason
-    (even SIGKILL) the read returns, and it kills QEMU and deletes the work dir.
+    (even SIGKILL) the read returns, and it kills QEMU and deletes the work dir and the
+    VM's (by then empty) host cgroups.
     """
-    script = 'cat >/dev/null; kill -9 "$1" 2>/dev/null; sleep 0.2; rm -rf -- "$2"'
+    script = (
+        'cat >/dev/null; kill -9 "$1" 2>/dev/null; sleep 0.2; rm -rf -- "$2"; shift 2; '
+        'for d in "$@"; do rmdir -- "$d" 2>/dev/null || { sleep 0.2; rmdir -- "$d"; }; done'
+    )
     return subprocess.Popen(
-        ["/bin/sh", "-c", script, "emberbox-janitor", str(pid), str(work_dir)],
+        [
+            *("/bin/sh", "-c", script, "emberbox-janitor", str(pid), str(work_dir)),
+            *map(str, cgroup_dirs),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

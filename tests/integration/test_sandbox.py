@@ -140,15 +140,24 @@ def test_killed_owner_leaves_nothing_behind(settings: Settings, tmp_path: Path) 
         time.sleep(0.05)
     assert qemu_pids_under(settings.data_dir), "QEMU never started"
     time.sleep(0.5)  # mid-boot: QEMU runs, the agent has not answered yet
+    vm_ids = [entry.name for entry in settings.vms_dir.iterdir()]
     child.kill()
     child.wait()
+
+    def leftovers() -> list[object]:
+        groups = [cgroups.existing(vm_id) for vm_id in vm_ids]
+        return [
+            *qemu_pids_under(settings.data_dir),
+            *settings.vms_dir.iterdir(),
+            *filter(None, groups),
+        ]
+
     deadline = time.monotonic() + 10
-    while (qemu_pids_under(settings.data_dir) or any(settings.vms_dir.iterdir())) and (
-        time.monotonic() < deadline
-    ):
+    while leftovers() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids_under(settings.data_dir) == []
     assert list(settings.vms_dir.iterdir()) == []
+    assert vm_ids and leftovers() == []  # the VM's host cgroups went too
 
 
 def read(path: Path) -> str:
