@@ -620,10 +620,7 @@ class SandboxManager:
         validation.validate_command(cmd, cwd)
         validation.validate_env(env or {}, "env")
         timeout = self._exec_timeout(timeout_s)
-        row = await self._row(sandbox_id)
-        handle = self._live.get(sandbox_id)
-        if row.state != SandboxState.RUNNING or handle is None:
-            raise _not_running(sandbox_id, row.state)
+        row, handle = await self._running(sandbox_id)
         started, t0 = utcnow(), time.monotonic()
         try:
             result = await handle.exec(

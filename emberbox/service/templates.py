@@ -53,6 +53,7 @@ class Templates:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._locks: dict[str, anyio.Lock] = {}
+        self._known: dict[str, SnapshotFiles] = {}  # found on disk once: no re-reading
 
     @property
     def root(self) -> Path:
@@ -78,16 +79,21 @@ class Templates:
         """The template for this image and shape, building it first if needed (one VM
         boot, ~5 s under TCG)."""
         key = template_key(info, driver, vcpus, memory_mib)
+        known = self._known.get(key)
+        if known is not None:
+            return known
         async with self._locks.setdefault(key, anyio.Lock()):
             found = await anyio.to_thread.run_sync(self.current, key)
-            if found is not None:
-                return found
-            return await self._build(key, info, driver, vcpus, memory_mib)
+            if found is None:
+                found = await self._build(key, info, driver, vcpus, memory_mib)
+            self._known[key] = found
+            return found
 
     def discard(self, snapshot: SnapshotFiles) -> None:
         """Stop using a template that failed to load; the next ensure() rebuilds. Its
         files stay (something may still be backed by its disk)."""
         generation = snapshot.directory.parent
+        self._known = {k: v for k, v in self._known.items() if v != snapshot}
         link = generation.parent / CURRENT
         with contextlib.suppress(OSError):
             if link.resolve() == generation.resolve():

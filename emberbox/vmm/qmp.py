@@ -74,15 +74,20 @@ class QMPClient:
                 await self._writer.drain()
             except OSError as exc:
                 raise VMMError(f"QMP connection lost: {exc}") from exc
-            while True:
-                message = await self._read_message()
-                if "event" in message:
-                    self.events.append(message)
-                    continue
-                if "error" in message:
-                    desc = message["error"].get("desc", message["error"])
-                    raise VMMError(f"QMP {command} failed: {desc}")
-                return message.get("return")
+            return await self._reply(command)
+
+    async def _reply(self, command: str) -> Any:
+        """The answer to the command just sent (call holding the lock); events seen on
+        the way are kept."""
+        while True:
+            message = await self._read_message()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            if "error" in message:
+                desc = message["error"].get("desc", message["error"])
+                raise VMMError(f"QMP {command} failed: {desc}")
+            return message.get("return")
 
     async def send_fd(self, name: str, fd: int) -> None:
         """Hand QEMU a copy of ``fd`` under ``name`` (QMP ``getfd``, SCM_RIGHTS).
@@ -99,15 +104,7 @@ class QMPClient:
             with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
                 rights = array.array("i", [fd])
                 sock.sendmsg([request + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-            while True:
-                message = await self._read_message()
-                if "event" in message:
-                    self.events.append(message)
-                    continue
-                if "error" in message:
-                    desc = message["error"].get("desc", message["error"])
-                    raise VMMError(f"QMP getfd failed: {desc}")
-                return
+            await self._reply("getfd")
 
     async def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
         """Wait for the next event called ``name`` (events seen earlier count)."""
