@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     vmm_memory_overhead_mib: int = Field(default=768, ge=64)
     vmm_pids_max: int = Field(default=512, ge=16)
 
+    # Host hardening (QEMU): run as an unprivileged user, CPU quota, disk cap.
+    vmm_user: str = "emberbox-vmm"  # QEMU's user when the server is root; "" = do not drop
+    vmm_cpu_overhead: float = Field(default=0.5, ge=0)  # cgroup CPU quota: vCPUs + this
+    max_disk_mib: int | None = Field(default=None, ge=1)  # overlay cap; None: the image's size
+
     # Firecracker (see docs/firecracker.md).
     firecracker_api_timeout_s: float = Field(default=30.0, gt=0)
     firecracker_jailer: bool = False
@@ -90,6 +95,26 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=1, ge=0, le=64)  # restored sandboxes kept ready per image
     pool_memory_budget_mib: int = Field(default=4096, ge=0)  # guest memory the pool may hold
     snapshot_timeout_s: float = Field(default=300.0, gt=0)
+
+    # Networking (see docs/networking.md): default deny; a sandbox gets a NIC with
+    # egress only when its create request asks for it.
+    network_cidr: str = "10.213.0.0/16"  # one /29 per networked sandbox; one server per CIDR
+    network_max_allow: int = Field(default=64, ge=0)  # allow entries per sandbox
+    network_dns: list[str] = Field(default_factory=lambda: ["1.1.1.1", "8.8.8.8"])  # guest's
+    network_set_ip_forward: bool = True  # set net.ipv4.ip_forward=1 if it is 0 (host-wide)
+
+    # Host disk (hostile suite): create and uploads are refused (HTTP 507, StorageFull)
+    # while the data dir's file system has less than this free.
+    min_free_disk_mib: int = Field(default=512, ge=0)
+
+    # Tenancy (see docs/tenancy.md): per-tenant quotas (a key's tenant may override them;
+    # the built-in "local" tenant has only the server-wide limits), per-key rate limits.
+    tenant_max_sandboxes: int = Field(default=4, ge=0)  # live (creating or running)
+    tenant_max_vcpus: int = Field(default=8, ge=0)  # summed over live sandboxes
+    tenant_max_memory_mib: int = Field(default=4096, ge=0)  # summed over live sandboxes
+    tenant_max_snapshots: int = Field(default=16, ge=0)
+    rate_limit_per_s: float = Field(default=20.0, gt=0)  # requests per second per key
+    rate_limit_burst: int = Field(default=100, ge=1)  # requests a key may send at once
 
     @property
     def images_dir(self) -> Path:

@@ -10,9 +10,11 @@ Every error the library, the server, the SDK or the CLI raises on purpose is one
     ├── Conflict                the object is in a state that forbids the call (HTTP 409)
     │   └── SnapshotMismatch    a snapshot made by another VMM, version, image or VM shape
     ├── QuotaExceeded           a configured limit would be passed (HTTP 403 / 429)
-    │   └── PayloadTooLarge     an upload over max_upload_bytes (HTTP 413)
+    │   ├── PayloadTooLarge     an upload over max_upload_bytes (HTTP 413)
+    │   └── RateLimited         a key sent requests faster than its rate (HTTP 429)
     ├── ImageBuildError         building a guest image failed (a step and its output)
     ├── HostError               the host lacks something (QEMU, KVM, space) (HTTP 503)
+    │   └── StorageFull         the data dir's disk is (nearly) full (HTTP 507)
     ├── VMMError                the virtual machine monitor misbehaved (HTTP 502)
     │   ├── BootTimeout         no agent handshake within the boot timeout
     │   ├── VMMCrashed          the VMM process ended unexpectedly
@@ -83,12 +85,29 @@ class PayloadTooLarge(QuotaExceeded):
     status_code = 413
 
 
+class RateLimited(QuotaExceeded):
+    """Too many requests from one key; ``retry_after_s`` says when one more will pass."""
+
+    status_code = 429
+    retry_after_s = 1.0  # (an instance rebuilt by the SDK has only this)
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+
 class ImageBuildError(EmberboxError):
     status_code = 500
 
 
 class HostError(EmberboxError):
     status_code = 503
+
+
+class StorageFull(HostError):
+    """The server's data dir has no room (ENOSPC, SQLITE_FULL, or under min_free_disk_mib)."""
+
+    status_code = 507
 
 
 class VMMError(EmberboxError):

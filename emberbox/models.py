@@ -39,7 +39,11 @@ MetadataValue = Annotated[str, StringConstraints(max_length=1024)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=64)]
 EnvName = Annotated[str, StringConstraints(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
-Env = Annotated[dict[EnvName, EnvValue], Field(max_length=1024)]
+# additionalProperties: a name that does not match EnvName is refused, as the schema says.
+Env = Annotated[
+    dict[EnvName, EnvValue],
+    Field(max_length=1024, json_schema_extra={"additionalProperties": False}),
+]
 HostPath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")]
 GuestPath = Annotated[
     str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")
@@ -60,6 +64,27 @@ class _Public(BaseModel):
 # --- sandboxes ---------------------------------------------------------------------------
 
 
+AllowEntry = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+
+
+class NetworkRequest(_Request):
+    """A sandbox's network (docs/networking.md). Private, link-local and loopback ranges
+    and the host's own addresses stay unreachable whatever ``allow`` says."""
+
+    egress: Literal["none", "allowlist", "full"] = Field(
+        default="none",
+        description="`none`: no network; `allowlist`: only `allow`; `full`: the internet.",
+    )
+    allow: list[AllowEntry] = Field(
+        default_factory=list,
+        max_length=1024,
+        description=(
+            "With `allowlist`: IP, CIDR, IP:port, CIDR:port, host:port or host (a host name "
+            "is resolved once, at create time). A port allows TCP and UDP to it."
+        ),
+    )
+
+
 class SandboxCreate(_Request):
     """Ask for a new sandbox. Unset fields take the server's defaults (``Settings``)."""
 
@@ -72,7 +97,7 @@ class SandboxCreate(_Request):
     )
     memory_mib: int | None = Field(
         default=None,
-        ge=64,
+        ge=64,  # less does not boot the guest (service.validation.MIN_MEMORY_MIB)
         le=1_048_576,
         description="Guest memory in MiB; null uses the server default (512).",
     )
@@ -90,6 +115,10 @@ class SandboxCreate(_Request):
             "Fork from this snapshot instead of booting: the sandbox gets the snapshot's "
             "image, vcpus and memory_mib (giving different ones is a 409 SnapshotMismatch)."
         ),
+    )
+    network: NetworkRequest | None = Field(
+        default=None,
+        description="Null (the default): no network at all. Its address is `ip_address`.",
     )
 
 
@@ -308,6 +337,9 @@ class ErrorDetail(_Public):
     image: str | None = Field(default=None, description="ImageNotFound: the name asked for.")
     available: list[str] | None = Field(default=None, description="ImageNotFound: known images.")
     console_tail: str | None = Field(default=None, description="VMMError: last console lines.")
+    quota: str | None = Field(default=None, description="QuotaExceeded: the quota's name.")
+    limit: int | None = Field(default=None, description="QuotaExceeded: the quota's value.")
+    used: int | None = Field(default=None, description="QuotaExceeded: what is held now.")
 
 
 class ErrorBody(_Public):
@@ -520,8 +552,30 @@ class ArchiveWritten(_Public):
     entries: int = Field(description="Members extracted.")
 
 
+# --- audit log (GET /v1/audit, admin keys only) --------------------------------------------
+
+
+class AuditEntryPublic(_Public):
+    """Who (tenant, key) did what to which object, when, and how it ended."""
+
+    id: int
+    at: datetime
+    tenant: str = Field(description="The caller's tenant name (its id if unknown)")
+    key_id: str | None = Field(description="The key used; null in local mode")
+    action: str = Field(description="e.g. sandbox.create, sandbox.exec, key.revoke")
+    target_id: str | None = Field(description="The sandbox, snapshot or key acted on")
+    detail: dict[str, object]
+    outcome: str = Field(description="`ok`, or the error's type (NotFound, QuotaExceeded ...)")
+
+
+class AuditList(_Public):
+    entries: list[AuditEntryPublic]
+
+
 __all__ = [
     "ArchiveWritten",
+    "AuditEntryPublic",
+    "AuditList",
     "CommandRequest",
     "CommandResponse",
     "ErrorBody",
@@ -536,6 +590,7 @@ __all__ = [
     "Health",
     "ImagePublic",
     "MakeDir",
+    "NetworkRequest",
     "OutputEvent",
     "ProcessCreate",
     "ProcessList",

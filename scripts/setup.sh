@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps)
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -22,6 +22,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# QEMU drops to this unprivileged user when the server runs as root (EMBERBOX_VMM_USER).
+id -u emberbox-vmm >/dev/null 2>&1 || $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin emberbox-vmm
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"

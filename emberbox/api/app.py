@@ -8,13 +8,15 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from emberbox import __version__
-from emberbox.api.deps import AppContext, require_api_key
+from emberbox.api.auth import audited, authenticate, authorize_websocket, require_owner
+from emberbox.api.deps import AppContext
 from emberbox.api.errors import error_responses, install_error_handlers
-from emberbox.api.routes import files, processes, pty, sandboxes, seed, snapshots, system
+from emberbox.api.routes import audit, files, processes, pty, sandboxes, seed, snapshots, system
 from emberbox.api.routes.run import router as run_router
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
 from emberbox.service.manager import SandboxManager
+from emberbox.service.tenancy import Tenancy
 
 
 def create_app(
@@ -33,18 +35,22 @@ def create_app(
     owned = manager is None
     if manager is None:
         manager = SandboxManager(settings, image_registry=registry)
-    context = AppContext(settings=settings, manager=manager, registry=registry)
+    tenancy = Tenancy(settings)
+    context = AppContext(settings=settings, manager=manager, registry=registry, tenancy=tenancy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not owned:
-            yield
-            return
-        await context.manager.start()
         try:
-            yield
+            if not owned:
+                yield
+                return
+            await context.manager.start()
+            try:
+                yield
+            finally:
+                await context.manager.close()
         finally:
-            await context.manager.close()
+            await tenancy.close()
 
     app = FastAPI(
         title="emberbox",
@@ -54,15 +60,19 @@ def create_app(
     )
     app.state.emberbox = context
     install_error_handlers(app)
-    guarded = [Depends(require_api_key)]
-    auth_errors = error_responses(401)
+    # Who calls (401/429), the audit log, then the owner of any id in the path (404).
+    guarded = [Depends(authenticate), Depends(audited, scope="function"), Depends(require_owner)]
+    auth_errors = error_responses(401, 429)
     app.include_router(sandboxes.router, dependencies=guarded, responses=auth_errors)
     app.include_router(snapshots.router, dependencies=guarded, responses=auth_errors)
     app.include_router(processes.router, dependencies=guarded, responses=auth_errors)
     app.include_router(files.router, dependencies=guarded, responses=auth_errors)
-    app.include_router(pty.router)  # a WebSocket: checks the key itself, answers in frames
+    # A WebSocket answers errors in frames after accepting: the check's outcome is kept
+    # for the route's require_api_key().
+    app.include_router(pty.router, dependencies=[Depends(authorize_websocket)])
     app.include_router(seed.router, dependencies=guarded, responses=auth_errors)
     app.include_router(run_router, dependencies=guarded, responses=auth_errors)
+    app.include_router(audit.router, dependencies=guarded, responses=auth_errors)
     app.include_router(system.router)
     return app
 

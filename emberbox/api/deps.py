@@ -1,4 +1,5 @@
-"""What routes get injected: the settings, the sandbox manager and the image registry.
+"""What routes get injected: the settings, the sandbox manager, the image registry and
+the tenancy service (who calls: :mod:`emberbox.api.auth`).
 
 They live on ``app.state.emberbox`` (one :class:`AppContext` per app), never in module
 globals, so several apps (tests) can run side by side.
@@ -6,7 +7,6 @@ globals, so several apps (tests) can run side by side.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from emberbox.service.files import GuestFiles
     from emberbox.service.manager import SandboxManager
     from emberbox.service.processes import Processes
+    from emberbox.service.tenancy import Tenancy
 
 METADATA_PREFIX = "metadata."
 
@@ -32,6 +33,7 @@ class AppContext:
     settings: Settings
     manager: SandboxManager
     registry: ImageRegistry
+    tenancy: Tenancy
 
 
 def get_context(connection: HTTPConnection) -> AppContext:
@@ -60,21 +62,15 @@ def get_files(connection: HTTPConnection) -> GuestFiles:
     return get_context(connection).manager.files
 
 
-def _configured_api_key(settings: Settings) -> str | None:
-    if settings.api_key is None:
-        return None
-    return settings.api_key.get_secret_value() or None
-
-
 def require_api_key(connection: HTTPConnection) -> None:
-    """When ``Settings.api_key`` is set, every request must carry ``Bearer <key>``
-    (WebSocket handshakes too)."""
-    expected = _configured_api_key(get_settings(connection))
-    if expected is None:
-        return
-    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), expected):
-        raise errors.Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
+    """(WebSocket routes, once accepted) raise what ``auth.authorize_websocket`` found
+    at the handshake: Unauthorized, RateLimited, or NotFound for another tenant's id.
+    A connection it never saw is refused."""
+    error = getattr(connection.state, "auth_error", None)
+    if isinstance(error, errors.EmberboxError):
+        raise error
+    if getattr(connection.state, "principal", None) is None:
+        raise errors.Unauthorized("the request was not authenticated")
 
 
 def parse_metadata_filter(

@@ -8,6 +8,7 @@ request that does not match its schema), so the SDK can raise the same class aga
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,15 +27,17 @@ VALIDATION_ERROR = "ValidationError"
 _DESCRIPTIONS = {
     400: "Invalid request (InvalidRequest, ImageNotFound, AgentRequestFailed)",
     401: "Missing or wrong API key",
-    403: "A configured limit would be passed (QuotaExceeded)",
+    403: "A configured limit would be passed (QuotaExceeded: `quota` names it)",
     404: "No such sandbox, snapshot, process or guest path (NotFound)",
     409: "The sandbox or snapshot is in a state that forbids the call (Conflict, SnapshotMismatch)",
     413: "The upload is larger than the server's max_upload_bytes (PayloadTooLarge)",
     422: "The request does not match its schema (ValidationError)",
+    429: "Too many requests from this key (RateLimited); see the Retry-After header",
     500: "Internal error",
     502: "The VMM or the guest agent failed (VMMError, SnapshotCorrupt, AgentError)",
     503: "The host lacks something (HostError)",
     504: "The command ran past its timeout (ExecTimeout)",
+    507: "The server's data dir is full (StorageFull); retry once space is freed",
 }
 
 
@@ -72,6 +75,10 @@ def error_detail(exc: errors.EmberboxError) -> ErrorDetail:
         extra["available"] = list(exc.available)
     if isinstance(exc, errors.VMMError) and exc.console_tail:
         extra["console_tail"] = exc.console_tail
+    if isinstance(exc, errors.QuotaExceeded):
+        for name in ("quota", "limit", "used"):
+            if name in exc.details:
+                extra[name] = exc.details[name]
     return ErrorDetail(type=type(exc).__name__, message=exc.message, **extra)
 
 
@@ -80,7 +87,10 @@ async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code >= 500:
         log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     body = ErrorBody(error=error_detail(exc))
-    return JSONResponse(status_code=exc.status_code, content=body.model_dump(exclude_none=True))
+    response = JSONResponse(status_code=exc.status_code, content=body.model_dump(exclude_none=True))
+    if isinstance(exc, errors.RateLimited):
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

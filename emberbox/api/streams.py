@@ -2,8 +2,10 @@
 
 A :class:`StreamedResponse` runs ``produce(write)``; each ``write`` goes to the client at
 once and waits while the client is slow (backpressure reaches the guest agent), and a
-client that disconnects cancels ``produce``. An error after the status line went out
-cannot change it: an NDJSON stream then ends with an ``error`` event, a byte stream is
+client that disconnects cancels ``produce``. A byte stream sends its status line with
+its first chunk, so an error before any byte (an unreadable file) is an ordinary error
+answer. An error after the status line went out cannot change it: an NDJSON stream
+(whose status line goes out at once) then ends with an ``error`` event, a byte stream is
 cut short (no final chunk), which HTTP clients report as an incomplete body.
 """
 
@@ -15,12 +17,12 @@ from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from emberbox import errors
 from emberbox.api.errors import error_detail
-from emberbox.models import ErrorDetail, ErrorEvent, ExitEvent, OutputEvent
+from emberbox.models import ErrorBody, ErrorDetail, ErrorEvent, ExitEvent, OutputEvent
 
 log = logging.getLogger(__name__)
 
@@ -58,40 +60,65 @@ class StreamedResponse(Response):
         media_type: str = OCTET_STREAM,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
+        start_at_once: bool = False,
     ) -> None:
         self.produce = produce
         self.status_code = status_code
         self.media_type = media_type
         self.background = None
+        self.start_at_once = start_at_once  # else: with the first chunk (or the end)
         self.init_headers(headers)  # no body attribute: no Content-Length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        started = False
+
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                status, headers = self.status_code, self.raw_headers
+                await send({"type": "http.response.start", "status": status, "headers": headers})
 
         async def write(data: bytes) -> None:
             if data:
+                await start()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
-        complete = False
+        if self.start_at_once:
+            await start()
+        complete, failure = False, None
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
             try:
                 await self.produce(write)
                 complete = True
             except errors.EmberboxError as exc:
-                log.warning("%s: stream cut short: %s", scope.get("path"), exc.message)
+                failure = exc
             except OSError:
                 pass  # the client went away while we wrote
             tg.cancel_scope.cancel()
-        if complete:
+        if failure is not None and not started:
+            await _error_answer(scope, failure)(scope, receive, send)
+        elif failure is not None:
+            log.warning("%s: stream cut short: %s", scope.get("path"), failure.message)
+        elif complete:
+            await start()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _error_answer(scope: Scope, exc: errors.EmberboxError) -> JSONResponse:
+    """The error answer ``exc`` gets from the app's handler, for a stream that failed
+    before its first byte."""
+    if exc.status_code >= 500:
+        log.warning("%s: %s: %s", scope.get("path"), type(exc).__name__, exc)
+    body = ErrorBody(error=error_detail(exc)).model_dump(exclude_none=True)
+    return JSONResponse(status_code=exc.status_code, content=body)
+
+
 def ndjson_response(produce: Produce) -> StreamedResponse:
-    """One JSON document per line (``application/x-ndjson``): StreamEvents."""
-    return StreamedResponse(produce, media_type=NDJSON)
+    """One JSON document per line (``application/x-ndjson``): StreamEvents. The status
+    line goes out at once; an error after it is the stream's last event."""
+    return StreamedResponse(produce, media_type=NDJSON, start_at_once=True)
 
 
 def streamed_content(media_type: str, schema: dict[str, Any]) -> dict[int | str, dict[str, Any]]:

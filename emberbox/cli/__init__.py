@@ -25,11 +25,13 @@ app.command()(doctor.doctor)
 
 
 def _mount_service_commands() -> None:
-    from emberbox.cli import files, sandbox, serve, snapshot
+    from emberbox.cli import files, keys, sandbox, serve, snapshot
     from emberbox.cli.exec_code import exec_code
 
     app.add_typer(sandbox.app, name="sandbox")
     app.add_typer(snapshot.app, name="snapshot")
+    app.add_typer(keys.app, name="keys")
+    app.command()(keys.audit)
     app.command()(serve.serve)
     app.command()(files.cp)
     app.command("exec-code")(exec_code)

@@ -43,6 +43,13 @@ def _parse_pairs(items: list[str] | None, option: str) -> dict[str, str] | None:
     return pairs
 
 
+def _network(egress: str | None, allow: list[str] | None) -> dict[str, object] | None:
+    """The create request's ``network`` (None: no network); the server checks it."""
+    if egress is None and not allow:
+        return None
+    return {"egress": egress or "allowlist", "allow": list(allow or [])}
+
+
 def _table(infos: list[SandboxInfo]) -> Table:
     table = Table("ID", "STATE", "IMAGE", "VCPUS", "MEMORY", "EXPIRES (UTC)", "IP", "METADATA")
     for info in infos:
@@ -87,6 +94,22 @@ def create(
         str | None,
         typer.Option("--snapshot", help="Fork from this snapshot id", show_default=False),
     ] = None,
+    egress: Annotated[
+        str | None,
+        typer.Option(
+            metavar="none|allowlist|full",
+            help="Network egress (default: no network; --allow alone means allowlist)",
+            show_default=False,
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DEST",
+            help="Repeatable: IP, CIDR, IP:port, CIDR:port, host:port or host",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Json = False,
     url: Url = None,
     api_key: ApiKey = None,
@@ -104,6 +127,7 @@ def create(
             metadata=_parse_pairs(metadata, "--metadata"),
             env=_parse_pairs(env, "--env"),
             snapshot_id=snapshot_id,
+            network=_network(egress, allow),
             url=url,
             api_key=api_key,
         )

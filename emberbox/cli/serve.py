@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Annotated, Any
 
 import typer
@@ -12,7 +13,10 @@ from emberbox import __version__
 from emberbox.api.app import create_app
 from emberbox.cli.common import clean_errors
 from emberbox.config import Settings
+from emberbox.errors import HostError
 from emberbox.service.policy import check_serving
+from emberbox.store import tenants
+from emberbox.store.db import connect
 
 log = logging.getLogger("emberbox.serve")
 
@@ -31,7 +35,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("emberbox").setLevel(logging.INFO)  # the CLI may have set WARNING
     with clean_errors():
-        for warning in check_serving(settings):
+        for warning in check_serving(settings, db_keys=_active_keys(settings)):
             log.warning(warning)
     log.info(
         "emberbox %s on http://%s:%d (docs at /docs; data in %s; images in %s)",
@@ -42,3 +46,15 @@ def serve(
         settings.images_dir,
     )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _active_keys(settings: Settings) -> bool:
+    """Whether the database holds an active API key (it is created if missing)."""
+    try:
+        conn = connect(settings.db_path)
+    except (sqlite3.Error, OSError) as exc:
+        raise HostError(f"cannot open the database {settings.db_path}: {exc}") from exc
+    try:
+        return tenants.any_active_key(conn)
+    finally:
+        conn.close()

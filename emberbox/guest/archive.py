@@ -72,7 +72,10 @@ class TarWriter:
         if st.S_ISDIR(info.st_mode):
             member.type = tarfile.DIRTYPE
         elif st.S_ISLNK(info.st_mode):
-            member.type, member.linkname = tarfile.SYMTYPE, os.readlink(path)
+            try:
+                member.type, member.linkname = tarfile.SYMTYPE, os.readlink(path)
+            except FileNotFoundError:  # removed since we listed it (/proc/self/fd/N)
+                return
         elif st.S_ISREG(info.st_mode) and (info.st_dev, info.st_ino) in self._links:
             member.type, member.linkname = tarfile.LNKTYPE, self._links[info.st_dev, info.st_ino]
         elif st.S_ISREG(info.st_mode):

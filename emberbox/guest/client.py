@@ -129,6 +129,15 @@ class AgentClient:
             )
         return hello_info_from(answer)
 
+    async def configure_network(
+        self, network: dict[str, Any] | None, *, timeout_s: float = 10.0
+    ) -> HelloInfo:
+        """A hello that only sets up the guest's NIC (``network``; see guest/netconf.py)
+        or takes it down (None). Raises AgentRequestFailed when the guest cannot."""
+        hello = {"protocol": protocol.PROTOCOL_VERSION, "network": network}
+        answer = await asyncio.wait_for(self.request("hello", **hello), timeout_s)
+        return hello_info_from(answer)
+
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Any request; returns the agent's answer, raises on an error answer."""
         return await self._link.request({"op": op, **fields})

@@ -62,6 +62,7 @@ AGENT_FILES = (
     "common.py",
     "fdio.py",
     "files.py",
+    "netconf.py",
     "processes.py",
     "protocol.py",
 )

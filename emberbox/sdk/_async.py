@@ -160,6 +160,7 @@ class AsyncSandbox:
         metadata: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         snapshot_id: str | None = None,
+        network: Mapping[str, object] | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> AsyncSandbox:
@@ -169,10 +170,16 @@ class AsyncSandbox:
         unset values take the server's defaults. ``metadata`` labels it for ``list``.
         With ``snapshot_id`` it is forked from that snapshot (see :meth:`snapshot`) and
         gets its image, vcpus and memory; asking for others raises SnapshotMismatch.
+        Without ``network`` it has no network at all; ``network={"egress": "full"}`` or
+        ``{"egress": "allowlist", "allow": ["203.0.113.7:443", "pypi.org:443"]}`` gives
+        it an address (``info().ip_address``); private ranges and the host stay out of
+        reach (docs/networking.md).
 
         >>> sb = await AsyncSandbox.create("default", timeout_s=600, metadata={"user": "ada"})
         """
-        call = _calls.create_call(image, vcpus, memory_mib, timeout_s, metadata, env, snapshot_id)
+        call = _calls.create_call(
+            image, vcpus, memory_mib, timeout_s, metadata, env, snapshot_id, network
+        )
         info = _calls.parse(SandboxInfo, await _send_once(call, url, api_key))
         return cls(info.id, url=url, api_key=api_key)
 

@@ -106,6 +106,7 @@ def create_call(
     metadata: Mapping[str, str] | None,
     env: Mapping[str, str] | None,
     snapshot_id: str | None = None,
+    network: Mapping[str, object] | None = None,
 ) -> Call:
     body = _without_none(
         image=image,
@@ -115,6 +116,7 @@ def create_call(
         metadata=None if metadata is None else dict(metadata),
         env=None if env is None else dict(env),
         snapshot_id=snapshot_id,
+        network=None if network is None else dict(network),
     )
     return Call("POST", "/v1/sandboxes", json=body, wait_s=CREATE_WAIT_S)
 

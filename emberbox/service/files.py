@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from emberbox import errors
+from emberbox.service import storage
 from emberbox.service.guest import GuestService, checked_path, close_iterator
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class GuestFiles(GuestService):
         if mode is not None and not 0 <= mode <= 0o7777:
             raise errors.InvalidRequest(f"mode must be from 0 to 0o7777 (got {mode!r})")
         self.check_upload_size(size)
+        await storage.require_free_space(self._settings, "an upload")
         counted = self._counted(data)
         async with self._guest(sandbox_id) as (_, handle):
             existing = await _existing(handle, path)
@@ -136,6 +138,7 @@ class GuestFiles(GuestService):
         call raises QuotaExceeded (HTTP 413); members extracted before that stay."""
         path = checked_path(path)
         self.check_upload_size(size)
+        await storage.require_free_space(self._settings, "an upload")
         counted = self._counted(data)
         async with self._guest(sandbox_id) as (_, handle):
             try:

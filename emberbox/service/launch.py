@@ -9,6 +9,7 @@ from typing import Any
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
+from emberbox.net.plan import NetworkPlan
 from emberbox.service.sandbox import Sandbox
 from emberbox.service.templates import Templates
 from emberbox.vmm.base import Lifetime, SnapshotFiles
@@ -37,7 +38,10 @@ class Launcher:
         memory_mib: int,
         sandbox_id: str,
         lifetime: Lifetime,
+        network: NetworkPlan | None = None,
     ) -> Sandbox:
+        """A sandbox from the template (its NIC gets ``network``'s TAP, or leads
+        nowhere), or a cold boot when there is no template."""
         driver = self._drivers.get(settings, image)
         shape: dict[str, Any] = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
         if settings.templates:
@@ -52,6 +56,8 @@ class Launcher:
                         lifetime=lifetime,
                         driver=driver,
                         timeout_s=RESTORE_TIMEOUT_S,
+                        network=network,
+                        reset_network=False,  # a template's NIC was never up
                     )
                 except (errors.VMMError, errors.AgentError, errors.SnapshotMismatch) as exc:
                     log.warning(
@@ -64,7 +70,12 @@ class Launcher:
                     self._templates_for(settings).discard(template)
         log.info("sandbox %s: cold boot of image %s", sandbox_id, image)
         return await Sandbox.start(
-            settings, **shape, sandbox_id=sandbox_id, lifetime=lifetime, driver=driver
+            settings,
+            **shape,
+            sandbox_id=sandbox_id,
+            lifetime=lifetime,
+            driver=driver,
+            network=network,
         )
 
     async def restore(self, settings: Settings, snapshot: SnapshotFiles, **kwargs: Any) -> Sandbox:

@@ -20,7 +20,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,13 +33,24 @@ from anyio.abc import TaskGroup
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.guest.client import ExecLimits, ExecResult
-from emberbox.service import orphans, snapshots, validation
+from emberbox.net import plan as netplan
+from emberbox.net.policy import EgressPolicy
+from emberbox.service import orphans, quotas, snapshots, storage, validation
 from emberbox.service.pool import PoolShape, WarmPool
 from emberbox.service.reaper import Reaper
 from emberbox.service.reconcile import reconcile
 from emberbox.service.snapshots import SnapshotRecord
 from emberbox.service.state import LIVE_STATES, SandboxState, check_transition
-from emberbox.store import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow, Store, utcnow
+from emberbox.store import (
+    LOCAL_TENANT_ID,
+    ExecLogEntry,
+    SandboxFields,
+    SandboxRow,
+    SnapshotRow,
+    Store,
+    tenants,
+    utcnow,
+)
 from emberbox.vmm.base import Lifetime, SnapshotFiles
 
 if TYPE_CHECKING:
@@ -351,11 +362,16 @@ class SandboxManager:
         return SandboxRecord.from_row(await self._row(sandbox_id))
 
     async def list(
-        self, *, state: SandboxState | None = None, metadata: dict[str, str] | None = None
+        self,
+        *,
+        state: SandboxState | None = None,
+        metadata: dict[str, str] | None = None,
+        tenant_id: str | None = None,
     ) -> builtins.list[SandboxRecord]:
-        """Sandboxes, oldest first; ``metadata`` pairs must all match."""
+        """Sandboxes, oldest first; ``metadata`` pairs must all match; only
+        ``tenant_id``'s when given."""
         rows = await self._open_store().list(
-            states=None if state is None else {state}, metadata=metadata
+            states=None if state is None else {state}, metadata=metadata, tenant_id=tenant_id
         )
         return [SandboxRecord.from_row(row) for row in rows]
 
@@ -380,8 +396,11 @@ class SandboxManager:
         metadata: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         snapshot_id: str | None = None,
+        tenant_id: str = LOCAL_TENANT_ID,
+        network: Mapping[str, object] | None = None,
     ) -> SandboxRecord:
-        """Start a sandbox; returns once it is ``running`` (its agent answered).
+        """Start a sandbox for ``tenant_id``; returns once it is ``running`` (its agent
+        answered).
 
         It comes from the warm pool when one is ready, else from the image's template
         snapshot, else (no template possible) from a cold boot. With ``snapshot_id`` it
@@ -389,7 +408,8 @@ class SandboxManager:
         the request names others).
 
         Raises InvalidRequest / ImageNotFound / NotFound before anything starts,
-        QuotaExceeded at ``max_sandboxes`` live sandboxes, the start's own error
+        QuotaExceeded at ``max_sandboxes`` live sandboxes or past a tenant quota
+        (:mod:`emberbox.service.quotas`), the start's own error
         (BootTimeout, VMMCrashed, SnapshotCorrupt, HostError; the row is then ``error``)
         or Conflict if killed while starting.
         """
@@ -402,12 +422,22 @@ class SandboxManager:
         spec = validation.validate_spec(
             self._settings, image, vcpus, memory_mib, timeout_s, metadata, env
         )
+        await storage.require_free_space(self._settings, "creating a sandbox")
         await anyio.to_thread.run_sync(self._images.get, spec.image)
         shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
-        pooled = None if source is not None else self.pool.take(shape)
+        # Networked sandboxes never come from the pool (its VMs have no network).
+        policy = await anyio.to_thread.run_sync(
+            validation.validate_network, self._settings, network
+        )
+        pooled = None if source is not None or policy else self.pool.take(shape)
         try:
             row = await self._admit(
-                store, spec, pooled.id if pooled else None, snapshot_id=snapshot_id
+                store,
+                spec,
+                pooled.id if pooled else None,
+                snapshot_id=snapshot_id,
+                tenant_id=tenant_id,
+                networked=policy is not None,
             )
         except BaseException:
             if pooled is not None:
@@ -420,7 +450,9 @@ class SandboxManager:
             with anyio.CancelScope(shield=True):  # only a kill() in progress holds it
                 await lock.acquire()
             try:
-                return await self._boot(row, boot, self._starter(row, source, pooled))
+                plan = _network_plan(self._settings, policy, row)
+                starter = self._starter(row, source, pooled, plan)
+                return await self._boot(row, boot, starter)
             finally:
                 lock.release()
         finally:
@@ -428,10 +460,15 @@ class SandboxManager:
             boot.done.set()
 
     def _starter(
-        self, row: SandboxRow, source: SnapshotRow | None, pooled: SandboxHandle | None
+        self,
+        row: SandboxRow,
+        source: SnapshotRow | None,
+        pooled: SandboxHandle | None,
+        network: netplan.NetworkPlan | None = None,
     ) -> Callable[[], Awaitable[SandboxHandle]]:
         """How ``row``'s VM comes to be: handed out by the pool, forked, or started."""
         settings = self._settings
+        net = _network_kwargs(network)
 
         async def hand_out(pooled: SandboxHandle) -> SandboxHandle:
             try:
@@ -457,6 +494,7 @@ class SandboxManager:
                         sandbox_id=row.id,
                         lifetime="detached",
                         adopt_disk=False,
+                        **net,
                     )
 
             return lambda: fork(source)
@@ -467,6 +505,7 @@ class SandboxManager:
             memory_mib=row.memory_mib,
             sandbox_id=row.id,
             lifetime="detached",
+            **net,
         )
 
     async def _fill_pool(self, shape: PoolShape, sandbox_id: str) -> SandboxHandle:
@@ -500,9 +539,14 @@ class SandboxManager:
         sandbox_id: str | None = None,
         *,
         snapshot_id: str | None = None,
+        tenant_id: str = LOCAL_TENANT_ID,
+        networked: bool = False,
     ) -> SandboxRow:
         async with self._admission:
-            await self._check_quota(store)
+            await self._check_quota(store, tenant_id, spec.vcpus, spec.memory_mib)
+            # Under _admission, from the store: unique among live sandboxes, and what
+            # a restarted server sees too.
+            ip_address = await _allocate_address(self._settings, store) if networked else None
             for _ in range(5):
                 chosen = sandbox_id or secrets.token_hex(ID_BYTES)
                 now = utcnow()
@@ -520,6 +564,8 @@ class SandboxManager:
                     updated_at=now,
                     work_dir=self._settings.vms_dir / chosen,
                     snapshot_id=snapshot_id,
+                    tenant_id=tenant_id,
+                    ip_address=ip_address,
                 )
                 try:
                     return await store.insert(row)
@@ -528,8 +574,15 @@ class SandboxManager:
                         raise
         raise errors.EmberboxError("could not allocate a unique sandbox id")
 
-    async def _check_quota(self, store: Store) -> None:
-        """Call holding ``_admission``."""
+    async def _check_quota(
+        self, store: Store, tenant_id: str = LOCAL_TENANT_ID, vcpus: int = 0, memory_mib: int = 0
+    ) -> None:
+        """Call holding ``_admission`` (then a check and the insert after it are atomic:
+        two creates cannot both take the last slot)."""
+        limits = quotas.limits_for(self._settings, await store.call(_tenant_getter(tenant_id)))
+        if limits is not None:
+            usage = await store.call(_usage_getter(tenant_id))
+            quotas.check_sandbox(limits, usage, vcpus, memory_mib)
         limit = self._settings.max_sandboxes
         live = await store.count(states=LIVE_STATES)
         if live >= limit:
@@ -738,6 +791,11 @@ class SandboxManager:
         async with self._lock(sandbox_id):
             with anyio.CancelScope(shield=True):  # a half-taken snapshot would stop the VM
                 row, handle = await self._running(sandbox_id)
+                limits = quotas.limits_for(
+                    self._settings, await store.call(_tenant_getter(row.tenant_id))
+                )
+                if limits is not None:  # early, before the work (the insert checks again)
+                    quotas.check_snapshot(limits, await store.call(_usage_getter(row.tenant_id)))
                 snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
                 dest = self._settings.snapshots_dir / snapshot_id
                 await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
@@ -760,9 +818,11 @@ class SandboxManager:
                     created_at=utcnow(),
                     path=dest,
                     image_hash=await self._image_hash(row.image),
+                    tenant_id=row.tenant_id,
                 )
                 try:
-                    await store.insert_snapshot(snap)
+                    tenant_max = None if limits is None else limits.max_snapshots
+                    await store.insert_snapshot(snap, tenant_max=tenant_max)
                 except BaseException:
                     await anyio.to_thread.run_sync(snapshots.remove_tree, dest)
                     raise
@@ -806,7 +866,7 @@ class SandboxManager:
                     raise _not_running(sandbox_id, row.state, "only a paused sandbox resumes")
                 files = await anyio.to_thread.run_sync(snapshots.read_meta, row.paused_dir)
                 async with self._admission:
-                    await self._check_quota(store)
+                    await self._check_quota(store, row.tenant_id, row.vcpus, row.memory_mib)
                     with snapshots.public_snapshot_errors(
                         f"the saved state of sandbox {sandbox_id}"
                     ):
@@ -819,6 +879,7 @@ class SandboxManager:
                             sandbox_id=sandbox_id,
                             lifetime="detached",
                             adopt_disk=True,
+                            **_network_kwargs(await _recorded_plan(self._settings, sandbox_id)),
                         )
                     self._live[sandbox_id] = handle
                     record = await self._move(
@@ -833,8 +894,11 @@ class SandboxManager:
                 await anyio.to_thread.run_sync(snapshots.remove_tree, row.paused_dir)
         return record
 
-    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
-        rows = await self._open_store().list_snapshots(sandbox_id)
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, *, tenant_id: str | None = None
+    ) -> builtins.list[SnapshotRecord]:
+        """Snapshots, oldest first (of ``sandbox_id``, of ``tenant_id``, when given)."""
+        rows = await self._open_store().list_snapshots(sandbox_id, tenant_id=tenant_id)
         return [snapshots.snapshot_record(row) for row in rows]
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
@@ -982,6 +1046,46 @@ class SandboxManager:
 def _not_running(sandbox_id: str, state: str, hint: str = "") -> errors.Conflict:
     message = f"sandbox {sandbox_id} is {state}" + (f"; {hint}" if hint else "")
     return errors.Conflict(message, sandbox_id=sandbox_id, state=state)
+
+
+def _tenant_getter(tenant_id: str) -> Callable[[Any], tenants.TenantRow | None]:
+    return lambda conn: tenants.get_tenant(conn, tenant_id)
+
+
+def _usage_getter(tenant_id: str) -> Callable[[Any], tenants.Usage]:
+    live = {state.value for state in LIVE_STATES}
+    return lambda conn: tenants.usage(conn, tenant_id, live)
+
+
+# States whose rows hold their ip_address (a paused sandbox gets its own back on resume).
+_NETWORK_STATES = frozenset(
+    {SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPING}
+)
+
+
+async def _allocate_address(settings: Settings, store: Store) -> str:
+    """A free guest address of ``network_cidr``. Call holding ``_admission``."""
+    rows = await store.list(states=_NETWORK_STATES)
+    return netplan.allocate_address(settings, [row.ip_address for row in rows])
+
+
+def _network_plan(
+    settings: Settings, policy: EgressPolicy | None, row: SandboxRow
+) -> netplan.NetworkPlan | None:
+    if policy is None or row.ip_address is None:
+        return None
+    return netplan.plan_for(settings, policy, row.ip_address)
+
+
+async def _recorded_plan(settings: Settings, sandbox_id: str) -> netplan.NetworkPlan | None:
+    directory = netplan.net_dir(settings.data_dir)
+    return await anyio.to_thread.run_sync(netplan.load, directory, sandbox_id)
+
+
+def _network_kwargs(plan: netplan.NetworkPlan | None) -> dict[str, Any]:
+    """``network=plan`` for the factory / restorer, only when there is one (the
+    SandboxFactory protocol's implementations need not know about networks otherwise)."""
+    return {} if plan is None else {"network": plan}
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -1,8 +1,10 @@
-"""Find and end what sandboxes leave behind: VMM processes and work directories.
+"""Find and end what sandboxes leave behind: VMM processes, work directories, networks.
 
 A VMM is recognised by its command line, which names files in its work directory
 (``<vms_dir>/<sandbox id>/...``). The parsing is pure and unit-tested; the scanning reads
-``/proc`` directly. Everything here blocks: call it from a worker thread.
+``/proc`` directly. A sandbox's network (namespace, veth, rules) is found by its id
+through its record under ``<data_dir>/net`` (the parent of ``vms_dir``). Everything
+here blocks: call it from a worker thread.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emberbox.errors import HostError
+from emberbox.net import host as nethost
+from emberbox.net import plan as netplan
 from emberbox.vmm import cgroups
 from emberbox.vmm.host import PROC, ProcInfo, read_process
 
@@ -176,6 +181,16 @@ def purge(work_dir: Path, vms_dir: Path, pid: int | None = None) -> None:
             kill_process(info.pid, work_dir)
     remove_dir(work_dir, vms_dir)
     remove_cgroup(work_dir.name)
+    remove_network(work_dir.name, vms_dir)
+
+
+def remove_network(sandbox_id: str, vms_dir: Path, *, keep_record: bool = False) -> None:
+    """The sandbox's namespace, veth and rules (after its VMM has ended), and its record
+    unless ``keep_record`` (a paused sandbox needs it to resume)."""
+    try:
+        nethost.remove(netplan.net_dir(vms_dir.parent), sandbox_id, keep_record=keep_record)
+    except HostError as exc:
+        log.error("could not remove the network of %s: %s", sandbox_id, exc)
 
 
 def remove_cgroup(name: str) -> None:
@@ -209,4 +224,10 @@ def sweep(vms_dir: Path, owned: Collection[str]) -> SweepReport:
                 remove_cgroup(entry.name)
             except OSError as exc:
                 log.error("could not remove orphan directory %s: %s", entry, exc)
+    # Namespaces of recorded networks no re-attached sandbox owns (their VMMs are gone
+    # by now). The records stay: a paused sandbox resumes from its own.
+    for sandbox_id in netplan.recorded_ids(netplan.net_dir(vms_dir.parent)):
+        if sandbox_id not in owned and nethost.exists(sandbox_id):
+            log.warning("removing the orphan network of %s", sandbox_id)
+            remove_network(sandbox_id, vms_dir, keep_record=True)
     return report

@@ -1,8 +1,10 @@
 """What the server refuses to start with (safe by default), and what it only warns about.
 
-- Listening beyond loopback without an API key: refused (anyone reaching the port could
-  run code). On loopback without a key: allowed, with a warning.
-- ``mode=production``: refuses to run without an API key and with a data dir that other
+"A key" is ``EMBERBOX_API_KEY`` or an active key in the database (``emberbox keys create``).
+
+- Listening beyond loopback without a key: refused (anyone reaching the port could run
+  code). On loopback without a key: local mode, allowed with a warning.
+- ``mode=production``: refuses to run without a key and with a data dir that other
   users can read (TCG is refused there too, by driver selection).
 """
 
@@ -25,18 +27,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_serving(settings: Settings) -> list[str]:
+def check_serving(settings: Settings, *, db_keys: bool = False) -> list[str]:
     """Raise HostError for a configuration the server must not run with; else the
-    warnings to log."""
-    keyed = settings.api_key is not None and bool(settings.api_key.get_secret_value())
+    warnings to log. ``db_keys``: the database holds an active API key."""
+    env_key = settings.api_key is not None and bool(settings.api_key.get_secret_value())
+    keyed = env_key or db_keys
     if not keyed and not is_loopback(settings.host):
         raise HostError(
             f"refusing to listen on {settings.host} without an API key: anyone who reaches "
-            "the port could run code; set EMBERBOX_API_KEY (or listen on 127.0.0.1)"
+            "the port could run code; create one with `emberbox keys create --name NAME` "
+            "or set EMBERBOX_API_KEY (or listen on 127.0.0.1)"
         )
     if settings.mode == "production":
         if not keyed:
-            raise HostError("production mode needs an API key: set EMBERBOX_API_KEY")
+            raise HostError(
+                "production mode needs an API key: create one with "
+                "`emberbox keys create --name NAME` or set EMBERBOX_API_KEY"
+            )
         loose = _others_can_read(settings.data_dir)
         if loose:
             raise HostError(
@@ -44,7 +51,10 @@ def check_serving(settings: Settings) -> list[str]:
                 f"(chmod 700 {loose})"
             )
     if not keyed:
-        return ["no API key: every local user and process can use this server"]
+        return [
+            "local mode (no API key): every local user and process can use this server; "
+            "`emberbox keys create --name NAME` makes keys required"
+        ]
     return []
 
 

@@ -123,6 +123,7 @@ class RunSpec:
     args: Sequence[str] = ()
     timeout_s: float | None = None
     memory_mib: int | None = None
+    tenant_id: str | None = None  # the caller's tenant (its quotas count the run's sandbox)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class RunManager(Protocol):
         memory_mib: int | None = None,
         timeout_s: int | None = None,
         metadata: dict[str, str] | None = None,
+        tenant_id: str = ...,
     ) -> _Record: ...
 
     async def exec(
@@ -375,12 +377,14 @@ async def run_code(manager: RunManager, settings: Settings, spec: RunSpec) -> Ru
     """
     plan = plan_run(settings, spec)
     lifetime = math.ceil(settings.run_compile_timeout_s + plan.timeout_s) + LIFETIME_MARGIN_S
+    owner = {} if spec.tenant_id is None else {"tenant_id": spec.tenant_id}
     try:
         record = await manager.create(
             image=settings.run_image,
             memory_mib=plan.vm_memory_mib,
             timeout_s=min(lifetime, settings.max_timeout_s),
             metadata={"purpose": "run", "language": plan.language.name},
+            **owner,
         )
     except errors.ImageNotFound as exc:
         raise errors.HostError(

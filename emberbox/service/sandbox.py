@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emberbox.config import Settings
-from emberbox.errors import AgentError, HostError, InvalidRequest
+from emberbox.errors import AgentError, AgentRequestFailed, HostError, InvalidRequest
 from emberbox.guest.client import AgentClient, ExecLimits, ExecResult, HelloInfo
 from emberbox.images.registry import ImageInfo, ImageRegistry
+from emberbox.net import host as nethost
+from emberbox.net import plan as netplan
+from emberbox.net.plan import NetworkPlan
 from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
 from emberbox.vmm.boot import boot_until_ready, connect_agent
 from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
@@ -70,6 +73,7 @@ class Sandbox:
         hello: HelloInfo,
         vcpus: int,
         memory_mib: int,
+        network: nethost.NetNamespace | None = None,
     ) -> None:
         self.id = sandbox_id
         self.image = image
@@ -78,6 +82,11 @@ class Sandbox:
         self.hello = hello
         self.vcpus = vcpus
         self.memory_mib = memory_mib
+        self.network = network  # None: no network (the NIC leads nowhere)
+
+    @property
+    def ip_address(self) -> str | None:
+        return self.network.plan.slot.guest if self.network else None
 
     @property
     def pid(self) -> int | None:
@@ -98,9 +107,12 @@ class Sandbox:
         sandbox_id: str | None = None,
         lifetime: Lifetime = "ephemeral",
         driver: Driver | None = None,
+        network: NetworkPlan | None = None,
     ) -> Sandbox:
         """Boot a sandbox and return once its agent has answered the handshake.
 
+        With ``network`` it gets its own namespace, TAP and egress rules (see
+        docs/networking.md); without, its NIC leads nowhere.
         Raises ImageNotFound, InvalidRequest, HostError, BootTimeout or VMMCrashed.
         """
         vcpus = vcpus or settings.default_vcpus
@@ -108,17 +120,32 @@ class Sandbox:
         check_shape(settings, vcpus, memory_mib)
         info = ImageRegistry(settings).get(image or settings.default_image)
         sandbox_id = sandbox_id or new_sandbox_id()
-        config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime)
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        ready = await boot_until_ready(
-            lambda: driver.start(config),
-            timeout_s=settings.boot_timeout_s,
-            attempts=settings.boot_attempts,
-            hostname=_hostname(sandbox_id),
-            sandbox_id=sandbox_id,
-        )
-        return cls(sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib)
+        ns = await _network_up(settings, driver, sandbox_id, network)
+        try:
+            config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
+            ready = await boot_until_ready(
+                lambda: driver.start(config),
+                timeout_s=settings.boot_timeout_s,
+                attempts=settings.boot_attempts,
+                hostname=_hostname(sandbox_id),
+                sandbox_id=sandbox_id,
+            )
+            if ns is not None:
+                try:
+                    await _configure_guest(ready.agent, network)
+                except BaseException:
+                    await ready.agent.aclose()
+                    await ready.vm.kill()
+                    raise
+        except BaseException:
+            await _network_down(ns)
+            raise
+        finally:
+            if ns is not None:
+                ns.close_tap()
+        return cls(sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib, ns)
 
     @classmethod
     async def restore(
@@ -134,6 +161,8 @@ class Sandbox:
         driver: Driver | None = None,
         adopt_disk: bool = False,
         timeout_s: float | None = None,
+        network: NetworkPlan | None = None,
+        reset_network: bool = True,
     ) -> Sandbox:
         """Start a sandbox from ``snapshot`` (made by a VM of this image and shape) and
         return once its agent answered a fresh hello: new entropy (RNG reseeded), the
@@ -141,25 +170,40 @@ class Sandbox:
 
         Raises SnapshotMismatch, SnapshotCorrupt, or the agent's error; no retry: a
         snapshot that does not come up once will not the second time.
+
+        The guest's NIC is set up for ``network``, or taken down without one (the
+        snapshot may be of a sandbox that had a network; ``reset_network=False`` skips
+        that for a template, whose NIC was never up).
         """
         check_shape(settings, vcpus, memory_mib)
         info = ImageRegistry(settings).get(image)
         sandbox_id = sandbox_id or new_sandbox_id()
-        config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime)
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
+        ns = await _network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
         try:
-            agent, hello = await connect_agent(
-                vm,
-                timeout_s=timeout_s or min(settings.boot_timeout_s, 15.0),
-                hostname=_hostname(sandbox_id),
-                sandbox_id=sandbox_id,
-            )
+            config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
+            vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
+            try:
+                agent, hello = await connect_agent(
+                    vm,
+                    timeout_s=timeout_s or min(settings.boot_timeout_s, 15.0),
+                    hostname=_hostname(sandbox_id),
+                    sandbox_id=sandbox_id,
+                )
+                if network is not None or reset_network:
+                    await _configure_guest(agent, network)
+            except BaseException:
+                await vm.kill()
+                raise
         except BaseException:
-            await vm.kill()
+            # A paused sandbox (adopt_disk) keeps its record for the next resume.
+            await _network_down(ns, keep_record=adopt_disk)
             raise
-        return cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib)
+        finally:
+            if ns is not None:
+                ns.close_tap()
+        return cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib, ns)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -208,7 +252,12 @@ class Sandbox:
         except BaseException:
             await vm.kill()
             raise
-        return cls(sandbox_id, image, vm, agent, hello, vcpus, memory_mib)
+        # Its namespace outlived the old server; the record says what to remove later.
+        plan = netplan.load(netplan.net_dir(settings.data_dir), sandbox_id)
+        ns = None
+        if plan is not None:
+            ns = nethost.NetNamespace(sandbox_id, plan, netplan.net_dir(settings.data_dir))
+        return cls(sandbox_id, image, vm, agent, hello, vcpus, memory_mib, ns)
 
     def is_running(self) -> bool:
         return self.vm.is_running() and not self.agent.closed
@@ -352,6 +401,9 @@ class Sandbox:
         files = await self.vm.snapshot(dest, stop=stop)
         if not stop:
             await self._reconnect_if_lost()
+        else:  # paused: the network is made again on resume, from its record
+            ns, self.network = self.network, None
+            await _network_down(ns, keep_record=True)
         return files
 
     async def greet(self, sandbox_id: str) -> HelloInfo:
@@ -376,11 +428,14 @@ class Sandbox:
         )
 
     async def kill(self) -> None:
-        """End the VM and remove its files. Idempotent."""
+        """End the VM and remove its files and network. Idempotent."""
         try:
             await self.agent.aclose()
         finally:
-            await self.vm.kill()
+            try:
+                await self.vm.kill()
+            finally:
+                await _network_down(self.network)
 
     async def detach(self) -> None:
         """Drop the agent connection but leave the VM running (server shutdown)."""
@@ -401,6 +456,7 @@ def _config(
     vcpus: int,
     memory_mib: int,
     lifetime: Lifetime,
+    network: nethost.NetNamespace | None = None,
 ) -> VMConfig:
     return VMConfig(
         vm_id=sandbox_id,
@@ -410,4 +466,48 @@ def _config(
         memory_mib=memory_mib,
         console_log_max_bytes=settings.console_log_max_bytes,
         lifetime=lifetime,
+        tap_fd=network.tap_fd if network is not None else None,
     )
+
+
+async def _network_up(
+    settings: Settings,
+    driver: Driver,
+    sandbox_id: str,
+    plan: NetworkPlan | None,
+    *,
+    keep_record: bool = False,
+) -> nethost.NetNamespace | None:
+    """The sandbox's namespace, TAP and rules (None without a plan)."""
+    if plan is None:
+        return None
+    if driver.name != "qemu":
+        raise InvalidRequest(
+            f"network is not supported with the {driver.name} driver; use QEMU "
+            "(EMBERBOX_VMM=qemu) for sandboxes with network",
+            field="network",
+        )
+    return await asyncio.to_thread(
+        nethost.setup,
+        plan,
+        sandbox_id,
+        netplan.net_dir(settings.data_dir),
+        set_ip_forward=settings.network_set_ip_forward,
+        keep_record=keep_record,
+    )
+
+
+async def _network_down(ns: nethost.NetNamespace | None, *, keep_record: bool = False) -> None:
+    """Remove ``ns`` (after its VMM is gone), even when the caller is cancelled."""
+    if ns is not None:
+        await asyncio.shield(asyncio.to_thread(ns.remove, keep_record=keep_record))
+
+
+async def _configure_guest(agent: AgentClient, plan: NetworkPlan | None) -> None:
+    """Tell the guest its address (or to take its NIC down, without a plan)."""
+    try:
+        await agent.configure_network(plan.guest_config() if plan else None)
+    except TimeoutError as exc:
+        raise AgentError("the agent did not answer the network set-up") from exc
+    except AgentRequestFailed as exc:  # the guest's fault, not the caller's (no 400)
+        raise AgentError(f"guest network set-up failed: {exc.message}") from exc

@@ -1,12 +1,20 @@
-"""SQLite persistence: sandboxes and the commands they ran."""
+"""SQLite persistence: sandboxes and the commands they ran, tenants, keys, the audit log."""
 
 from __future__ import annotations
 
 from emberbox.store.db import Store
 from emberbox.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from emberbox.store.records import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow, utcnow
+from emberbox.store.records import (
+    LOCAL_TENANT_ID,
+    ExecLogEntry,
+    SandboxFields,
+    SandboxRow,
+    SnapshotRow,
+    utcnow,
+)
 
 __all__ = [
+    "LOCAL_TENANT_ID",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ExecLogEntry",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -23,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
-from emberbox.store import migrations
+from emberbox.store import migrations, tenants
 from emberbox.store.records import (
     SANDBOX_COLUMNS,
     SNAPSHOT_COLUMNS,
@@ -71,7 +72,8 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         """Create (0700 dir, 0600 file) or open the database and bring its schema up to date."""
-        conn = await anyio.to_thread.run_sync(connect, path)
+        with storage_full_errors(path):
+            conn = await anyio.to_thread.run_sync(connect, path)
         return cls(path, conn)
 
     async def close(self) -> None:
@@ -115,10 +117,11 @@ class Store:
         states: Collection[str] | None = None,
         metadata: Mapping[str, str] | None = None,
         expires_before: datetime | None = None,
+        tenant_id: str | None = None,
     ) -> builtins.list[SandboxRow]:
         """Sandboxes, oldest first, filtered by state, metadata ``key=value`` pairs
-        (all must match) and expiry."""
-        where, params = _filters(states, metadata, expires_before)
+        (all must match), expiry and owner."""
+        where, params = _filters(states, metadata, expires_before, tenant_id)
         sql = f"{_SELECT_SANDBOX}{where} ORDER BY created_at, id"
 
         def run(conn: sqlite3.Connection) -> builtins.list[SandboxRow]:
@@ -127,7 +130,7 @@ class Store:
         return await self._call(run)
 
     async def count(self, *, states: Collection[str] | None = None) -> int:
-        where, params = _filters(states, None, None)
+        where, params = _filters(states, None, None, None)
 
         def run(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(f"SELECT count(*) FROM sandboxes{where}", params)  # noqa: S608
@@ -139,7 +142,7 @@ class Store:
         """Change some columns; :class:`errors.NotFound` if there is no such sandbox."""
 
         def run(conn: sqlite3.Connection) -> SandboxRow:
-            with _transaction(conn):
+            with transaction(conn):
                 _require(conn, sandbox_id)
                 _set(conn, sandbox_id, dict(fields))
                 return _require(conn, sandbox_id)
@@ -163,7 +166,7 @@ class Store:
         target = encode_value(to_state)
 
         def run(conn: sqlite3.Connection) -> SandboxRow:
-            with _transaction(conn):
+            with transaction(conn):
                 current = _require(conn, sandbox_id)
                 if current.state not in allowed:
                     raise errors.Conflict(
@@ -220,9 +223,25 @@ class Store:
 
     # -- snapshots -----------------------------------------------------------------------
 
-    async def insert_snapshot(self, row: SnapshotRow) -> SnapshotRow:
+    async def insert_snapshot(
+        self, row: SnapshotRow, *, tenant_max: int | None = None
+    ) -> SnapshotRow:
+        """Insert a snapshot; with ``tenant_max``, atomically refuse (QuotaExceeded) when
+        its tenant holds that many already."""
+
         def run(conn: sqlite3.Connection) -> SnapshotRow:
-            conn.execute(_INSERT_SNAPSHOT, snapshot_to_params(row))
+            with transaction(conn):
+                if tenant_max is not None:
+                    held = tenants.snapshot_count(conn, row.tenant_id)
+                    if held >= tenant_max:
+                        raise errors.QuotaExceeded(
+                            f"tenant quota max_snapshots={tenant_max} exceeded: the tenant "
+                            f"holds {held} snapshots; delete one first",
+                            quota="max_snapshots",
+                            limit=tenant_max,
+                            used=held,
+                        )
+                conn.execute(_INSERT_SNAPSHOT, snapshot_to_params(row))
             return row
 
         return await self._call(run)
@@ -234,9 +253,15 @@ class Store:
 
         return await self._call(run)
 
-    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRow]:
-        """Snapshots, oldest first; only those taken of ``sandbox_id`` when given."""
-        where, params = (" WHERE sandbox_id = ?", [sandbox_id]) if sandbox_id else ("", [])
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, *, tenant_id: str | None = None
+    ) -> builtins.list[SnapshotRow]:
+        """Snapshots, oldest first; only those taken of ``sandbox_id`` and owned by
+        ``tenant_id`` when given."""
+        wanted = {"sandbox_id": sandbox_id, "tenant_id": tenant_id}
+        clauses = [f"{name} = ?" for name, value in wanted.items() if value]  # fixed names
+        params = [value for value in wanted.values() if value]
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
         sql = f"{_SELECT_SNAPSHOT}{where} ORDER BY created_at, id"
 
         def run(conn: sqlite3.Connection) -> builtins.list[SnapshotRow]:
@@ -259,7 +284,7 @@ class Store:
         )
 
         def run(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with transaction(conn):
                 users = [r[0] for r in conn.execute(in_use_sql, (snapshot_id, *states))]
                 users += [f"(snapshot {r[0]})" for r in conn.execute(child_sql, (snapshot_id,))]
                 if users:
@@ -278,6 +303,10 @@ class Store:
     async def schema_version(self) -> int:
         return await self._call(migrations.schema_version)
 
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a blocking function of :mod:`emberbox.store.tenants` on the connection."""
+        return await self._call(fn)
+
     # -- plumbing ----------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -286,7 +315,8 @@ class Store:
                 raise errors.EmberboxError(f"the store {self.path} is closed")
             # Not abandoned on cancellation: the lock is held until the thread is done
             # with the connection.
-            return await anyio.to_thread.run_sync(fn, self._conn)
+            with storage_full_errors(self.path):
+                return await anyio.to_thread.run_sync(fn, self._conn)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -319,7 +349,14 @@ def _prepare_files(path: Path) -> None:
     if not parent.exists():
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(parent, 0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        # Never open (and close) a file another connection of this process may hold:
+        # closing any descriptor of it drops all of the process's POSIX locks on it, and
+        # SQLite then no longer excludes other processes (a corrupt database).
+        os.chmod(path, 0o600)
+        return
     try:
         os.fchmod(fd, 0o600)
     finally:
@@ -327,14 +364,34 @@ def _prepare_files(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def storage_full_errors(path: Path) -> Iterator[None]:
+    """SQLITE_FULL and ENOSPC become StorageFull (HTTP 507): the write did not happen
+    (SQLite rolled it back), the database stays consistent, and it works again once
+    space is freed."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+            raise
+        raise errors.StorageFull(f"{path}: no space left for the database") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise errors.StorageFull(f"{path}: no space left for the database") from exc
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error) on an autocommit
+    connection: atomic against other processes too."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def _get(conn: sqlite3.Connection, sandbox_id: str) -> SandboxRow | None:
@@ -366,6 +423,7 @@ def _filters(
     states: Collection[str] | None,
     metadata: Mapping[str, str] | None,
     expires_before: datetime | None,
+    tenant_id: str | None,
 ) -> tuple[str, builtins.list[Any]]:
     clauses: builtins.list[str] = []
     params: builtins.list[Any] = []
@@ -385,4 +443,7 @@ def _filters(
     if expires_before is not None:
         clauses.append("expires_at < ?")
         params.append(encode_time(expires_before))
+    if tenant_id is not None:
+        clauses.append("tenant_id = ?")
+        params.append(tenant_id)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -65,6 +65,48 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sandboxes ADD COLUMN paused_dir TEXT;
     CREATE INDEX sandboxes_snapshot ON sandboxes (snapshot_id);
     """,
+    # 3: tenants, their API keys (a hash, never the secret) and the audit log; every
+    # sandbox and snapshot belongs to a tenant (rows from before: the built-in "local").
+    """
+    CREATE TABLE tenants (
+        id             TEXT PRIMARY KEY,
+        name           TEXT NOT NULL UNIQUE,
+        admin          INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1)),
+        max_sandboxes  INTEGER CHECK (max_sandboxes >= 0),
+        max_vcpus      INTEGER CHECK (max_vcpus >= 0),
+        max_memory_mib INTEGER CHECK (max_memory_mib >= 0),
+        max_snapshots  INTEGER CHECK (max_snapshots >= 0),
+        created_at     TEXT NOT NULL
+    );
+    INSERT INTO tenants (id, name, admin, created_at)
+        VALUES ('local', 'local', 1, strftime('%Y-%m-%dT%H:%M:%f000+00:00', 'now'));
+    CREATE TABLE api_keys (
+        id           TEXT PRIMARY KEY,
+        tenant_id    TEXT NOT NULL REFERENCES tenants (id),
+        key_hash     TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        last_used_at TEXT,
+        revoked_at   TEXT
+    );
+    CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+    CREATE INDEX api_keys_revoked ON api_keys (revoked_at);
+    CREATE TABLE audit_log (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          TEXT NOT NULL,
+        tenant_id   TEXT NOT NULL,
+        key_id      TEXT,
+        action      TEXT NOT NULL,
+        target_id   TEXT,
+        detail      TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail)),
+        outcome     TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_tenant ON audit_log (tenant_id, id);
+    CREATE INDEX audit_log_action ON audit_log (action, id);
+    ALTER TABLE sandboxes ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE snapshots ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'local';
+    CREATE INDEX sandboxes_tenant ON sandboxes (tenant_id, state);
+    CREATE INDEX snapshots_tenant ON snapshots (tenant_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,6 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
+#: The built-in tenant: local mode, ``Settings.api_key`` and every row from before tenants.
+LOCAL_TENANT_ID = "local"
+
 
 def utcnow() -> datetime:
     """Now, timezone-aware UTC."""
@@ -42,6 +45,7 @@ class SandboxRow:
     error: str | None = None
     snapshot_id: str | None = None  # forked from this snapshot
     paused_dir: Path | None = None  # while paused: the saved VM
+    tenant_id: str = LOCAL_TENANT_ID  # the owner
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class SnapshotRow:
     created_at: datetime
     path: Path
     image_hash: str = ""  # the image build it was made from
+    tenant_id: str = LOCAL_TENANT_ID  # the owner (the sandbox's)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ SANDBOX_COLUMNS = (
     "error",
     "snapshot_id",
     "paused_dir",
+    "tenant_id",
 )
 SNAPSHOT_COLUMNS = (
     "id",
@@ -121,6 +127,7 @@ SNAPSHOT_COLUMNS = (
     "created_at",
     "path",
     "image_hash",
+    "tenant_id",
 )
 
 
@@ -173,6 +180,7 @@ def sandbox_from_db(values: tuple[Any, ...]) -> SandboxRow:
         error=raw["error"],
         snapshot_id=raw["snapshot_id"],
         paused_dir=Path(raw["paused_dir"]) if raw["paused_dir"] is not None else None,
+        tenant_id=raw["tenant_id"],
     )
 
 

@@ -45,6 +45,9 @@ class VMConfig:
     # in the file instead of copying it: that VM becomes a template whose clones map the
     # file copy-on-write. Drivers that cannot do this copy the RAM as usual.
     memory_file: Path | None = None
+    # An open TAP device (in the sandbox's network namespace) for the guest's NIC,
+    # inherited by the VMM; None: the NIC is there but leads nowhere (no network).
+    tap_fd: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

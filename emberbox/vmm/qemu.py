@@ -4,52 +4,47 @@ Machine type follows the accelerator: ``microvm`` (ACPI, virtio-mmio) under KVM,
 it boots fastest; ``q35`` (virtio-pci) under TCG, where microvm hangs in about one boot
 of three on these hosts while q35 boots every time. The root disk is a qcow2 overlay in
 the VM's work dir backed by the image's ext4, so the image is never written.
+
+Run as root, the server starts QEMU as an unprivileged user (``vmm_user``) that opens no
+host path of ours: every file and socket is handed over as a descriptor
+(:mod:`emberbox.vmm.qemu_files`, :mod:`emberbox.vmm.qemu_argv`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 from emberbox.errors import HostError, SnapshotCorrupt, SnapshotMismatch, VMMCrashed, VMMError
-from emberbox.guest.protocol import AGENT_PORT_NAME
-from emberbox.vmm import cgroups, migration
+from emberbox.vmm import cgroups, migration, qemu_files, vmm_user
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.console import ConsoleLog
 from emberbox.vmm.host import read_process
+from emberbox.vmm.qemu_argv import Accel, QemuPaths, build_argv
+from emberbox.vmm.qemu_process import (
+    die_with_parent,
+    reap_in_background,
+    spawn_janitor,
+    wait_for_exit,
+)
 from emberbox.vmm.qmp import QMPClient
+from emberbox.vmm.vmm_user import VmmUser
 
-Accel = Literal["kvm", "tcg"]
-PR_SET_PDEATHSIG = 1
 NAME = "qemu"
 log = logging.getLogger(__name__)
 STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
 DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
 QMP_TIMEOUT_S = 10.0
-SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# Skip hardware the guest would otherwise probe for (slow under emulation).
-BASE_KERNEL_ARGS = (
-    "console=ttyS0",
-    "panic=-1",
-    "quiet",
-    "i8042.noaux",
-    "i8042.nomux",
-    "i8042.nopnp",
-    "i8042.dumbkbd",
-    "8250.nr_uarts=1",
-)
+CPU_PERIOD_US = 100_000
 
 
 @dataclass(frozen=True)
@@ -58,114 +53,11 @@ class HostLimits:
 
     memory_overhead_mib: int = 768  # on top of guest RAM: QEMU, its TCG cache, I/O
     pids_max: int = 512
+    cpu_overhead: float = 0.5  # CPUs on top of one per vCPU: QEMU's I/O and main loop
 
-
-@dataclass(frozen=True)
-class QemuPaths:
-    """Where a VM's sockets and files live inside its work dir."""
-
-    work_dir: Path
-
-    @property
-    def qmp(self) -> Path:
-        return self.work_dir / "qmp.sock"
-
-    @property
-    def agent(self) -> Path:
-        return self.work_dir / "agent.sock"
-
-    @property
-    def console(self) -> Path:
-        return self.work_dir / "console.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.work_dir / "console.log"
-
-    @property
-    def vmm_log(self) -> Path:
-        return self.work_dir / "qemu.log"
-
-    @property
-    def overlay(self) -> Path:
-        return self.work_dir / "overlay.qcow2"
-
-
-def machine_args(accel: Accel) -> list[str]:
-    """The ``-machine`` value followed by the ``-cpu`` option for ``accel``."""
-    if accel == "kvm":
-        machine = "microvm,accel=kvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on"
-        return [machine, "-cpu", "host"]
-    return ["q35,accel=tcg", "-cpu", "max"]
-
-
-def device_args(accel: Accel) -> tuple[str, str]:
-    """(block device, serial bus) model names for the machine type."""
-    if accel == "kvm":
-        return "virtio-blk-device", "virtio-serial-device"
-    return "virtio-blk-pci", "virtio-serial-pci"
-
-
-def kernel_cmdline(extra: tuple[str, ...] = ()) -> str:
-    return " ".join((*BASE_KERNEL_ARGS, *extra))
-
-
-def memory_args(config: VMConfig, *, shared: bool) -> list[str]:
-    """Guest RAM as a backend named ``mem`` in every case, so that a snapshot of any VM
-    can be loaded by any other with the same shape (RAM blocks are matched by name)."""
-    size = f"size={config.memory_mib}M"
-    if config.memory_file is None:
-        backend = f"memory-backend-ram,id=mem,{size}"
-    else:
-        share = "on" if shared else "off"
-        backend = f"memory-backend-file,id=mem,{size},mem-path={config.memory_file},share={share}"
-    return ["-object", backend]
-
-
-def build_argv(
-    binary: str, accel: Accel, config: VMConfig, *, incoming: bool = False, shared: bool = True
-) -> list[str]:
-    """The QEMU command line for ``config`` (pure: no files touched).
-
-    ``incoming``: wait for a saved state (``-incoming defer``) instead of booting.
-    ``shared``: map ``config.memory_file`` shared (a template) or copy-on-write (a clone).
-    """
-    paths = QemuPaths(config.work_dir)
-    blk, serial_bus = device_args(accel)
-    machine, *cpu = machine_args(accel)
-    return [
-        binary,
-        "-name", f"emberbox-{config.vm_id},process=emberbox-{config.vm_id}",
-        *memory_args(config, shared=shared),
-        "-machine", f"{machine},memory-backend=mem",
-        *cpu,
-        "-smp", str(config.vcpus),
-        "-m", f"{config.memory_mib}M",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(config.guest.kernel),
-        "-initrd", str(config.guest.initrd),
-        "-append", kernel_cmdline(config.kernel_args),
-        "-chardev", f"socket,id=console,path={paths.console},server=on,wait=off",
-        "-serial", "chardev:console",
-        "-drive", f"file={paths.overlay},if=none,id=root,format=qcow2,cache=unsafe",
-        "-device", f"{blk},drive=root",
-        "-device", f"{serial_bus},id=vser",
-        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
-        "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
-        # seccomp: no obsolete syscalls, no setuid/exec of helpers, no affinity games.
-        "-sandbox", SECCOMP,
-        *(["-incoming", "defer"] if incoming else []),
-    ]  # fmt: skip
-
-
-def overlay_argv(
-    qemu_img: str, backing: Path, overlay: Path, backing_format: str = "raw"
-) -> list[str]:
-    return [
-        *(qemu_img, "create", "-q", "-f", "qcow2"),
-        *("-F", backing_format, "-b", str(backing), str(overlay)),
-    ]
+    def cpu_quota_us(self, vcpus: int, period_us: int = CPU_PERIOD_US) -> int:
+        """CPU time per ``period_us`` the VM's QEMU may use: (vCPUs + overhead) CPUs."""
+        return max(1000, round((vcpus + self.cpu_overhead) * period_us))
 
 
 def parse_version(text: str) -> str:
@@ -173,38 +65,6 @@ def parse_version(text: str) -> str:
     if not match:
         raise HostError(f"cannot parse QEMU version from {text!r}")
     return match.group(1)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent thread ends."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def reap_in_background(popen: subprocess.Popen[bytes]) -> None:
-    """Let a released child run on; a daemon thread reaps it whenever it ends."""
-    threading.Thread(target=popen.wait, name=f"reap-{popen.pid}", daemon=True).start()
-
-
-async def wait_for_exit(pid: int) -> None:
-    """Wait until ``pid`` ends, without polling (a pidfd turns readable at exit)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    loop.add_reader(fd, on_exit)
-    try:
-        await ended
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 class QemuVM:
@@ -393,11 +253,16 @@ class QemuDriver:
         binary: str = "qemu-system-x86_64",
         qemu_img: str = "qemu-img",
         limits: HostLimits | None = None,
+        *,
+        user: VmmUser | None = None,
+        max_disk_mib: int | None = None,
     ) -> None:
         self.accel = accel
         self.binary = binary
         self.qemu_img = qemu_img
         self.limits = limits
+        self.user = user  # run QEMU as this user (None: as ourselves)
+        self.max_disk_mib = max_disk_mib  # None: the image's root filesystem size
         self._version: str | None = None
 
     def version(self) -> str:
@@ -412,14 +277,26 @@ class QemuDriver:
     def snapshot_key(self) -> str:
         return f"{NAME}-{self.version()}-{self.accel}"
 
+    def check_host(self) -> None:
+        """A clear HostError when QEMU is missing or its user cannot use KVM."""
+        self.version()
+        if self.accel == "kvm" and self.user is not None:
+            vmm_user.check_kvm(self.user)
+
     async def start(self, config: VMConfig) -> QemuVM:
-        self.version()  # a clear HostError when QEMU is missing
-        await self._make_overlay(config, config.guest.rootfs, "raw")
-        return self._spawn(config, build_argv(self.binary, self.accel, config))
+        self.check_host()
+        await qemu_files.make_overlay(self.qemu_img, config.work_dir, config.guest.rootfs, "raw")
+        self._check_disk(config)
+        try:
+            return self._spawn(config)
+        except BaseException:
+            shutil.rmtree(config.work_dir, ignore_errors=True)
+            raise
 
     async def restore(
         self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
     ) -> QemuVM:
+        self.check_host()
         if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.version()):
             raise SnapshotMismatch(
                 f"snapshot {snapshot.directory} was written by {snapshot.vmm} "
@@ -430,18 +307,17 @@ class QemuDriver:
         for path in (state, disk, *filter(None, [snapshot.memory_file])):
             if not path.is_file():
                 raise SnapshotCorrupt(f"snapshot file {path} is missing", file=str(path))
-        paths = QemuPaths(config.work_dir)
         if adopt_disk:
-            _make_work_dir(config.work_dir)
-            os.link(disk, paths.overlay)  # the snapshot keeps its name until we succeed
+            qemu_files.make_work_dir(config.work_dir)
+            os.link(disk, QemuPaths(config.work_dir).overlay)  # the snapshot keeps its name
         else:
-            await self._make_overlay(config, disk, "qcow2")
+            await qemu_files.make_overlay(self.qemu_img, config.work_dir, disk, "qcow2")
+        self._check_disk(config)
         # A clone maps the template's RAM file copy-on-write; the VM itself is no template.
         boot_config = replace(config, memory_file=snapshot.memory_file)
-        argv = build_argv(self.binary, self.accel, boot_config, incoming=True, shared=False)
         state_fd = os.open(state, os.O_RDONLY)  # inherited by QEMU under the same number
         try:
-            vm = self._spawn(config, argv, pass_fds=(state_fd,))
+            vm = self._spawn(config, boot=boot_config, pass_fds=(state_fd,))
             await self._load(vm, state, state_fd, ignore_shared=snapshot.memory_file is not None)
         except BaseException:
             shutil.rmtree(config.work_dir, ignore_errors=True)
@@ -449,6 +325,13 @@ class QemuDriver:
         finally:
             os.close(state_fd)
         return vm
+
+    def _check_disk(self, config: VMConfig) -> None:
+        try:
+            qemu_files.check_disk_cap(config, self.max_disk_mib)
+        except BaseException:
+            shutil.rmtree(config.work_dir, ignore_errors=True)
+            raise
 
     async def _load(self, vm: QemuVM, state: Path, state_fd: int, *, ignore_shared: bool) -> None:
         try:
@@ -466,52 +349,64 @@ class QemuDriver:
                 ) from exc
             raise
 
-    async def _make_overlay(self, config: VMConfig, backing: Path, backing_format: str) -> None:
-        _make_work_dir(config.work_dir)
-        proc = await asyncio.to_thread(
-            subprocess.run,
-            overlay_argv(
-                self.qemu_img, backing, QemuPaths(config.work_dir).overlay, backing_format
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            shutil.rmtree(config.work_dir, ignore_errors=True)
-            raise VMMError(f"qemu-img could not create the overlay: {proc.stderr.strip()}")
+    def _spawn(
+        self, config: VMConfig, *, boot: VMConfig | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> QemuVM:
+        """Open QEMU's files, start it (as the VMM user), put it in its cgroup.
 
-    def _spawn(self, config: VMConfig, argv: list[str], pass_fds: tuple[int, ...] = ()) -> QemuVM:
+        ``boot``: a restore's config, which waits for a saved state and maps a template's
+        RAM file copy-on-write; without it, a VM with ``memory_file`` is a new template.
+        """
         paths = QemuPaths(config.work_dir)
         ephemeral = config.lifetime == "ephemeral"
-        with paths.vmm_log.open("wb") as log:
-            # Popen from the event loop's thread: PDEATHSIG fires when *that thread* ends.
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                pass_fds=pass_fds,
-                preexec_fn=_die_with_parent if ephemeral else None,
+        user, incoming = self.user, boot is not None
+        boot = boot or config
+        files, fds = qemu_files.open_host_files(boot, shared=not incoming, user=user)
+        try:
+            argv = build_argv(
+                self.binary, self.accel, boot, fds, incoming=incoming, shared=not incoming
             )
+            with paths.vmm_log.open("wb") as log:
+                # Popen from the event loop's thread: PDEATHSIG fires when *that thread*
+                # ends (set after the uid change, which would clear it).
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    start_new_session=True,
+                    pass_fds=(*files.pass_fds, *pass_fds, *filter(None, [boot.tap_fd])),
+                    preexec_fn=die_with_parent if ephemeral else None,
+                    user=user.uid if user else None,
+                    group=user.gid if user else None,
+                    extra_groups=list(user.groups) if user else None,
+                )
+        except PermissionError as exc:  # e.g. no CAP_SETUID in a container
+            who = f" as {user.name!r} (EMBERBOX_VMM_USER)" if user else ""
+            raise HostError(f"cannot start {self.binary}{who}: {exc}") from exc
+        finally:
+            files.close()  # QEMU holds its own copies now
         cgroup = self._limit(config, popen.pid)
         dirs = cgroup.dirs if cgroup is not None else ()
         janitor = spawn_janitor(popen.pid, config.work_dir, dirs) if ephemeral else None
         return QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
 
     def _limit(self, config: VMConfig, pid: int) -> cgroups.HostCgroup | None:
-        """Put QEMU in its own host cgroup (guest RAM + overhead, pids), if configured."""
+        """Put QEMU in its own host cgroup (guest RAM + overhead, pids, CPU), if configured."""
         if self.limits is None:
             return None
         memory = (config.memory_mib + self.limits.memory_overhead_mib) << 20
-        cgroup = cgroups.create(config.vm_id, memory, self.limits.pids_max)
+        cpu = cgroups.CpuQuota(self.limits.cpu_quota_us(config.vcpus), CPU_PERIOD_US)
+        cgroup = cgroups.create(config.vm_id, memory, self.limits.pids_max, cpu=cpu)
         if cgroup is None:
             return None
         try:
             cgroup.add(pid)
         except OSError as exc:
             log.warning("VM %s runs without host-side limits: %s", config.vm_id, exc)
+            with contextlib.suppress(OSError):
+                cgroup.remove()
             return None
         return cgroup
 
@@ -520,33 +415,3 @@ class QemuDriver:
         if info is None or str(config.work_dir) not in " ".join(info.args):
             raise VMMCrashed(f"no QEMU process {pid} for {config.work_dir}")
         return QemuVM(config, pid, None, None, self.version(), cgroups.existing(config.vm_id))
-
-
-def _make_work_dir(work_dir: Path) -> None:
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    work_dir.chmod(0o700)
-
-
-def spawn_janitor(
-    pid: int, work_dir: Path, cgroup_dirs: tuple[Path, ...] = ()
-) -> subprocess.Popen[bytes]:
-    """A tiny watcher that removes an ephemeral VM if its owner dies without cleaning up.
-
-    It blocks reading a pipe only we hold open; when our process ends for any reason
-    (even SIGKILL) the read returns, and it kills QEMU and deletes the work dir and the
-    VM's (by then empty) host cgroups.
-    """
-    script = (
-        'cat >/dev/null; kill -9 "$1" 2>/dev/null; sleep 0.2; rm -rf -- "$2"; shift 2; '
-        'for d in "$@"; do rmdir -- "$d" 2>/dev/null || { sleep 0.2; rmdir -- "$d"; }; done'
-    )
-    return subprocess.Popen(
-        [
-            *("/bin/sh", "-c", script, "emberbox-janitor", str(pid), str(work_dir)),
-            *map(str, cgroup_dirs),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from emberbox.config import Settings
 from emberbox.errors import HostError
-from emberbox.vmm import accel
+from emberbox.vmm import accel, vmm_user
 from emberbox.vmm.base import Driver, GuestFiles
 from emberbox.vmm.qemu import HostLimits, QemuDriver
 
@@ -71,8 +71,17 @@ def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
             raise HostError(f"EMBERBOX_VMM=firecracker but Firecracker is not usable: {why}")
     limits = None
     if settings.vmm_cgroup_limits:
-        limits = HostLimits(settings.vmm_memory_overhead_mib, settings.vmm_pids_max)
-    qemu = QemuDriver("tcg", settings.qemu_binary, settings.qemu_img_binary, limits)
+        limits = HostLimits(
+            settings.vmm_memory_overhead_mib, settings.vmm_pids_max, settings.vmm_cpu_overhead
+        )
+    qemu = QemuDriver(
+        "tcg",
+        settings.qemu_binary,
+        settings.qemu_img_binary,
+        limits,
+        user=vmm_user.resolve(settings.vmm_user),
+        max_disk_mib=settings.max_disk_mib,
+    )
     chosen, why = accel.resolve_accel(settings, qemu.version(), guest)
     if chosen == "tcg" and settings.mode == "production":
         raise HostError(
@@ -82,6 +91,7 @@ def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
     if chosen == "tcg":
         log.warning("QEMU with TCG software emulation (%s): slow, and NOT a security boundary", why)
     qemu.accel = chosen
+    qemu.check_host()  # e.g. a VMM user that cannot open /dev/kvm: say so now
     return DriverChoice(qemu, f"qemu/{chosen}: {why}", chosen)
 
 

@@ -128,6 +128,7 @@ class FakeManager:
         metadata: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         snapshot_id: str | None = None,
+        network: dict[str, object] | None = None,
     ) -> FakeRecord:
         s = self.settings
         self.calls.append(("create", {"image": image, "metadata": metadata}))

@@ -16,7 +16,7 @@ def test_v2_group_with_memory_swap_and_pids_limits(tmp_path: Path) -> None:
     assert (directory / "memory.max").read_text() == str(1 << 30)
     assert (directory / "memory.swap.max").read_text() == "0"
     assert (directory / "pids.max").read_text() == "256"
-    assert (tmp_path / "emberbox" / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert (tmp_path / "emberbox" / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
     group.add(4242)
     assert (directory / "cgroup.procs").read_text() == "4242"
     assert cgroups.existing("vm1", root=tmp_path) == group
@@ -37,3 +37,41 @@ def test_v1_groups_per_controller(tmp_path: Path) -> None:
 def test_no_cgroup_filesystem_means_no_limits(tmp_path: Path) -> None:
     assert cgroups.version(tmp_path) is None
     assert cgroups.create("vm3", 1 << 30, 64, root=tmp_path) is None
+
+
+def test_v2_cpu_max_is_quota_and_period(tmp_path: Path) -> None:
+    """cgroup v2: cpu.max holds "quota period" and the cpu controller is enabled."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    group = cgroups.create("vm4", 1 << 30, 64, root=tmp_path, cpu=cgroups.CpuQuota(150_000))
+    assert group is not None
+    assert (group.dirs[0] / "cpu.max").read_text() == "150000 100000"
+
+
+def test_v1_cpu_group_under_the_cpu_hierarchy(tmp_path: Path) -> None:
+    """cgroup v1: a third group under cpu (or cpu,cpuacct) with cfs period and quota,
+    found again by existing() and removed with the others."""
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("max")
+    (tmp_path / "cpu,cpuacct").mkdir()
+    (tmp_path / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1")
+    (tmp_path / "cpu").symlink_to("cpu,cpuacct")
+    quota = cgroups.CpuQuota(75_000, 50_000)
+    group = cgroups.create("vm5", 512 << 20, 64, root=tmp_path, cpu=quota)
+    assert group is not None and len(group.dirs) == 3
+    cpu = group.dirs[2]
+    assert (cpu / "cpu.cfs_period_us").read_text() == "50000"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "75000"
+    assert cgroups.existing("vm5", root=tmp_path) == group  # the symlink counted once
+    for directory in group.dirs:  # a fake root's groups hold files: empty them first
+        for child in directory.iterdir():
+            child.unlink()
+    group.remove()
+    assert cgroups.existing("vm5", root=tmp_path) is None
+
+
+def test_v1_without_a_cpu_hierarchy_still_limits_memory(tmp_path: Path) -> None:
+    """No cpu hierarchy mounted: memory and pids groups only (and a warning)."""
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("max")
+    group = cgroups.create("vm6", 512 << 20, 64, root=tmp_path, cpu=cgroups.CpuQuota(1000))
+    assert group is not None and len(group.dirs) == 2

@@ -19,9 +19,8 @@ def settings(tmp_path: Path, **kw: object) -> Settings:
 
 
 def test_loopback_without_a_key_runs_with_a_warning(tmp_path: Path) -> None:
-    assert check_serving(settings(tmp_path, host="127.0.0.1")) == [
-        "no API key: every local user and process can use this server"
-    ]
+    (warning,) = check_serving(settings(tmp_path, host="127.0.0.1"))
+    assert warning.startswith("local mode (no API key): every local user and process")
     assert check_serving(settings(tmp_path, host="::1", api_key=SecretStr("k"))) == []
 
 
@@ -30,11 +29,13 @@ def test_other_addresses_need_a_key(tmp_path: Path, host: str) -> None:
     with pytest.raises(HostError, match="EMBERBOX_API_KEY"):
         check_serving(settings(tmp_path, host=host))
     assert check_serving(settings(tmp_path, host=host, api_key=SecretStr("k"))) == []
+    assert check_serving(settings(tmp_path, host=host), db_keys=True) == []
 
 
 def test_production_needs_a_key_and_a_private_data_dir(tmp_path: Path) -> None:
     with pytest.raises(HostError, match="production mode needs an API key"):
         check_serving(settings(tmp_path, mode="production"))
+    assert check_serving(settings(tmp_path, mode="production"), db_keys=True) == []
     keyed = settings(tmp_path, mode="production", api_key=SecretStr("k"))
     assert check_serving(keyed) == []  # the data dir does not exist yet: made 0700
     keyed.data_dir.mkdir(mode=0o755)

@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from emberbox.config import Settings
 from emberbox.errors import HostError
+from emberbox.service.orphans import mentions_path, referenced_children
 from emberbox.vmm.base import GuestFiles, VMConfig
-from emberbox.vmm.qemu import build_argv, overlay_argv, parse_version
+from emberbox.vmm.qemu import HostLimits, parse_version
+from emberbox.vmm.qemu_argv import DiskLayer, HostFds, build_argv, overlay_argv
+from emberbox.vmm.select import choose_driver
 
 GUEST = GuestFiles(
     Path("/img/vmlinuz"), Path("/img/vmlinux"), Path("/img/initrd"), Path("/img/root")
+)
+FDS = HostFds(
+    qmp=10,
+    agent=11,
+    console=12,
+    kernel=13,
+    initrd=14,
+    disk=(
+        DiskLayer(15, "qcow2", "/vms/abc/overlay.qcow2"),
+        DiskLayer(16, "qcow2", "layer1"),
+        DiskLayer(17, "raw", "layer2"),
+    ),
 )
 
 
 def config(**kw: object) -> VMConfig:
     return VMConfig(vm_id="abc", work_dir=Path("/vms/abc"), guest=GUEST, **kw)  # type: ignore[arg-type]
+
+
+def argv_of(accel: str = "tcg", fds: HostFds = FDS, **kw: object) -> list[str]:
+    return build_argv("qemu-system-x86_64", accel, config(**kw), fds)  # type: ignore[arg-type]
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -25,7 +48,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 
 def test_tcg_uses_q35_with_pci_devices() -> None:
     """Under TCG the machine is q35 with virtio-pci devices (microvm hangs there)."""
-    argv = build_argv("qemu-system-x86_64", "tcg", config())
+    argv = argv_of("tcg")
     assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
     assert "virtio-blk-pci,drive=root" in option(argv, "-device")
     assert "virtio-serial-pci,id=vser" in option(argv, "-device")
@@ -33,25 +56,65 @@ def test_tcg_uses_q35_with_pci_devices() -> None:
 
 def test_kvm_uses_microvm_with_acpi_and_mmio() -> None:
     """Under KVM the machine is microvm with ACPI, so Debian's kernel finds virtio-mmio."""
-    argv = build_argv("qemu-system-x86_64", "kvm", config())
+    argv = argv_of("kvm")
     machine = option(argv, "-machine")[0]
     assert machine.startswith("microvm,accel=kvm") and "acpi=on" in machine
     assert option(argv, "-cpu") == ["host"]
     assert "virtio-blk-device,drive=root" in option(argv, "-device")
 
 
-def test_shape_disk_and_private_sockets() -> None:
-    """vCPUs, memory, the overlay disk and every socket live in the VM's work dir."""
-    argv = build_argv("qemu", "tcg", config(vcpus=2, memory_mib=768, kernel_args=("x=1",)))
+def test_shape_and_sockets_are_passed_listening_fds() -> None:
+    """vCPUs and memory as asked; QMP, agent and console are sockets the host listens
+    on and passes as fds (QEMU binds nothing); QMP is a control monitor on its chardev."""
+    argv = argv_of(vcpus=2, memory_mib=768, kernel_args=("x=1",))
     assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["768M"]
-    assert option(argv, "-drive")[0].startswith("file=/vms/abc/overlay.qcow2,")
     chardevs = option(argv, "-chardev")
-    assert any("path=/vms/abc/agent.sock" in c for c in chardevs)
-    assert any("path=/vms/abc/console.sock" in c for c in chardevs)
-    assert option(argv, "-qmp") == ["unix:/vms/abc/qmp.sock,server=on,wait=off"]
+    assert "socket,id=qmp,fd=10,server=on,wait=off" in chardevs
+    assert "socket,id=agent,fd=11,server=on,wait=off" in chardevs
+    assert "socket,id=console,fd=12,server=on,wait=off" in chardevs
+    assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert "-qmp" not in argv and not any("path=" in c for c in chardevs)
     assert option(argv, "-append")[0].endswith(" x=1")
     assert "-no-reboot" in argv and "-nodefaults" in argv
-    assert "/img/root" not in " ".join(argv)  # the image is only the overlay's backing file
+
+
+def test_qemu_opens_no_host_path() -> None:
+    """Kernel and initrd are /proc/self/fd links and disks are fd sets: no path of ours
+    is in the argv except the overlay's, as an fd label (attach and the orphan sweep
+    find a VM's QEMU by its work dir)."""
+    argv = argv_of()
+    assert option(argv, "-kernel") == ["/proc/self/fd/13"]
+    assert option(argv, "-initrd") == ["/proc/self/fd/14"]
+    paths = [
+        a for a in argv[1:] if "/" in a and "/dev/fdset/" not in a and "/proc/self/fd/" not in a
+    ]
+    assert paths == ["fd=15,set=1,opaque=/vms/abc/overlay.qcow2"]
+    assert "/img/" not in " ".join(argv) and "-drive" not in argv
+
+
+def test_backing_chain_is_explicit_and_read_only_below_the_overlay() -> None:
+    """Every layer is its own node with its backing named, so QEMU never follows a
+    backing file name; only the top overlay is writable."""
+    argv = argv_of()
+    assert option(argv, "-add-fd") == [
+        "fd=17,set=3,opaque=layer2",
+        "fd=16,set=2,opaque=layer1",
+        "fd=15,set=1,opaque=/vms/abc/overlay.qcow2",
+    ]
+    assert option(argv, "-blockdev") == [
+        "driver=file,node-name=layer2-file,filename=/dev/fdset/3,read-only=on",
+        "driver=raw,node-name=layer2,file=layer2-file,read-only=on",
+        "driver=file,node-name=layer1-file,filename=/dev/fdset/2,read-only=on",
+        "driver=qcow2,node-name=layer1,file=layer1-file,backing=layer2,read-only=on",
+        "driver=file,node-name=root-file,filename=/dev/fdset/1,cache.no-flush=on",
+        "driver=qcow2,node-name=root,file=root-file,backing=layer1,cache.no-flush=on",
+    ]
+
+
+def test_option_values_escape_commas() -> None:
+    """A comma in a label cannot inject QEMU options."""
+    fds = replace(FDS, disk=(DiskLayer(15, "raw", "/vms/a,b/overlay"),))
+    assert option(argv_of(fds=fds), "-add-fd") == ["fd=15,set=1,opaque=/vms/a,,b/overlay"]
 
 
 def test_overlay_is_backed_by_the_raw_image() -> None:
@@ -59,6 +122,13 @@ def test_overlay_is_backed_by_the_raw_image() -> None:
     assert overlay_argv("qemu-img", Path("/img/root"), Path("/vms/a/o.qcow2")) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/img/root", "/vms/a/o.qcow2",
     ]  # fmt: skip
+
+
+def test_cpu_quota_is_vcpus_plus_overhead() -> None:
+    """The cgroup CPU quota is (vCPUs + overhead) CPUs per period, never below 1 ms."""
+    assert HostLimits(cpu_overhead=0.5).cpu_quota_us(2) == 250_000
+    assert HostLimits(cpu_overhead=0.0).cpu_quota_us(1, period_us=50_000) == 50_000
+    assert HostLimits(cpu_overhead=-1.0).cpu_quota_us(1) == 1000
 
 
 def test_version_parsing() -> None:
@@ -72,20 +142,21 @@ def test_restore_argv_maps_the_template_copy_on_write_and_waits_for_state() -> N
     """A clone maps the template's RAM file privately and waits (`-incoming defer`);
     every VM's RAM backend is named `mem`, so any VM's state loads into any other."""
     template = config(memory_file=Path("/t/memory"))
-    clone = build_argv("qemu-system-x86_64", "tcg", template, incoming=True, shared=False)
+    fds = replace(FDS, memory=20)
+    clone = build_argv("qemu-system-x86_64", "tcg", template, fds, incoming=True, shared=False)
     (backend,) = option(clone, "-object")
     assert backend.startswith("memory-backend-file,id=mem,")
-    assert "mem-path=/t/memory" in backend and backend.endswith("share=off")
+    assert "mem-path=/proc/self/fd/20" in backend and backend.endswith("share=off")
     assert option(clone, "-incoming") == ["defer"]
-    maker = build_argv("qemu-system-x86_64", "tcg", template)
+    maker = build_argv("qemu-system-x86_64", "tcg", template, fds)
     assert option(maker, "-object")[0].endswith("share=on") and "-incoming" not in maker
-    plain = build_argv("qemu-system-x86_64", "tcg", config())
+    plain = argv_of()
     assert option(plain, "-object")[0].startswith("memory-backend-ram,id=mem,")
 
 
 def test_qemu_runs_under_its_seccomp_sandbox() -> None:
     """Every VM gets QEMU's seccomp filter; snapshots use fd: URIs, so spawn=deny holds."""
-    (sandbox,) = option(build_argv("qemu-system-x86_64", "tcg", config()), "-sandbox")
+    (sandbox,) = option(argv_of(), "-sandbox")
     assert sandbox.split(",") == [
         "on",
         "obsolete=deny",
@@ -93,3 +164,25 @@ def test_qemu_runs_under_its_seccomp_sandbox() -> None:
         "spawn=deny",
         "resourcecontrol=deny",
     ]
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
+def test_tcg_is_refused_in_production_and_flagged_in_development(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Production mode refuses TCG; development mode logs that it is no security boundary."""
+    base = Settings(cache_dir=tmp_path, data_dir=tmp_path, vmm="qemu", accel="tcg", vmm_user="")
+    with pytest.raises(HostError, match="production mode refuses QEMU TCG"):
+        choose_driver(base.model_copy(update={"mode": "production"}), None)
+    caplog.set_level(logging.WARNING)
+    choice = choose_driver(base, None)
+    assert choice.accel == "tcg" and "NOT a security boundary" in caplog.text
+
+
+def test_the_work_dir_stays_in_the_argv_for_attach_and_the_orphan_sweep() -> None:
+    """With no socket or disk paths left in the argv, the overlay's fd label still names
+    the work dir, so a restarted server and the orphan sweep find the VM's QEMU."""
+    argv = argv_of()
+    assert mentions_path(argv, Path("/vms/abc"))
+    assert referenced_children(argv, Path("/vms")) == {"abc"}
+    assert not mentions_path(argv, Path("/vms/ab"))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,12 +17,14 @@ import pytest
 from emberbox import errors
 from emberbox.service.state import SandboxState, check_transition
 from emberbox.store import (
+    LOCAL_TENANT_ID,
     SCHEMA_VERSION,
     ExecLogEntry,
     SandboxRow,
     SnapshotRow,
     Store,
     migrations,
+    tenants,
     utcnow,
 )
 from emberbox.store.db import connect
@@ -337,3 +342,109 @@ async def test_a_snapshot_in_use_cannot_be_deleted(store: Store) -> None:
     assert await store.list_snapshots() == []
     with pytest.raises(errors.NotFound):
         await store.delete_snapshot("s1", unless_used_in=live)
+
+
+# --- tenants (migration 3) ---------------------------------------------------------------
+
+
+def test_migration_3_gives_old_rows_to_the_local_tenant(tmp_path: Path) -> None:
+    """A v2 database with a sandbox, a snapshot and an exec log entry migrates to v3: the
+    rows keep their data and belong to the built-in tenant, which exists as an admin."""
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrations.migrate(conn, migrations.MIGRATIONS[:2]) == 2
+        conn.execute(
+            "INSERT INTO sandboxes (id, state, image, vcpus, memory_mib, timeout_s, created_at,"
+            " expires_at, updated_at, snapshot_id) VALUES ('old', 'running', 'default', 2, 256,"
+            " 60, '2020-01-01T00:00:00.000000+00:00', '2020-01-01T00:01:00.000000+00:00',"
+            " '2020-01-01T00:00:00.000000+00:00', 'snap-old')"
+        )
+        conn.execute(
+            "INSERT INTO exec_log (sandbox_id, command, duration_ms, started_at)"
+            " VALUES ('old', '[\"true\"]', 1.0, '2020-01-01T00:00:00.000000+00:00')"
+        )
+        conn.execute(
+            "INSERT INTO snapshots (id, sandbox_id, image, image_hash, vcpus, memory_mib, vmm,"
+            " vmm_version, size_bytes, created_at, path) VALUES ('snap-old', 'old', 'default',"
+            " 'h', 2, 256, 'qemu', '7.2', 10, '2020-01-01T00:00:00.000000+00:00', '/s')"
+        )
+    finally:
+        conn.close()
+    conn = connect(path)  # migrates to the current version
+    try:
+        assert migrations.schema_version(conn) == SCHEMA_VERSION >= 3
+        local = tenants.get_tenant(conn, LOCAL_TENANT_ID)
+        assert local is not None and local.admin and local.name == "local"
+        assert local.created_at.tzinfo is not None
+        assert tenants.owner_of(conn, "sandboxes", "old") == LOCAL_TENANT_ID
+        assert tenants.owner_of(conn, "snapshots", "snap-old") == LOCAL_TENANT_ID
+        assert tenants.owner_of(conn, "sandboxes", "missing") is None
+        assert tenants.usage(conn, LOCAL_TENANT_ID, {"running"}) == tenants.Usage(1, 2, 256, 1)
+        assert not tenants.any_active_key(conn)
+    finally:
+        conn.close()
+
+
+async def test_rows_keep_their_tenant_and_lists_filter_by_it(store: Store) -> None:
+    """tenant_id round-trips and list/list_snapshots filter by it."""
+    await store.call(lambda conn: tenants.insert_tenant(conn, make_tenant("tn-a", "a")))
+    await store.insert(make_row("mine", tenant_id="tn-a"))
+    await store.insert(make_row("theirs"))
+    assert (await store.get("mine")) == make_row("mine", tenant_id="tn-a")
+    assert [r.id for r in await store.list(tenant_id="tn-a")] == ["mine"]
+    assert [r.id for r in await store.list(tenant_id=LOCAL_TENANT_ID)] == ["theirs"]
+    assert len(await store.list()) == 2
+    snap = replace(make_snapshot("s1", "mine"), tenant_id="tn-a")
+    await store.insert_snapshot(snap)
+    await store.insert_snapshot(make_snapshot("s2", "theirs"))
+    assert [s.id for s in await store.list_snapshots(tenant_id="tn-a")] == ["s1"]
+    assert [s.id for s in await store.list_snapshots("theirs", tenant_id="tn-a")] == []
+
+
+async def test_snapshot_quota_is_checked_inside_the_insert(store: Store) -> None:
+    """With tenant_max, the count and the insert are one transaction: of many concurrent
+    inserts exactly tenant_max succeed; the others name the quota."""
+    await store.call(lambda conn: tenants.insert_tenant(conn, make_tenant("tn-a", "a")))
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        row = replace(make_snapshot(f"s{i}", "sb"), tenant_id="tn-a")
+        try:
+            await store.insert_snapshot(row, tenant_max=3)
+            outcomes.append("ok")
+        except errors.QuotaExceeded as exc:
+            assert exc.details["quota"] == "max_snapshots"
+            outcomes.append("quota")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(one, i)
+    assert sorted(outcomes) == ["ok"] * 3 + ["quota"] * 7
+    assert len(await store.list_snapshots(tenant_id="tn-a")) == 3
+
+
+def make_tenant(tenant_id: str, name: str, **quotas: int) -> tenants.TenantRow:
+    return tenants.TenantRow(tenant_id, name, False, utcnow(), **quotas)
+
+
+def test_a_second_connection_keeps_the_first_ones_locks(db_path: Path) -> None:
+    """Opening the database again in the same process (the server's tenancy connection
+    next to the manager's) must not drop the first connection's POSIX locks: another
+    process still cannot take the database out of WAL mode under it."""
+    first = connect(db_path)
+    try:
+        assert first.execute("SELECT count(*) FROM sandboxes").fetchone() == (0,)
+        connect(db_path).close()
+        script = (
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0);"
+            "print(c.execute('PRAGMA journal_mode = DELETE').fetchone()[0])"
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", script, str(db_path)], capture_output=True, text=True
+        )
+        assert other.stdout.strip() != "delete", other.stdout
+        assert "locked" in other.stderr, other.stderr
+        assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        first.close()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from emberbox.api.auth import PrincipalDep, owner_kwargs
 from emberbox.api.deps import RegistryDep, SettingsDep, get_context
 from emberbox.api.errors import error_responses
 from emberbox.run_models import LanguageList, LanguagePublic, RunRequest, RunResponse
@@ -40,7 +41,9 @@ VersionsDep = Annotated[LanguageVersions, Depends(get_versions)]
     response_model=RunResponse,
     responses=error_responses(400, 403, 422, 502, 503),
 )
-async def run(body: RunRequest, manager: RunManagerDep, settings: SettingsDep) -> RunResponse:
+async def run(
+    body: RunRequest, manager: RunManagerDep, settings: SettingsDep, principal: PrincipalDep
+) -> RunResponse:
     """Compile (if needed) and run a program in a fresh sandbox, destroyed afterwards.
 
     The program's failures are answers (200 with `status`: `compile_error`,
@@ -55,6 +58,7 @@ async def run(body: RunRequest, manager: RunManagerDep, settings: SettingsDep) -
         args=body.args,
         timeout_s=body.timeout_s,
         memory_mib=body.memory_mib,
+        tenant_id=owner_kwargs(principal).get("tenant_id"),  # its quotas count this run
     )
     return RunResponse.from_result(await run_code(manager, settings, spec))
 

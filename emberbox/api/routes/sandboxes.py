@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from emberbox import errors
+from emberbox.api.auth import PrincipalDep, TenancyDep, owner_kwargs, scope_kwargs
 from emberbox.api.deps import ManagerDep, parse_metadata_filter, state_from_name
 from emberbox.api.errors import error_responses
 from emberbox.api.streams import (
@@ -47,9 +48,18 @@ SandboxId = Annotated[str, Path(min_length=1, max_length=128, description="Sandb
     response_model=SandboxPublic,
     responses=error_responses(400, 403, 404, 409, 422, 502, 503),
 )
-async def create_sandbox(body: SandboxCreate, manager: ManagerDep) -> SandboxPublic:
+async def create_sandbox(
+    body: SandboxCreate,
+    request: Request,
+    manager: ManagerDep,
+    principal: PrincipalDep,
+    tenancy: TenancyDep,
+) -> SandboxPublic:
     """Boot a sandbox, or fork one from `snapshot_id`; answers once its agent is ready."""
-    record = await manager.create(**body.model_dump())
+    if body.snapshot_id is not None:  # another tenant's snapshot is an unknown one
+        await tenancy.check_owner(principal, "snapshot", body.snapshot_id)
+    record = await manager.create(**body.model_dump(), **owner_kwargs(principal))
+    request.state.audit_target = record.id
     return SandboxPublic.from_record(record)
 
 
@@ -57,11 +67,15 @@ async def create_sandbox(body: SandboxCreate, manager: ManagerDep) -> SandboxPub
 async def list_sandboxes(
     request: Request,
     manager: ManagerDep,
+    principal: PrincipalDep,
     state: Annotated[SandboxStateName | None, Query(description="Only this state")] = None,
 ) -> SandboxList:
-    """List sandboxes; filter by `state=` and any number of `metadata.KEY=VALUE`."""
+    """List your sandboxes (an admin key: everyone's); filter by `state=` and any number
+    of `metadata.KEY=VALUE`."""
     metadata = parse_metadata_filter(request.query_params.multi_items(), allowed={"state"})
-    records = await manager.list(state=state_from_name(state), metadata=metadata or None)
+    records = await manager.list(
+        state=state_from_name(state), metadata=metadata or None, **scope_kwargs(principal)
+    )
     return SandboxList(sandboxes=[SandboxPublic.from_record(r) for r in records])
 
 

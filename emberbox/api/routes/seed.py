@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from emberbox import errors
+from emberbox.api.auth import PrincipalDep, TenancyDep, owner_kwargs
 from emberbox.api.deps import ManagerDep, RegistryDep
 from emberbox.api.errors import error_responses
 from emberbox.api.routes.sandboxes import run_command
@@ -54,13 +55,22 @@ def image_for_paths(registry: ImageRegistry, paths: dict[str, str | None]) -> st
     response_model=VMCreateResponse,
     responses=error_responses(400, 403, 422, 502, 503),
 )
-async def create_vm(body: VMCreate, manager: ManagerDep, registry: RegistryDep) -> VMCreateResponse:
+async def create_vm(
+    body: VMCreate,
+    request: Request,
+    manager: ManagerDep,
+    registry: RegistryDep,
+    principal: PrincipalDep,
+) -> VMCreateResponse:
     """Boot a sandbox; `name` and `user_id` become its metadata."""
     paths = {"root_image_path": body.root_image_path, "kernel_path": body.kernel_path}
     image = await anyio.to_thread.run_sync(image_for_paths, registry, paths)
     record = await manager.create(
-        image=image, metadata={"name": body.name, "user_id": body.user_id}
+        image=image,
+        metadata={"name": body.name, "user_id": body.user_id},
+        **owner_kwargs(principal),
     )
+    request.state.audit_target = record.id
     return VMCreateResponse(ip_address=record.ip_address, vm_id=record.id)
 
 
@@ -69,8 +79,11 @@ async def create_vm(body: VMCreate, manager: ManagerDep, registry: RegistryDep) 
     response_model=CommandResponse,
     responses=error_responses(400, 404, 409, 422, 502, 504),
 )
-async def exec_command(body: CommandRequest, manager: ManagerDep) -> CommandResponse:
+async def exec_command(
+    body: CommandRequest, manager: ManagerDep, principal: PrincipalDep, tenancy: TenancyDep
+) -> CommandResponse:
     """Run a shell command line; `output` is stdout followed by stderr."""
+    await tenancy.check_owner(principal, "sandbox", body.vm_id)  # as an unknown id if not yours
     result = await run_command(manager, body.vm_id, body.command)
     output = (result.stdout + result.stderr).decode("utf-8", errors="replace")
     return CommandResponse(success=result.exit_code == 0, output=output, exit_code=result.exit_code)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from emberbox.api.auth import PrincipalDep, scope_kwargs
 from emberbox.api.deps import ManagerDep, refuse_unknown_params
 from emberbox.api.errors import error_responses
 from emberbox.api.routes.sandboxes import SandboxId
@@ -34,13 +35,14 @@ async def take_snapshot(sandbox_id: SandboxId, manager: ManagerDep) -> SnapshotP
 async def list_snapshots(
     request: Request,
     manager: ManagerDep,
+    principal: PrincipalDep,
     sandbox_id: Annotated[
         ObjectId | None, Query(description="Only the snapshots taken of this sandbox")
     ] = None,
 ) -> SnapshotList:
-    """Snapshots, oldest first; filter by `sandbox_id=`."""
+    """Your snapshots (an admin key: everyone's), oldest first; filter by `sandbox_id=`."""
     refuse_unknown_params(request.query_params.keys(), allowed={"sandbox_id"})
-    records = await manager.list_snapshots(sandbox_id)
+    records = await manager.list_snapshots(sandbox_id, **scope_kwargs(principal))
     return SnapshotList(snapshots=[SnapshotPublic.from_record(r) for r in records])
 
 

@@ -6,7 +6,8 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends
 
 from emberbox import __version__
-from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep, require_api_key
+from emberbox.api.auth import authenticate
+from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep
 from emberbox.api.errors import error_responses
 from emberbox.models import Health, ImagePublic
 from emberbox.service.state import LIVE_STATES
@@ -25,8 +26,8 @@ async def healthz(manager: ManagerDep) -> Health:
 @router.get(
     "/v1/images",
     response_model=list[ImagePublic],
-    dependencies=[Depends(require_api_key)],
-    responses=error_responses(401),
+    dependencies=[Depends(authenticate)],
+    responses=error_responses(401, 429),
 )
 async def list_images(registry: RegistryDep, settings: SettingsDep) -> list[ImagePublic]:
     """Registered guest images."""

@@ -1,0 +1,213 @@
+"""Tenancy as router-level dependencies: who calls, may they touch this id, and the audit.
+
+``app.py`` puts :func:`authenticate`, :func:`audited` and :func:`require_owner` on every
+guarded router, so a new route with a ``{sandbox_id}`` or ``{snapshot_id}`` is checked
+without code of its own. Another tenant's id answers exactly as an unknown id (404, same
+message); ids in bodies and queries are checked by the routes that take them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+
+from emberbox import errors
+from emberbox.api.deps import get_context
+from emberbox.service.tenancy import Kind, Principal, Tenancy
+from emberbox.store import LOCAL_TENANT_ID
+from emberbox.store.tenants import AuditEntry
+
+if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
+OWNED_PARAMS: tuple[tuple[str, Kind], ...] = (
+    ("sandbox_id", "sandbox"),
+    ("snapshot_id", "snapshot"),
+)
+ARGV_MAX_CHARS = 1024  # an audited command is cut to this many characters
+
+# (method, route path) -> audited action. Reads and listings are not audited.
+ACTIONS: dict[tuple[str, str], str] = {
+    ("POST", "/v1/sandboxes"): "sandbox.create",
+    ("DELETE", "/v1/sandboxes/{sandbox_id}"): "sandbox.kill",
+    ("POST", "/v1/sandboxes/{sandbox_id}/timeout"): "sandbox.timeout",
+    ("POST", "/v1/sandboxes/{sandbox_id}/pause"): "sandbox.pause",
+    ("POST", "/v1/sandboxes/{sandbox_id}/resume"): "sandbox.resume",
+    ("POST", "/v1/sandboxes/{sandbox_id}/exec"): "sandbox.exec",
+    ("POST", "/v1/sandboxes/{sandbox_id}/snapshots"): "snapshot.create",
+    ("DELETE", "/v1/snapshots/{snapshot_id}"): "snapshot.delete",
+    ("POST", "/v1/sandboxes/{sandbox_id}/processes"): "process.start",
+    ("POST", "/v1/sandboxes/{sandbox_id}/processes/{pid}/signal"): "process.signal",
+    ("PUT", "/v1/sandboxes/{sandbox_id}/files"): "file.write",
+    ("DELETE", "/v1/sandboxes/{sandbox_id}/files"): "file.remove",
+    ("POST", "/v1/sandboxes/{sandbox_id}/files/mkdir"): "file.mkdir",
+    ("PUT", "/v1/sandboxes/{sandbox_id}/archive"): "file.upload",
+    ("POST", "/vm/create"): "sandbox.create",
+    ("POST", "/exec/command"): "sandbox.exec",
+    ("POST", "/v1/run"): "run",
+}
+# Body fields worth keeping, for the actions whose body is JSON (never file contents).
+BODY_FIELDS: dict[str, tuple[str, ...]] = {
+    "sandbox.create": ("image", "vcpus", "memory_mib", "snapshot_id", "name"),
+    "sandbox.exec": ("cmd", "command", "cwd"),
+    "process.start": ("cmd", "cwd", "pty"),
+    "process.signal": ("signal",),
+    "file.mkdir": ("path",),
+    "run": ("language",),
+}
+
+
+def get_tenancy(connection: HTTPConnection) -> Tenancy:
+    return get_context(connection).tenancy
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The key of ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; None if neither."""
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise errors.Unauthorized("malformed Authorization header: send Bearer <key>")
+        return value.strip()
+    return headers.get("x-api-key", "").strip() or None
+
+
+async def authenticate(connection: HTTPConnection) -> Principal:
+    """The caller; 401 without a valid key (outside local mode), 429 over its rate."""
+    known = getattr(connection.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
+    principal = await get_tenancy(connection).authenticate(presented_key(connection.headers))
+    connection.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+TenancyDep = Annotated[Tenancy, Depends(get_tenancy)]
+
+
+async def require_owner(connection: HTTPConnection, principal: PrincipalDep) -> None:
+    """404 (as for an unknown id) for a ``{sandbox_id}`` / ``{snapshot_id}`` in the path
+    that belongs to another tenant."""
+    tenancy = get_tenancy(connection)
+    for param, kind in OWNED_PARAMS:
+        value = connection.path_params.get(param)
+        if value is not None:
+            await tenancy.check_owner(principal, kind, str(value))
+
+
+async def authorize_websocket(connection: HTTPConnection) -> None:
+    """For WebSocket routes, which answer errors in frames after the handshake: the
+    outcome of :func:`authenticate` and :func:`require_owner` is kept for
+    ``deps.require_api_key`` to raise once the socket is accepted."""
+    outcome = "ok"
+    try:
+        await require_owner(connection, await authenticate(connection))
+    except errors.EmberboxError as exc:
+        connection.state.auth_error = exc
+        outcome = type(exc).__name__
+    principal = getattr(connection.state, "principal", None)
+    if isinstance(principal, Principal):
+        entry = AuditEntry(
+            principal.tenant_id,
+            "terminal.open",
+            outcome,
+            key_id=principal.key_id,
+            target_id=connection.path_params.get("sandbox_id"),
+            detail={"cmd": _cut(connection.query_params.get("cmd"))},
+        )
+        await get_tenancy(connection).audit(entry)
+
+
+async def audited(request: Request, principal: PrincipalDep) -> AsyncIterator[None]:
+    """Record the call in the audit log when its route is an action, with its outcome
+    (``ok`` or the error's type). Installed with ``scope="function"``: the entry is
+    written before the response goes out."""
+    route = request.scope.get("route")
+    action = ACTIONS.get((request.method, str(getattr(route, "path", ""))))
+    if action is None:
+        yield
+        return
+    detail = await _detail(request, action)
+    try:
+        yield
+    except Exception as exc:
+        await _record(request, principal, action, detail, type(exc).__name__)
+        raise
+    await _record(request, principal, action, detail, "ok")
+
+
+async def _record(
+    request: Request, principal: Principal, action: str, detail: dict[str, Any], outcome: str
+) -> None:
+    target = getattr(request.state, "audit_target", None) or _path_target(request)
+    entry = AuditEntry(
+        principal.tenant_id,
+        action,
+        outcome,
+        key_id=principal.key_id,
+        target_id=target,
+        detail=detail,
+    )
+    await get_tenancy(request).audit(entry)
+
+
+def owner_kwargs(principal: Principal) -> dict[str, Any]:
+    """``tenant_id=`` for a create by ``principal`` (nothing for the built-in tenant)."""
+    return {} if principal.tenant_id == LOCAL_TENANT_ID else {"tenant_id": principal.tenant_id}
+
+
+def scope_kwargs(principal: Principal) -> dict[str, Any]:
+    """``tenant_id=`` for a listing by ``principal`` (nothing for an admin: all)."""
+    return {} if principal.admin else {"tenant_id": principal.tenant_id}
+
+
+def _path_target(request: Request) -> str | None:
+    for param, _ in OWNED_PARAMS:
+        if param in request.path_params:
+            return str(request.path_params[param])
+    body_id = getattr(request.state, "audit_body_id", None)
+    return str(body_id) if body_id else None
+
+
+async def _detail(request: Request, action: str) -> dict[str, Any]:
+    detail: dict[str, Any] = {}
+    if "pid" in request.path_params:
+        detail["pid"] = request.path_params["pid"]
+    if "path" in request.query_params:
+        detail["path"] = _cut(request.query_params["path"])
+    fields = BODY_FIELDS.get(action)
+    if fields is None:  # no JSON body (uploads stream): the size, never the content
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit():
+            detail["bytes"] = int(size)
+        return detail
+    try:
+        body = json.loads(await request.body() or b"{}")  # read (and kept) by FastAPI
+    except ValueError:
+        return detail
+    if isinstance(body, dict):
+        detail.update({name: _cut(body[name]) for name in fields if name in body})
+        if isinstance(body.get("vm_id"), str):
+            request.state.audit_body_id = body["vm_id"]
+    return detail
+
+
+def _cut(value: Any) -> Any:
+    """Commands and paths cut to ARGV_MAX_CHARS (an argv by its total length)."""
+    if isinstance(value, str):
+        return value[:ARGV_MAX_CHARS]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        kept, total = [], 0
+        for item in value:
+            if total >= ARGV_MAX_CHARS:
+                kept.append("...")
+                break
+            kept.append(item[: ARGV_MAX_CHARS - total])
+            total += len(item)
+        return kept
+    return value
