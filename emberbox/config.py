@@ -66,9 +66,9 @@ class Settings(BaseSettings):
     # Sandbox shape and limits.
     default_image: str = "default"
     default_vcpus: int = Field(default=1, ge=1)
-    default_memory_mib: int = Field(default=512, ge=64)
+    default_memory_mib: int = Field(default=512, ge=128)  # less does not boot
     max_vcpus: int = Field(default=4, ge=1)
-    max_memory_mib: int = Field(default=8192, ge=64)
+    max_memory_mib: int = Field(default=8192, ge=128)
     default_exec_timeout_s: float = Field(default=60.0, gt=0)
     max_exec_timeout_s: float = Field(default=3600.0, gt=0)
     exec_output_max_bytes: int = Field(default=16 << 20, ge=1024)
@@ -92,6 +92,7 @@ class Settings(BaseSettings):
 
     # Fast start (see docs/snapshots.md).
     templates: bool = True  # create restores a per-image "ready" snapshot instead of booting
+    templates_max: int = Field(default=16, ge=1)  # shapes with a template on disk; others boot cold
     pool_size: int = Field(default=1, ge=0, le=64)  # restored sandboxes kept ready per image
     pool_memory_budget_mib: int = Field(default=4096, ge=0)  # guest memory the pool may hold
     snapshot_timeout_s: float = Field(default=300.0, gt=0)

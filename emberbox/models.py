@@ -97,7 +97,7 @@ class SandboxCreate(_Request):
     )
     memory_mib: int | None = Field(
         default=None,
-        ge=64,  # less does not boot the guest (service.validation.MIN_MEMORY_MIB)
+        ge=128,  # less does not boot the guest (service.validation.MIN_MEMORY_MIB)
         le=1_048_576,
         description="Guest memory in MiB; null uses the server default (512).",
     )

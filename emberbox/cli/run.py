@@ -39,7 +39,7 @@ def run(
         float | None, typer.Option(help="Kill the command after this many seconds.", min=0.001)
     ] = None,
     vcpus: Annotated[int | None, typer.Option(help="Virtual CPUs.", min=1)] = None,
-    memory: Annotated[int | None, typer.Option(help="Guest memory in MiB.", min=64)] = None,
+    memory: Annotated[int | None, typer.Option(help="Guest memory in MiB.", min=128)] = None,
 ) -> None:
     """Boot a fresh sandbox, run CMD in it, print its output as it comes, and exit with
     its exit code (124 when --timeout killed it). The sandbox is destroyed afterwards.

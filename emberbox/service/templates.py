@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from emberbox import errors
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
 from emberbox.vmm.base import Driver, SnapshotFiles, VMConfig
@@ -86,9 +87,22 @@ class Templates:
         async with self._locks.setdefault(key, anyio.Lock()):
             found = await anyio.to_thread.run_sync(self.current, key)
             if found is None:
+                await anyio.to_thread.run_sync(self._check_room, key)
                 found = await self._build(key, info, driver, vcpus, memory_mib)
             self._known[key] = found
             return found
+
+    def _check_room(self, key: str) -> None:
+        """QuotaExceeded when ``templates_max`` templates of this layout exist already:
+        each shape a caller asks for would otherwise leave ~100+ MiB on disk for good."""
+        limit = self._settings.templates_max
+        held = [k for k in _layout_keys(self.root) if k != key]
+        if len(held) >= limit:
+            raise errors.QuotaExceeded(
+                f"{len(held)} templates exist (templates_max={limit}); this shape is not given one",
+                quota="templates_max",
+                limit=limit,
+            )
 
     def discard(self, snapshot: SnapshotFiles) -> None:
         """Stop using a template that failed to load; the next ensure() rebuilds. Its
@@ -139,6 +153,7 @@ class Templates:
                 await ready.agent.aclose()
                 await ready.vm.kill()
             meta: dict[str, Any] = {
+                "layout": LAYOUT,
                 "key": key,
                 "image": info.name,
                 "image_hash": info.image_hash,
@@ -156,6 +171,16 @@ class Templates:
         found = await anyio.to_thread.run_sync(self.current, key)
         assert found is not None
         return found
+
+
+def _layout_keys(root: Path) -> list[str]:
+    """Keys whose current template was built with this LAYOUT."""
+    keys = []
+    for meta in root.glob(f"*/{CURRENT}/{META}"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(meta.read_text()).get("layout") == LAYOUT:
+                keys.append(meta.parent.parent.name)
+    return keys
 
 
 def _commit(generation: Path, meta: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from emberbox.net.policy import EgressPolicy, parse_policy
 
 # The guest kernel and agent do not boot in less (80 MiB: OOM; 64 MiB: panic); the wire
 # bound (emberbox.models.SandboxCreate.memory_mib) is the same.
-MIN_MEMORY_MIB = 64
+MIN_MEMORY_MIB = 128
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,17 @@ class Server:
     log_path: Path
     process: subprocess.Popen[bytes]
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The server's own admin key, when it runs with ``EMBERBOX_API_KEY``."""
+        key = self.settings.api_key
+        return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=BOOT_WAIT_S)
+        return httpx.Client(base_url=self.url, timeout=BOOT_WAIT_S, headers=self.headers)
 
     def async_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=BOOT_WAIT_S)
+        return httpx.AsyncClient(base_url=self.url, timeout=BOOT_WAIT_S, headers=self.headers)
 
 
 def _free_port() -> int:
@@ -72,7 +78,8 @@ def serve_emberbox(data_dir: Path, **env: str) -> Iterator[Server]:
     command += ["serve", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    server = Server(f"http://127.0.0.1:{port}", Settings(data_dir=data_dir), log_path, process)
+    settings = Settings(data_dir=data_dir, api_key=env.get("EMBERBOX_API_KEY"))
+    server = Server(f"http://127.0.0.1:{port}", settings, log_path, process)
     try:
         _wait_until_up(server, process)
         yield server

@@ -1,0 +1,48 @@
+"""The template cache's bound on how many shapes get a template (no VM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.service.templates import CURRENT, LAYOUT, META, Templates
+
+
+def _template(root: Path, key: str, layout: str = LAYOUT) -> None:
+    generation = root / key / "gen1"
+    generation.mkdir(parents=True)
+    (generation / META).write_text(json.dumps({"layout": layout, "key": key}))
+    (root / key / CURRENT).symlink_to("gen1")
+
+
+def _templates(tmp_path: Path, limit: int) -> Templates:
+    return Templates(Settings(cache_dir=tmp_path, data_dir=tmp_path / "data", templates_max=limit))
+
+
+def test_a_new_shape_past_templates_max_is_refused_naming_the_quota(tmp_path: Path) -> None:
+    """With templates_max templates on disk, a new key gets QuotaExceeded (the create
+    then boots cold) instead of leaving another template behind."""
+    templates = _templates(tmp_path, limit=2)
+    _template(templates.root, "a")
+    _template(templates.root, "b")
+    with pytest.raises(errors.QuotaExceeded) as caught:
+        templates._check_room("c")
+    assert caught.value.details["quota"] == "templates_max"
+    assert "templates_max=2" in caught.value.message
+
+
+def test_rebuilding_a_held_key_and_old_layouts_do_not_count(tmp_path: Path) -> None:
+    """A key that already has a template may be rebuilt, and templates of an earlier
+    LAYOUT (ignored by this version) do not use up the limit."""
+    templates = _templates(tmp_path, limit=2)
+    _template(templates.root, "a")
+    _template(templates.root, "b")
+    templates._check_room("a")  # a rebuild of an existing key
+    _template(templates.root, "old1", layout="0")
+    _template(templates.root, "old2", layout="0")
+    one_held = _templates(tmp_path, limit=3)
+    one_held._check_room("c")
