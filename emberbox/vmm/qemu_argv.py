@@ -188,7 +188,8 @@ def build_argv(
         "-chardev", f"socket,id=console,fd={fds.console},server=on,wait=off",
         "-serial", "chardev:console",
         *disk_args(fds.disk),
-        "-device", f"{blk},drive=root",
+        # A host disk that fills up is an I/O error for the guest, not a paused VM.
+        "-device", f"{blk},drive=root,werror=report,rerror=report",
         "-device", f"{serial_bus},id=vser",
         "-chardev", f"socket,id=agent,fd={fds.agent},server=on,wait=off",
         "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",

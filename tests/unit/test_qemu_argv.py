@@ -50,7 +50,7 @@ def test_tcg_uses_q35_with_pci_devices() -> None:
     """Under TCG the machine is q35 with virtio-pci devices (microvm hangs there)."""
     argv = argv_of("tcg")
     assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
-    assert "virtio-blk-pci,drive=root" in option(argv, "-device")
+    assert "virtio-blk-pci,drive=root,werror=report,rerror=report" in option(argv, "-device")
     assert "virtio-serial-pci,id=vser" in option(argv, "-device")
 
 
@@ -60,7 +60,7 @@ def test_kvm_uses_microvm_with_acpi_and_mmio() -> None:
     machine = option(argv, "-machine")[0]
     assert machine.startswith("microvm,accel=kvm") and "acpi=on" in machine
     assert option(argv, "-cpu") == ["host"]
-    assert "virtio-blk-device,drive=root" in option(argv, "-device")
+    assert "virtio-blk-device,drive=root,werror=report,rerror=report" in option(argv, "-device")
 
 
 def test_shape_and_sockets_are_passed_listening_fds() -> None:
