@@ -36,8 +36,11 @@ from emberbox.errors import (
     InvalidRequest,
     NotFound,
     QuotaExceeded,
+    RateLimited,
     SnapshotCorrupt,
     SnapshotMismatch,
+    StorageFull,
+    Unauthorized,
     VMMError,
 )
 from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
@@ -83,6 +86,7 @@ __all__ = [
     "Pty",
     "PtySession",
     "QuotaExceeded",
+    "RateLimited",
     "RunResult",
     "Sandbox",
     "SandboxInfo",
@@ -90,6 +94,8 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotMismatch",
     "Snapshots",
+    "StorageFull",
+    "Unauthorized",
     "VMMError",
     "async_list_languages",
     "async_run_code",

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 TAIL_BYTES = 64 * 1024
+READ_BYTES = 256 * 1024  # past the cap we only drain: fewer, larger reads
 CAP_NOTE = b"\n[emberbox: console log capped; later output dropped]\n"
 
 
@@ -45,7 +46,7 @@ class ConsoleLog:
             return
         with self.log_path.open("ab") as log:
             self.written = log.tell()
-            while chunk := await reader.read(65536):
+            while chunk := await reader.read(READ_BYTES):
                 self._remember(chunk)
                 room = self.max_bytes - self.written
                 if room > 0:
@@ -54,6 +55,7 @@ class ConsoleLog:
                     self.written += min(room, len(chunk))
                     if len(chunk) > room:
                         log.write(CAP_NOTE)
+                        log.flush()
                 self.dropped += max(0, len(chunk) - max(room, 0))
 
     async def _connect(self) -> asyncio.StreamReader | None:

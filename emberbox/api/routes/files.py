@@ -172,8 +172,10 @@ async def download_archive(
 async def upload_archive(
     sandbox_id: SandboxId, path: PathQuery, request: Request, files: FilesDep
 ) -> ArchiveWritten:
-    """Extract the tar body into the directory `path` (made if missing). Absolute names,
-    `..`, links out of it and device files are refused (400) before anything is written."""
+    """Extract the tar body into the directory `path` (made if missing), member by
+    member. A member with an absolute name, `..`, a path through a link or a device file
+    is refused (400) before it is written; members before it stay extracted, and nothing
+    is ever written through a link."""
     size = content_length(request)
     files.check_upload_size(size)
     entries = await files.tar_in(sandbox_id, path, request.stream(), size=size)
