@@ -4,13 +4,15 @@
 
 - Listening beyond loopback without a key: refused (anyone reaching the port could run
   code). On loopback without a key: local mode, allowed with a warning.
-- ``mode=production``: refuses to run without a key and with a data dir that other
-  users can read (TCG is refused there too, by driver selection).
+- ``mode=production``: refuses to run without a key, with a data dir that other users
+  can read, or (as root) with QEMU left running as root (TCG is refused there too, by
+  driver selection).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import stat
 from pathlib import Path
 
@@ -43,6 +45,11 @@ def check_serving(settings: Settings, *, db_keys: bool = False) -> list[str]:
             raise HostError(
                 "production mode needs an API key: create one with "
                 "`emberbox keys create --name NAME` or set EMBERBOX_API_KEY"
+            )
+        if os.geteuid() == 0 and not settings.vmm_user:
+            raise HostError(
+                "production mode refuses to run QEMU as root: set EMBERBOX_VMM_USER to an "
+                "unprivileged user (scripts/setup.sh creates emberbox-vmm)"
             )
         loose = _others_can_read(settings.data_dir)
         if loose:

@@ -46,6 +46,17 @@ def test_production_needs_a_key_and_a_private_data_dir(tmp_path: Path) -> None:
     assert check_serving(keyed) == []
 
 
+def test_production_refuses_qemu_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root server in production mode must drop QEMU to an unprivileged user."""
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    keyed = settings(tmp_path, mode="production", api_key=SecretStr("k"), vmm_user="")
+    with pytest.raises(HostError, match="refuses to run QEMU as root"):
+        check_serving(keyed)
+    assert check_serving(settings(tmp_path, mode="development", vmm_user="")) != []
+    monkeypatch.setattr("os.geteuid", lambda: 1000)  # not root: QEMU is not root either
+    assert check_serving(keyed) == []
+
+
 def test_serve_refuses_cleanly_without_a_traceback(tmp_path: Path) -> None:
     env = {"EMBERBOX_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"}
     code = "import sys; from emberbox.cli import main; sys.exit(main())"
