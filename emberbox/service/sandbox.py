@@ -8,6 +8,9 @@
 ``boot()`` returns only after the agent's handshake and kills the VM on exit. The
 service layer uses :meth:`Sandbox.start` with ``lifetime="detached"`` so that VMs outlive
 a server restart, and :meth:`Sandbox.attach` to adopt them again.
+
+The agent's calls (exec, processes, files) are :mod:`~emberbox.service.agent_calls`'; the
+network wiring is :mod:`~emberbox.service.sandbox_net`'s.
 """
 
 from __future__ import annotations
@@ -15,26 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from emberbox.config import Settings
-from emberbox.errors import AgentError, AgentRequestFailed, HostError, InvalidRequest
-from emberbox.guest.client import AgentClient, ExecLimits, ExecResult, HelloInfo
+from emberbox.errors import AgentError, HostError, InvalidRequest
+from emberbox.guest.client import AgentClient, HelloInfo
 from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.net import host as nethost
 from emberbox.net import plan as netplan
 from emberbox.net.plan import NetworkPlan
+from emberbox.service.agent_calls import AgentCalls, OutputCallback
+from emberbox.service.sandbox_net import configure_guest, network_down, network_up
 from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
 from emberbox.vmm.boot import boot_until_ready, connect_agent
 from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
 from emberbox.vmm.select import choose_driver
-
-if TYPE_CHECKING:
-    from emberbox.guest.client import FileInfo, ProcessInfo, ProcessStatus
-
-OutputCallback = Callable[[bytes], object]
 
 
 def new_sandbox_id() -> str:
@@ -61,7 +60,7 @@ def work_dir_for(settings: Settings, sandbox_id: str) -> Path:
     return work_dir
 
 
-class Sandbox:
+class Sandbox(AgentCalls):
     """One microVM and its agent connection; kill it (or use ``boot()``) when done."""
 
     def __init__(
@@ -122,7 +121,7 @@ class Sandbox:
         sandbox_id = sandbox_id or new_sandbox_id()
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        ns = await _network_up(settings, driver, sandbox_id, network)
+        ns = await network_up(settings, driver, sandbox_id, network)
         try:
             config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
             ready = await boot_until_ready(
@@ -134,13 +133,13 @@ class Sandbox:
             )
             if ns is not None:
                 try:
-                    await _configure_guest(ready.agent, network)
+                    await configure_guest(ready.agent, network)
                 except BaseException:
                     await ready.agent.aclose()
                     await ready.vm.kill()
                     raise
         except BaseException:
-            await _network_down(ns)
+            await network_down(ns)
             raise
         finally:
             if ns is not None:
@@ -180,7 +179,7 @@ class Sandbox:
         sandbox_id = sandbox_id or new_sandbox_id()
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        ns = await _network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
+        ns = await network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
         try:
             config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
             vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
@@ -192,13 +191,13 @@ class Sandbox:
                     sandbox_id=sandbox_id,
                 )
                 if network is not None or reset_network:
-                    await _configure_guest(agent, network)
+                    await configure_guest(agent, network)
             except BaseException:
                 await vm.kill()
                 raise
         except BaseException:
             # A paused sandbox (adopt_disk) keeps its record for the next resume.
-            await _network_down(ns, keep_record=adopt_disk)
+            await network_down(ns, keep_record=adopt_disk)
             raise
         finally:
             if ns is not None:
@@ -262,137 +261,6 @@ class Sandbox:
     def is_running(self) -> bool:
         return self.vm.is_running() and not self.agent.closed
 
-    async def exec(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        output_max_bytes: int | None = None,
-        limits: ExecLimits | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        """Run ``cmd`` (argv list, or a string for ``/bin/sh -c``) and wait for it.
-
-        A command that runs past ``timeout_s`` is killed with its process group and
-        comes back with ``timed_out=True``. ``limits`` puts it in a cgroup of its own.
-        """
-        return await self.agent.exec(
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            stdin=stdin,
-            output_max_bytes=output_max_bytes,
-            limits=limits,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-
-    # -- background processes (the agent's own calls; see docs/protocol.md) ----------------
-
-    async def spawn(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        output_max_bytes: int | None = None,
-        pty: tuple[int, int] | None = None,
-    ) -> int:
-        """Start ``cmd`` in its own session and return its guest pid at once. It outlives
-        this call and other execs; ``pty=(cols, rows)`` runs it on a terminal."""
-        return await self.agent.spawn(
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            output_max_bytes=output_max_bytes,
-            pty=pty,
-        )
-
-    async def attach_process(
-        self,
-        pid: int,
-        *,
-        from_start: bool = True,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ProcessStatus:
-        """Follow a spawned process's output (its buffer first, with ``from_start``) until
-        it ends; returns how it ended."""
-        return await self.agent.attach(
-            pid, from_start=from_start, on_stdout=on_stdout, on_stderr=on_stderr
-        )
-
-    async def write_stdin(
-        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
-    ) -> int:
-        return await self.agent.write_stdin(pid, data, close=close)
-
-    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None:
-        await self.agent.signal(pid, sig, group=group)
-
-    async def resize(self, pid: int, cols: int, rows: int) -> None:
-        await self.agent.resize(pid, cols, rows)
-
-    async def wait_process(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
-        """The process's status, after waiting up to ``timeout_s`` for it to end."""
-        return await self.agent.wait(pid, timeout_s)
-
-    async def ps(self) -> list[ProcessInfo]:
-        return await self.agent.ps()
-
-    async def forget(self, pid: int) -> None:
-        await self.agent.forget(pid)
-
-    # -- files (paths are resolved by the guest: relative to /, its symlinks followed) -----
-
-    async def stat(self, path: str) -> FileInfo:
-        return await self.agent.stat(path)
-
-    async def list_dir(self, path: str) -> list[FileInfo]:
-        return await self.agent.list_dir(path)
-
-    def read_file(
-        self, path: str, *, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """The file's bytes, streamed in chunks of at most 64 KiB."""
-        return self.agent.read_file(path, offset=offset, length=length)
-
-    async def write_file(
-        self,
-        path: str,
-        data: bytes | AsyncIterable[bytes],
-        *,
-        mode: int = 0o644,
-        offset: int = 0,
-        truncate: bool = True,
-    ) -> int:
-        """Write ``data`` as it comes (never whole in memory); returns the bytes written."""
-        return await self.agent.write_file(path, data, mode=mode, offset=offset, truncate=truncate)
-
-    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        await self.agent.make_dir(path, parents=parents, mode=mode)
-
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self.agent.remove(path, recursive=recursive)
-
-    async def rename(self, src: str, dst: str) -> None:
-        await self.agent.rename(src, dst)
-
-    def tar_out(self, path: str) -> AsyncIterator[bytes]:
-        """A POSIX tar stream of ``path`` (a directory or a file)."""
-        return self.agent.tar_out(path)
-
-    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int:
-        """Extract a tar stream into the directory ``path``; returns the member count."""
-        return await self.agent.tar_in(path, data)
-
     async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
         """Save the VM into the new directory ``dest`` (see :meth:`VM.snapshot`); with
         ``stop`` the VM ends afterwards and this sandbox is done with."""
@@ -403,7 +271,7 @@ class Sandbox:
             await self._reconnect_if_lost()
         else:  # paused: the network is made again on resume, from its record
             ns, self.network = self.network, None
-            await _network_down(ns, keep_record=True)
+            await network_down(ns, keep_record=True)
         return files
 
     async def greet(self, sandbox_id: str) -> HelloInfo:
@@ -435,7 +303,7 @@ class Sandbox:
             try:
                 await self.vm.kill()
             finally:
-                await _network_down(self.network)
+                await network_down(self.network)
 
     async def detach(self) -> None:
         """Drop the agent connection but leave the VM running (server shutdown)."""
@@ -470,44 +338,4 @@ def _config(
     )
 
 
-async def _network_up(
-    settings: Settings,
-    driver: Driver,
-    sandbox_id: str,
-    plan: NetworkPlan | None,
-    *,
-    keep_record: bool = False,
-) -> nethost.NetNamespace | None:
-    """The sandbox's namespace, TAP and rules (None without a plan)."""
-    if plan is None:
-        return None
-    if driver.name != "qemu":
-        raise InvalidRequest(
-            f"network is not supported with the {driver.name} driver; use QEMU "
-            "(EMBERBOX_VMM=qemu) for sandboxes with network",
-            field="network",
-        )
-    return await asyncio.to_thread(
-        nethost.setup,
-        plan,
-        sandbox_id,
-        netplan.net_dir(settings.data_dir),
-        set_ip_forward=settings.network_set_ip_forward,
-        keep_record=keep_record,
-    )
-
-
-async def _network_down(ns: nethost.NetNamespace | None, *, keep_record: bool = False) -> None:
-    """Remove ``ns`` (after its VMM is gone), even when the caller is cancelled."""
-    if ns is not None:
-        await asyncio.shield(asyncio.to_thread(ns.remove, keep_record=keep_record))
-
-
-async def _configure_guest(agent: AgentClient, plan: NetworkPlan | None) -> None:
-    """Tell the guest its address (or to take its NIC down, without a plan)."""
-    try:
-        await agent.configure_network(plan.guest_config() if plan else None)
-    except TimeoutError as exc:
-        raise AgentError("the agent did not answer the network set-up") from exc
-    except AgentRequestFailed as exc:  # the guest's fault, not the caller's (no 400)
-        raise AgentError(f"guest network set-up failed: {exc.message}") from exc
+__all__ = ["OutputCallback", "Sandbox", "check_shape", "new_sandbox_id", "work_dir_for"]
