@@ -2,19 +2,23 @@
 
 QEMU's own file backend cannot cap a file, and a guest that writes a gigabyte to its
 console must not fill the host's disk. So the console goes to a unix socket and this
-reader appends at most ``max_bytes`` to ``console.log``; beyond that it keeps draining
-(so the guest is never stalled by us) and remembers only a rolling tail in memory.
+reader appends at most ``max_bytes`` to ``console.log``; beyond that it keeps draining,
+slowly (the guest's console is slowed, never stuck), and remembers only a rolling tail in
+memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import deque
 from pathlib import Path
 
 TAIL_BYTES = 64 * 1024
-READ_BYTES = 256 * 1024  # past the cap we only drain: fewer, larger reads
+READ_BYTES = 256 * 1024
+DRAIN_BYTES_PER_S = 1 << 20  # how fast output past the cap is read (and dropped)
+BATCH_S = 0.02  # pause between reads (see _drain)
 CAP_NOTE = b"\n[emberbox: console log capped; later output dropped]\n"
 
 
@@ -30,7 +34,7 @@ class ConsoleLog:
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
         self._task: asyncio.Task[None] | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._sock: socket.socket | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -41,12 +45,13 @@ class ConsoleLog:
             await self._drain()
 
     async def _drain(self) -> None:
-        reader = await self._connect()
-        if reader is None:
+        sock = await self._connect()
+        if sock is None:
             return
+        loop = asyncio.get_running_loop()
         with self.log_path.open("ab") as log:
             self.written = log.tell()
-            while chunk := await reader.read(READ_BYTES):
+            while chunk := await loop.sock_recv(sock, READ_BYTES):
                 self._remember(chunk)
                 room = self.max_bytes - self.written
                 if room > 0:
@@ -56,17 +61,31 @@ class ConsoleLog:
                     if len(chunk) > room:
                         log.write(CAP_NOTE)
                         log.flush()
-                self.dropped += max(0, len(chunk) - max(room, 0))
+                dropped = max(0, len(chunk) - max(room, 0))
+                self.dropped += dropped
+                if dropped:
+                    # Past the cap: the UART hands us a few bytes per write, one read
+                    # each. Pausing lets them gather in the socket (and then fills it),
+                    # so a guest printing forever is held back by its own console
+                    # instead of costing our CPU (~1/BATCH_S reads a second).
+                    await asyncio.sleep(max(BATCH_S, dropped / DRAIN_BYTES_PER_S))
 
-    async def _connect(self) -> asyncio.StreamReader | None:
+    async def _connect(self) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
         for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+                await loop.sock_connect(sock, str(self.socket_path))
             except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
                 await asyncio.sleep(0.01)
                 continue
-            self._writer = writer  # the guest never reads its console: we only keep it open
-            return reader
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock  # the guest never reads its console: we only keep it open
+            return sock
         return None
 
     def _remember(self, chunk: bytes) -> None:
@@ -90,6 +109,6 @@ class ConsoleLog:
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self._task
             self._task = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
