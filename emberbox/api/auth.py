@@ -81,7 +81,9 @@ async def authenticate(connection: HTTPConnection) -> Principal:
     known = getattr(connection.state, "principal", None)
     if isinstance(known, Principal):
         return known
-    principal = await get_tenancy(connection).authenticate(presented_key(connection.headers))
+    client = connection.client.host if connection.client is not None else ""
+    tenancy = get_tenancy(connection)
+    principal = await tenancy.authenticate(presented_key(connection.headers), client)
     connection.state.principal = principal
     return principal
 

@@ -99,12 +99,11 @@ class BootFlows:
     ) -> None:
         """Call holding ``admission`` (then a check and the insert after it are atomic:
         two creates cannot both take the last slot)."""
-        limits = quotas.limits_for(self._settings, await store.call(tenant_getter(tenant_id)))
+        tenant, usage, live = await store.call(_admission_facts(tenant_id))
+        limits = quotas.limits_for(self._settings, tenant)
         if limits is not None:
-            usage = await store.call(usage_getter(tenant_id))
             quotas.check_sandbox(limits, usage, vcpus, memory_mib)
         limit = self._settings.max_sandboxes
-        live = await store.count(states=LIVE_STATES)
         if live >= limit:
             raise errors.QuotaExceeded(
                 f"sandbox limit reached: {live} sandboxes are creating or running "
@@ -291,6 +290,24 @@ def tenant_getter(tenant_id: str) -> Callable[[Any], tenants.TenantRow | None]:
 def usage_getter(tenant_id: str) -> Callable[[Any], tenants.Usage]:
     live = {state.value for state in LIVE_STATES}
     return lambda conn: tenants.usage(conn, tenant_id, live)
+
+
+def _admission_facts(
+    tenant_id: str,
+) -> Callable[[Any], tuple[tenants.TenantRow | None, tenants.Usage, int]]:
+    """The tenant, its usage and the server's live count: one trip to the store."""
+    live_states = {state.value for state in LIVE_STATES}
+    marks = ", ".join("?" * len(live_states))
+
+    def read(conn: Any) -> tuple[tenants.TenantRow | None, tenants.Usage, int]:
+        live = conn.execute(
+            f"SELECT count(*) FROM sandboxes WHERE state IN ({marks})",  # noqa: S608
+            tuple(live_states),
+        ).fetchone()[0]
+        usage = tenants.usage(conn, tenant_id, live_states)
+        return tenants.get_tenant(conn, tenant_id), usage, int(live)
+
+    return read
 
 
 # States whose rows hold their ip_address (a paused sandbox gets its own back on resume).

@@ -1,9 +1,10 @@
 """Per-key request rate limits: one token bucket per key, in memory, O(1) per request.
 
 A bucket holds up to ``burst`` tokens and gains ``rate_per_s`` per second; a request takes
-one or is refused with the time until the next token. Buckets are checked before the key
-is looked up in the database, so a flood from one key costs no disk work. A full bucket is
-the same as no bucket, so when there are many keys the full ones are dropped.
+one or is refused with the time until the next token. A key's bucket is charged only once
+its secret checked out (so nobody can spend another key's budget by naming its id); failed
+attempts are charged to the client's address instead. A full bucket is the same as no
+bucket, so when there are many keys the full ones are dropped.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class RateLimiter:
             bucket = TokenBucket(self.rate_per_s, self.burst, float(self.burst), now)
             self._buckets[key_id] = bucket
         return bucket.take(now)
+
+    def wait(self, key_id: str) -> float:
+        """The seconds until ``key_id`` could make a request (0.0: now); takes nothing."""
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            return 0.0
+        bucket.refill(self._clock())
+        return 0.0 if bucket.tokens >= 1.0 else (1.0 - bucket.tokens) / self.rate_per_s
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 
-import anyio.to_thread
-
 from emberbox import errors
 from emberbox.config import Settings
 
@@ -28,7 +26,7 @@ async def require_free_space(settings: Settings, what: str) -> None:
     wanted = settings.min_free_disk_mib
     if wanted <= 0:
         return
-    free = await anyio.to_thread.run_sync(free_mib, settings)
+    free = free_mib(settings)  # one statvfs: microseconds, no thread needed
     if free < wanted:
         raise errors.StorageFull(
             f"{what} refused: the data dir {settings.data_dir} has {free} MiB free, "

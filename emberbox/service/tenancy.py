@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 ENV_KEY_ID = "env"  # the key id audited for Settings.api_key
 TOUCH_INTERVAL_S = 60.0  # last_used_at is written at most this often per key
+# Wrong keys per client address: a burst, then one a second (then 429 without a lookup).
+FAILED_AUTH_BURST = 20
+FAILED_AUTH_PER_S = 1.0
 Kind = Literal["sandbox", "snapshot"]
 _TABLES: dict[Kind, str] = {"sandbox": "sandboxes", "snapshot": "snapshots"}
 
@@ -70,6 +73,7 @@ class Tenancy:
         )
         secret = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self._env_key = secret.encode() if secret else None
+        self.failures = RateLimiter(FAILED_AUTH_PER_S, FAILED_AUTH_BURST, clock=clock)
         self._clock = clock
         self._store: Store | None = None
         self._opening = anyio.Lock()
@@ -89,36 +93,54 @@ class Tenancy:
 
     # -- authentication --------------------------------------------------------------------
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """The caller of a request that sent ``token`` (None: no key). Unauthorized or
-        RateLimited otherwise."""
+    async def authenticate(self, token: str | None, client: str = "") -> Principal:
+        """The caller of a request that sent ``token`` (None: no key) from the address
+        ``client``. Unauthorized or RateLimited otherwise."""
         if token:
-            return await self._verify(token)
+            return await self._verify(token, client)
         if self._env_key is not None:
             raise errors.Unauthorized(MISSING_KEY)
         if not is_loopback(self._settings.host):
             raise errors.Unauthorized(f"{MISSING_KEY}; keys are needed beyond loopback")
+        if self._settings.mode == "production":  # never fall back to keyless admin
+            raise errors.Unauthorized(f"{MISSING_KEY}; production mode needs keys")
         store = await self.store()
         if await store.call(tenants.any_active_key):
             raise errors.Unauthorized(MISSING_KEY)
         return LOCAL
 
-    async def _verify(self, token: str) -> Principal:
+    async def _verify(self, token: str, client: str) -> Principal:
         if self._env_key is not None and hmac.compare_digest(token.encode(), self._env_key):
             self._limit(ENV_KEY_ID)
             return Principal(LOCAL_TENANT_ID, LOCAL_TENANT_ID, admin=True, key_id=ENV_KEY_ID)
+        wait_s = self.failures.wait(client)
+        if wait_s > 0:  # guessing keys from this address: no more disk work for it
+            raise errors.RateLimited(
+                f"too many failed authentications from {client or 'this client'}; "
+                f"retry in {wait_s:.2f} s",
+                retry_after_s=wait_s,
+                quota="failed_auth",
+            )
+        principal = await self._lookup(token)
+        if principal is None or principal.key_id is None:
+            self.failures.take(client)
+            raise errors.Unauthorized(WRONG_KEY)
+        self._limit(principal.key_id)  # only now: nobody can spend another key's budget
+        return principal
+
+    async def _lookup(self, token: str) -> Principal | None:
+        """The principal of a well-formed, known, unrevoked key with the right secret."""
         parsed = parse_key(token)
         if parsed is None:
-            raise errors.Unauthorized(WRONG_KEY)
+            return None
         key_id, secret = parsed
-        self._limit(key_id)  # before any disk work: a flood costs memory only
         store = await self.store()
         found = await store.call(lambda conn: tenants.key_with_tenant(conn, key_id))
         if found is None:
-            raise errors.Unauthorized(WRONG_KEY)
+            return None
         key, tenant = found
         if key.revoked_at is not None or not secret_matches(secret, key.key_hash):
-            raise errors.Unauthorized(WRONG_KEY)
+            return None
         await self._touch(store, key_id)
         return Principal(tenant.id, tenant.name, tenant.admin, key_id)
 

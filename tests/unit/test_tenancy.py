@@ -16,7 +16,7 @@ from emberbox.api import create_app
 from emberbox.config import Settings
 from emberbox.service import keys, quotas
 from emberbox.service.ratelimit import RateLimiter, TokenBucket
-from emberbox.service.tenancy import LOCAL, Tenancy
+from emberbox.service.tenancy import FAILED_AUTH_BURST, LOCAL, Tenancy
 from emberbox.store import LOCAL_TENANT_ID, tenants, utcnow
 from emberbox.store.db import connect
 from tests.unit.test_api_fakes import FakeManager, FakeRegistry
@@ -214,11 +214,9 @@ async def test_env_key_and_non_loopback_hosts(tmp_path: Path) -> None:
         await open_host.close()
 
 
-async def test_a_flooding_key_is_limited_before_the_database(
-    settings: Settings, db: sqlite3.Connection
-) -> None:
-    """Past its burst a key gets RateLimited with a retry time, even a key that does not
-    exist (the bucket comes first); another key is unaffected."""
+async def test_a_flooding_key_is_rate_limited(settings: Settings, db: sqlite3.Connection) -> None:
+    """Past its burst a key gets RateLimited with a retry time; another key is
+    unaffected."""
     clock = Clock()
     small = settings.model_copy(update={"rate_limit_per_s": 2.0, "rate_limit_burst": 3})
     tenancy = Tenancy(small, clock=clock)
@@ -233,6 +231,42 @@ async def test_a_flooding_key_is_limited_before_the_database(
         assert (await tenancy.authenticate(b.key)).tenant_name == "b"
         clock.now += 0.5
         assert (await tenancy.authenticate(a.key)).tenant_name == "a"
+    finally:
+        await tenancy.close()
+
+
+async def test_forged_keys_spend_the_guessers_budget_not_the_named_keys(
+    settings: Settings, db: sqlite3.Connection
+) -> None:
+    """A wrong secret under another key's id charges the client's failure bucket, never
+    that key's: the key keeps working while the guesser gets 429 failed_auth (without a
+    database lookup) once past FAILED_AUTH_BURST."""
+    clock = Clock()
+    small = settings.model_copy(update={"rate_limit_per_s": 1.0, "rate_limit_burst": 2})
+    tenancy = Tenancy(small, clock=clock)
+    victim = keys.create_key(db, "victim")
+    forged = f"eb_{victim.key_id}_" + "0" * 64
+    try:
+        for _ in range(FAILED_AUTH_BURST):
+            with pytest.raises(errors.Unauthorized):
+                await tenancy.authenticate(forged, "10.9.9.9")
+        with pytest.raises(errors.RateLimited) as caught:
+            await tenancy.authenticate(forged, "10.9.9.9")
+        assert caught.value.details["quota"] == "failed_auth"
+        for _ in range(2):  # the victim's whole burst is still there
+            assert (await tenancy.authenticate(victim.key, "10.1.1.1")).tenant_name == "victim"
+        with pytest.raises(errors.Unauthorized):  # another client may still try
+            await tenancy.authenticate(forged, "10.2.2.2")
+    finally:
+        await tenancy.close()
+
+
+async def test_production_never_serves_keyless(tmp_path: Path) -> None:
+    """In production mode, no key anywhere is a 401, not the built-in admin."""
+    tenancy = Tenancy(Settings(data_dir=tmp_path / "p", mode="production"))
+    try:
+        with pytest.raises(errors.Unauthorized, match="production mode needs keys"):
+            await tenancy.authenticate(None)
     finally:
         await tenancy.close()
 
