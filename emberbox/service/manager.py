@@ -236,10 +236,8 @@ class SandboxManager:
         shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
         # Networked sandboxes never come from the pool (its VMs have no network).
         policy = None
-        if network is not None:  # may resolve host names: off the event loop
-            policy = await anyio.to_thread.run_sync(
-                validation.validate_network, self._settings, network
-            )
+        if network is not None:
+            policy = await validation.resolve_network(self._settings, network)
         pooled = None if source is not None or policy else self.pool.take(shape)
         try:
             row = await self._boots.admit(

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import anyio
+import anyio.to_thread
+
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.net.policy import EgressPolicy, parse_policy
@@ -88,6 +91,27 @@ def validate_command(cmd: object, cwd: str | None) -> None:
         )
     if cwd is not None and (not cwd or "\0" in cwd):
         raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
+
+
+# Host names in allow lists are resolved in threads of their own, few at a time and with
+# a deadline, so a resolver that never answers cannot take the threads the store needs.
+RESOLVE_TIMEOUT_S = 5.0
+_RESOLVERS = anyio.CapacityLimiter(4)
+
+
+async def resolve_network(settings: Settings, network: Mapping[str, object]) -> EgressPolicy | None:
+    """:func:`validate_network` off the event loop, within RESOLVE_TIMEOUT_S."""
+    try:
+        with anyio.fail_after(RESOLVE_TIMEOUT_S):
+            return await anyio.to_thread.run_sync(
+                validate_network, settings, network, limiter=_RESOLVERS, abandon_on_cancel=True
+            )
+    except TimeoutError:
+        raise errors.InvalidRequest(
+            f"the host names in network.allow did not resolve within {RESOLVE_TIMEOUT_S:g} s; "
+            "give addresses instead",
+            field="network",
+        ) from None
 
 
 def validate_network(

@@ -6,9 +6,12 @@ from __future__ import annotations
 import ipaddress
 import struct
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from emberbox import errors
@@ -18,6 +21,7 @@ from emberbox.net import plan as netplan
 from emberbox.net.addresses import Slot, allocate, host_veth_name, namespace_name
 from emberbox.net.policy import AllowRule, EgressPolicy, parse_entry, parse_policy
 from emberbox.net.rules import host_ruleset, namespace_ruleset
+from emberbox.service import validation
 from emberbox.service.validation import validate_network
 from emberbox.vmm.base import GuestFiles, VMConfig
 from emberbox.vmm.qemu_argv import network_args
@@ -308,3 +312,25 @@ def test_cli_network_options() -> None:
     assert _network(None, None) is None
     assert _network("full", None) == {"egress": "full", "allow": []}
     assert _network(None, ["1.2.3.4:443"]) == {"egress": "allowlist", "allow": ["1.2.3.4:443"]}
+
+
+def test_a_resolver_that_never_answers_is_a_400_within_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Host names resolve in a few threads of their own with a deadline: a hanging
+    resolver gives InvalidRequest after RESOLVE_TIMEOUT_S instead of a stuck create."""
+    release = threading.Event()
+
+    def hang(settings: Settings, network: object) -> None:
+        release.wait(10)
+
+    monkeypatch.setattr(validation, "RESOLVE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(validation, "validate_network", hang)
+    network = {"egress": "allowlist", "allow": ["example.org:443"]}
+    started = time.monotonic()
+    try:
+        with pytest.raises(errors.InvalidRequest, match=r"did not resolve within 0\.2 s"):
+            anyio.run(validation.resolve_network, Settings(), network)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
