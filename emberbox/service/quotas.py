@@ -59,7 +59,7 @@ def check_snapshot(limits: TenantLimits, usage: Usage) -> None:
     if usage.snapshots + 1 > limits.max_snapshots:
         raise errors.QuotaExceeded(
             f"tenant quota max_snapshots={limits.max_snapshots} exceeded: the tenant holds "
-            f"{usage.snapshots} snapshots; delete one first",
+            f"{usage.snapshots} snapshots and paused sandboxes; delete or resume one first",
             quota="max_snapshots",
             limit=limits.max_snapshots,
             used=usage.snapshots,

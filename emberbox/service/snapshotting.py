@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
-from emberbox.service import quotas, snapshots
+from emberbox.service import quotas, snapshots, storage
 from emberbox.service.booting import (
     BootFlows,
     network_kwargs,
@@ -116,7 +116,15 @@ class SnapshotFlows:
         core.open_store()
         async with core.lock(sandbox_id):
             with anyio.CancelScope(shield=True):
-                _, handle = await core.running(sandbox_id)
+                row, handle = await core.running(sandbox_id)
+                # A paused sandbox is a saved VM on the host's disk: it counts as a
+                # snapshot of its tenant, and needs the room one needs.
+                await storage.require_free_space(self._settings, "pausing a sandbox")
+                limits = quotas.limits_for(
+                    self._settings, await core.db().call(tenant_getter(row.tenant_id))
+                )
+                if limits is not None:
+                    quotas.check_snapshot(limits, await core.db().call(usage_getter(row.tenant_id)))
                 dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
                 await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
                 await anyio.to_thread.run_sync(snapshots.remove_tree, dest)  # a stale one

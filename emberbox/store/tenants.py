@@ -141,7 +141,13 @@ def usage(conn: sqlite3.Connection, tenant_id: str, live_states: Iterable[str]) 
 
 
 def snapshot_count(conn: sqlite3.Connection, tenant_id: str) -> int:
-    cursor = conn.execute("SELECT count(*) FROM snapshots WHERE tenant_id = ?", (tenant_id,))
+    """A tenant's saved VMs: its snapshots and its paused sandboxes (each holds a RAM
+    dump and a disk on the host)."""
+    cursor = conn.execute(
+        "SELECT (SELECT count(*) FROM snapshots WHERE tenant_id = ?)"
+        " + (SELECT count(*) FROM sandboxes WHERE tenant_id = ? AND state = 'paused')",
+        (tenant_id, tenant_id),
+    )
     return int(cursor.fetchone()[0])
 
 

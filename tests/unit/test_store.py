@@ -448,3 +448,18 @@ def test_a_second_connection_keeps_the_first_ones_locks(db_path: Path) -> None:
         assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         first.close()
+
+
+async def test_paused_sandboxes_count_as_saved_vms(store: Store) -> None:
+    """A paused sandbox holds a RAM dump and a disk like a snapshot: it counts towards
+    its tenant's snapshots (and so towards max_snapshots), a running one does not."""
+    await store.call(lambda conn: tenants.insert_tenant(conn, make_tenant("tn-a", "a")))
+    await store.insert(make_row("paused1", state="paused", tenant_id="tn-a"))
+    await store.insert(make_row("running1", state="running", tenant_id="tn-a"))
+    await store.insert(make_row("other", state="paused"))  # the local tenant's
+    await store.insert_snapshot(replace(make_snapshot("s1", "running1"), tenant_id="tn-a"))
+    assert await store.call(lambda conn: tenants.snapshot_count(conn, "tn-a")) == 2
+    with pytest.raises(errors.QuotaExceeded):
+        await store.insert_snapshot(
+            replace(make_snapshot("s2", "running1"), tenant_id="tn-a"), tenant_max=2
+        )
