@@ -180,6 +180,7 @@ class QemuVM:
                 # Migration flushed the disk's metadata and left it inactive: copy it now,
                 # while the guest cannot write, then let the guest run on.
                 await asyncio.to_thread(shutil.copyfile, self.paths.overlay, dest / DISK_FILE)
+                (dest / DISK_FILE).chmod(qemu_files.PRIVATE_FILE_MODE)
                 if was_running:
                     await qmp.execute("cont")
         except BaseException:

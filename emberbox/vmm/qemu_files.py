@@ -32,6 +32,7 @@ from emberbox.vmm.vmm_user import VmmUser
 
 SOCKET_MODE = 0o600
 WORK_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600  # overlays and saved disks
 
 
 class HostFiles:
@@ -155,6 +156,9 @@ async def make_overlay(qemu_img: str, work_dir: Path, backing: Path, backing_for
     if proc.returncode != 0:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise VMMError(f"qemu-img could not create the overlay: {proc.stderr.strip()}")
+    # Root's alone: QEMU gets a descriptor, and no other VMM user process can re-open
+    # it through /proc/PID/fd (which checks the file's own mode).
+    overlay.chmod(PRIVATE_FILE_MODE)
 
 
 def check_disk_cap(config: VMConfig, max_disk_mib: int | None) -> None:

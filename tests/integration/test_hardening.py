@@ -78,16 +78,21 @@ async def check_qemu_is_confined(
     under = {t for t in open_files(pid).values() if any(t.startswith(r) for r in roots)}
     assert str(overlay.resolve()) in under
     assert under <= expected, f"QEMU holds files it was not given: {under - expected}"
-    cat = await asyncio.create_subprocess_exec(
-        *("/bin/cat", str(overlay)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=[],
-    )
-    _, err = await cat.communicate()
-    assert cat.returncode != 0 and b"Permission denied" in err
+    assert stat.S_IMODE(overlay.stat().st_mode) == 0o600
+    # Neither by path nor through QEMU's own descriptor in /proc (which another QEMU of
+    # the same user could reach): re-opening checks the file's mode, root's 0600.
+    fd = min(n for n, target in open_files(pid).items() if target == str(overlay.resolve()))
+    for path in (str(overlay), f"/proc/{pid}/fd/{fd}"):
+        cat = await asyncio.create_subprocess_exec(
+            *("/bin/cat", path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+        )
+        _, err = await cat.communicate()
+        assert cat.returncode != 0 and b"Permission denied" in err, path
 
 
 async def test_a_cold_booted_qemu_runs_as_the_vmm_user_with_only_its_files(
