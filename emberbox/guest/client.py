@@ -130,7 +130,7 @@ class AgentClient:
         return hello_info_from(answer)
 
     async def configure_network(
-        self, network: dict[str, Any] | None, *, timeout_s: float = 10.0
+        self, network: dict[str, Any] | None, *, timeout_s: float = 20.0
     ) -> HelloInfo:
         """A hello that only sets up the guest's NIC (``network``; see guest/netconf.py)
         or takes it down (None). Raises AgentRequestFailed when the guest cannot."""

@@ -172,7 +172,8 @@ class Sandbox(AgentCalls):
 
         The guest's NIC is set up for ``network``, or taken down without one (the
         snapshot may be of a sandbox that had a network; ``reset_network=False`` skips
-        that for a template, whose NIC was never up).
+        that for a template, whose NIC was never up, and a resumed sandbox without a
+        network never had one).
         """
         check_shape(settings, vcpus, memory_mib)
         info = ImageRegistry(settings).get(image)
@@ -190,7 +191,9 @@ class Sandbox(AgentCalls):
                     hostname=_hostname(sandbox_id),
                     sandbox_id=sandbox_id,
                 )
-                if network is not None or reset_network:
+                # A resumed sandbox (adopt_disk) had a network exactly when it gets a
+                # plan back: without one there is nothing of an earlier network to undo.
+                if network is not None or (reset_network and not adopt_disk):
                     await configure_guest(agent, network)
             except BaseException:
                 await vm.kill()
