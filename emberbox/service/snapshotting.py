@@ -65,11 +65,8 @@ class SnapshotFlows:
         async with core.lock(sandbox_id):
             with anyio.CancelScope(shield=True):  # a half-taken snapshot would stop the VM
                 row, handle = await core.running(sandbox_id)
-                limits = quotas.limits_for(
-                    self._settings, await store.call(tenant_getter(row.tenant_id))
-                )
-                if limits is not None:  # early, before the work (the insert checks again)
-                    quotas.check_snapshot(limits, await store.call(usage_getter(row.tenant_id)))
+                # Early, before the work (the insert checks the quota again).
+                limits = await self._check_saved_vm_quota(store, row)
                 snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
                 dest = self._settings.snapshots_dir / snapshot_id
                 await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
@@ -110,6 +107,16 @@ class SnapshotFlows:
             tenant_id=row.tenant_id,
         )
 
+    async def _check_saved_vm_quota(
+        self, store: Store, row: SandboxRow
+    ) -> quotas.TenantLimits | None:
+        """QuotaExceeded when ``row``'s tenant holds max_snapshots saved VMs (snapshots
+        and paused sandboxes) already; the tenant's limits (None: none apply)."""
+        limits = quotas.limits_for(self._settings, await store.call(tenant_getter(row.tenant_id)))
+        if limits is not None:
+            quotas.check_snapshot(limits, await store.call(usage_getter(row.tenant_id)))
+        return limits
+
     async def pause(self, sandbox_id: str) -> SandboxRecord:
         """See :meth:`SandboxManager.pause`."""
         core = self._core
@@ -120,11 +127,7 @@ class SnapshotFlows:
                 # A paused sandbox is a saved VM on the host's disk: it counts as a
                 # snapshot of its tenant, and needs the room one needs.
                 await storage.require_free_space(self._settings, "pausing a sandbox")
-                limits = quotas.limits_for(
-                    self._settings, await core.db().call(tenant_getter(row.tenant_id))
-                )
-                if limits is not None:
-                    quotas.check_snapshot(limits, await core.db().call(usage_getter(row.tenant_id)))
+                await self._check_saved_vm_quota(core.db(), row)
                 dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
                 await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
                 await anyio.to_thread.run_sync(snapshots.remove_tree, dest)  # a stale one

@@ -81,9 +81,7 @@ def create(
         reason = f"no cgroup filesystem at {root}"
     except OSError as exc:
         reason = f"cannot create a cgroup under {root}: {exc}"
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("VMM processes run without host-side limits: %s", reason)
+    _warn_once(f"VMM processes run without host-side limits: {reason}")
     return None
 
 
