@@ -65,7 +65,9 @@ class SnapshotFlows:
         async with core.lock(sandbox_id):
             with anyio.CancelScope(shield=True):  # a half-taken snapshot would stop the VM
                 row, handle = await core.running(sandbox_id)
-                # Early, before the work (the insert checks the quota again).
+                # Early, before the work (the insert checks the quota again). A
+                # snapshot writes a RAM dump and a disk copy: it needs room, as a pause.
+                await storage.require_free_space(self._settings, "taking a snapshot")
                 limits = await self._check_saved_vm_quota(store, row)
                 snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
                 dest = self._settings.snapshots_dir / snapshot_id
