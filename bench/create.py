@@ -13,7 +13,7 @@ import time
 
 from bench.harness import Variant, ms_since, progress, wait_pool_full
 from bench.stats import Measurement, Report
-from emberbox.service.manager import SandboxManager
+from emberbox.service.sandboxes.manager import SandboxManager
 
 EXEC_RTT = "exec `true`: running sandbox (manager)"
 EXECS_PER_ROUND = 3

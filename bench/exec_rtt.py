@@ -15,7 +15,7 @@ from bench.harness import ms_since, progress, server_process
 from bench.stats import Measurement, Report
 from emberbox.config import Settings
 from emberbox.sdk import AsyncSandbox
-from emberbox.service.sandbox import Sandbox
+from emberbox.service.vm.machine import Sandbox
 
 API = "exec `true`: HTTP API (SDK, keep-alive)"
 DIRECT = "exec `true`: direct agent client"

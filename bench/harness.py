@@ -24,8 +24,8 @@ import httpx
 import uvicorn
 
 from emberbox.config import Settings
-from emberbox.service import orphans
-from emberbox.service.manager import SandboxManager
+from emberbox.service.sandboxes import orphans
+from emberbox.service.sandboxes.manager import SandboxManager
 
 POOL_REFILL_TIMEOUT_S = 120.0
 POOL_FIRST_FILL_TIMEOUT_S = 90.0  # may include building the template: ~15 s under TCG

@@ -13,7 +13,7 @@ import time
 from bench.harness import MissingAPI, Skip, Variant, ms_since, progress, require_methods
 from bench.memory import KIB_PER_MIB, vm_memory
 from bench.stats import Measurement, Report
-from emberbox.service.manager import SandboxManager
+from emberbox.service.sandboxes.manager import SandboxManager
 
 
 def save_name(memory_mib: int) -> str:

@@ -60,7 +60,7 @@ def vmm(request: pytest.FixtureRequest) -> str:
     """The VMM driver under test: every VM test runs once per driver."""
     name: str = request.param
     if name == "firecracker":
-        from emberbox.vmm.firecracker import firecracker_usable
+        from emberbox.vmm.firecracker.driver import firecracker_usable
 
         usable, why = firecracker_usable()
         if not usable:
@@ -95,7 +95,7 @@ def qemu_pids_under(path: Path) -> list[int]:
 @pytest.fixture
 async def sandbox_factory(settings: Settings) -> AsyncIterator[object]:
     """Boots sandboxes for a test and kills every one of them afterwards."""
-    from emberbox.service.sandbox import Sandbox
+    from emberbox.service.vm.machine import Sandbox
 
     made: list[Sandbox] = []
 

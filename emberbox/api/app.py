@@ -11,12 +11,13 @@ from emberbox import __version__
 from emberbox.api.auth import audited, authenticate, authorize_websocket, require_owner
 from emberbox.api.deps import AppContext
 from emberbox.api.errors import error_responses, install_error_handlers
-from emberbox.api.routes import audit, files, processes, pty, sandboxes, seed, snapshots, system
-from emberbox.api.routes.run import router as run_router
+from emberbox.api.routes import audit, files, processes, pty, sandboxes, snapshots, system
+from emberbox.api.routes import compat as seed
+from emberbox.api.routes.oneshot import router as run_router
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
-from emberbox.service.manager import SandboxManager
-from emberbox.service.tenancy import Tenancy
+from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.service.tenancy.access import Tenancy
 
 
 def create_app(

@@ -17,7 +17,7 @@ from starlette.requests import HTTPConnection
 
 from emberbox import errors
 from emberbox.api.deps import get_context
-from emberbox.service.tenancy import Kind, Principal, Tenancy
+from emberbox.service.tenancy.access import Kind, Principal, Tenancy
 from emberbox.store import LOCAL_TENANT_ID
 from emberbox.store.tenants import AuditEntry
 

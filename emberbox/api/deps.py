@@ -16,14 +16,14 @@ from starlette.requests import HTTPConnection
 
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
     from emberbox.images.registry import ImageRegistry
-    from emberbox.service.files import GuestFiles
-    from emberbox.service.manager import SandboxManager
-    from emberbox.service.processes import Processes
-    from emberbox.service.tenancy import Tenancy
+    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.processes import Processes
+    from emberbox.service.sandboxes.manager import SandboxManager
+    from emberbox.service.tenancy.access import Tenancy
 
 METADATA_PREFIX = "metadata."
 

@@ -10,7 +10,8 @@ import sys
 
 import typer
 
-from emberbox.cli import doctor, images, run
+from emberbox.cli import doctor, images
+from emberbox.cli import local_run as run
 
 app = typer.Typer(
     name="emberbox",

@@ -19,7 +19,7 @@ from emberbox.errors import EmberboxError
 from emberbox.images.registry import ImageRegistry
 from emberbox.vmm import accel
 from emberbox.vmm.host import kvm_device_usable
-from emberbox.vmm.qemu import parse_version
+from emberbox.vmm.qemu.driver import parse_version
 
 console = Console(highlight=False)
 

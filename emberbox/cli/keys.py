@@ -20,8 +20,8 @@ from rich.table import Column, Table
 
 from emberbox.cli.common import Json, clean_errors, err_console, load_settings, print_json
 from emberbox.errors import HostError
-from emberbox.service import keys
-from emberbox.service.tenancy import read_audit
+from emberbox.service.tenancy import keys
+from emberbox.service.tenancy.access import read_audit
 from emberbox.store import tenants
 from emberbox.store.db import connect
 

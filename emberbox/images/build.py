@@ -44,7 +44,7 @@ class ImageRecipe:
 
 RECIPES: dict[str, ImageRecipe] = {
     "default": ImageRecipe(RootfsRecipe(), "Debian bookworm (minimal) with Python 3"),
-    # The one-shot runner's image (emberbox.service.run): every language it offers.
+    # The one-shot runner's image (emberbox.service.oneshot.runner): every language it offers.
     "polyglot": ImageRecipe(
         RootfsRecipe(packages=(*RootfsRecipe().packages, *POLYGLOT_PACKAGES)),
         "Debian bookworm (minimal) with Python 3, Node.js, GCC and G++",

@@ -47,7 +47,7 @@ from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
 from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, AsyncPtySession
 from emberbox.sdk._calls import CommandResult, SandboxInfo, SnapshotInfo
 from emberbox.sdk._guest import FileInfo, ProcessInfo, ProcessStatus
-from emberbox.sdk._run import (
+from emberbox.sdk._oneshot import (
     LanguageInfo,
     RunResult,
     async_list_languages,

@@ -1,7 +1,7 @@
 """Typed rows in and out of the store, and their SQLite encoding.
 
 The store knows nothing of the sandbox state machine: ``state`` is plain text here and
-the service layer (:mod:`emberbox.service.state`) decides which moves are legal.
+the service layer (:mod:`emberbox.service.sandboxes.state`) decides which moves are legal.
 Datetimes are always timezone-aware UTC; they are stored as ISO 8601 text with
 microseconds so that SQL string comparison orders them correctly.
 """

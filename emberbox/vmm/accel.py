@@ -21,7 +21,7 @@ from emberbox.config import Settings
 from emberbox.images.initramfs import PROBE_MARKER
 from emberbox.vmm.base import GuestFiles
 from emberbox.vmm.host import KvmVerdict, kvm_device_usable
-from emberbox.vmm.qemu_argv import Accel, kernel_cmdline, machine_args
+from emberbox.vmm.qemu.argv import Accel, kernel_cmdline, machine_args
 
 log = logging.getLogger("emberbox.accel")
 

@@ -2,7 +2,7 @@
 
 A driver turns a :class:`VMConfig` into a running :class:`VM` and gives back a byte
 stream to the guest agent. It knows nothing of HTTP, users or SQLite. Readiness (the
-agent's handshake) and the boot watchdog live in :mod:`emberbox.vmm.boot`, shared by
+agent's handshake) and the boot watchdog live in :mod:`emberbox.service.vm.boot`, shared by
 all drivers; drivers only start, connect, pause, snapshot and kill.
 """
 

@@ -15,7 +15,7 @@ from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.vmm import accel, vmm_user
 from emberbox.vmm.base import Driver, GuestFiles
-from emberbox.vmm.qemu import HostLimits, QemuDriver
+from emberbox.vmm.qemu.driver import HostLimits, QemuDriver
 
 log = logging.getLogger("emberbox.vmm")
 
@@ -28,14 +28,14 @@ class DriverChoice:
 
 
 def firecracker_status(settings: Settings) -> tuple[bool, str]:
-    from emberbox.vmm.firecracker import firecracker_usable
+    from emberbox.vmm.firecracker.driver import firecracker_usable
 
     return firecracker_usable(settings.firecracker_binary)
 
 
 def firecracker_driver(settings: Settings) -> Driver:
-    from emberbox.vmm.firecracker import FirecrackerDriver
-    from emberbox.vmm.jailer import JailerConfig
+    from emberbox.vmm.firecracker.driver import FirecrackerDriver
+    from emberbox.vmm.firecracker.jailer import JailerConfig
 
     jailer = None
     if settings.firecracker_jailer:

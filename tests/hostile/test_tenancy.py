@@ -27,7 +27,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from emberbox.service import keys
+from emberbox.service.tenancy import keys
 from emberbox.store import tenants
 from emberbox.store.db import connect
 from tests.hostile.conftest import HostileCase, HostileServer

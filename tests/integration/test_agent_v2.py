@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from emberbox.guest.client import AgentClient, ExecLimits
-from emberbox.service.sandbox import Sandbox
+from emberbox.agent_client.client import AgentClient, ExecLimits
+from emberbox.service.vm.machine import Sandbox
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 Factory = Callable[..., Awaitable[Sandbox]]

@@ -16,10 +16,11 @@ import pytest
 from emberbox.config import Settings
 from emberbox.errors import QuotaExceeded
 from emberbox.images.registry import ImageRegistry
-from emberbox.service.manager import SandboxManager
-from emberbox.service.sandbox import Sandbox
-from emberbox.vmm import cgroups, qcow2
-from emberbox.vmm.qemu import HostLimits, QemuDriver
+from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.service.vm.machine import Sandbox
+from emberbox.vmm import cgroups
+from emberbox.vmm.qemu import qcow2
+from emberbox.vmm.qemu.driver import HostLimits, QemuDriver
 from emberbox.vmm.select import choose_driver
 from tests.conftest import qemu_pids_under
 

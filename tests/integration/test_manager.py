@@ -10,10 +10,10 @@ import anyio
 import pytest
 
 from emberbox.config import Settings
-from emberbox.service import orphans
-from emberbox.service.manager import SandboxManager, SandboxRecord
-from emberbox.service.reconcile import VMM_GONE
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes import orphans
+from emberbox.service.sandboxes.manager import SandboxManager, SandboxRecord
+from emberbox.service.sandboxes.reconcile import VMM_GONE
+from emberbox.service.sandboxes.state import SandboxState
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 

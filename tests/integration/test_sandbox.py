@@ -16,7 +16,7 @@ import pytest
 
 from emberbox.config import Settings
 from emberbox.errors import AgentDisconnected, ImageNotFound, InvalidRequest, VMMCrashed
-from emberbox.service.sandbox import Sandbox
+from emberbox.service.vm.machine import Sandbox
 from emberbox.vmm import cgroups
 from tests.conftest import qemu_pids_under
 
@@ -130,7 +130,7 @@ def test_killed_owner_leaves_nothing_behind(settings: Settings, tmp_path: Path) 
     script.write_text(
         "import asyncio, sys\n"
         "from emberbox.config import Settings\n"
-        "from emberbox.service.sandbox import Sandbox\n"
+        "from emberbox.service.vm.machine import Sandbox\n"
         f"settings = Settings(data_dir={str(settings.data_dir)!r}, vmm={settings.vmm!r})\n"
         "asyncio.run(Sandbox.start(settings))\n"
     )

@@ -14,9 +14,9 @@ import pytest
 
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.service.manager import SandboxManager
-from emberbox.service.state import SandboxState
-from emberbox.service.templates import CURRENT
+from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.service.vm.templates import CURRENT
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.client import AgentClient, ExecLimits
 from emberbox.guest import protocol
-from emberbox.guest.client import AgentClient, ExecLimits
 from emberbox.images.build import agent_files
 from tests.unit.test_agent_fixtures import RunningAgent, chunked, running_agent
 

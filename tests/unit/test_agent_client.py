@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from emberbox import errors
-from emberbox.guest import client as client_module
+from emberbox.agent_client import client as client_module
+from emberbox.agent_client.client import AgentClient
 from emberbox.guest import protocol
-from emberbox.guest.client import AgentClient
 from emberbox.guest.protocol import Frame, Kind
 
 pytestmark = pytest.mark.anyio

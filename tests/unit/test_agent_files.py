@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.client import AgentClient
 from emberbox.guest import protocol
-from emberbox.guest.client import AgentClient
 from tests.unit.test_agent_fixtures import (
     RunningAgent,
     chunked,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from emberbox.guest.client import AgentClient
+from emberbox.agent_client.client import AgentClient
 
 REPO = Path(__file__).resolve().parents[2]
 

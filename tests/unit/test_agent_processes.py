@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.client import AgentClient, ProcessStatus
 from emberbox.guest import protocol
-from emberbox.guest.client import AgentClient, ProcessStatus
 from emberbox.guest.processes import OutputRing
 from tests.unit.test_agent_fixtures import RunningAgent, chunked, running_agent, sha256
 

@@ -11,12 +11,12 @@ import pytest
 from fastapi import FastAPI
 
 from emberbox import errors
+from emberbox.agent_client.client import ExecResult
 from emberbox.api import create_app
 from emberbox.api.deps import parse_metadata_filter
 from emberbox.api.errors import format_validation_errors
 from emberbox.config import Settings
-from emberbox.guest.client import ExecResult
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes.state import SandboxState
 from tests.unit.test_api_fakes import FakeManager, FakeRegistry
 
 pytestmark = pytest.mark.anyio

@@ -2,7 +2,7 @@
 shared by the API and SDK unit tests (this module holds no tests).
 
 The fake manager's process and file calls are the real services
-(``emberbox.service.processes`` / ``.files``) over a :class:`FakeGuest` per sandbox."""
+(``emberbox.service.guestio.processes`` / ``.files``) over a :class:`FakeGuest` per sandbox."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from typing import Any
 import uvicorn
 
 from emberbox import errors
+from emberbox.agent_client.client import ExecResult
 from emberbox.config import Settings
-from emberbox.guest.client import ExecResult
-from emberbox.service.files import GuestFiles
-from emberbox.service.processes import Processes
-from emberbox.service.snapshots import SnapshotRecord
-from emberbox.service.state import SandboxState
+from emberbox.service.guestio.files import GuestFiles
+from emberbox.service.guestio.processes import Processes
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.service.snapshots.records import SnapshotRecord
 from emberbox.vmm.base import GuestFiles as ImageFiles
 from tests.unit.test_api_guest_fakes import FakeGuest
 

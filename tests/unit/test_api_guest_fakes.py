@@ -1,5 +1,5 @@
 """An in-memory stand-in for a sandbox's guest: its files and background processes, with
-the signatures of ``emberbox.service.sandbox.Sandbox`` (this module holds no tests).
+the signatures of ``emberbox.service.vm.machine.Sandbox`` (this module holds no tests).
 
 Paths resolve as the guest would (relative to ``/``, ``..`` collapsed); there are no
 symlinks. Processes: ``cat`` (and any process on a terminal) echoes its stdin until it
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from emberbox import errors
-from emberbox.guest.client import FileInfo, ProcessInfo, ProcessStatus
+from emberbox.agent_client.client import FileInfo, ProcessInfo, ProcessStatus
 
 CHUNK = 64 * 1024
 SIGNALS = {"TERM": 15, "KILL": 9, "INT": 2, "HUP": 1}

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from emberbox.errors import HostError, InvalidRequest, SnapshotCorrupt, SnapshotMismatch, VMMError
-from emberbox.vmm import fc_api, fc_client
 from emberbox.vmm.base import Driver, GuestFiles, SnapshotFiles, VMConfig
-from emberbox.vmm.fc_api import ApiRequest, BootPlan
-from emberbox.vmm.fc_client import ApiClient
-from emberbox.vmm.fc_files import clone_file
-from emberbox.vmm.fc_process import cmdline_matches, read_tail, trim_log
-from emberbox.vmm.firecracker import FirecrackerDriver, firecracker_usable
+from emberbox.vmm.firecracker import api as fc_api
+from emberbox.vmm.firecracker import client as fc_client
+from emberbox.vmm.firecracker.api import ApiRequest, BootPlan
+from emberbox.vmm.firecracker.client import ApiClient
+from emberbox.vmm.firecracker.driver import FirecrackerDriver, firecracker_usable
+from emberbox.vmm.firecracker.files import clone_file
+from emberbox.vmm.firecracker.process import cmdline_matches, read_tail, trim_log
 
 
 @pytest.fixture
@@ -328,7 +329,7 @@ def _alive(pid: int) -> bool:
 _SPAWN_THEN_EXIT = """
 import sys
 from pathlib import Path
-from emberbox.vmm.fc_process import spawn
+from emberbox.vmm.firecracker.process import spawn
 child = spawn(["sleep", "30"], Path(sys.argv[1]), Path(sys.argv[1]) / "console.log",
               die_with_parent=sys.argv[2] == "ephemeral")
 print(child.pid, flush=True)

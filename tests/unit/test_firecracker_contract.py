@@ -26,10 +26,10 @@ import yaml
 from jsonschema import Draft4Validator
 
 from emberbox.errors import SnapshotCorrupt, VMMCrashed, VMMError
-from emberbox.vmm import fc_api
 from emberbox.vmm.base import GuestFiles, SnapshotFiles, VMConfig
-from emberbox.vmm.firecracker import FirecrackerDriver
-from emberbox.vmm.jailer import JailerConfig
+from emberbox.vmm.firecracker import api as fc_api
+from emberbox.vmm.firecracker.driver import FirecrackerDriver
+from emberbox.vmm.firecracker.jailer import JailerConfig
 
 SPEC_DIR = Path(__file__).parents[2].parent / "shared" / "firecracker"
 SPECS = sorted(SPEC_DIR.glob("firecracker-api-v*.yaml"))

@@ -15,11 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 from emberbox import errors
+from emberbox.agent_client.client import AgentClient
 from emberbox.api.streams import StreamedResponse, Write, ndjson_response
 from emberbox.config import Settings
-from emberbox.guest.client import AgentClient
 from emberbox.models import ExecRequest, SandboxCreate
-from emberbox.service.validation import validate_spec
+from emberbox.service.sandboxes.validation import validate_spec
 from tests.unit.test_agent_fixtures import RunningAgent, collect, running_agent
 
 pytestmark = pytest.mark.anyio

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from emberbox.errors import InvalidRequest
-from emberbox.vmm import jailer
-from emberbox.vmm.jailer import JailerConfig, jailer_command
+from emberbox.vmm.firecracker import jailer
+from emberbox.vmm.firecracker.jailer import JailerConfig, jailer_command
 
 FC = Path("/usr/local/bin/firecracker")
 

@@ -16,13 +16,13 @@ import anyio
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.client import ExecResult
 from emberbox.config import Settings
-from emberbox.guest.client import ExecResult
-from emberbox.service import orphans
-from emberbox.service.manager import OutputCallback, SandboxManager
-from emberbox.service.reaper import VMM_EXITED
-from emberbox.service.reconcile import RESTARTED_DURING_BOOT, VMM_GONE
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes import orphans
+from emberbox.service.sandboxes.manager import OutputCallback, SandboxManager
+from emberbox.service.sandboxes.reaper import VMM_EXITED
+from emberbox.service.sandboxes.reconcile import RESTARTED_DURING_BOOT, VMM_GONE
+from emberbox.service.sandboxes.state import SandboxState
 from emberbox.store import SandboxRow, Store, utcnow
 from emberbox.vmm import host
 from emberbox.vmm.base import Lifetime
@@ -52,7 +52,7 @@ def end_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 class FakeSandbox:
-    """Behaves like emberbox.service.sandbox.Sandbox, minus the VM."""
+    """Behaves like emberbox.service.vm.machine.Sandbox, minus the VM."""
 
     def __init__(self, sandbox_id: str, work_dir: Path, proc: subprocess.Popen[bytes] | None):
         self.id = sandbox_id

@@ -9,7 +9,7 @@ from typing import get_args
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from emberbox.guest.client import ExecResult
+from emberbox.agent_client.client import ExecResult
 from emberbox.models import (
     CommandRequest,
     ExecRequest,
@@ -21,8 +21,8 @@ from emberbox.models import (
     TimeoutUpdate,
     VMCreate,
 )
-from emberbox.service.snapshots import SnapshotRecord
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.service.snapshots.records import SnapshotRecord
 from tests.unit.test_api_fakes import FakeRecord
 
 

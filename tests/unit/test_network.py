@@ -21,10 +21,10 @@ from emberbox.net import plan as netplan
 from emberbox.net.addresses import Slot, allocate, host_veth_name, namespace_name
 from emberbox.net.policy import AllowRule, EgressPolicy, parse_entry, parse_policy
 from emberbox.net.rules import host_ruleset, namespace_ruleset
-from emberbox.service import validation
-from emberbox.service.validation import validate_network
+from emberbox.service.sandboxes import validation
+from emberbox.service.sandboxes.validation import validate_network
 from emberbox.vmm.base import GuestFiles, VMConfig
-from emberbox.vmm.qemu_argv import network_args
+from emberbox.vmm.qemu.argv import network_args
 
 
 def fake_resolver(host: str) -> list[str]:
@@ -243,7 +243,7 @@ def test_guest_config_and_ioctl_structures() -> None:
 async def test_manager_allocates_addresses_and_passes_plans(tmp_path: Path) -> None:
     """Networked creates get unique addresses (reused once freed) and a plan for the
     factory; others get neither; a bad entry is refused before anything starts."""
-    from emberbox.service.manager import SandboxManager
+    from emberbox.service.sandboxes.manager import SandboxManager
     from tests.unit.test_manager import FakeImages, FakeVMM
 
     settings = Settings(

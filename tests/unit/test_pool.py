@@ -9,7 +9,7 @@ import pytest
 
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.service.pool import PoolShape, WarmPool
+from emberbox.service.vm.pool import PoolShape, WarmPool
 
 pytestmark = pytest.mark.anyio
 
@@ -77,7 +77,7 @@ async def test_memory_budget_caps_the_pool(tmp_path: Path) -> None:
 async def test_a_failing_filler_is_retried_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("emberbox.service.pool.RETRY_AFTER_FAILURE_S", 0.01)
+    monkeypatch.setattr("emberbox.service.vm.pool.RETRY_AFTER_FAILURE_S", 0.01)
     calls = 0
 
     async def fill(shape: PoolShape, sandbox_id: str) -> Thing:

@@ -11,10 +11,10 @@ import pytest
 
 from emberbox.config import Settings
 from emberbox.errors import HostError
-from emberbox.service.orphans import mentions_path, referenced_children
+from emberbox.service.sandboxes.orphans import mentions_path, referenced_children
 from emberbox.vmm.base import GuestFiles, VMConfig
-from emberbox.vmm.qemu import HostLimits, parse_version
-from emberbox.vmm.qemu_argv import DiskLayer, HostFds, build_argv, overlay_argv
+from emberbox.vmm.qemu.argv import DiskLayer, HostFds, build_argv, overlay_argv
+from emberbox.vmm.qemu.driver import HostLimits, parse_version
 from emberbox.vmm.select import choose_driver
 
 GUEST = GuestFiles(

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from emberbox.errors import HostError, QuotaExceeded, VMMError
-from emberbox.vmm import qcow2, vmm_user
+from emberbox.vmm import vmm_user
 from emberbox.vmm.base import GuestFiles, VMConfig
-from emberbox.vmm.qemu_argv import QemuPaths
-from emberbox.vmm.qemu_files import check_disk_cap, make_work_dir, open_host_files
+from emberbox.vmm.qemu import qcow2
+from emberbox.vmm.qemu.argv import QemuPaths
+from emberbox.vmm.qemu.files import check_disk_cap, make_work_dir, open_host_files
 from emberbox.vmm.vmm_user import VmmUser
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="no qemu-img")

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.client import ExecLimits, ExecResult
 from emberbox.config import Settings
-from emberbox.guest.client import ExecLimits, ExecResult
 from emberbox.images.build import RECIPES
 from emberbox.images.rootfs import RootfsRecipe, mmdebstrap_argv
-from emberbox.service import run
-from emberbox.service.run import LANGUAGES, RunSpec, RunStatus
+from emberbox.service.oneshot import runner as run
+from emberbox.service.oneshot.runner import LANGUAGES, RunSpec, RunStatus
 
 pytestmark = pytest.mark.anyio
 

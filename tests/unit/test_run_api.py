@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 
 import emberbox
 from emberbox import errors, sdk
+from emberbox.agent_client.client import ExecLimits, ExecResult
 from emberbox.api import create_app
 from emberbox.cli import exec_code as cli_exec_code
 from emberbox.config import Settings
-from emberbox.guest.client import ExecLimits, ExecResult
-from emberbox.service.run import LANGUAGES, RUN_AS
+from emberbox.service.oneshot.runner import LANGUAGES, RUN_AS
 from tests.unit.test_api_fakes import FakeRegistry, serving
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from emberbox import errors
-from emberbox.service.state import (
+from emberbox.service.sandboxes.state import (
     LIVE_STATES,
     SandboxState,
     can_transition,

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from emberbox import errors
-from emberbox.service.state import SandboxState, check_transition
+from emberbox.service.sandboxes.state import SandboxState, check_transition
 from emberbox.store import (
     LOCAL_TENANT_ID,
     SCHEMA_VERSION,

@@ -9,7 +9,7 @@ import pytest
 
 from emberbox import errors
 from emberbox.config import Settings
-from emberbox.service.templates import CURRENT, LAYOUT, META, Templates
+from emberbox.service.vm.templates import CURRENT, LAYOUT, META, Templates
 
 
 def _template(root: Path, key: str, layout: str = LAYOUT) -> None:

@@ -14,9 +14,9 @@ import pytest
 from emberbox import errors
 from emberbox.api import create_app
 from emberbox.config import Settings
-from emberbox.service import keys, quotas
-from emberbox.service.ratelimit import RateLimiter, TokenBucket
-from emberbox.service.tenancy import FAILED_AUTH_BURST, LOCAL, Tenancy
+from emberbox.service.tenancy import keys, quotas
+from emberbox.service.tenancy.access import FAILED_AUTH_BURST, LOCAL, Tenancy
+from emberbox.service.tenancy.ratelimit import RateLimiter, TokenBucket
 from emberbox.store import LOCAL_TENANT_ID, tenants, utcnow
 from emberbox.store.db import connect
 from tests.unit.test_api_fakes import FakeManager, FakeRegistry

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from emberbox.errors import BootTimeout, VMMCrashed
-from emberbox.vmm.vsock import (
+from emberbox.vmm.firecracker.vsock import (
     VsockAccepted,
     VsockHandshake,
     VsockRefused,

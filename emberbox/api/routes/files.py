@@ -28,8 +28,8 @@ from emberbox.api.streams import (
 from emberbox.models import ArchiveWritten, FileEntry, FileList, FileWritten, GuestPath, MakeDir
 
 if TYPE_CHECKING:
-    from emberbox.guest.client import FileInfo
-    from emberbox.service.files import GuestFiles
+    from emberbox.agent_client.client import FileInfo
+    from emberbox.service.guestio.files import GuestFiles
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["files"])
 

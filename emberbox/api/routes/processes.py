@@ -35,10 +35,10 @@ from emberbox.models import (
     StdinWritten,
     StreamEvent,
 )
-from emberbox.service.processes import Processes
+from emberbox.service.guestio.processes import Processes
 
 if TYPE_CHECKING:
-    from emberbox.guest.client import ProcessStatus
+    from emberbox.agent_client.client import ProcessStatus
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}/processes", tags=["processes"])
 

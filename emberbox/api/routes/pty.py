@@ -27,7 +27,7 @@ from emberbox.api.deps import get_processes, require_api_key
 from emberbox.api.errors import error_detail
 from emberbox.api.streams import event_line
 from emberbox.models import ErrorEvent, ProcessStatusPublic, PtySize
-from emberbox.service.processes import Processes
+from emberbox.service.guestio.processes import Processes
 
 log = logging.getLogger(__name__)
 

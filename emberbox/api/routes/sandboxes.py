@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from emberbox import errors
+from emberbox.agent_client.client import ExecResult
 from emberbox.api.auth import PrincipalDep, TenancyDep, owner_kwargs, scope_kwargs
 from emberbox.api.deps import ManagerDep, parse_metadata_filter, state_from_name
 from emberbox.api.errors import error_responses
@@ -21,7 +22,6 @@ from emberbox.api.streams import (
     Write,
     ndjson_response,
 )
-from emberbox.guest.client import ExecResult
 from emberbox.models import (
     ExecRequest,
     ExecResponse,
@@ -32,10 +32,10 @@ from emberbox.models import (
     SandboxStateName,
     TimeoutUpdate,
 )
-from emberbox.service.state import SandboxState
+from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
-    from emberbox.service.manager import OutputCallback, SandboxManager
+    from emberbox.service.sandboxes.manager import OutputCallback, SandboxManager
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 

@@ -10,7 +10,7 @@ from emberbox.api.auth import authenticate
 from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep
 from emberbox.api.errors import error_responses
 from emberbox.models import Health, ImagePublic
-from emberbox.service.state import LIVE_STATES
+from emberbox.service.sandboxes.state import LIVE_STATES
 
 router = APIRouter(tags=["system"])
 

@@ -1,0 +1,357 @@
+"""Host side of the agent protocol (asyncio): requests over one byte stream to the agent.
+
+:class:`AgentClient` wraps the ``(StreamReader, StreamWriter)`` pair a VMM driver gives
+back (through :class:`~emberbox.agent_client.link.AgentLink`, which routes frames by request
+id, so any number of requests, streaming ones included, share the one stream). Its
+methods are the ops of docs/protocol.md: commands, background processes, files.
+Error answers raise the matching :mod:`emberbox.errors` class (NotFound,
+InvalidRequest, Conflict, else AgentRequestFailed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+from emberbox import errors
+from emberbox.agent_client.answers import (
+    ExecLimits,
+    ExecResult,
+    FileInfo,
+    FileType,
+    HelloInfo,
+    ProcessInfo,
+    ProcessStatus,
+    exec_result_from,
+    file_info_from,
+    file_infos_from,
+    hello_info_from,
+    process_infos_from,
+    process_status_from,
+)
+from emberbox.agent_client.link import AgentLink, checked
+from emberbox.guest import protocol
+
+__all__ = [
+    "AgentClient",
+    "ExecLimits",
+    "ExecResult",
+    "FileInfo",
+    "FileType",
+    "HelloInfo",
+    "OutputCallback",
+    "ProcessInfo",
+    "ProcessStatus",
+]
+
+HELLO_RESEND_S = 0.5
+EXEC_GRACE_S = 15.0  # how long past its own timeout an exec may take to be answered
+
+OutputCallback = Callable[[bytes], object]
+
+
+class AgentClient:
+    """Requests to the guest agent over one stream; use ``async with`` or ``aclose()``.
+
+    Create it inside a running event loop: it starts its reader task at once.
+
+    Example::
+
+        async with AgentClient(reader, writer) as agent:
+            await agent.handshake(timeout_s=30)
+            result = await agent.exec(["uname", "-a"], timeout_s=10)
+            await agent.write_file("/tmp/x", b"data")
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._link = AgentLink(reader, writer)
+        self.ready = self._link.ready  # set by the agent's "ready" event
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed
+
+    async def aclose(self) -> None:
+        """Close the stream; pending requests raise AgentDisconnected. Idempotent."""
+        await self._link.aclose()
+
+    async def handshake(
+        self,
+        *,
+        timeout_s: float,
+        hostname: str | None = None,
+        sandbox_id: str | None = None,
+        entropy: bytes | None = None,
+        set_time: bool = True,
+    ) -> HelloInfo:
+        """Say hello (resent every 0.5 s until answered); raises BootTimeout after timeout_s.
+
+        The agent may not be listening yet when the first hello goes out, and on a
+        virtio-serial port early bytes can be lost, hence the resends.
+        """
+        body = {
+            "op": "hello",
+            "protocol": protocol.PROTOCOL_VERSION,
+            "entropy": base64.b64encode(entropy or os.urandom(64)).decode("ascii"),
+            "hostname": hostname,
+            "sandbox_id": sandbox_id,
+        }
+
+        def hello() -> dict[str, Any]:
+            return {**body, "time_ns": time.time_ns() if set_time else None}
+
+        reply = await self._link.first_answer(hello, timeout_s, HELLO_RESEND_S)
+        if reply is None:
+            raise errors.BootTimeout(f"agent did not answer the handshake within {timeout_s} s")
+        answer = checked(reply)
+        if answer.get("protocol") != protocol.PROTOCOL_VERSION:
+            raise errors.ProtocolError(
+                f"agent speaks protocol {answer.get('protocol')!r}, "
+                f"we speak {protocol.PROTOCOL_VERSION}"
+            )
+        return hello_info_from(answer)
+
+    async def configure_network(
+        self, network: dict[str, Any] | None, *, timeout_s: float = 20.0
+    ) -> HelloInfo:
+        """A hello that only sets up the guest's NIC (``network``; see guest/netconf.py)
+        or takes it down (None). Raises AgentRequestFailed when the guest cannot."""
+        hello = {"protocol": protocol.PROTOCOL_VERSION, "network": network}
+        answer = await asyncio.wait_for(self.request("hello", **hello), timeout_s)
+        return hello_info_from(answer)
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Any request; returns the agent's answer, raises on an error answer."""
+        return await self._link.request({"op": op, **fields})
+
+    async def ping(self) -> None:
+        await self.request("ping")
+
+    async def shutdown(self) -> None:
+        """Ask the guest to power off; the channel closing right after is expected."""
+        with contextlib.suppress(errors.AgentDisconnected):
+            await self.request("shutdown")
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        output_max_bytes: int | None = None,
+        limits: ExecLimits | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run a command (list: argv; str: ``/bin/sh -c``) and wait for it to end.
+
+        ``on_stdout``/``on_stderr`` get each chunk as it arrives (coroutines are awaited).
+        A command past ``timeout_s`` is killed by the agent (``timed_out=True``); if the
+        agent does not answer within ``timeout_s + 15`` seconds, ExecTimeout is raised.
+        ``limits`` runs it in a cgroup of its own (``memory_limited``, ``peak_memory_kib``).
+        """
+        body = {
+            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
+            "op": "exec",
+            "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None,
+        }
+        output = _Output(on_stdout, on_stderr)
+        deadline = None if timeout_s is None else timeout_s + EXEC_GRACE_S
+        try:
+            answer = await asyncio.wait_for(self._link.request(body, output.feed), deadline)
+        except TimeoutError:
+            raise errors.ExecTimeout(
+                f"agent did not answer an exec within {deadline} s", result=None
+            ) from None
+        return exec_result_from(answer, bytes(output.stdout), bytes(output.stderr))
+
+    # -- background processes --------------------------------------------------------------
+
+    async def spawn(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        output_max_bytes: int | None = None,
+        pty: tuple[int, int] | None = None,
+        limits: ExecLimits | None = None,
+    ) -> int:
+        """Start ``cmd`` in the background, in its own session; returns its guest pid.
+
+        ``pty=(cols, rows)`` runs it on a terminal. Its output is kept in a buffer of
+        ``output_max_bytes`` (default 1 MiB, oldest bytes dropped) for :meth:`attach`.
+        """
+        body = {
+            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
+            "op": "spawn",
+            "pty": None if pty is None else {"cols": pty[0], "rows": pty[1]},
+        }
+        return int((await self._link.request(body))["pid"])
+
+    async def attach(
+        self,
+        pid: int,
+        *,
+        from_start: bool = True,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus:
+        """Follow a spawned process's output (its buffer first, with ``from_start``)
+        until it ends; returns how it ended. With a PTY all output is stdout."""
+        output = _Output(on_stdout, on_stderr, keep=False)
+        body = {"op": "attach", "pid": pid, "from_start": from_start}
+        return process_status_from(await self._link.request(body, output.feed))
+
+    async def write_stdin(
+        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
+    ) -> int:
+        """Write to a spawned process's stdin; returns the bytes written. ``close``
+        closes stdin afterwards (on a PTY: sends the terminal's end-of-file, ^D)."""
+        body = {"op": "write_stdin", "pid": pid, "close": close}
+        return int((await self._link.upload(body, data))["written"])
+
+    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None:
+        """Send ``sig`` (``"TERM"``, ``"SIGKILL"``, 15) to the process (its group)."""
+        await self.request("signal", pid=pid, signal=sig, group=group)
+
+    async def resize(self, pid: int, cols: int, rows: int) -> None:
+        """Resize a spawned process's PTY (Conflict if it has none)."""
+        await self.request("resize", pid=pid, cols=cols, rows=rows)
+
+    async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
+        """The process's status after waiting up to ``timeout_s`` (None: no wait)."""
+        return process_status_from(await self.request("wait", pid=pid, timeout_s=timeout_s))
+
+    async def ps(self) -> list[ProcessInfo]:
+        """Every spawned process the agent remembers, running or ended."""
+        return process_infos_from(await self.request("ps"))
+
+    async def forget(self, pid: int) -> None:
+        """Drop an ended process's record and buffer (Conflict while it runs)."""
+        await self.request("forget", pid=pid)
+
+    # -- files (paths in the guest: relative ones from /) ----------------------------------
+
+    async def stat(self, path: str) -> FileInfo:
+        """The file at ``path`` (not following a final symlink)."""
+        return file_info_from(path, await self.request("stat", path=path))
+
+    async def list_dir(self, path: str) -> list[FileInfo]:
+        """The directory's entries, sorted by name."""
+        return file_infos_from(path, await self.request("list", path=path))
+
+    def read_file(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes from ``offset`` (``length`` of them, None: to the end) in
+        chunks of at most 64 KiB, streamed as the caller consumes them."""
+        return self._link.download({"op": "read", "path": path, "offset": offset, "length": length})
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        offset: int = 0,
+        truncate: bool = True,
+    ) -> int:
+        """Write ``data`` at ``offset`` as it comes; returns the bytes written. ``mode``
+        applies to a new file; ``truncate`` makes the file end where the data ends."""
+        body = {
+            "op": "write",
+            "path": path,
+            "mode": mode,
+            "offset": offset,
+            "truncate": truncate,
+        }
+        return int((await self._link.upload(body, data))["written"])
+
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        await self.request("mkdir", path=path, parents=parents, mode=mode)
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self.request("remove", path=path, recursive=recursive)
+
+    async def rename(self, src: str, dst: str) -> None:
+        await self.request("rename", src=src, dst=dst)
+
+    def tar_out(self, path: str) -> AsyncIterator[bytes]:
+        """A POSIX tar stream of ``path``: a directory's contents, or one file."""
+        return self._link.download({"op": "tar_out", "path": path})
+
+    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int:
+        """Extract the tar stream ``data`` into the directory ``path`` (made if missing);
+        returns the member count. Unsafe members fail it with InvalidRequest."""
+        return int((await self._link.upload({"op": "tar_in", "path": path}, data))["entries"])
+
+
+def _command(
+    cmd: list[str] | str,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    timeout_s: float | None,
+    output_max_bytes: int | None,
+    limits: ExecLimits | None,
+) -> dict[str, Any]:
+    """The fields exec and spawn share."""
+    return {
+        "argv": cmd if isinstance(cmd, list) else None,
+        "shell": cmd if isinstance(cmd, str) else None,
+        "env": env or {},
+        "cwd": cwd,
+        "timeout_s": timeout_s,
+        "output_max_bytes": output_max_bytes,
+        "limits": None if limits is None else limits.wire(),
+    }
+
+
+class _Output:
+    """Collects output (unless not `keep`) and passes each chunk to the callbacks."""
+
+    def __init__(
+        self,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        keep: bool = True,
+    ) -> None:
+        self.stdout, self.stderr = bytearray(), bytearray()
+        self._keep = keep
+        self._callbacks = {protocol.Kind.STDOUT: on_stdout, protocol.Kind.STDERR: on_stderr}
+
+    async def feed(self, frame: protocol.Frame) -> None:
+        if frame.kind not in self._callbacks:
+            return
+        if self._keep:
+            (self.stdout if frame.kind is protocol.Kind.STDOUT else self.stderr).extend(
+                frame.payload
+            )
+        callback = self._callbacks[frame.kind]
+        if callback is not None:
+            outcome = callback(frame.payload)
+            if inspect.isawaitable(outcome):
+                await outcome

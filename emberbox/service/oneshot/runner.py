@@ -1,0 +1,335 @@
+"""One-shot runs (``POST /v1/run``): a program compiled and run once in a fresh sandbox.
+
+The languages are :mod:`~emberbox.service.oneshot.languages`'; the checked plan and the
+classification of results :mod:`~emberbox.service.oneshot.plan`'s (both re-exported here).
+
+A run takes five steps:
+
+1. Create a sandbox of ``Settings.run_image``; the manager restores its template.
+2. Write the source and the extra files into ``/tmp/run`` (one tar, ``manager.files``).
+3. For compiled languages, compile within ``run_compile_timeout_s``. A non-zero exit or a
+   timeout is ``compile_error``.
+4. Run the program with the caller's stdin and args, a timeout, and memory and process
+   limits. The limits are a cgroup in the guest (``limits`` in docs/protocol.md).
+
+The compiler and the program run as ``nobody`` (``RUN_AS``), in ``/tmp/run``.
+5. Kill the sandbox, whatever happened.
+
+The status is the first of these that matches: ``memory_limit``, ``output_limit``,
+``timeout``, ``runtime_error``, ``ok`` (see :func:`classify`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+
+from emberbox import errors
+from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.config import Settings
+from emberbox.service.oneshot.languages import (
+    LANGUAGES,
+    Language,
+    find_language,
+    parse_versions,
+    versions_command,
+)
+from emberbox.service.oneshot.plan import (
+    AGENT_RESERVE_MIB,
+    FILE_NAME_MAX,
+    LIFETIME_MARGIN_S,
+    MAX_FILES,
+    MEMORY_NEAR_CAP,
+    NOBODY,
+    PIDS_MAX,
+    RUN_AS,
+    RUN_ENV,
+    VM_OVERHEAD_MIB,
+    WORK_DIR,
+    WORK_NAME,
+    WORK_PARENT,
+    RunPlan,
+    RunResult,
+    RunSpec,
+    RunStatus,
+    check_file_name,
+    classify,
+    clip,
+    pack_files,
+    plan_run,
+    program_files,
+    run_limits,
+    vm_memory_mib,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Record(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class RunFiles(Protocol):
+    """``SandboxManager.files``: the part a run uses."""
+
+    async def tar_in(
+        self, sandbox_id: str, path: str, data: AsyncIterable[bytes], *, size: int | None = None
+    ) -> int: ...
+
+
+class RunManager(Protocol):
+    """What a run needs of :class:`~emberbox.service.sandboxes.manager.SandboxManager`."""
+
+    @property
+    def files(self) -> RunFiles: ...
+
+    async def create(
+        self,
+        *,
+        image: str | None = None,
+        memory_mib: int | None = None,
+        timeout_s: int | None = None,
+        metadata: dict[str, str] | None = None,
+        tenant_id: str = ...,
+    ) -> _Record: ...
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        limits: ExecLimits | None = None,
+    ) -> ExecResult: ...
+
+    async def kill(self, sandbox_id: str) -> None: ...
+
+
+async def run_code(manager: RunManager, settings: Settings, spec: RunSpec) -> RunResult:
+    """Compile and run ``spec`` in a fresh sandbox of ``settings.run_image``, then kill it.
+
+    Raises InvalidRequest (unknown language, bad file names, limits) before anything
+    starts, HostError when the server has no run image, and the manager's errors
+    (QuotaExceeded, VMMError ...) when no sandbox can be had.
+    """
+    plan = plan_run(settings, spec)
+    lifetime = math.ceil(settings.run_compile_timeout_s + plan.timeout_s) + LIFETIME_MARGIN_S
+    owner = {} if spec.tenant_id is None else {"tenant_id": spec.tenant_id}
+    try:
+        record = await manager.create(
+            image=settings.run_image,
+            memory_mib=plan.vm_memory_mib,
+            timeout_s=min(lifetime, settings.max_timeout_s),
+            metadata={"purpose": "run", "language": plan.language.name},
+            **owner,
+        )
+    except errors.ImageNotFound as exc:
+        raise errors.HostError(
+            f"this server has no image {settings.run_image!r} for runs: build it with "
+            f"`emberbox image build --name {settings.run_image}`"
+        ) from exc
+    try:
+        return await _compile_and_run(manager, settings, record.id, plan)
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await manager.kill(record.id)
+            except errors.EmberboxError:
+                log.exception("run: killing sandbox %s failed", record.id)
+
+
+async def _compile_and_run(
+    manager: RunManager, settings: Settings, sandbox_id: str, plan: RunPlan
+) -> RunResult:
+    cap = settings.run_output_max_bytes
+    tar = await anyio.to_thread.run_sync(pack_files, plan.files)
+    await manager.files.tar_in(sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
+    compile_output = b""
+    if plan.language.compile_argv is not None:
+        built = await _exec(
+            manager,
+            sandbox_id,
+            [*RUN_AS, *plan.language.compile_argv],
+            settings.run_compile_timeout_s,
+            limits=ExecLimits(memory_mib=plan.vm_memory_mib - AGENT_RESERVE_MIB, pids=PIDS_MAX),
+        )
+        compile_output, _ = clip(built.stdout + built.stderr, cap)
+        compile_output += _compiler_stopped(built, settings.run_compile_timeout_s)
+        if built.timed_out or built.memory_limited or built.exit_code != 0:
+            return RunResult(RunStatus.COMPILE_ERROR, compile_output=compile_output)
+    ran = await _exec(
+        manager,
+        sandbox_id,
+        [*RUN_AS, *plan.language.run_argv, *plan.args],
+        plan.timeout_s,
+        stdin=plan.stdin,
+        limits=ExecLimits(memory_mib=plan.memory_mib, pids=PIDS_MAX),
+    )
+    stdout, stdout_over = clip(ran.stdout, cap)
+    stderr, stderr_over = clip(ran.stderr, cap)
+    return RunResult(
+        status=classify(ran, plan.memory_mib * 1024, stdout_over or stderr_over),
+        exit_code=ran.exit_code,
+        signal=ran.signal,
+        stdout=stdout,
+        stderr=stderr,
+        compile_output=compile_output,
+        time_ms=ran.duration_ms if math.isfinite(ran.duration_ms) else None,
+        memory_kib=ran.peak_memory_kib,
+    )
+
+
+def _compiler_stopped(built: ExecResult, timeout_s: float) -> bytes:
+    """What the compile output gets when emberbox, not the compiler, ended it."""
+    if built.timed_out:
+        return f"\nemberbox: compilation timed out after {timeout_s:g} s\n".encode()
+    if built.memory_limited:
+        return b"\nemberbox: the compiler ran out of memory\n"
+    return b""
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _exec(
+    manager: RunManager,
+    sandbox_id: str,
+    argv: list[str],
+    timeout_s: float,
+    *,
+    stdin: bytes | None = None,
+    limits: ExecLimits | None = None,
+) -> ExecResult:
+    """``manager.exec`` in ``WORK_DIR``; an agent that outlived the timeout counts as a
+    timed-out command (with whatever output came)."""
+    try:
+        return await manager.exec(
+            sandbox_id,
+            argv,
+            env=RUN_ENV,
+            cwd=WORK_DIR,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            limits=limits,
+        )
+    except errors.ExecTimeout as exc:
+        if isinstance(exc.result, ExecResult):
+            return replace(exc.result, timed_out=True)
+        killed = 128 + signal.SIGKILL
+        return ExecResult(killed, b"", b"", timeout_s * 1000, timed_out=True, signal=signal.SIGKILL)
+
+
+# -- languages ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LanguageInfo:
+    """A language as ``GET /v1/languages`` lists it."""
+
+    name: str
+    version: str | None
+    source_file: str
+    compiled: bool
+
+
+class ImageHashes(Protocol):
+    """``ImageRegistry.get``: an image's info (its ``image_hash`` names the build)."""
+
+    def get(self, name: str) -> object: ...
+
+
+class LanguageVersions:
+    """The run image's language versions, found once per image build (one sandbox)."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, dict[str, str | None]] = {}
+        self._lock = anyio.Lock()
+
+    async def languages(
+        self, manager: RunManager, settings: Settings, images: ImageHashes
+    ) -> list[LanguageInfo]:
+        """Every language with its version (None when it cannot be found out now)."""
+        versions = await self._versions(manager, settings, images)
+        return [
+            LanguageInfo(lang.name, versions.get(lang.name), lang.source_file, lang.compiled)
+            for lang in LANGUAGES.values()
+        ]
+
+    async def _versions(
+        self, manager: RunManager, settings: Settings, images: ImageHashes
+    ) -> dict[str, str | None]:
+        try:
+            info = await anyio.to_thread.run_sync(images.get, settings.run_image)
+        except errors.ImageNotFound:
+            return {}
+        key = f"{settings.run_image}/{getattr(info, 'image_hash', '')}"
+        async with self._lock:
+            if key not in self._found:
+                try:
+                    self._found[key] = await _ask_versions(manager, settings)
+                except errors.EmberboxError as exc:
+                    log.warning("languages: cannot find out the versions: %s", exc.message)
+                    return {}
+            return self._found[key]
+
+
+async def _ask_versions(manager: RunManager, settings: Settings) -> dict[str, str | None]:
+    record = await manager.create(image=settings.run_image, metadata={"purpose": "languages"})
+    try:
+        result = await manager.exec(record.id, versions_command(), timeout_s=60)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await manager.kill(record.id)
+    return parse_versions(result.stdout.decode("utf-8", "replace"))
+
+
+__all__ = [
+    "AGENT_RESERVE_MIB",
+    "FILE_NAME_MAX",
+    "LANGUAGES",
+    "LIFETIME_MARGIN_S",
+    "MAX_FILES",
+    "MEMORY_NEAR_CAP",
+    "NOBODY",
+    "PIDS_MAX",
+    "RUN_AS",
+    "RUN_ENV",
+    "VM_OVERHEAD_MIB",
+    "WORK_DIR",
+    "WORK_NAME",
+    "WORK_PARENT",
+    "ImageHashes",
+    "Language",
+    "LanguageInfo",
+    "LanguageVersions",
+    "RunFiles",
+    "RunManager",
+    "RunPlan",
+    "RunResult",
+    "RunSpec",
+    "RunStatus",
+    "check_file_name",
+    "classify",
+    "clip",
+    "find_language",
+    "pack_files",
+    "parse_versions",
+    "plan_run",
+    "program_files",
+    "run_code",
+    "run_limits",
+    "versions_command",
+    "vm_memory_mib",
+]

@@ -1,0 +1,232 @@
+"""What the sandbox manager drives and reports: the Protocols of a running sandbox
+(:class:`SandboxHandle`) and of the ways one comes to be (start, restore, attach), the
+image catalog, and :class:`SandboxRecord`, a sandbox as the service reports it.
+
+The real implementations are :class:`emberbox.service.vm.machine.Sandbox` and
+:class:`emberbox.service.vm.launch.Launcher`; unit tests pass fakes of the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.config import Settings
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.store import SandboxRow
+from emberbox.vmm.base import Lifetime, SnapshotFiles
+
+if TYPE_CHECKING:
+    from emberbox.agent_client.client import FileInfo, ProcessInfo, ProcessStatus
+
+#: Called with each chunk of output as it arrives (sync or async; the sandbox decides).
+OutputCallback = Callable[[bytes], Any]
+
+
+class SandboxHandle(Protocol):
+    """A running sandbox as the manager drives it (``emberbox.service.vm.machine.Sandbox``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def work_dir(self) -> Path: ...
+    def is_running(self) -> bool: ...
+    async def exec(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        output_max_bytes: int | None = None,
+        limits: ExecLimits | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult: ...
+    async def kill(self) -> None:
+        """End the VMM and remove its work dir. Idempotent."""
+
+    async def detach(self) -> None:
+        """Close the agent connection and leave the VMM running. Idempotent."""
+
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        """Save the VM into ``dest``; with ``stop`` the VM ends (pause to disk)."""
+
+    async def greet(self, sandbox_id: str) -> object:
+        """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out)."""
+
+    # Background processes and files: the agent's calls (docs/protocol.md), passed through.
+    async def spawn(
+        self,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        output_max_bytes: int | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> int: ...
+    async def attach_process(
+        self,
+        pid: int,
+        *,
+        from_start: bool = True,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus: ...
+    async def write_stdin(
+        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
+    ) -> int: ...
+    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None: ...
+    async def resize(self, pid: int, cols: int, rows: int) -> None: ...
+    async def wait_process(self, pid: int, timeout_s: float | None = None) -> ProcessStatus: ...
+    async def ps(self) -> list[ProcessInfo]: ...
+    async def forget(self, pid: int) -> None: ...
+    async def stat(self, path: str) -> FileInfo: ...
+    async def list_dir(self, path: str) -> list[FileInfo]: ...
+    def read_file(
+        self, path: str, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]: ...
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        offset: int = 0,
+        truncate: bool = True,
+    ) -> int: ...
+    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None: ...
+    async def remove(self, path: str, *, recursive: bool = False) -> None: ...
+    async def rename(self, src: str, dst: str) -> None: ...
+    def tar_out(self, path: str) -> AsyncIterator[bytes]: ...
+    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int: ...
+
+
+class SandboxFactory(Protocol):
+    """``Sandbox.start``: boot a sandbox; returns after the agent handshake."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str,
+        lifetime: Lifetime,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class SandboxRestorer(Protocol):
+    """``Sandbox.restore``: start a sandbox from a snapshot; returns after the hello."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        snapshot: SnapshotFiles,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str,
+        lifetime: Lifetime,
+        adopt_disk: bool,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class SandboxAttacher(Protocol):
+    """``Sandbox.attach``: re-adopt a VMM left running by an earlier server."""
+
+    def __call__(
+        self,
+        settings: Settings,
+        *,
+        sandbox_id: str,
+        pid: int,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+    ) -> Awaitable[SandboxHandle]: ...
+
+
+class ImageCatalog(Protocol):
+    """``ImageRegistry``: which images exist (``get`` raises ``errors.ImageNotFound``)."""
+
+    def names(self) -> list[str]: ...
+    def get(self, name: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox as the service reports it. Times are UTC."""
+
+    id: str
+    state: SandboxState
+    image: str
+    vcpus: int
+    memory_mib: int
+    metadata: dict[str, str]
+    env: dict[str, str]
+    timeout_s: int
+    created_at: datetime
+    expires_at: datetime
+    ip_address: str | None
+    vmm_pid: int | None
+    work_dir: Path | None
+    error: str | None
+    snapshot_id: str | None = None  # the snapshot this sandbox was forked from
+
+    @classmethod
+    def from_row(cls, row: SandboxRow) -> SandboxRecord:
+        return cls(
+            id=row.id,
+            state=SandboxState(row.state),
+            image=row.image,
+            vcpus=row.vcpus,
+            memory_mib=row.memory_mib,
+            metadata=dict(row.metadata),
+            env=dict(row.env),
+            timeout_s=row.timeout_s,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            ip_address=row.ip_address,
+            vmm_pid=row.vmm_pid,
+            work_dir=row.work_dir,
+            error=row.error,
+            snapshot_id=row.snapshot_id,
+        )
+
+
+# -- the real implementations, imported late (they pull in the VMM drivers) ------------------
+
+
+def default_handles() -> tuple[SandboxFactory, SandboxAttacher, SandboxRestorer]:
+    """The real start (template restore, cold boot as fallback), attach and restore."""
+    from emberbox.service.vm.launch import Launcher
+
+    launcher = Launcher()
+    return launcher.start, launcher.attach, launcher.restore
+
+
+def default_registry(settings: Settings) -> ImageCatalog:
+    from emberbox.images.registry import ImageRegistry
+
+    return ImageRegistry(settings)
+
+
+__all__ = [
+    "ImageCatalog",
+    "OutputCallback",
+    "SandboxAttacher",
+    "SandboxFactory",
+    "SandboxHandle",
+    "SandboxRecord",
+]

@@ -1,0 +1,413 @@
+"""The sandbox manager: create, exec in, time out and kill sandboxes; survive restarts.
+
+The manager owns three things: the :class:`~emberbox.store.Store` (the truth about every
+sandbox), the live :class:`SandboxHandle` of each running sandbox, and the reaper task.
+Every state change goes through :func:`~emberbox.service.sandboxes.state.check_transition` and an
+atomic compare-and-set in the store, under a per-sandbox lock so that create, kill and
+the reaper never interleave on one sandbox. Execs take no lock: the guest agent
+multiplexes any number of them.
+
+Sandboxes are booted ``detached``: :meth:`SandboxManager.close` leaves them running and
+the next :meth:`SandboxManager.start` re-attaches them
+(:mod:`emberbox.service.sandboxes.reconcile`).
+``start`` and ``close`` must run in the same task (``async with manager:`` does).
+
+The shared state is in :mod:`~emberbox.service.sandboxes.core`; the flows in ``booting``, ``execs``
+and ``snapshotting``; the Protocols and :class:`SandboxRecord` in ``handles`` (re-exported).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from emberbox import errors
+from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.config import Settings
+from emberbox.service.sandboxes import execs, storage, validation
+from emberbox.service.sandboxes.booting import BootFlows, network_plan
+from emberbox.service.sandboxes.core import ID_BYTES, ManagerCore, Phase
+from emberbox.service.sandboxes.handles import (
+    ImageCatalog,
+    OutputCallback,
+    SandboxAttacher,
+    SandboxFactory,
+    SandboxHandle,
+    SandboxRecord,
+    SandboxRestorer,
+    default_handles,
+    default_registry,
+)
+from emberbox.service.sandboxes.reaper import Reaper
+from emberbox.service.sandboxes.reconcile import reconcile
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.service.snapshots import records as snapshots
+from emberbox.service.snapshots.operations import SnapshotFlows
+from emberbox.service.snapshots.records import SnapshotRecord
+from emberbox.service.vm.pool import PoolShape, WarmPool
+from emberbox.store import (
+    LOCAL_TENANT_ID,
+    ExecLogEntry,
+    SandboxFields,
+    SnapshotRow,
+    Store,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.processes import Processes
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BOOT_WAIT_S = 30.0
+
+
+class SandboxManager:
+    """Owns every sandbox of one server. Use as ``async with SandboxManager(settings):``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sandbox_factory: SandboxFactory | None = None,
+        sandbox_attacher: SandboxAttacher | None = None,
+        sandbox_restorer: SandboxRestorer | None = None,
+        image_registry: ImageCatalog | None = None,
+    ) -> None:
+        self._settings = settings
+        factory, attacher, restorer = default_handles()
+        restorer = sandbox_restorer or restorer
+        self._core = ManagerCore(settings)
+        self._boots = BootFlows(
+            self._core, sandbox_factory or factory, restorer, sandbox_attacher or attacher
+        )
+        self.pool: WarmPool[SandboxHandle] = WarmPool(settings, self._boots.fill_pool, ID_BYTES)
+        self._images = image_registry or default_registry(settings)
+        self._snapshots = SnapshotFlows(self._core, self._boots, restorer, self._images)
+        self._stack = contextlib.AsyncExitStack()
+        self._task_group: TaskGroup | None = None
+        self.reaper = Reaper(self, settings.reaper_interval_s)
+        self.processes: Processes
+        self.files: GuestFiles
+        self.processes, self.files = _guest_services(self, settings)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, reconcile with what survived a restart, start the reaper."""
+        core = self._core
+        if core.phase is not Phase.NEW:
+            raise errors.Conflict(f"sandbox manager is {core.phase.value}; cannot start")
+        core.phase = Phase.OPEN
+        try:
+            vms_dir = self._settings.vms_dir
+            await anyio.to_thread.run_sync(lambda: vms_dir.mkdir(0o700, True, True))
+            core.store = await Store.open(self._settings.db_path)
+            report = await reconcile(self._settings, core.store, self._boots.attach)
+            core.live.update(report.attached)
+            self._task_group = await self._stack.enter_async_context(anyio.create_task_group())
+            await self._task_group.start(self.reaper.run)
+            await self._task_group.start(self.pool.run)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the reaper, detach from running sandboxes (they keep running), close the
+        store. Boots in progress are abandoned (``error``). Idempotent."""
+        core = self._core
+        if core.phase is Phase.CLOSED:
+            return
+        core.phase = Phase.CLOSED
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()  # no reaping while we shut down
+        with anyio.CancelScope(shield=True):
+            await self._abandon_boots()
+        # The reaper's task group was entered by start(), so it is left here, outside any
+        # scope opened since; the reaper is already cancelled, so this returns promptly.
+        try:
+            await self._stack.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.pool.close()  # its filler task has ended with the task group
+                await self._detach_all()
+                if core.store is not None:
+                    await core.store.close()
+
+    async def _abandon_boots(self) -> None:
+        """Interrupt every boot in progress and wait (a while) for each to settle."""
+        for boot in list(self._core.boots.values()):
+            boot.interrupt("server shut down during boot")
+        with anyio.move_on_after(SHUTDOWN_BOOT_WAIT_S):
+            for boot in list(self._core.boots.values()):
+                await boot.done.wait()
+
+    async def _detach_all(self) -> None:
+        live, self._core.live = self._core.live, {}
+        for sandbox_id, handle in live.items():
+            try:
+                await handle.detach()
+            except Exception:
+                log.exception("sandbox %s: detaching failed", sandbox_id)
+
+    async def __aenter__(self) -> SandboxManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        self._core.open_store()
+        return SandboxRecord.from_row(await self._core.row(sandbox_id))
+
+    async def list(
+        self,
+        *,
+        state: SandboxState | None = None,
+        metadata: dict[str, str] | None = None,
+        tenant_id: str | None = None,
+    ) -> builtins.list[SandboxRecord]:
+        """Sandboxes, oldest first; ``metadata`` pairs must all match; only
+        ``tenant_id``'s when given."""
+        rows = await self._core.open_store().list(
+            states=None if state is None else {state}, metadata=metadata, tenant_id=tenant_id
+        )
+        return [SandboxRecord.from_row(row) for row in rows]
+
+    async def image_names(self) -> builtins.list[str]:
+        return await anyio.to_thread.run_sync(self._images.names)
+
+    async def exec_log(self, sandbox_id: str) -> builtins.list[ExecLogEntry]:
+        """The commands run in a sandbox, oldest first."""
+        store = self._core.open_store()
+        await self._core.row(sandbox_id)
+        return await store.exec_log(sandbox_id)
+
+    # -- create --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        image: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        timeout_s: int | None = None,
+        metadata: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        snapshot_id: str | None = None,
+        tenant_id: str = LOCAL_TENANT_ID,
+        network: Mapping[str, object] | None = None,
+    ) -> SandboxRecord:
+        """Start a sandbox for ``tenant_id``; returns once it is ``running`` (its agent
+        answered).
+
+        It comes from the warm pool when one is ready, else from the image's template
+        snapshot, else (no template possible) from a cold boot. With ``snapshot_id`` it
+        is a fork of that snapshot instead (same image and shape; SnapshotMismatch when
+        the request names others).
+
+        Raises InvalidRequest / ImageNotFound / NotFound before anything starts,
+        QuotaExceeded at ``max_sandboxes`` live sandboxes or past a tenant quota
+        (:mod:`emberbox.service.tenancy.quotas`), the start's own error
+        (BootTimeout, VMMCrashed, SnapshotCorrupt, HostError; the row is then ``error``)
+        or Conflict if killed while starting.
+        """
+        store = self._core.open_store()
+        source: SnapshotRow | None = None
+        if snapshot_id is not None:
+            source = await self._snapshots.snapshot_row(snapshot_id)
+            image, vcpus, memory_mib = snapshots.fork_shape(source, image, vcpus, memory_mib)
+            await self._snapshots.check_image_unchanged(source)
+        spec = validation.validate_spec(
+            self._settings, image, vcpus, memory_mib, timeout_s, metadata, env
+        )
+        await storage.require_free_space(self._settings, "creating a sandbox")
+        await anyio.to_thread.run_sync(self._images.get, spec.image)
+        shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
+        # Networked sandboxes never come from the pool (its VMs have no network).
+        policy = None
+        if network is not None:
+            policy = await validation.resolve_network(self._settings, network)
+        pooled = None if source is not None or policy else self.pool.take(shape)
+        try:
+            row = await self._boots.admit(
+                store,
+                spec,
+                pooled.id if pooled else None,
+                snapshot_id=snapshot_id,
+                tenant_id=tenant_id,
+                networked=policy is not None,
+            )
+        except BaseException:
+            if pooled is not None:
+                with anyio.CancelScope(shield=True):
+                    await pooled.kill()
+            raise
+        starter = self._boots.starter(
+            row, source, pooled, network_plan(self._settings, policy, row)
+        )
+        return await self._boots.boot_locked(row, starter)
+
+    def pool_ready(self, image: str | None = None) -> int:
+        """How many sandboxes the warm pool holds ready (for ``image``, if given)."""
+        return self.pool.ready_count(image)
+
+    # -- exec ----------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: builtins.list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_s: float | None = None,
+        stdin: bytes | None = None,
+        limits: ExecLimits | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` (argv, or a string for ``sh -c``) in a running sandbox.
+
+        ``timeout_s`` defaults to ``default_exec_timeout_s`` and is capped at
+        ``max_exec_timeout_s``; ``env`` is merged over the sandbox's env. ``limits``
+        (memory, processes) puts the command in a cgroup of its own in the guest.
+        """
+        return await execs.run_exec(
+            self._core,
+            sandbox_id,
+            cmd,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            stdin=stdin,
+            limits=limits,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    # -- kill, timeout, failure ------------------------------------------------------------
+
+    async def kill(self, sandbox_id: str) -> None:
+        """Stop a sandbox: its VMM ends, its files go, it ends ``stopped``. Idempotent;
+        safe to call concurrently; interrupts a boot in progress."""
+        core = self._core
+        core.open_store()
+        row = await core.row(sandbox_id)
+        if row.state == SandboxState.STOPPED:
+            return
+        boot = core.boots.get(sandbox_id)
+        if boot is not None:
+            boot.interrupt(None)
+        async with core.lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                await core.stop_locked(sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        """Make a running sandbox expire ``timeout_s`` seconds from now."""
+        validation.check_range("timeout_s", timeout_s, 1, self._settings.max_timeout_s)
+        fields: SandboxFields = {
+            "timeout_s": timeout_s,
+            "expires_at": utcnow() + timedelta(seconds=timeout_s),
+        }
+        try:
+            row = await self._core.open_store().transition(
+                sandbox_id, {SandboxState.RUNNING}, SandboxState.RUNNING, **fields
+            )
+        except errors.Conflict as exc:
+            state = exc.details.get("state", "not running")
+            raise errors.Conflict(
+                f"sandbox {sandbox_id} is {state}; only a running sandbox's timeout can change",
+                sandbox_id=sandbox_id,
+                state=state,
+            ) from exc
+        return SandboxRecord.from_row(row)
+
+    # -- snapshots, pause and resume (emberbox.service.snapshots.operations) ----------------------
+
+    async def snapshot(self, sandbox_id: str) -> SnapshotRecord:
+        """Save a running sandbox (memory + disk; the guest pauses only for the save).
+        New sandboxes can be forked from it with ``create(snapshot_id=...)``."""
+        return await self._snapshots.snapshot(sandbox_id)
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Save a running sandbox to disk and end its VMM (its memory is freed); resume
+        brings back its processes and files. A paused sandbox does not expire and does
+        not count against ``max_sandboxes``."""
+        return await self._snapshots.pause(sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> SandboxRecord:
+        """Restore a paused sandbox where it left off (a new timeout period starts)."""
+        return await self._snapshots.resume(sandbox_id)
+
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, *, tenant_id: str | None = None
+    ) -> builtins.list[SnapshotRecord]:
+        """Snapshots, oldest first (of ``sandbox_id``, of ``tenant_id``, when given)."""
+        return await self._snapshots.list_snapshots(sandbox_id, tenant_id=tenant_id)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
+        return await self._snapshots.get_snapshot(snapshot_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot and its files; Conflict while a live fork still needs it."""
+        await self._snapshots.delete_snapshot(snapshot_id)
+
+    # -- for the process and file services and the reaper ----------------------------------
+
+    async def running_handle(self, sandbox_id: str) -> tuple[SandboxRecord, SandboxHandle]:
+        """(Process and file services) a running sandbox and its handle; NotFound or
+        Conflict otherwise."""
+        self._core.open_store()
+        row, handle = await self._core.running(sandbox_id)
+        return SandboxRecord.from_row(row), handle
+
+    async def expired_ids(self, now: datetime) -> builtins.list[str]:
+        """(Reaper) running sandboxes past their ``expires_at``."""
+        rows = await self._core.db().list(states={SandboxState.RUNNING}, expires_before=now)
+        return [row.id for row in rows]
+
+    def crashed_ids(self) -> builtins.list[str]:
+        """(Reaper) running sandboxes whose VMM has ended on its own."""
+        return [sid for sid, handle in self._core.live.items() if not handle.is_running()]
+
+    async def mark_failed(self, sandbox_id: str, reason: str) -> None:
+        """(Reaper) tear down a running sandbox whose VMM failed and record it ``error``."""
+        async with self._core.lock(sandbox_id):
+            with anyio.CancelScope(shield=True):
+                await self.mark_failed_locked(sandbox_id, reason)
+
+    async def mark_failed_locked(self, sandbox_id: str, reason: str) -> None:
+        await self._core.mark_failed_locked(sandbox_id, reason)
+
+
+def _guest_services(manager: SandboxManager, settings: Settings) -> tuple[Processes, GuestFiles]:
+    """``manager.processes`` and ``manager.files`` (their modules import this one)."""
+    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.processes import Processes
+
+    return Processes(manager, settings), GuestFiles(manager, settings)
+
+
+__all__ = [
+    "ImageCatalog",
+    "OutputCallback",
+    "SandboxAttacher",
+    "SandboxFactory",
+    "SandboxHandle",
+    "SandboxManager",
+    "SandboxRecord",
+    "SandboxState",
+]

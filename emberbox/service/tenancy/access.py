@@ -1,0 +1,210 @@
+"""Who is calling: API keys to tenants, local mode, ownership checks and the audit log.
+
+- A request with a key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) is its
+  key's tenant. The key is rate limited first (in memory), then looked up by id on every
+  request, so a revoked key fails on its next request. ``Settings.api_key`` is an admin
+  key of the built-in tenant ``local``.
+- Local mode: no ``Settings.api_key``, no active key in the database and the server on
+  loopback. A request without a key is then the built-in tenant (an admin). Once any key
+  exists, a request without a valid one is refused.
+- Admins see every tenant's objects; any other tenant's ids answer as unknown ids do.
+
+The service has its own connection to the database (a second :class:`Store`), opened on
+first use, so that checking keys never waits behind the manager's writes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.service.policy import is_loopback
+from emberbox.service.tenancy.keys import parse_key, secret_matches
+from emberbox.service.tenancy.ratelimit import RateLimiter
+from emberbox.store import LOCAL_TENANT_ID, Store, tenants, utcnow
+from emberbox.store.tenants import AuditEntry
+
+log = logging.getLogger(__name__)
+
+ENV_KEY_ID = "env"  # the key id audited for Settings.api_key
+TOUCH_INTERVAL_S = 60.0  # last_used_at is written at most this often per key
+# Wrong keys per client address: a burst, then one a second (then 429 without a lookup).
+FAILED_AUTH_BURST = 20
+FAILED_AUTH_PER_S = 1.0
+Kind = Literal["sandbox", "snapshot"]
+_TABLES: dict[Kind, str] = {"sandbox": "sandboxes", "snapshot": "snapshots"}
+
+MISSING_KEY = "missing API key: send Authorization: Bearer <key> (or X-API-Key: <key>)"
+WRONG_KEY = "wrong, unknown or revoked API key"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: a tenant, whether it is an admin, and the key it used."""
+
+    tenant_id: str
+    tenant_name: str
+    admin: bool
+    key_id: str | None  # None in local mode
+
+    def sees(self, owner: str | None) -> bool:
+        return owner is not None and (self.admin or owner == self.tenant_id)
+
+
+LOCAL = Principal(LOCAL_TENANT_ID, LOCAL_TENANT_ID, admin=True, key_id=None)
+
+
+class Tenancy:
+    """Authentication, rate limits, ownership and audit for one server."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self.limiter = RateLimiter(
+            settings.rate_limit_per_s, settings.rate_limit_burst, clock=clock
+        )
+        secret = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+        self._env_key = secret.encode() if secret else None
+        self.failures = RateLimiter(FAILED_AUTH_PER_S, FAILED_AUTH_BURST, clock=clock)
+        self._clock = clock
+        self._store: Store | None = None
+        self._opening = anyio.Lock()
+        self._touched: dict[str, float] = {}
+
+    async def store(self) -> Store:
+        """The tenancy connection, opened (and the schema migrated) on first use."""
+        async with self._opening:
+            if self._store is None or self._store.closed:
+                self._store = await Store.open(self._settings.db_path)
+            return self._store
+
+    async def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
+
+    # -- authentication --------------------------------------------------------------------
+
+    async def authenticate(self, token: str | None, client: str = "") -> Principal:
+        """The caller of a request that sent ``token`` (None: no key) from the address
+        ``client``. Unauthorized or RateLimited otherwise."""
+        if token:
+            return await self._verify(token, client)
+        if self._env_key is not None:
+            raise errors.Unauthorized(MISSING_KEY)
+        if not is_loopback(self._settings.host):
+            raise errors.Unauthorized(f"{MISSING_KEY}; keys are needed beyond loopback")
+        if self._settings.mode == "production":  # never fall back to keyless admin
+            raise errors.Unauthorized(f"{MISSING_KEY}; production mode needs keys")
+        store = await self.store()
+        if await store.call(tenants.any_active_key):
+            raise errors.Unauthorized(MISSING_KEY)
+        return LOCAL
+
+    async def _verify(self, token: str, client: str) -> Principal:
+        if self._env_key is not None and hmac.compare_digest(token.encode(), self._env_key):
+            self._limit(ENV_KEY_ID)
+            return Principal(LOCAL_TENANT_ID, LOCAL_TENANT_ID, admin=True, key_id=ENV_KEY_ID)
+        wait_s = self.failures.wait(client)
+        if wait_s > 0:  # guessing keys from this address: no more disk work for it
+            raise errors.RateLimited(
+                f"too many failed authentications from {client or 'this client'}; "
+                f"retry in {wait_s:.2f} s",
+                retry_after_s=wait_s,
+                quota="failed_auth",
+            )
+        principal = await self._lookup(token)
+        if principal is None or principal.key_id is None:
+            self.failures.take(client)
+            raise errors.Unauthorized(WRONG_KEY)
+        self._limit(principal.key_id)  # only now: nobody can spend another key's budget
+        return principal
+
+    async def _lookup(self, token: str) -> Principal | None:
+        """The principal of a well-formed, known, unrevoked key with the right secret."""
+        parsed = parse_key(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        store = await self.store()
+        found = await store.call(lambda conn: tenants.key_with_tenant(conn, key_id))
+        if found is None:
+            return None
+        key, tenant = found
+        if key.revoked_at is not None or not secret_matches(secret, key.key_hash):
+            return None
+        await self._touch(store, key_id)
+        return Principal(tenant.id, tenant.name, tenant.admin, key_id)
+
+    def _limit(self, key_id: str) -> None:
+        wait_s = self.limiter.take(key_id)
+        if wait_s > 0:
+            rate, burst = self._settings.rate_limit_per_s, self._settings.rate_limit_burst
+            raise errors.RateLimited(
+                f"rate limit exceeded for key {key_id}: at most {rate:g} requests/s "
+                f"(bursts of {burst}); retry in {wait_s:.2f} s",
+                retry_after_s=wait_s,
+                quota="rate_limit_per_s",
+            )
+
+    async def _touch(self, store: Store, key_id: str) -> None:
+        now = self._clock()
+        last = self._touched.get(key_id)
+        if last is not None and now - last < TOUCH_INTERVAL_S:
+            return
+        self._touched[key_id] = now
+        at = utcnow()
+        try:
+            await store.call(lambda conn: tenants.touch_key(conn, key_id, at))
+        except Exception:  # bookkeeping: never fail the request for it
+            log.exception("could not record the use of key %s", key_id)
+
+    # -- ownership -------------------------------------------------------------------------
+
+    async def check_owner(self, principal: Principal, kind: Kind, object_id: str) -> None:
+        """NotFound, worded as for an unknown id, unless ``principal`` may see it."""
+        if principal.admin:
+            return
+        store = await self.store()
+        table = _TABLES[kind]
+        owner = await store.call(lambda conn: tenants.owner_of(conn, table, object_id))
+        if not principal.sees(owner):
+            raise errors.NotFound(f"no {kind} {object_id}", **{f"{kind}_id": object_id})
+
+    # -- audit -----------------------------------------------------------------------------
+
+    async def audit(self, entry: AuditEntry) -> None:
+        """Append to the audit log; a failure is logged, never raised."""
+        try:
+            store = await self.store()
+            await store.call(lambda conn: tenants.insert_audit(conn, entry))
+        except Exception:
+            log.exception("could not write the audit log entry %s", entry)
+
+    async def audit_log(
+        self, *, tenant: str | None = None, action: str | None = None, limit: int = 100
+    ) -> list[tuple[AuditEntry, str]]:
+        """Entries, newest first, with their tenant's name; ``tenant`` is a name or id."""
+        store = await self.store()
+        return await store.call(lambda conn: read_audit(conn, tenant, action, limit))
+
+
+def read_audit(
+    conn: sqlite3.Connection, tenant: str | None, action: str | None, limit: int
+) -> list[tuple[AuditEntry, str]]:
+    """(Blocking; the server and ``emberbox audit``) audit entries with tenant names."""
+    names = {row.id: row.name for row in tenants.list_tenants(conn)}
+    tenant_id = None
+    if tenant is not None:
+        by_name = {name: tid for tid, name in names.items()}
+        tenant_id = by_name.get(tenant, tenant)
+    entries = tenants.list_audit(conn, tenant_id=tenant_id, action=action, limit=limit)
+    return [(entry, names.get(entry.tenant_id, entry.tenant_id)) for entry in entries]

@@ -1,0 +1,102 @@
+"""How the service gets real VMs: restore the image's template snapshot, and boot cold
+only when no template can be had (logged). Shares one driver, chosen once."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.images.registry import ImageRegistry
+from emberbox.net.plan import NetworkPlan
+from emberbox.service.vm.machine import Sandbox
+from emberbox.service.vm.templates import Templates
+from emberbox.vmm.base import Lifetime, SnapshotFiles
+from emberbox.vmm.select import DriverCache
+
+log = logging.getLogger(__name__)
+
+# A restored guest answers in well under a second; waiting longer only delays the
+# cold-boot fallback.
+RESTORE_TIMEOUT_S = 10.0
+
+
+class Launcher:
+    """``start`` / ``restore`` / ``attach`` for the manager (see SandboxFactory & co)."""
+
+    def __init__(self) -> None:
+        self._drivers = DriverCache()
+        self._templates: Templates | None = None
+
+    async def start(
+        self,
+        settings: Settings,
+        *,
+        image: str,
+        vcpus: int,
+        memory_mib: int,
+        sandbox_id: str,
+        lifetime: Lifetime,
+        network: NetworkPlan | None = None,
+    ) -> Sandbox:
+        """A sandbox from the template (its NIC gets ``network``'s TAP, or leads
+        nowhere), or a cold boot when there is no template."""
+        driver = self._drivers.get(settings, image)
+        shape: dict[str, Any] = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
+        if settings.templates:
+            template = await self._template(settings, driver, **shape)
+            if template is not None:
+                try:
+                    return await Sandbox.restore(
+                        settings,
+                        template,
+                        **shape,
+                        sandbox_id=sandbox_id,
+                        lifetime=lifetime,
+                        driver=driver,
+                        timeout_s=RESTORE_TIMEOUT_S,
+                        network=network,
+                        reset_network=False,  # a template's NIC was never up
+                    )
+                except (errors.VMMError, errors.AgentError, errors.SnapshotMismatch) as exc:
+                    log.warning(
+                        "sandbox %s: the template %s did not restore (%s); discarding it "
+                        "and booting cold",
+                        sandbox_id,
+                        template.directory.parent,
+                        exc.message,
+                    )
+                    self._templates_for(settings).discard(template)
+        log.info("sandbox %s: cold boot of image %s", sandbox_id, image)
+        return await Sandbox.start(
+            settings,
+            **shape,
+            sandbox_id=sandbox_id,
+            lifetime=lifetime,
+            driver=driver,
+            network=network,
+        )
+
+    async def restore(self, settings: Settings, snapshot: SnapshotFiles, **kwargs: Any) -> Sandbox:
+        driver = self._drivers.get(settings, kwargs.get("image"))
+        return await Sandbox.restore(settings, snapshot, driver=driver, **kwargs)
+
+    async def attach(self, settings: Settings, **kwargs: Any) -> Sandbox:
+        driver = self._drivers.get(settings, kwargs.get("image"))
+        return await Sandbox.attach(settings, driver=driver, **kwargs)
+
+    def _templates_for(self, settings: Settings) -> Templates:
+        if self._templates is None:
+            self._templates = Templates(settings)
+        return self._templates
+
+    async def _template(
+        self, settings: Settings, driver: Any, *, image: str, vcpus: int, memory_mib: int
+    ) -> SnapshotFiles | None:
+        info = ImageRegistry(settings).get(image)
+        try:
+            return await self._templates_for(settings).ensure(info, driver, vcpus, memory_mib)
+        except errors.EmberboxError as exc:
+            log.warning("no template for image %s (%s); booting cold", image, exc.message)
+            return None

@@ -1,0 +1,192 @@
+"""Template snapshots: per image, VMM and VM shape, one "ready" VM saved once and
+restored for every sandbox after that (see docs/snapshots.md).
+
+Layout (a cache: anything missing is rebuilt from the image)::
+
+    templates/<key>/current -> <generation>        (swapped atomically)
+    templates/<key>/<generation>/memory            guest RAM, never written once saved
+    templates/<key>/<generation>/snap/state        device state (no RAM), ~0.4 MB
+    templates/<key>/<generation>/snap/disk.qcow2   the disk as the template left it
+    templates/<key>/<generation>/meta.json         written last: the generation is whole
+
+A rebuild makes a new generation and never deletes an old one: sandboxes restored from
+it (and their snapshots) keep its disk as their backing file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from emberbox import errors
+from emberbox.config import Settings
+from emberbox.images.registry import ImageInfo
+from emberbox.service.vm.boot import boot_until_ready
+from emberbox.vmm.base import Driver, SnapshotFiles, VMConfig
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "4"  # bump when a template's files or meaning change: old ones are then ignored
+# 4: every VM has a virtio-net NIC (emberbox.vmm network_args), so restores keep the device set
+META = "meta.json"
+WARM_UP = "true; python3 -c pass"
+CURRENT = "current"
+
+
+def template_key(info: ImageInfo, driver: Driver, vcpus: int, memory_mib: int) -> str:
+    """Everything a template's RAM and device state depend on, hashed."""
+    parts = [LAYOUT, info.image_hash, driver.snapshot_key(), f"{vcpus}cpu", f"{memory_mib}MiB"]
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:24]
+
+
+class Templates:
+    """Finds or builds template snapshots; one build per key at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._locks: dict[str, anyio.Lock] = {}
+        self._known: dict[str, SnapshotFiles] = {}  # found on disk once: no re-reading
+
+    @property
+    def root(self) -> Path:
+        return self._settings.templates_dir
+
+    def current(self, key: str) -> SnapshotFiles | None:
+        """The key's current template, if one is whole on disk."""
+        generation = self.root / key / CURRENT
+        try:
+            meta = json.loads((generation / META).read_text())
+            return SnapshotFiles(
+                directory=generation.resolve() / "snap",
+                vmm=str(meta["vmm"]),
+                vmm_version=str(meta["vmm_version"]),
+                memory_file=generation.resolve() / "memory" if meta.get("shared_memory") else None,
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def ensure(
+        self, info: ImageInfo, driver: Driver, vcpus: int, memory_mib: int
+    ) -> SnapshotFiles:
+        """The template for this image and shape, building it first if needed (one VM
+        boot, ~5 s under TCG)."""
+        key = template_key(info, driver, vcpus, memory_mib)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        async with self._locks.setdefault(key, anyio.Lock()):
+            found = await anyio.to_thread.run_sync(self.current, key)
+            if found is None:
+                await anyio.to_thread.run_sync(self._check_room, key)
+                found = await self._build(key, info, driver, vcpus, memory_mib)
+            self._known[key] = found
+            return found
+
+    def _check_room(self, key: str) -> None:
+        """QuotaExceeded when ``templates_max`` templates of this layout exist already:
+        each shape a caller asks for would otherwise leave ~100+ MiB on disk for good."""
+        limit = self._settings.templates_max
+        held = [k for k in _layout_keys(self.root) if k != key]
+        if len(held) >= limit:
+            raise errors.QuotaExceeded(
+                f"{len(held)} templates exist (templates_max={limit}); this shape is not given one",
+                quota="templates_max",
+                limit=limit,
+            )
+
+    def discard(self, snapshot: SnapshotFiles) -> None:
+        """Stop using a template that failed to load; the next ensure() rebuilds. Its
+        files stay (something may still be backed by its disk)."""
+        generation = snapshot.directory.parent
+        self._known = {k: v for k, v in self._known.items() if v != snapshot}
+        link = generation.parent / CURRENT
+        with contextlib.suppress(OSError):
+            if link.resolve() == generation.resolve():
+                link.unlink()
+                log.warning("template %s discarded; it will be rebuilt", generation)
+
+    async def _build(
+        self, key: str, info: ImageInfo, driver: Driver, vcpus: int, memory_mib: int
+    ) -> SnapshotFiles:
+        settings = self._settings
+        generation = self.root / key / secrets.token_hex(4)
+        await anyio.to_thread.run_sync(lambda: generation.mkdir(0o700, parents=True))
+        vm_id = "tpl" + secrets.token_hex(5)
+        config = VMConfig(
+            vm_id=vm_id,
+            work_dir=settings.vms_dir / vm_id,
+            guest=info.files,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            console_log_max_bytes=settings.console_log_max_bytes,
+            memory_file=generation / "memory",
+        )
+        log.info(
+            "building template %s for image %s (%d vCPU, %d MiB)", key, info.name, vcpus, memory_mib
+        )
+        try:
+            ready = await boot_until_ready(
+                lambda: driver.start(config),
+                timeout_s=settings.boot_timeout_s,
+                attempts=settings.boot_attempts,
+                hostname="emberbox-template",
+                sandbox_id=vm_id,
+            )
+            try:
+                # Warm what every sandbox's first command needs (the agent's exec path,
+                # python3 in the page cache), so that clones start with it in their RAM.
+                await ready.agent.exec(WARM_UP, timeout_s=60)
+                # Saved with the agent connection open: to the guest nothing happens, and
+                # each clone's host simply connects and says hello.
+                snap = await ready.vm.snapshot(generation / "snap", stop=True)
+            finally:
+                await ready.agent.aclose()
+                await ready.vm.kill()
+            meta: dict[str, Any] = {
+                "layout": LAYOUT,
+                "key": key,
+                "image": info.name,
+                "image_hash": info.image_hash,
+                "vmm": snap.vmm,
+                "vmm_version": snap.vmm_version,
+                "shared_memory": snap.memory_file is not None,
+                "vcpus": vcpus,
+                "memory_mib": memory_mib,
+            }
+            await anyio.to_thread.run_sync(_commit, generation, meta)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, generation, True)
+            raise
+        found = await anyio.to_thread.run_sync(self.current, key)
+        assert found is not None
+        return found
+
+
+def _layout_keys(root: Path) -> list[str]:
+    """Keys whose current template was built with this LAYOUT."""
+    keys = []
+    for meta in root.glob(f"*/{CURRENT}/{META}"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(meta.read_text()).get("layout") == LAYOUT:
+                keys.append(meta.parent.parent.name)
+    return keys
+
+
+def _commit(generation: Path, meta: dict[str, Any]) -> None:
+    # The memory file stays writable by its owner: QEMU 7.2 opens a private file
+    # mapping read-write (its `readonly` makes the guest's RAM read-only too).
+    (generation / META).write_text(json.dumps(meta, indent=2))
+    tmp = generation.parent / f".{CURRENT}.{secrets.token_hex(4)}"
+    os.symlink(generation.name, tmp)
+    os.replace(tmp, generation.parent / CURRENT)

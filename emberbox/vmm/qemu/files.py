@@ -1,0 +1,176 @@
+"""The host side of QEMU's files: everything is opened here and handed over as fds.
+
+QEMU runs as an unprivileged user (:mod:`emberbox.vmm.vmm_user`) that cannot even
+traverse the data and cache dirs. So before each spawn the host binds and listens on the
+VM's unix sockets (0600, in its 0700 work dir), opens the kernel and initrd read-only,
+the overlay read-write and every backing layer read-only, and the RAM file; QEMU
+inherits exactly these descriptors (see :mod:`emberbox.vmm.qemu.argv`).
+
+The one file QEMU can write outside its overlay is a template's RAM file: QEMU 7.2 opens
+``mem-path`` read-write even for a private (``share=off``) mapping, so the file must be
+writable by the VMM user and is chowned to it. A compromised clone's QEMU could thus
+alter the RAM that later clones of the same template start from. QEMU >= 8.1
+(``rom=off``) could map a read-only file instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+from emberbox.errors import HostError, QuotaExceeded, VMMError
+from emberbox.vmm.base import VMConfig
+from emberbox.vmm.qemu import qcow2
+from emberbox.vmm.qemu.argv import DiskLayer, HostFds, QemuPaths, overlay_argv
+from emberbox.vmm.vmm_user import VmmUser
+
+SOCKET_MODE = 0o600
+WORK_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600  # overlays and saved disks
+
+
+class HostFiles:
+    """The descriptors opened for one QEMU. Close them once QEMU is spawned: QEMU keeps
+    its own copies, and a listening socket must close with QEMU so that a client of a
+    dead VM gets a reset instead of waiting forever."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self.pass_fds: list[int] = []
+
+    def _keep(self, fd: int) -> int:
+        self._stack.callback(os.close, fd)
+        self.pass_fds.append(fd)
+        return fd
+
+    def open(self, path: Path, flags: int) -> int:
+        return self._keep(os.open(path, flags | os.O_CLOEXEC))
+
+    def listen(self, path: Path) -> int:
+        """A listening unix socket at ``path``, mode 0600."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(sock.close)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)  # the 0700 work dir already hides it meanwhile
+        sock.listen(4)
+        self.pass_fds.append(sock.fileno())
+        return sock.fileno()
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def readable_by(path: Path, user: VmmUser | None) -> bool:
+    """Whether ``user`` may re-open ``path`` through ``/proc/self/fd`` (which checks
+    the file's own mode, though not the directories above it)."""
+    if user is None:
+        return True
+    info = path.stat()
+    if info.st_uid == user.uid:
+        return bool(info.st_mode & stat.S_IRUSR)
+    if info.st_gid == user.gid or info.st_gid in user.groups:
+        return bool(info.st_mode & stat.S_IRGRP)
+    return bool(info.st_mode & stat.S_IROTH)
+
+
+def open_host_files(
+    config: VMConfig, *, shared: bool, user: VmmUser | None
+) -> tuple[HostFiles, HostFds]:
+    """Open everything QEMU needs for ``config``; ``shared``: the RAM file is a new
+    template's (created) rather than a clone's (mapped privately)."""
+    paths = QemuPaths(config.work_dir)
+    files = HostFiles()
+    try:
+        for boot_file in (config.guest.kernel, config.guest.initrd):
+            if not readable_by(boot_file, user):
+                raise HostError(f"{boot_file} is not readable by the VMM user: chmod o+r it")
+        fds = HostFds(
+            qmp=files.listen(paths.qmp),
+            agent=files.listen(paths.agent),
+            console=files.listen(paths.console),
+            kernel=files.open(config.guest.kernel, os.O_RDONLY),
+            initrd=files.open(config.guest.initrd, os.O_RDONLY),
+            disk=_open_disk(files, paths.overlay),
+            memory=_open_memory(files, config.memory_file, shared, user),
+        )
+    except BaseException:
+        files.close()
+        raise
+    return files, fds
+
+
+def _open_disk(files: HostFiles, overlay: Path) -> tuple[DiskLayer, ...]:
+    try:
+        chain = qcow2.backing_chain(overlay)
+    except (OSError, qcow2.Qcow2Error) as exc:
+        raise VMMError(f"cannot follow the disk chain of {overlay}: {exc}") from exc
+    layers = []
+    for index, layer in enumerate(chain):
+        # The overlay's label is its path: it keeps the work dir in QEMU's argv, where
+        # attach() and the orphan sweep look for it.
+        label = str(layer.path) if index == 0 else f"layer{index}"
+        fd = files.open(layer.path, os.O_RDWR if index == 0 else os.O_RDONLY)
+        layers.append(DiskLayer(fd, layer.format, label))
+    return tuple(layers)
+
+
+def _open_memory(
+    files: HostFiles, memory_file: Path | None, shared: bool, user: VmmUser | None
+) -> int | None:
+    if memory_file is None:
+        return None
+    if shared:  # a new template: QEMU sizes the file and writes the guest's RAM to it
+        fd = files.open(memory_file, os.O_RDWR | os.O_CREAT)
+    else:  # a clone: QEMU re-opens it read-write (7.2) but maps it copy-on-write
+        fd = files.open(memory_file, os.O_RDONLY)
+    if user is not None and os.fstat(fd).st_uid != user.uid:
+        os.fchown(fd, user.uid, user.gid)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def make_work_dir(work_dir: Path) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True, mode=WORK_DIR_MODE)
+    work_dir.chmod(WORK_DIR_MODE)
+
+
+async def make_overlay(qemu_img: str, work_dir: Path, backing: Path, backing_format: str) -> None:
+    """A new qcow2 overlay in ``work_dir`` over ``backing`` (work dir removed on failure)."""
+    make_work_dir(work_dir)
+    overlay = QemuPaths(work_dir).overlay
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        overlay_argv(qemu_img, backing, overlay, backing_format),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise VMMError(f"qemu-img could not create the overlay: {proc.stderr.strip()}")
+    # Root's alone: QEMU gets a descriptor, and no other VMM user process can re-open
+    # it through /proc/PID/fd (which checks the file's own mode).
+    overlay.chmod(PRIVATE_FILE_MODE)
+
+
+def check_disk_cap(config: VMConfig, max_disk_mib: int | None) -> None:
+    """QuotaExceeded unless the overlay's virtual size (all the guest can ever write to
+    it) is within ``max_disk_mib`` (default: the image's root filesystem size)."""
+    overlay = QemuPaths(config.work_dir).overlay
+    size = qcow2.read_header(overlay).virtual_size
+    cap = max_disk_mib << 20 if max_disk_mib is not None else config.guest.rootfs.stat().st_size
+    if size > cap:
+        raise QuotaExceeded(
+            f"the sandbox disk would be {size >> 20} MiB, over the {cap >> 20} MiB cap "
+            "(EMBERBOX_MAX_DISK_MIB)",
+            disk_mib=size >> 20,
+            max_disk_mib=cap >> 20,
+        )
