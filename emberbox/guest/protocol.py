@@ -57,6 +57,32 @@ class Kind(enum.IntEnum):
 JSON_KINDS = frozenset({Kind.REQUEST, Kind.RESPONSE, Kind.EVENT})
 
 
+class Op(str, enum.Enum):
+    """Every request op the agent answers (docs/protocol.md, "Ops"); both sides use it."""
+
+    HELLO = "hello"
+    PING = "ping"
+    SHUTDOWN = "shutdown"
+    EXEC = "exec"
+    SPAWN = "spawn"
+    ATTACH = "attach"
+    WRITE_STDIN = "write_stdin"
+    SIGNAL = "signal"
+    RESIZE = "resize"
+    WAIT = "wait"
+    PS = "ps"
+    FORGET = "forget"
+    STAT = "stat"
+    LIST = "list"
+    READ = "read"
+    WRITE = "write"
+    MKDIR = "mkdir"
+    REMOVE = "remove"
+    RENAME = "rename"
+    TAR_OUT = "tar_out"
+    TAR_IN = "tar_in"
+
+
 class ProtocolViolation(ValueError):
     """The bytes received are not a valid frame stream."""
 
