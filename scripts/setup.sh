@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2)
+# Every program the product or the tests run: cpio (tests list the initramfs with it),
+# debugfs (e2fsprogs), qemu-img (qemu-utils), pgrep (procps), ip (iproute2), nft.
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

@@ -1,0 +1,1 @@
+"""Fakes, servers and factories the tests share (type-checked by mypy)."""
