@@ -10,8 +10,10 @@ setup:
 run: setup
 	@$(PY) scripts/demo.py
 
+# Two workers: the VM tests stay together on one (they share booted servers and VMs, see
+# tests/conftest.py), the pure unit tests run beside them; the 15 slowest are listed.
 test: setup lint typecheck
-	.venv/bin/pytest -p no:cacheprovider
+	.venv/bin/pytest -p no:cacheprovider -n 2 --dist loadgroup --durations=15
 
 unit: setup
 	.venv/bin/pytest -p no:cacheprovider tests/unit
@@ -21,6 +23,7 @@ integration: setup
 
 lint:
 	.venv/bin/ruff check emberbox tests bench scripts
+	.venv/bin/lint-imports
 	.venv/bin/ruff format --check emberbox tests bench scripts
 
 typecheck:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from bench.harness import Variant, ms_since, progress, wait_pool_full
+from bench.harness import TRUE, Variant, ms_since, progress, wait_pool_full
 from bench.stats import Measurement, Report
 from emberbox.service.sandboxes.manager import SandboxManager
 
@@ -33,7 +33,7 @@ async def sample_create(manager: SandboxManager, running: Measurement, first: Me
     record = await manager.create()
     try:
         running.samples.append(ms_since(started))
-        result = await manager.exec(record.id, ["true"])
+        result = await manager.exec(record.id, TRUE)
         first.samples.append(ms_since(started))
         if result.exit_code != 0:
             raise RuntimeError(f"`true` exited {result.exit_code} in sandbox {record.id}")
@@ -64,7 +64,7 @@ async def create_to_first_exec(variants: list[Variant], rounds: int, report: Rep
             await wait_pool_full(pool)
             for _ in range(EXECS_PER_ROUND):
                 started = time.perf_counter()
-                await host.exec(long_lived.id, ["true"])
+                await host.exec(long_lived.id, TRUE)
                 rtt.samples.append(ms_since(started))
     finally:
         await host.kill(long_lived.id)

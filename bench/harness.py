@@ -23,6 +23,7 @@ import anyio.to_thread
 import httpx
 import uvicorn
 
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes import orphans
 from emberbox.service.sandboxes.manager import SandboxManager
@@ -30,6 +31,7 @@ from emberbox.service.sandboxes.manager import SandboxManager
 POOL_REFILL_TIMEOUT_S = 120.0
 POOL_FIRST_FILL_TIMEOUT_S = 90.0  # may include building the template: ~15 s under TCG
 SERVER_START_TIMEOUT_S = 60.0
+TRUE = ExecSpec(["true"])  # the command every measurement runs
 _T0 = time.monotonic()
 
 
@@ -165,7 +167,7 @@ async def _warm_up(variant: Variant, manager: SandboxManager) -> None:
     await wait_pool_full(variant, POOL_FIRST_FILL_TIMEOUT_S)
     record = await manager.create()
     try:
-        await manager.exec(record.id, ["true"])
+        await manager.exec(record.id, TRUE)
         argv = vmm_argv(record.vmm_pid)
     finally:
         await manager.kill(record.id)

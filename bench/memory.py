@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from bench.harness import Variant, progress
+from bench.harness import TRUE, Variant, progress
 from bench.stats import Measurement, Report
 
 KIB_PER_MIB = 1024
@@ -125,7 +125,7 @@ async def idle_vms(variant: Variant, count: int) -> list[VMMemory]:
         for _ in range(count):
             record = await manager.create()
             ids.append(record.id)
-            await manager.exec(record.id, ["true"])
+            await manager.exec(record.id, TRUE)
             records.append(record)
         await anyio.sleep(SETTLE_S)
         return [vm_memory(r.vmm_pid, r.memory_mib) for r in records if r.vmm_pid is not None]

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import time
 
-from bench.harness import MissingAPI, Skip, Variant, ms_since, progress, require_methods
+from bench.harness import (
+    TRUE,
+    MissingAPI,
+    Skip,
+    Variant,
+    ms_since,
+    progress,
+    require_methods,
+)
 from bench.memory import KIB_PER_MIB, vm_memory
 from bench.stats import Measurement, Report
 from emberbox.service.sandboxes.manager import SandboxManager
@@ -28,7 +36,7 @@ async def snapshot_one_size(
     touched = Measurement(f"guest RAM touched at snapshot: {memory_mib} MiB guest", unit="mib")
     record = await manager.create(memory_mib=memory_mib)
     try:
-        await manager.exec(record.id, ["true"])
+        await manager.exec(record.id, TRUE)
         for _ in range(runs):
             if record.vmm_pid is not None:
                 mem = vm_memory(record.vmm_pid, memory_mib)

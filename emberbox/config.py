@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # when set, every API call needs "Bearer <key>"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Server log lines: "text" for people, "json" (one object per line) for log shippers.
+    log_format: Literal["text", "json"] = "text"
     max_sandboxes: int = Field(default=16, ge=1)
     default_timeout_s: int = Field(default=300, ge=1)
     max_timeout_s: int = Field(default=24 * 3600, ge=1)
@@ -116,6 +118,13 @@ class Settings(BaseSettings):
     tenant_max_snapshots: int = Field(default=16, ge=0)
     rate_limit_per_s: float = Field(default=20.0, gt=0)  # requests per second per key
     rate_limit_burst: int = Field(default=100, ge=1)  # requests a key may send at once
+
+    # Browsers (see docs/console.md): terminal tickets for the PTY WebSocket, the origins
+    # a WebSocket may come from besides the server's own, and the console's xterm.js files.
+    pty_ticket_ttl_s: float = Field(default=30.0, gt=0, le=600)
+    pty_tickets_max: int = Field(default=10_000, ge=1)  # in memory; past it the oldest go
+    websocket_allowed_origins: list[str] = Field(default_factory=list)  # "https://host:port"
+    console_assets_dir: Path | None = None  # None: emberbox/api/console/vendor (setup.sh)
 
     @property
     def images_dir(self) -> Path:

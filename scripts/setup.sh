@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Every program the product or the tests run: cpio (tests list the initramfs with it),
-# debugfs (e2fsprogs), qemu-img (qemu-utils), pgrep (procps), ip (iproute2), nft.
-APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio)
+# debugfs (e2fsprogs), qemu-img (qemu-utils), pgrep (procps), ip (iproute2), nft;
+# chromium (+ a font) for the web console's browser tests (tests/integration/test_console.py).
+APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio chromium fonts-dejavu-core)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -36,9 +37,12 @@ stamp=.venv/.emberbox-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing emberbox into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -U pip
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[server,dev]'
     touch "$stamp"
 fi
+
+# The web console's xterm.js, pinned in scripts/console/package-lock.json (not committed).
+scripts/console-assets.sh
 
 .venv/bin/emberbox image build --name default
 # The one-shot runner's image (POST /v1/run): cached like the default, ~40 s cold.

@@ -7,10 +7,8 @@ tail is printed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,16 +17,12 @@ import pytest
 from emberbox.config import Settings
 from emberbox.images.build import ImageBuilder
 from emberbox.images.registry import ImageInfo
+from tests.support.paths import qemu_pids_under, short_tmp_dir
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def short_tmp_dir(prefix: str) -> Path:
-    """A temp dir under /tmp: unix socket paths must stay under 108 bytes."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +35,13 @@ def image_settings() -> Settings:
 def default_image(image_settings: Settings) -> ImageInfo:
     """The default image, built once if missing (a cache hit when it is up to date)."""
     info, _ = ImageBuilder(image_settings).build("default")
+    return info
+
+
+@pytest.fixture(scope="module")
+def polyglot_image() -> ImageInfo:
+    """The polyglot image, built once if missing (a cache hit when it is up to date)."""
+    info, _ = ImageBuilder(Settings()).build("polyglot")
     return info
 
 
@@ -77,30 +78,15 @@ def settings(
     return image_settings.model_copy(update={"data_dir": data_dir, "vmm": vmm, "pool_size": 0})
 
 
-def qemu_pids_under(path: Path) -> list[int]:
-    """PIDs of processes whose command line mentions ``path`` (VMMs we started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(path).encode() in cmdline and b"qemu" in cmdline.split(b"\0")[0]:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 async def sandbox_factory(settings: Settings) -> AsyncIterator[object]:
     """Boots sandboxes for a test and kills every one of them afterwards."""
-    from emberbox.service.vm.machine import Sandbox
+    from emberbox.service.vm.machine import SandboxVM
 
-    made: list[Sandbox] = []
+    made: list[SandboxVM] = []
 
-    async def make(**kwargs: object) -> Sandbox:
-        sb = await Sandbox.start(settings, **kwargs)  # type: ignore[arg-type]
+    async def make(**kwargs: object) -> SandboxVM:
+        sb = await SandboxVM.start(settings, **kwargs)  # type: ignore[arg-type]
         made.append(sb)
         return sb
 

@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -36,25 +36,29 @@ from emberbox.agent_client.answers import (
     process_infos_from,
     process_status_from,
 )
+from emberbox.agent_client.calls import AgentCalls, OutputCallback
 from emberbox.agent_client.link import AgentLink, checked
+from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 from emberbox.guest import protocol
+from emberbox.guest.protocol import Op
 
 __all__ = [
+    "AgentCalls",
     "AgentClient",
     "ExecLimits",
     "ExecResult",
+    "ExecSpec",
     "FileInfo",
     "FileType",
     "HelloInfo",
     "OutputCallback",
     "ProcessInfo",
     "ProcessStatus",
+    "SpawnSpec",
 ]
 
 HELLO_RESEND_S = 0.5
 EXEC_GRACE_S = 15.0  # how long past its own timeout an exec may take to be answered
-
-OutputCallback = Callable[[bytes], object]
 
 
 class AgentClient:
@@ -66,7 +70,7 @@ class AgentClient:
 
         async with AgentClient(reader, writer) as agent:
             await agent.handshake(timeout_s=30)
-            result = await agent.exec(["uname", "-a"], timeout_s=10)
+            result = await agent.exec(ExecSpec(["uname", "-a"], timeout_s=10))
             await agent.write_file("/tmp/x", b"data")
     """
 
@@ -108,7 +112,7 @@ class AgentClient:
         virtio-serial port early bytes can be lost, hence the resends.
         """
         body = {
-            "op": "hello",
+            "op": Op.HELLO,
             "protocol": protocol.PROTOCOL_VERSION,
             "entropy": base64.b64encode(entropy or os.urandom(64)).decode("ascii"),
             "hostname": hostname,
@@ -135,7 +139,7 @@ class AgentClient:
         """A hello that only sets up the guest's NIC (``network``; see guest/netconf.py)
         or takes it down (None). Raises AgentRequestFailed when the guest cannot."""
         hello = {"protocol": protocol.PROTOCOL_VERSION, "network": network}
-        answer = await asyncio.wait_for(self.request("hello", **hello), timeout_s)
+        answer = await asyncio.wait_for(self.request(Op.HELLO, **hello), timeout_s)
         return hello_info_from(answer)
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -143,42 +147,33 @@ class AgentClient:
         return await self._link.request({"op": op, **fields})
 
     async def ping(self) -> None:
-        await self.request("ping")
+        await self.request(Op.PING)
 
     async def shutdown(self) -> None:
         """Ask the guest to power off; the channel closing right after is expected."""
         with contextlib.suppress(errors.AgentDisconnected):
-            await self.request("shutdown")
+            await self.request(Op.SHUTDOWN)
 
     # -- commands --------------------------------------------------------------------------
 
     async def exec(
         self,
-        cmd: list[str] | str,
+        spec: ExecSpec,
         *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        output_max_bytes: int | None = None,
-        limits: ExecLimits | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        """Run a command (list: argv; str: ``/bin/sh -c``) and wait for it to end.
+        """Run ``spec.cmd`` (a sequence: argv; a string: ``/bin/sh -c``) and wait for it to end.
 
         ``on_stdout``/``on_stderr`` get each chunk as it arrives (coroutines are awaited).
-        A command past ``timeout_s`` is killed by the agent (``timed_out=True``); if the
-        agent does not answer within ``timeout_s + 15`` seconds, ExecTimeout is raised.
-        ``limits`` runs it in a cgroup of its own (``memory_limited``, ``peak_memory_kib``).
+        A command past ``spec.timeout_s`` is killed by the agent (``timed_out=True``); if
+        the agent does not answer within ``timeout_s + 15`` seconds, ExecTimeout is raised.
+        ``spec.limits`` runs it in a cgroup of its own (``memory_limited``,
+        ``peak_memory_kib``).
         """
-        body = {
-            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
-            "op": "exec",
-            "stdin": base64.b64encode(stdin).decode("ascii") if stdin is not None else None,
-        }
         output = _Output(on_stdout, on_stderr)
-        deadline = None if timeout_s is None else timeout_s + EXEC_GRACE_S
+        body = {**spec.wire(), "op": Op.EXEC}
+        deadline = None if spec.timeout_s is None else spec.timeout_s + EXEC_GRACE_S
         try:
             answer = await asyncio.wait_for(self._link.request(body, output.feed), deadline)
         except TimeoutError:
@@ -189,28 +184,13 @@ class AgentClient:
 
     # -- background processes --------------------------------------------------------------
 
-    async def spawn(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        output_max_bytes: int | None = None,
-        pty: tuple[int, int] | None = None,
-        limits: ExecLimits | None = None,
-    ) -> int:
-        """Start ``cmd`` in the background, in its own session; returns its guest pid.
+    async def spawn(self, spec: SpawnSpec) -> int:
+        """Start ``spec.cmd`` in the background, in its own session; returns its guest pid.
 
-        ``pty=(cols, rows)`` runs it on a terminal. Its output is kept in a buffer of
-        ``output_max_bytes`` (default 1 MiB, oldest bytes dropped) for :meth:`attach`.
+        ``spec.pty=(cols, rows)`` runs it on a terminal. Its output is kept in a buffer of
+        ``spec.output_max_bytes`` (default 1 MiB, oldest bytes dropped) for :meth:`attach`.
         """
-        body = {
-            **_command(cmd, env, cwd, timeout_s, output_max_bytes, limits),
-            "op": "spawn",
-            "pty": None if pty is None else {"cols": pty[0], "rows": pty[1]},
-        }
-        return int((await self._link.request(body))["pid"])
+        return int((await self._link.request({**spec.wire(), "op": Op.SPAWN}))["pid"])
 
     async def attach(
         self,
@@ -223,7 +203,7 @@ class AgentClient:
         """Follow a spawned process's output (its buffer first, with ``from_start``)
         until it ends; returns how it ended. With a PTY all output is stdout."""
         output = _Output(on_stdout, on_stderr, keep=False)
-        body = {"op": "attach", "pid": pid, "from_start": from_start}
+        body = {"op": Op.ATTACH, "pid": pid, "from_start": from_start}
         return process_status_from(await self._link.request(body, output.feed))
 
     async def write_stdin(
@@ -231,45 +211,47 @@ class AgentClient:
     ) -> int:
         """Write to a spawned process's stdin; returns the bytes written. ``close``
         closes stdin afterwards (on a PTY: sends the terminal's end-of-file, ^D)."""
-        body = {"op": "write_stdin", "pid": pid, "close": close}
+        body = {"op": Op.WRITE_STDIN, "pid": pid, "close": close}
         return int((await self._link.upload(body, data))["written"])
 
     async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None:
         """Send ``sig`` (``"TERM"``, ``"SIGKILL"``, 15) to the process (its group)."""
-        await self.request("signal", pid=pid, signal=sig, group=group)
+        await self.request(Op.SIGNAL, pid=pid, signal=sig, group=group)
 
     async def resize(self, pid: int, cols: int, rows: int) -> None:
         """Resize a spawned process's PTY (Conflict if it has none)."""
-        await self.request("resize", pid=pid, cols=cols, rows=rows)
+        await self.request(Op.RESIZE, pid=pid, cols=cols, rows=rows)
 
     async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
         """The process's status after waiting up to ``timeout_s`` (None: no wait)."""
-        return process_status_from(await self.request("wait", pid=pid, timeout_s=timeout_s))
+        return process_status_from(await self.request(Op.WAIT, pid=pid, timeout_s=timeout_s))
 
     async def ps(self) -> list[ProcessInfo]:
         """Every spawned process the agent remembers, running or ended."""
-        return process_infos_from(await self.request("ps"))
+        return process_infos_from(await self.request(Op.PS))
 
     async def forget(self, pid: int) -> None:
         """Drop an ended process's record and buffer (Conflict while it runs)."""
-        await self.request("forget", pid=pid)
+        await self.request(Op.FORGET, pid=pid)
 
     # -- files (paths in the guest: relative ones from /) ----------------------------------
 
     async def stat(self, path: str) -> FileInfo:
         """The file at ``path`` (not following a final symlink)."""
-        return file_info_from(path, await self.request("stat", path=path))
+        return file_info_from(path, await self.request(Op.STAT, path=path))
 
     async def list_dir(self, path: str) -> list[FileInfo]:
         """The directory's entries, sorted by name."""
-        return file_infos_from(path, await self.request("list", path=path))
+        return file_infos_from(path, await self.request(Op.LIST, path=path))
 
     def read_file(
         self, path: str, *, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
         """The file's bytes from ``offset`` (``length`` of them, None: to the end) in
         chunks of at most 64 KiB, streamed as the caller consumes them."""
-        return self._link.download({"op": "read", "path": path, "offset": offset, "length": length})
+        return self._link.download(
+            {"op": Op.READ, "path": path, "offset": offset, "length": length}
+        )
 
     async def write_file(
         self,
@@ -283,7 +265,7 @@ class AgentClient:
         """Write ``data`` at ``offset`` as it comes; returns the bytes written. ``mode``
         applies to a new file; ``truncate`` makes the file end where the data ends."""
         body = {
-            "op": "write",
+            "op": Op.WRITE,
             "path": path,
             "mode": mode,
             "offset": offset,
@@ -292,42 +274,22 @@ class AgentClient:
         return int((await self._link.upload(body, data))["written"])
 
     async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
-        await self.request("mkdir", path=path, parents=parents, mode=mode)
+        await self.request(Op.MKDIR, path=path, parents=parents, mode=mode)
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self.request("remove", path=path, recursive=recursive)
+        await self.request(Op.REMOVE, path=path, recursive=recursive)
 
     async def rename(self, src: str, dst: str) -> None:
-        await self.request("rename", src=src, dst=dst)
+        await self.request(Op.RENAME, src=src, dst=dst)
 
     def tar_out(self, path: str) -> AsyncIterator[bytes]:
         """A POSIX tar stream of ``path``: a directory's contents, or one file."""
-        return self._link.download({"op": "tar_out", "path": path})
+        return self._link.download({"op": Op.TAR_OUT, "path": path})
 
     async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int:
         """Extract the tar stream ``data`` into the directory ``path`` (made if missing);
         returns the member count. Unsafe members fail it with InvalidRequest."""
-        return int((await self._link.upload({"op": "tar_in", "path": path}, data))["entries"])
-
-
-def _command(
-    cmd: list[str] | str,
-    env: dict[str, str] | None,
-    cwd: str | None,
-    timeout_s: float | None,
-    output_max_bytes: int | None,
-    limits: ExecLimits | None,
-) -> dict[str, Any]:
-    """The fields exec and spawn share."""
-    return {
-        "argv": cmd if isinstance(cmd, list) else None,
-        "shell": cmd if isinstance(cmd, str) else None,
-        "env": env or {},
-        "cwd": cwd,
-        "timeout_s": timeout_s,
-        "output_max_bytes": output_max_bytes,
-        "limits": None if limits is None else limits.wire(),
-    }
+        return int((await self._link.upload({"op": Op.TAR_IN, "path": path}, data))["entries"])
 
 
 class _Output:

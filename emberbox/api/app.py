@@ -7,15 +7,27 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from emberbox import __version__
+from emberbox._version import __version__
 from emberbox.api.auth import audited, authenticate, authorize_websocket, require_owner
 from emberbox.api.deps import AppContext
 from emberbox.api.errors import error_responses, install_error_handlers
-from emberbox.api.routes import audit, files, processes, pty, sandboxes, snapshots, system
-from emberbox.api.routes import compat as seed
-from emberbox.api.routes.oneshot import router as run_router
+from emberbox.api.mcp import McpEndpoint
+from emberbox.api.observe import ObserveMiddleware
+from emberbox.api.routes import (
+    audit,
+    compat,
+    console,
+    files,
+    metrics,
+    oneshot,
+    processes,
+    pty,
+    sandboxes,
+    snapshots,
+    system,
+)
 from emberbox.config import Settings
-from emberbox.images.registry import ImageRegistry
+from emberbox.service.catalog import ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
 from emberbox.service.tenancy.access import Tenancy
 
@@ -38,16 +50,19 @@ def create_app(
         manager = SandboxManager(settings, image_registry=registry)
     tenancy = Tenancy(settings)
     context = AppContext(settings=settings, manager=manager, registry=registry, tenancy=tenancy)
+    mcp = McpEndpoint(settings)  # the MCP tools at /mcp; their sessions live in the lifespan
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             if not owned:
-                yield
+                async with mcp.running():
+                    yield
                 return
             await context.manager.start()
             try:
-                yield
+                async with mcp.running():
+                    yield
             finally:
                 await context.manager.close()
         finally:
@@ -60,6 +75,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.emberbox = context
+    app.add_middleware(ObserveMiddleware)
     install_error_handlers(app)
     # Who calls (401/429), the audit log, then the owner of any id in the path (404).
     guarded = [Depends(authenticate), Depends(audited, scope="function"), Depends(require_owner)]
@@ -71,10 +87,15 @@ def create_app(
     # A WebSocket answers errors in frames after accepting: the check's outcome is kept
     # for the route's require_api_key().
     app.include_router(pty.router, dependencies=[Depends(authorize_websocket)])
-    app.include_router(seed.router, dependencies=guarded, responses=auth_errors)
-    app.include_router(run_router, dependencies=guarded, responses=auth_errors)
+    app.include_router(pty.ticket_router, dependencies=guarded, responses=auth_errors)
+    app.include_router(compat.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(oneshot.router, dependencies=guarded, responses=auth_errors)
     app.include_router(audit.router, dependencies=guarded, responses=auth_errors)
+    # Authenticated by the endpoint itself (a raw ASGI app: no dependencies), then MCP.
+    app.router.routes.append(mcp.route())
     app.include_router(system.router)
+    app.include_router(console.router)  # static files only: the page calls the API above
+    app.include_router(metrics.router)
     return app
 
 

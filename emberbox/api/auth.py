@@ -16,10 +16,16 @@ from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
 from emberbox import errors
+from emberbox.api import browsers
 from emberbox.api.deps import get_context
-from emberbox.service.tenancy.access import Kind, Principal, Tenancy
-from emberbox.store import LOCAL_TENANT_ID
-from emberbox.store.tenants import AuditEntry
+from emberbox.logs import request_context
+from emberbox.service.tenancy.access import (
+    LOCAL_TENANT_ID,
+    AuditEntry,
+    Kind,
+    Principal,
+    Tenancy,
+)
 
 if TYPE_CHECKING:
     from starlette.datastructures import Headers
@@ -85,6 +91,9 @@ async def authenticate(connection: HTTPConnection) -> Principal:
     tenancy = get_tenancy(connection)
     principal = await tenancy.authenticate(presented_key(connection.headers), client)
     connection.state.principal = principal
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.tenant = principal.tenant_id
     return principal
 
 
@@ -100,14 +109,20 @@ async def require_owner(connection: HTTPConnection, principal: PrincipalDep) -> 
         value = connection.path_params.get(param)
         if value is not None:
             await tenancy.check_owner(principal, kind, str(value))
+    ctx = request_context.get()
+    sandbox_id = connection.path_params.get("sandbox_id")
+    if ctx is not None and sandbox_id is not None:
+        ctx.sandbox_id = str(sandbox_id)
 
 
 async def authorize_websocket(connection: HTTPConnection) -> None:
     """For WebSocket routes, which answer errors in frames after the handshake: the
     outcome of :func:`authenticate` and :func:`require_owner` is kept for
-    ``deps.require_api_key`` to raise once the socket is accepted."""
+    ``deps.require_api_key`` to raise once the socket is accepted. A browser's ``Origin``
+    is checked first, and its terminal ticket stands in for a key (:mod:`.browsers`)."""
     outcome = "ok"
     try:
+        _redeem_browser_ticket(connection)
         await require_owner(connection, await authenticate(connection))
     except errors.EmberboxError as exc:
         connection.state.auth_error = exc
@@ -123,6 +138,24 @@ async def authorize_websocket(connection: HTTPConnection) -> None:
             detail={"cmd": _cut(connection.query_params.get("cmd"))},
         )
         await get_tenancy(connection).audit(entry)
+
+
+def _redeem_browser_ticket(connection: HTTPConnection) -> None:
+    """Unauthorized for a page of another origin; a ticket among the subprotocols makes
+    its issuer the caller (used up even when the rest fails). A key and a ticket together
+    are refused: the connection would have two callers."""
+    context = get_context(connection)
+    headers = connection.headers
+    allowed = context.settings.websocket_allowed_origins
+    browsers.check_origin(headers.get("origin"), headers.get("host"), allowed)
+    ticket = browsers.offered_ticket(connection.scope.get("subprotocols", ()))
+    if ticket is None:
+        return
+    sandbox_id = str(connection.path_params.get("sandbox_id", ""))
+    principal = context.tenancy.tickets.redeem(ticket, sandbox_id)
+    if presented_key(headers) is not None:
+        raise errors.Unauthorized("send an API key or a terminal ticket, not both")
+    connection.state.principal = principal
 
 
 async def audited(request: Request, principal: PrincipalDep) -> AsyncIterator[None]:

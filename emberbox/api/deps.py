@@ -19,8 +19,8 @@ from emberbox.config import Settings
 from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
-    from emberbox.images.registry import ImageRegistry
-    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.catalog import ImageRegistry
+    from emberbox.service.guestio.files import SandboxFiles
     from emberbox.service.guestio.processes import Processes
     from emberbox.service.sandboxes.manager import SandboxManager
     from emberbox.service.tenancy.access import Tenancy
@@ -58,7 +58,7 @@ def get_processes(connection: HTTPConnection) -> Processes:
     return get_context(connection).manager.processes
 
 
-def get_files(connection: HTTPConnection) -> GuestFiles:
+def get_files(connection: HTTPConnection) -> SandboxFiles:
     return get_context(connection).manager.files
 
 
@@ -112,4 +112,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ManagerDep = Annotated["SandboxManager", Depends(get_manager)]
 RegistryDep = Annotated["ImageRegistry", Depends(get_registry)]
 ProcessesDep = Annotated["Processes", Depends(get_processes)]
-FilesDep = Annotated["GuestFiles", Depends(get_files)]
+FilesDep = Annotated["SandboxFiles", Depends(get_files)]

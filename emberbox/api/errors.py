@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emberbox import errors
 from emberbox.models import ErrorBody, ErrorDetail
+from emberbox.service import metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,20 @@ def error_detail(exc: errors.EmberboxError) -> ErrorDetail:
     return ErrorDetail(type=type(exc).__name__, message=exc.message, **extra)
 
 
+# Errors that are a limit saying no, counted apart as refusals (emberbox_refusals_total).
+_REFUSALS = {"RateLimited": "rate_limited", "Unauthorized": "failed_auth", "QuotaExceeded": "quota"}
+
+
+def count_error(type_name: str) -> None:
+    """One more answered error of this type (and refusal, for a limit's)."""
+    metrics.ERRORS.labels(type_name).inc()
+    if type_name in _REFUSALS:
+        metrics.REFUSALS.labels(_REFUSALS[type_name]).inc()
+
+
 async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.EmberboxError)
+    count_error(type(exc).__name__)
     if exc.status_code >= 500:
         log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     body = ErrorBody(error=error_detail(exc))
@@ -95,6 +108,7 @@ async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    count_error(VALIDATION_ERROR)
     return error_response(422, VALIDATION_ERROR, format_validation_errors(exc.errors()))
 
 
@@ -102,7 +116,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     # Routing errors (unknown path, wrong method), unparseable bodies and the auth check.
     assert isinstance(exc, StarletteHTTPException)
     names = {400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}
-    response = error_response(exc.status_code, names.get(exc.status_code, "HTTPError"), exc.detail)
+    name = names.get(exc.status_code, "HTTPError")
+    count_error(name)
+    response = error_response(exc.status_code, name, exc.detail)
     response.headers.update(exc.headers or {})
     return response
 
@@ -110,6 +126,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Last resort: a bug. Starlette re-raises after this so the server logs the traceback.
     log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    count_error("InternalError")
     return error_response(500, "EmberboxError", "internal error (see the server log)")
 
 

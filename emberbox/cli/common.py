@@ -5,15 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from emberbox.config import Settings
 from emberbox.errors import EmberboxError
+
+if TYPE_CHECKING:  # the server's settings: emberbox.config needs the `server` extra
+    from emberbox.config import Settings
 
 EXIT_ERROR = 125  # emberbox itself failed (as docker run does), not the user's command
 err_console = Console(stderr=True, highlight=False)
@@ -36,6 +38,8 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def load_settings() -> Settings:
+    from emberbox.config import Settings
+
     try:
         return Settings()
     except ValidationError as exc:

@@ -7,25 +7,20 @@ from typing import Annotated
 
 import typer
 
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.cli.common import clean_errors, err_console, load_settings, write_err, write_out
-from emberbox.service.vm.machine import Sandbox
+from emberbox.service.vm.machine import SandboxVM
 
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
 
 
-async def _run(
-    cmd: list[str],
-    image: str | None,
-    timeout_s: float | None,
-    vcpus: int | None,
-    memory_mib: int | None,
-) -> int:
+async def _run(spec: ExecSpec, image: str | None, vcpus: int | None, memory_mib: int | None) -> int:
     settings = load_settings()
-    async with Sandbox.boot(image, vcpus, memory_mib, settings=settings) as sb:
-        result = await sb.exec(cmd, timeout_s=timeout_s, on_stdout=write_out, on_stderr=write_err)
+    async with SandboxVM.boot(image, vcpus, memory_mib, settings=settings) as sb:
+        result = await sb.agent.exec(spec, on_stdout=write_out, on_stderr=write_err)
     if result.timed_out:
         err_console.print(
-            f"emberbox: command timed out after {timeout_s:g} s and was killed "
+            f"emberbox: command timed out after {spec.timeout_s:g} s and was killed "
             f"(exit code {EXIT_TIMEOUT})"
         )
         return EXIT_TIMEOUT
@@ -47,5 +42,5 @@ def run(
     Example: emberbox run -- python3 -c 'print(6*7)'
     """
     with clean_errors():
-        code = asyncio.run(_run(cmd, image, timeout, vcpus, memory))
+        code = asyncio.run(_run(ExecSpec(cmd, timeout_s=timeout), image, vcpus, memory))
     raise typer.Exit(code)

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 
-from emberbox import __version__
+from emberbox import logs
+from emberbox._version import __version__
 from emberbox.api.app import create_app
 from emberbox.cli.common import clean_errors
 from emberbox.config import Settings
@@ -32,8 +33,7 @@ def serve(
     """Serve the sandbox API (OpenAPI docs at /docs) until interrupted."""
     overrides: dict[str, Any] = {"host": host, "port": port}
     settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("emberbox").setLevel(logging.INFO)  # the CLI may have set WARNING
+    logs.configure(settings.log_format)
     with clean_errors():
         for warning in check_serving(settings, db_keys=_active_keys(settings)):
             log.warning(warning)
@@ -45,7 +45,14 @@ def serve(
         settings.data_dir,
         settings.images_dir,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Our middleware logs each request (with its id and duration): no uvicorn access log.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
 
 
 def _active_keys(settings: Settings) -> bool:

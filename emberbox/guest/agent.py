@@ -1,12 +1,12 @@
 """The emberbox guest agent: PID 1 of a sandbox VM, running commands for the host.
 
-Standard library only. In the guest it is installed as ``/opt/emberbox/agent.py``, its
-sibling modules next to it (``AGENT_FILES`` in ``emberbox/images/build.py``), and
-started by the initramfs as PID 1, so it also does the few duties of an init: mount the
-API file systems (cgroup2 included), reap every child (orphans included) and power the
-machine off on request. On the host (tests) it runs as an ordinary process with
-``--listen unix:PATH`` and touches nothing global: the clock, hostname, entropy pool and
-cgroups are used only when it is PID 1.
+Standard library only. In the guest the whole package is installed as
+``/opt/emberbox/emberbox_guest/`` and started by the initramfs as PID 1 with
+``python3 -m emberbox_guest`` (see ``emberbox/images/initramfs.py``), so it also does
+the few duties of an init: mount the API file systems (cgroup2 included), reap every
+child (orphans included) and power the machine off on request. On the host (tests) it
+runs as an ordinary process with ``--listen unix:PATH`` and touches nothing global: the
+clock, hostname, entropy pool and cgroups are used only when it is PID 1.
 
 Pieces: :class:`Init` (PID 1 duties), :class:`Agent` (requests and transports), and
 the modules it dispatches to: ``commands`` (exec), ``processes`` (spawn and friends),
@@ -33,28 +33,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-try:
-    from emberbox.guest import (
-        archive,
-        cgroups,
-        commands,
-        common,
-        files,
-        netconf,
-        processes,
-        protocol,
-    )
-    from emberbox.guest.channel import Call, Channel, Session
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import archive  # type: ignore[no-redef, import-not-found]
-    import cgroups  # type: ignore[no-redef, import-not-found]
-    import commands  # type: ignore[no-redef, import-not-found]
-    import common  # type: ignore[no-redef, import-not-found]
-    import files  # type: ignore[no-redef, import-not-found]
-    import netconf  # type: ignore[no-redef, import-not-found]
-    import processes  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
-    from channel import Call, Channel, Session  # type: ignore[no-redef, import-not-found]
+from . import archive, cgroups, commands, common, files, netconf, processes, protocol
+from .channel import Call, Channel, Session
+from .protocol import Op
 
 AGENT_VERSION = "0.1.0"
 PROTOCOL = protocol.PROTOCOL_VERSION
@@ -78,7 +59,7 @@ MOUNTS = (  # source, target, type, flags, options
 )
 DEV_LINKS = {"fd": "", "stdin": "/0", "stdout": "/1", "stderr": "/2"}  # -> /proc/self/fd...
 
-Op = Callable[[dict[str, Any], Call], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any], Call], Awaitable[dict[str, Any]]]
 log = common.log
 
 
@@ -173,7 +154,7 @@ class GuestSystem:
 class Agent:
     """Answers requests and serves the chosen transport until shut down."""
 
-    stdin_ops = frozenset({"write_stdin", "write", "tar_in"})  # ops that read STDIN frames
+    stdin_ops = frozenset({Op.WRITE_STDIN, Op.WRITE, Op.TAR_IN})  # ops that read STDIN frames
 
     def __init__(self, init: Init | None, started: float) -> None:
         self._init = init
@@ -184,25 +165,28 @@ class Agent:
         self._processes = processes.ProcessTable(self._reaper, self._cgroups)
         self._stop = asyncio.Event()
         table = self._processes
-        self._ops: dict[str, Op] = {
-            "exec": self._exec,
-            "spawn": table.spawn,
-            "attach": table.attach,
-            "write_stdin": table.write_stdin,
-            "signal": table.signal,
-            "resize": table.resize,
-            "wait": table.wait,
-            "ps": table.ps,
-            "forget": table.forget,
-            "stat": files.stat,
-            "list": files.list_dir,
-            "read": files.read,
-            "write": files.write,
-            "mkdir": files.make_dir,
-            "remove": files.remove,
-            "rename": files.rename,
-            "tar_out": archive.tar_out,
-            "tar_in": archive.tar_in,
+        self._ops: dict[Op, Handler] = {
+            Op.HELLO: self._hello,
+            Op.PING: _ok,
+            Op.SHUTDOWN: _ok,  # the session powers off once the answer is sent
+            Op.EXEC: self._exec,
+            Op.SPAWN: table.spawn,
+            Op.ATTACH: table.attach,
+            Op.WRITE_STDIN: table.write_stdin,
+            Op.SIGNAL: table.signal,
+            Op.RESIZE: table.resize,
+            Op.WAIT: table.wait,
+            Op.PS: table.ps,
+            Op.FORGET: table.forget,
+            Op.STAT: files.stat,
+            Op.LIST: files.list_dir,
+            Op.READ: files.read,
+            Op.WRITE: files.write,
+            Op.MKDIR: files.make_dir,
+            Op.REMOVE: files.remove,
+            Op.RENAME: files.rename,
+            Op.TAR_OUT: archive.tar_out,
+            Op.TAR_IN: archive.tar_in,
         }
 
     async def run(self, transport: str) -> int:
@@ -225,15 +209,7 @@ class Agent:
 
     async def handle(self, req: dict[str, Any], call: Call) -> dict[str, Any]:
         """The answer to one request; its data frames go through `call` as they come."""
-        op = req.get("op")
-        if op == "ping" or op == "shutdown":
-            return {"ok": True}
-        if op == "hello":
-            return self._hello(req)
-        handler = self._ops.get(op) if isinstance(op, str) else None
-        if handler is None:
-            raise common.BadRequest(f"unknown op {op!r}")
-        return await handler(req, call)
+        return await self._ops[parse_op(req.get("op"))](req, call)
 
     async def _exec(self, req: dict[str, Any], call: Call) -> dict[str, Any]:
         runner = commands.ExecRunner(self._reaper, self._cgroups, call.congested)
@@ -245,7 +221,7 @@ class Agent:
         else:
             self._stop.set()
 
-    def _hello(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _hello(self, req: dict[str, Any], _call: Call) -> dict[str, Any]:
         time_ns, entropy = common.opt(req, "time_ns", int), common.opt_b64(req, "entropy")
         hostname = common.opt(req, "hostname", str)
         sandbox_id = common.opt(req, "sandbox_id", str)
@@ -338,6 +314,18 @@ class Agent:
     async def _serve_channel(self, fd: int, closer: Callable[[], None], name: str) -> str:
         ready = {"event": "ready", "agent_version": AGENT_VERSION, "protocol": PROTOCOL}
         return await Session(Channel(fd, closer, name), self, ready).run()
+
+
+def parse_op(value: object) -> Op:
+    """The request's op; BadRequest for anything that is not one of `Op`."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return Op(value)
+    raise common.BadRequest(f"unknown op {value!r}")
+
+
+async def _ok(_req: dict[str, Any], _call: Call) -> dict[str, Any]:
+    return {"ok": True}
 
 
 def listen_unix(path: str) -> socket.socket:
@@ -446,7 +434,3 @@ def main(argv: list[str] | None = None) -> int:
         if init is None:
             return code
         time.sleep(1.0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

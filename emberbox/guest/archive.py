@@ -18,14 +18,8 @@ import stat as st
 import tarfile
 from typing import IO, Any, cast
 
-try:
-    from emberbox.guest import common, files, protocol
-    from emberbox.guest.channel import Call
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import common  # type: ignore[no-redef, import-not-found]
-    import files  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
-    from channel import Call  # type: ignore[no-redef, import-not-found]
+from . import common, files, protocol
+from .channel import Call
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE

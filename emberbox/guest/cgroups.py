@@ -15,10 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-try:
-    from emberbox.guest import common
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import common  # type: ignore[no-redef, import-not-found]
+from . import common
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PARENT = "emberbox"

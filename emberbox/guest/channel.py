@@ -20,11 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
-try:
-    from emberbox.guest import common, protocol
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import common  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
+from . import common, protocol
 
 FLUSH_TIMEOUT_S = 5.0
 BACKLOG_MAX_BYTES = 8 << 20  # producers pause while this much is unsent
@@ -238,7 +234,7 @@ class Call:
 class Handler(Protocol):
     """What a session serves: the agent."""
 
-    stdin_ops: frozenset[str]
+    stdin_ops: frozenset[protocol.Op]
 
     async def handle(self, req: dict[str, Any], call: Call) -> dict[str, Any]: ...
 
@@ -316,7 +312,7 @@ class Session:
             common.log(f"request failed: {traceback.format_exc()}")
             reply = protocol.error_payload("AgentError", f"{type(exc).__name__}: {exc}")
         self._channel.send(protocol.encode_json(protocol.Kind.RESPONSE, frame.rid, reply))
-        if body.get("op") == "shutdown" and reply.get("ok"):
+        if body.get("op") == protocol.Op.SHUTDOWN and reply.get("ok"):
             await self._channel.flush()
             self._handler.shutdown()
 

@@ -23,13 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-try:
-    from emberbox.guest import cgroups, common, fdio, protocol
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import cgroups  # type: ignore[no-redef, import-not-found]
-    import common  # type: ignore[no-redef, import-not-found]
-    import fdio  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
+from . import cgroups, common, fdio, protocol
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

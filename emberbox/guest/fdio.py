@@ -13,10 +13,7 @@ import os
 from collections.abc import Callable
 from typing import IO
 
-try:
-    from emberbox.guest import protocol
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import protocol  # type: ignore[no-redef, import-not-found]
+from . import protocol
 
 
 class PipeReader:

@@ -15,13 +15,8 @@ import stat as st
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-try:
-    from emberbox.guest import common, protocol
-    from emberbox.guest.channel import Call
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import common  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
-    from channel import Call  # type: ignore[no-redef, import-not-found]
+from . import common, protocol
+from .channel import Call
 
 READ_CHUNK = 4 * protocol.DATA_CHUNK  # bytes per read(2); sent as DATA_CHUNK frames
 WRITE_BATCH = 1 << 20  # at most this much STDIN already received goes in one write(2)

@@ -21,16 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-try:
-    from emberbox.guest import cgroups, commands, common, fdio, protocol
-    from emberbox.guest.channel import Call
-except ImportError:  # inside the guest: standalone files next to agent.py
-    import cgroups  # type: ignore[no-redef, import-not-found]
-    import commands  # type: ignore[no-redef, import-not-found]
-    import common  # type: ignore[no-redef, import-not-found]
-    import fdio  # type: ignore[no-redef, import-not-found]
-    import protocol  # type: ignore[no-redef, import-not-found]
-    from channel import Call  # type: ignore[no-redef, import-not-found]
+from . import cgroups, commands, common, fdio, protocol
+from .channel import Call
 
 DEFAULT_OUTPUT_MAX_BYTES = 1 << 20
 MAX_PTY_CELLS = 0xFFFF  # the kernel's winsize fields are u16

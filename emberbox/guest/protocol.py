@@ -57,7 +57,7 @@ class Kind(enum.IntEnum):
 JSON_KINDS = frozenset({Kind.REQUEST, Kind.RESPONSE, Kind.EVENT})
 
 
-class Op(str, enum.Enum):
+class Op(enum.StrEnum):
     """Every request op the agent answers (docs/protocol.md, "Ops"); both sides use it."""
 
     HELLO = "hello"

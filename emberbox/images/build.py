@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import emberbox
+from emberbox._version import __version__
 from emberbox.config import Settings
 from emberbox.errors import ImageBuildError, InvalidRequest
 from emberbox.images import initramfs, kernel
@@ -34,6 +34,9 @@ from emberbox.images.rootfs import (
 BUILDER_VERSION = 1
 BUSYBOX = Path("/bin/busybox")
 Progress = Callable[[str], None]
+# The guest agent's package, and where it goes in the guest (the initramfs runs it there).
+GUEST_PACKAGE = Path(__file__).resolve().parent.parent / "guest"
+AGENT_INSTALL_DIR = f"{initramfs.AGENT_DIR}/{initramfs.AGENT_PACKAGE}"
 
 
 @dataclass(frozen=True)
@@ -52,26 +55,16 @@ RECIPES: dict[str, ImageRecipe] = {
 }
 
 
-# The guest agent's modules, installed side by side in /opt/emberbox (stdlib only).
-AGENT_FILES = (
-    "agent.py",
-    "archive.py",
-    "cgroups.py",
-    "channel.py",
-    "commands.py",
-    "common.py",
-    "fdio.py",
-    "files.py",
-    "netconf.py",
-    "processes.py",
-    "protocol.py",
-)
-
-
 def agent_files() -> dict[str, bytes]:
-    """The guest agent's files as installed into /opt/emberbox in the guest."""
-    guest = Path(__file__).resolve().parent.parent / "guest"
-    return {name: (guest / name).read_bytes() for name in AGENT_FILES}
+    """Every module of the guest agent's package (emberbox/guest), by path inside it.
+
+    Found by listing the package, so a new module is installed (and changes the image
+    inputs) without being named anywhere.
+    """
+    return {
+        path.relative_to(GUEST_PACKAGE).as_posix(): path.read_bytes()
+        for path in sorted(GUEST_PACKAGE.rglob("*.py"))
+    }
 
 
 def _sha256(data: bytes) -> str:
@@ -158,7 +151,7 @@ class ImageBuilder:
         self.progress("writing the ext4 root filesystem")
         assemble_ext4(
             tarball,
-            guest_files(agent_files()),
+            guest_files(agent_files(), AGENT_INSTALL_DIR),
             out / FILE_NAMES["rootfs"],
             recipe.rootfs.size_mib,
         )
@@ -166,7 +159,7 @@ class ImageBuilder:
             "name": name,
             "description": recipe.description,
             "image_hash": digest,
-            "emberbox_version": emberbox.__version__,
+            "emberbox_version": __version__,
             "built_at": datetime.now(UTC).isoformat(),
             "kernel": {"release": unpacked.release, "package": pkg.name, "version": pkg.version},
             "modules": modules,

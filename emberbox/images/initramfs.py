@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emberbox.errors import ImageBuildError
+from emberbox.vmm.base import PROBE_MARKER  # what the init prints for the KVM probe
 
 # What every guest needs, whatever the VMM: PCI transport (QEMU q35), MMIO transport
 # (QEMU microvm, Firecracker), disk, agent channels (virtio-serial, vsock), entropy, net.
@@ -29,8 +30,10 @@ GUEST_MODULES = (
     "virtio_net",
 )
 
-AGENT_PATH = "/opt/emberbox/agent.py"
-PROBE_MARKER = "EMBERBOX-PROBE-OK"
+# The guest agent (the package emberbox/guest) is installed as AGENT_DIR/AGENT_PACKAGE
+# and runs as a module, with AGENT_DIR on its PYTHONPATH.
+AGENT_DIR = "/opt/emberbox"
+AGENT_PACKAGE = "emberbox_guest"
 _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
 
 
@@ -93,11 +96,15 @@ def module_plan(modules_dir: Path, wanted: Iterable[str] = GUEST_MODULES) -> lis
     return [index[name] for name in resolve_order(wanted, depends)]
 
 
-def render_init(modules: list[str], agent_path: str = AGENT_PATH) -> str:
+def render_init(
+    modules: list[str], agent_dir: str = AGENT_DIR, agent_package: str = AGENT_PACKAGE
+) -> str:
     """The initramfs /init: load modules, mount the root disk, hand over to the agent.
 
     ``emberbox.probe`` on the kernel command line makes it print a marker and power off
-    instead (used to check that an accelerator can boot a guest at all).
+    instead (used to check that an accelerator can boot a guest at all). The agent starts
+    as ``python3 -m agent_package`` with ``agent_dir`` as its PYTHONPATH, which commands
+    do not inherit: the agent gives them an environment of their own.
     """
     loads = "\n".join(
         f'insmod /lib/modules/{name}.ko || echo "init: insmod {name} failed"' for name in modules
@@ -125,7 +132,8 @@ if ! mount -t ext4 -o rw,noatime "$root" /newroot; then
 fi
 umount /proc /sys
 mount --move /dev /newroot/dev
-exec switch_root /newroot /usr/bin/python3 -u {agent_path}
+export PYTHONPATH={agent_dir}
+exec switch_root /newroot /usr/bin/python3 -u -m {agent_package}
 """
 
 

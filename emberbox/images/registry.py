@@ -21,7 +21,7 @@ from typing import Any
 
 from emberbox.config import Settings
 from emberbox.errors import ImageNotFound
-from emberbox.vmm.base import GuestFiles
+from emberbox.vmm.base import BootFiles
 
 MANIFEST = "manifest.json"
 FILE_NAMES = {
@@ -37,7 +37,7 @@ class ImageInfo:
     name: str
     directory: Path  # the resolved blob directory
     manifest: dict[str, Any]
-    files: GuestFiles
+    files: BootFiles
     size_bytes: int
     created_at: datetime
 
@@ -50,8 +50,8 @@ class ImageInfo:
         return str(self.manifest.get("kernel", {}).get("release", ""))
 
 
-def guest_files(directory: Path) -> GuestFiles:
-    return GuestFiles(**{kind: directory / name for kind, name in FILE_NAMES.items()})
+def guest_files(directory: Path) -> BootFiles:
+    return BootFiles(**{kind: directory / name for kind, name in FILE_NAMES.items()})
 
 
 def _disk_usage(directory: Path) -> int:

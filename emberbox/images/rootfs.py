@@ -95,9 +95,12 @@ def build_tarball(recipe: RootfsRecipe, cache: Path) -> Path:
     return tar
 
 
-def guest_files(agent_files: dict[str, bytes], hostname: str = "emberbox") -> dict[str, bytes]:
-    """Files the builder writes into the root filesystem (path → content)."""
-    files = {f"opt/emberbox/{name}": data for name, data in agent_files.items()}
+def guest_files(
+    agent_files: dict[str, bytes], agent_dir: str, hostname: str = "emberbox"
+) -> dict[str, bytes]:
+    """Files the builder writes into the root filesystem (path → content): the agent's
+    package files (by path inside the package) under the guest directory ``agent_dir``."""
+    files = {f"{agent_dir.strip('/')}/{name}": data for name, data in agent_files.items()}
     files["etc/hostname"] = f"{hostname}\n".encode()
     files["etc/hosts"] = f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n::1 localhost\n".encode()
     return files
@@ -113,5 +116,5 @@ def assemble_ext4(tarball: Path, files: dict[str, bytes], dest: Path, size_mib: 
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-            path.chmod(0o755 if rel.endswith(".py") else 0o644)
+            path.chmod(0o644)  # the agent runs as ``python3 -m``: no file is executed
         _run(mkfs_argv(root, dest, size_mib))

@@ -1,16 +1,14 @@
 """Wire schemas of one-shot runs (``POST /v1/run``, ``GET /v1/languages``), shared by the
-API, the SDK and the CLI. Same conventions as :mod:`emberbox.models`: requests forbid
+API, the SDK and the CLI. Same conventions as :mod:`emberbox.models.common`: requests forbid
 unknown fields; the server's limits (``Settings.run_*``) are checked by the service."""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
-if TYPE_CHECKING:
-    from emberbox.service.oneshot.runner import LanguageInfo, RunResult
+from emberbox.models.common import PublicModel, RequestModel
 
 # The values of emberbox.service.oneshot.runner.RunStatus.
 RunStatusName = Literal[
@@ -23,22 +21,14 @@ NoNul = StringConstraints(pattern=r"^[^\x00]*$")
 FileName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Public(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class RunFile(_Request):
+class RunFile(RequestModel):
     """An extra file next to the program, e.g. a header or a module."""
 
     name: FileName = Field(description="Relative path, e.g. `util.h` or `lib/util.py`.")
     content: str = Field(max_length=MAX_SOURCE_CHARS, description="Text (written as UTF-8).")
 
 
-class RunRequest(_Request):
+class RunRequest(RequestModel):
     """Compile (if needed) and run one program in a fresh sandbox."""
 
     language: str = Field(min_length=1, max_length=32, description="See `GET /v1/languages`.")
@@ -63,7 +53,7 @@ class RunRequest(_Request):
     )
 
 
-class RunResponse(_Public):
+class RunResponse(PublicModel):
     """How the run ended. Output is UTF-8 decoded, invalid bytes replaced, and cut at the
     server's cap (`output_limit` when it was)."""
 
@@ -76,25 +66,8 @@ class RunResponse(_Public):
     time_ms: float | None = Field(description="Wall-clock time of the run step.")
     memory_kib: int | None = Field(description="Peak memory of the run step, when known.")
 
-    @classmethod
-    def from_result(cls, result: RunResult) -> RunResponse:
-        def text(data: bytes) -> str:
-            return data.decode("utf-8", errors="replace")
 
-        time_ms = result.time_ms
-        return cls(
-            status=result.status.value,
-            exit_code=result.exit_code,
-            signal=result.signal,
-            stdout=text(result.stdout),
-            stderr=text(result.stderr),
-            compile_output=text(result.compile_output),
-            time_ms=time_ms if time_ms is not None and math.isfinite(time_ms) else None,
-            memory_kib=result.memory_kib,
-        )
-
-
-class LanguagePublic(_Public):
+class LanguagePublic(PublicModel):
     """A language `POST /v1/run` accepts."""
 
     name: str
@@ -102,17 +75,8 @@ class LanguagePublic(_Public):
     source_file: str = Field(description="The name the program is saved under.")
     compiled: bool
 
-    @classmethod
-    def from_info(cls, info: LanguageInfo) -> LanguagePublic:
-        return cls(
-            name=info.name,
-            version=info.version,
-            source_file=info.source_file,
-            compiled=info.compiled,
-        )
 
-
-class LanguageList(_Public):
+class LanguageList(PublicModel):
     languages: list[LanguagePublic]
 
 

@@ -1,5 +1,6 @@
 """Python client for an emberbox server, blocking (:class:`Sandbox`) and asyncio
-(:class:`AsyncSandbox`), with the same calls and signatures::
+(:class:`AsyncSandbox`), with the same calls and signatures. ``pip install emberbox`` is
+enough: the client needs none of the server's code or dependencies::
 
     from emberbox.sdk import Sandbox
 

@@ -18,15 +18,14 @@ import subprocess
 import time
 
 from emberbox.config import Settings
-from emberbox.images.initramfs import PROBE_MARKER
-from emberbox.vmm.base import GuestFiles
+from emberbox.vmm.base import PROBE_MARKER, BootFiles
 from emberbox.vmm.host import KvmVerdict, kvm_device_usable
 from emberbox.vmm.qemu.argv import Accel, kernel_cmdline, machine_args
 
 log = logging.getLogger("emberbox.accel")
 
 
-def probe_argv(binary: str, guest: GuestFiles) -> list[str]:
+def probe_argv(binary: str, guest: BootFiles) -> list[str]:
     """A KVM boot of the guest kernel that only prints the probe marker."""
     return [
         binary,
@@ -40,7 +39,7 @@ def probe_argv(binary: str, guest: GuestFiles) -> list[str]:
     ]  # fmt: skip
 
 
-def probe_kvm_boot(binary: str, guest: GuestFiles, timeout_s: float) -> KvmVerdict:
+def probe_kvm_boot(binary: str, guest: BootFiles, timeout_s: float) -> KvmVerdict:
     """Boot the guest under KVM and wait for the marker (at most ``timeout_s``)."""
     started = time.monotonic()
     try:
@@ -61,14 +60,14 @@ def probe_kvm_boot(binary: str, guest: GuestFiles, timeout_s: float) -> KvmVerdi
     return KvmVerdict(False, f"KVM guest boot failed (exit {proc.returncode}): {err}")
 
 
-def _cache_key(qemu_version: str, guest: GuestFiles) -> str:
+def _cache_key(qemu_version: str, guest: BootFiles) -> str:
     kernel_id = f"{guest.kernel.stat().st_size}:{guest.kernel.stat().st_mtime_ns}"
     blob = json.dumps([qemu_version, platform.release(), kernel_id])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def resolve_accel(
-    settings: Settings, qemu_version: str, guest: GuestFiles | None
+    settings: Settings, qemu_version: str, guest: BootFiles | None
 ) -> tuple[Accel, str]:
     """The accelerator to use and why (``settings.accel`` of auto, kvm or tcg)."""
     if settings.accel != "auto":
@@ -82,7 +81,7 @@ def resolve_accel(
     return ("kvm" if verdict.usable else "tcg"), verdict.reason
 
 
-def cached_probe(settings: Settings, qemu_version: str, guest: GuestFiles) -> KvmVerdict:
+def cached_probe(settings: Settings, qemu_version: str, guest: BootFiles) -> KvmVerdict:
     cache = settings.cache_dir / "kvm-probe.json"
     key = _cache_key(qemu_version, guest)
     try:

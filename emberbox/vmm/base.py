@@ -17,8 +17,13 @@ AgentStream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Lifetime = Literal["ephemeral", "detached"]
 
 
+# What the image's init prints when the kernel command line asks for the KVM probe
+# (``emberbox.probe``, see vmm/accel.py): the image and the VMM layer agree on it here.
+PROBE_MARKER = "EMBERBOX-PROBE-OK"
+
+
 @dataclass(frozen=True)
-class GuestFiles:
+class BootFiles:
     """The host files a guest boots from (all read-only for the VMM)."""
 
     kernel: Path  # bzImage (QEMU)
@@ -33,7 +38,7 @@ class VMConfig:
 
     vm_id: str
     work_dir: Path  # private to this VM (0700); the driver puts sockets, overlay, logs here
-    guest: GuestFiles
+    guest: BootFiles
     vcpus: int = 1
     memory_mib: int = 512
     kernel_args: tuple[str, ...] = ()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.vmm import accel, vmm_user
-from emberbox.vmm.base import Driver, GuestFiles
+from emberbox.vmm.base import BootFiles, Driver
 from emberbox.vmm.qemu.driver import HostLimits, QemuDriver
 
 log = logging.getLogger("emberbox.vmm")
@@ -61,7 +62,7 @@ def firecracker_driver(settings: Settings) -> Driver:
     )
 
 
-def choose_driver(settings: Settings, guest: GuestFiles | None) -> DriverChoice:
+def choose_driver(settings: Settings, guest: BootFiles | None) -> DriverChoice:
     """The driver for this host and settings, and a sentence saying why."""
     if settings.vmm in ("auto", "firecracker"):
         usable, why = firecracker_status(settings)
@@ -101,10 +102,9 @@ class DriverCache:
     def __init__(self) -> None:
         self._choice: DriverChoice | None = None
 
-    def get(self, settings: Settings, image: str | None) -> Driver:
+    def get(self, settings: Settings, boot_files: Callable[[], BootFiles]) -> Driver:
+        """The driver; ``boot_files`` (an image's kernel and disks, for the KVM probe) is
+        called only the first time."""
         if self._choice is None:
-            from emberbox.images.registry import ImageRegistry
-
-            info = ImageRegistry(settings).get(image or settings.default_image)
-            self._choice = choose_driver(settings, info.files)
+            self._choice = choose_driver(settings, boot_files())
         return self._choice.driver

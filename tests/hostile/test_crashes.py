@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from emberbox.vmm import cgroups
-from tests.conftest import qemu_pids_under, short_tmp_dir
-from tests.hostile.conftest import (
+from tests.support.hostile import (
     ACK_PATH,
     Bystander,
     HostileCase,
@@ -27,7 +26,8 @@ from tests.hostile.conftest import (
     put_acknowledged,
     wait_for_state,
 )
-from tests.integration.test_api import serve_emberbox
+from tests.support.paths import qemu_pids_under, short_tmp_dir
+from tests.support.servers import serve_emberbox
 
 pytestmark = [pytest.mark.vm]
 

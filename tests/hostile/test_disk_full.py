@@ -17,14 +17,14 @@ import pytest
 
 from emberbox import errors
 from emberbox.store.db import Store
-from tests.conftest import short_tmp_dir
-from tests.hostile.conftest import (
+from tests.support.hostile import (
     ACK_PATH,
     Bystander,
     HostileCase,
     hostile_server,
     put_acknowledged,
 )
+from tests.support.paths import short_tmp_dir
 
 TMPFS_MIB = 96
 MIN_FREE_MIB = 16
@@ -135,7 +135,7 @@ def test_host_data_dir_full(bystander: Bystander, hostile_case: HostileCase) -> 
 def test_sqlite_full_is_storage_full(tmp_path: Path) -> None:
     """SQLITE_FULL (here: PRAGMA max_page_count) is StorageFull, the failed write leaves
     the database intact, and writes work again once there is room."""
-    from tests.unit.test_store import make_row
+    from tests.support.rows import make_row
 
     async def main() -> None:
         store = await Store.open(tmp_path / "db.sqlite")

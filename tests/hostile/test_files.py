@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import short_tmp_dir
-from tests.hostile.conftest import (
+from tests.support.hostile import (
     ACK_PATH,
     Bystander,
     HostileCase,
@@ -28,6 +27,7 @@ from tests.hostile.conftest import (
     assert_cleaned_up,
     put_acknowledged,
 )
+from tests.support.paths import short_tmp_dir
 
 pytestmark = [pytest.mark.vm]
 

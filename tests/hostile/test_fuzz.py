@@ -40,9 +40,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from emberbox.api.app import create_app
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
-from tests.conftest import qemu_pids_under, short_tmp_dir
-from tests.integration.test_api import Server, serve_emberbox
-from tests.integration.test_run import polyglot_image  # noqa: F401 (a fixture)
+from tests.support.paths import qemu_pids_under, short_tmp_dir
+from tests.support.servers import Server, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
 
@@ -144,7 +143,7 @@ def fuzz_config() -> schemathesis.Config:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(default_image: ImageInfo, polyglot_image: ImageInfo) -> Iterator[Server]:  # noqa: F811
+def fuzz_server(default_image: ImageInfo, polyglot_image: ImageInfo) -> Iterator[Server]:
     """One real server with a key; stopped by us (its helper's clean-up knows no key)."""
     data_dir = short_tmp_dir("eb-fuzz-")
     try:

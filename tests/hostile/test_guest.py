@@ -17,8 +17,7 @@ import httpx
 import pytest
 
 from emberbox.config import Settings
-from tests.conftest import qemu_pids_under
-from tests.hostile.conftest import (
+from tests.support.hostile import (
     ACK_PATH,
     Bystander,
     HostileCase,
@@ -27,7 +26,8 @@ from tests.hostile.conftest import (
     put_acknowledged,
     wait_for_state,
 )
-from tests.hostile.measure import MIB, rss_and_cpu
+from tests.support.measure import MIB, rss_and_cpu
+from tests.support.paths import qemu_pids_under
 
 pytestmark = [pytest.mark.vm]
 

@@ -23,13 +23,13 @@ import pytest
 
 from emberbox.net.addresses import Slot, namespace_name
 from emberbox.net.host import host_addresses
-from tests.hostile.conftest import (
+from tests.support.hostile import (
     Bystander,
     HostileCase,
     HostileServer,
     assert_cleaned_up,
 )
-from tests.integration.test_network import (
+from tests.support.network import (
     BANNER,
     PROBE,
     PUBLIC_TARGET,

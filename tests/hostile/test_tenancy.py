@@ -30,7 +30,7 @@ from websockets.sync.client import connect as ws_connect
 from emberbox.service.tenancy import keys
 from emberbox.store import tenants
 from emberbox.store.db import connect
-from tests.hostile.conftest import HostileCase, HostileServer
+from tests.support.hostile import HostileCase, HostileServer
 
 pytestmark = [pytest.mark.vm]
 

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from emberbox.agent_client.client import AgentClient, ExecLimits
-from emberbox.service.vm.machine import Sandbox
+from emberbox.agent_client.client import AgentClient, ExecLimits, ExecSpec, SpawnSpec
+from emberbox.service.vm.machine import SandboxVM
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
-Factory = Callable[..., Awaitable[Sandbox]]
+Factory = Callable[..., Awaitable[SandboxVM]]
 MIB = 1 << 20
 
 
@@ -25,18 +25,22 @@ async def test_exec_memory_limit(sandbox_factory: Factory) -> None:
     agent: AgentClient = sb.agent
     limits = ExecLimits(memory_mib=64)
     hog = await agent.exec(
-        ["python3", "-c", "b = bytearray(200*1024*1024)"], limits=limits, timeout_s=60
+        ExecSpec(["python3", "-c", "b = bytearray(200*1024*1024)"], limits=limits, timeout_s=60)
     )
     assert hog.memory_limited and (hog.exit_code, hog.signal) == (137, 9)
     assert hog.peak_memory_kib is not None and 32 * 1024 < hog.peak_memory_kib <= 64 * 1024
     fits = await agent.exec(
-        ["python3", "-c", "b = bytearray(20*1024*1024)"], limits=limits, timeout_s=60
+        ExecSpec(["python3", "-c", "b = bytearray(20*1024*1024)"], limits=limits, timeout_s=60)
     )
     assert (fits.exit_code, fits.memory_limited) == (0, False)
     assert fits.peak_memory_kib is not None and 20 * 1024 < fits.peak_memory_kib < 64 * 1024
-    unlimited = await agent.exec(["python3", "-c", "b = bytearray(200*1024*1024)"], timeout_s=60)
+    unlimited = await agent.exec(
+        ExecSpec(["python3", "-c", "b = bytearray(200*1024*1024)"], timeout_s=60)
+    )
     assert (unlimited.exit_code, unlimited.peak_memory_kib) == (0, None)
-    left = await agent.exec(["find", "/sys/fs/cgroup/emberbox", "-mindepth", "1", "-type", "d"])
+    left = await agent.exec(
+        ExecSpec(["find", "/sys/fs/cgroup/emberbox", "-mindepth", "1", "-type", "d"])
+    )
     assert left.stdout == b""  # each command's group is removed when it ends
 
 
@@ -44,9 +48,11 @@ async def test_exec_pids_limit(sandbox_factory: Factory) -> None:
     """limits.pids caps the processes a command may have at once."""
     sb = await sandbox_factory()
     result = await sb.agent.exec(
-        "for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait",
-        limits=ExecLimits(pids=4),
-        timeout_s=30,
+        ExecSpec(
+            "for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait",
+            limits=ExecLimits(pids=4),
+            timeout_s=30,
+        )
     )
     assert b"fork" in result.stderr or b"Resource temporarily unavailable" in result.stderr
 
@@ -55,8 +61,10 @@ async def test_pty_process_under_the_pid_1_agent(sandbox_factory: Factory) -> No
     """A spawned PTY process is the PID 1 agent's child on /dev/pts/N; resize reaches it."""
     sb = await sandbox_factory()
     agent: AgentClient = sb.agent
-    pid = await agent.spawn(["sh", "-c", "tty; stty size; read line; stty size"], pty=(90, 20))
-    stat = await agent.exec(["cat", f"/proc/{pid}/stat"])
+    pid = await agent.spawn(
+        SpawnSpec(["sh", "-c", "tty; stty size; read line; stty size"], pty=(90, 20))
+    )
+    stat = await agent.exec(ExecSpec(["cat", f"/proc/{pid}/stat"]))
     assert stat.stdout.decode().rsplit(")", 1)[1].split()[1] == "1"  # its parent is PID 1
     output = bytearray()
     seen = asyncio.Event()
@@ -92,7 +100,7 @@ async def test_64_mib_file_round_trip(sandbox_factory: Factory) -> None:
     started = time.monotonic()
     assert await agent.write_file("/var/tmp/big.bin", chunks()) == len(data)
     uploaded = time.monotonic()
-    guest_sum = await agent.exec(["sha256sum", "/var/tmp/big.bin"], timeout_s=60)
+    guest_sum = await agent.exec(ExecSpec(["sha256sum", "/var/tmp/big.bin"], timeout_s=60))
     assert guest_sum.stdout.split()[0].decode() == digest
     reading = time.monotonic()
     back, largest = hashlib.sha256(), 0

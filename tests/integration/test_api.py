@@ -6,116 +6,26 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
-from tests.conftest import qemu_pids_under
+from tests.support.paths import pids_mentioning, qemu_pids_under
+from tests.support.servers import Server, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
-
-REPO = Path(__file__).resolve().parents[2]
-START_WAIT_S = 60.0
-BOOT_WAIT_S = 300.0  # several boots at once under TCG can be slow
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Run async tests on asyncio only."""
     return "asyncio"
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    settings: Settings  # what the server runs with (data dir, limits)
-    log_path: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """The server's own admin key, when it runs with ``EMBERBOX_API_KEY``."""
-        key = self.settings.api_key
-        return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=BOOT_WAIT_S, headers=self.headers)
-
-    def async_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=BOOT_WAIT_S, headers=self.headers)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@contextmanager
-def serve_emberbox(data_dir: Path, **env: str) -> Iterator[Server]:
-    """``emberbox serve`` on a free port with ``EMBERBOX_DATA_DIR=data_dir``.
-
-    On the way out every sandbox is killed through the API (the manager leaves running
-    sandboxes running when it closes), then the server gets SIGTERM.
-    """
-    port = _free_port()
-    env = {**os.environ, "EMBERBOX_DATA_DIR": str(data_dir), **env}
-    env.pop("EMBERBOX_URL", None)
-    log_path = data_dir / "server.log"
-    command = [sys.executable, "-c", "import sys; from emberbox.cli import main; sys.exit(main())"]
-    command += ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-    settings = Settings(data_dir=data_dir, api_key=env.get("EMBERBOX_API_KEY"))
-    server = Server(f"http://127.0.0.1:{port}", settings, log_path, process)
-    try:
-        _wait_until_up(server, process)
-        yield server
-    finally:
-        try:
-            if process.poll() is None:
-                _kill_all(server)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            print(f"--- server log ---\n{log_path.read_text(errors='replace')[-8000:]}")
-
-
-def _wait_until_up(server: Server, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_WAIT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {server.log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not answer /healthz in time")
-
-
-def _kill_all(server: Server) -> None:
-    with server.client() as client:
-        for sandbox in client.get("/v1/sandboxes").json()["sandboxes"]:
-            if sandbox["state"] != "stopped":
-                client.delete(f"/v1/sandboxes/{sandbox['id']}")
 
 
 @pytest.fixture
@@ -130,19 +40,6 @@ def _error_type(response: httpx.Response) -> str:
     assert set(body) == {"error"}, body
     assert body["error"]["message"], body
     return str(body["error"]["type"])
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if text.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 # --- the seed's requests -----------------------------------------------------------------
@@ -238,7 +135,7 @@ def test_timeout_stops_the_sandbox_and_cleans_up(server: Server) -> None:
         sandbox_id = created.json()["id"]
         work_dir = server.settings.vms_dir / sandbox_id
         assert work_dir.is_dir()
-        assert _pids_mentioning(str(work_dir)), "no VMM process names the work dir"
+        assert pids_mentioning(str(work_dir)), "no VMM process names the work dir"
         limit_s = 5 + server.settings.reaper_interval_s + 5  # +5: teardown and polling
         state = "running"
         while time.monotonic() - started < limit_s + 5:
@@ -250,7 +147,7 @@ def test_timeout_stops_the_sandbox_and_cleans_up(server: Server) -> None:
         assert state == "stopped"
         assert elapsed <= limit_s, f"stopped after {elapsed:.1f} s"
         assert not work_dir.exists()
-        assert _pids_mentioning(str(work_dir)) == []
+        assert pids_mentioning(str(work_dir)) == []
         response = client.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": "true"})
         assert (response.status_code, _error_type(response)) == (409, "Conflict")
         assert client.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
@@ -386,7 +283,7 @@ def test_sigkill_mid_exec_then_restart_reconciles(data_dir: Path, default_image:
         first.process.wait()
         in_flight.wait(30)
         # While no server runs, one VMM dies: the restart must notice.
-        doomed_pids = _pids_mentioning(f"emberbox-{doomed['id']}")
+        doomed_pids = pids_mentioning(f"emberbox-{doomed['id']}")
         assert doomed_pids
         for pid in doomed_pids:
             os.kill(pid, signal.SIGKILL)

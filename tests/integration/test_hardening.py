@@ -13,23 +13,24 @@ from pathlib import Path
 
 import pytest
 
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.errors import QuotaExceeded
 from emberbox.images.registry import ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
-from emberbox.service.vm.machine import Sandbox
+from emberbox.service.vm.machine import SandboxVM
 from emberbox.vmm import cgroups
 from emberbox.vmm.qemu import qcow2
 from emberbox.vmm.qemu.driver import HostLimits, QemuDriver
 from emberbox.vmm.select import choose_driver
-from tests.conftest import qemu_pids_under
+from tests.support.paths import qemu_pids_under
 
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.anyio,
     pytest.mark.skipif(os.geteuid() != 0, reason="QEMU drops to the VMM user only from root"),
 ]
-Factory = Callable[..., Awaitable[Sandbox]]
+Factory = Callable[..., Awaitable[SandboxVM]]
 QCOW2_METADATA_BYTES = 32 << 20  # L1/L2 and refcount tables of a 2 GiB image: ~1 MiB
 
 
@@ -136,7 +137,7 @@ async def test_sockets_are_private_to_the_host(
     for name in ("qmp.sock", "agent.sock", "console.sock"):
         mode = (sb.work_dir / name).stat().st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, name
-    assert (await sb.exec(["echo", "hi"])).stdout == b"hi\n"
+    assert (await sb.agent.exec(ExecSpec(["echo", "hi"]))).stdout == b"hi\n"
 
 
 async def test_cpu_quota_holds_a_spinning_guest(qemu_settings: Settings) -> None:
@@ -148,13 +149,14 @@ async def test_cpu_quota_holds_a_spinning_guest(qemu_settings: Settings) -> None
     assert isinstance(driver, QemuDriver) and driver.limits is not None
     assert driver.limits.cpu_quota_us(1) == round((1 + qemu_settings.vmm_cpu_overhead) * 1e5)
     driver.limits = HostLimits(cpu_overhead=-0.6)  # 0.4 CPU for one spinning vCPU
-    sb = await Sandbox.start(qemu_settings, vcpus=1, driver=driver)
+    sb = await SandboxVM.start(qemu_settings, vcpus=1, driver=driver)
     try:
         assert sb.pid is not None
         group = cgroups.existing(sb.id)
         assert group is not None
         cpu_dir = next(d for d in group.dirs if (d / "cpu.stat").exists())
-        spin = asyncio.ensure_future(sb.exec("timeout 8 sh -c 'while :; do :; done'; true"))
+        spinner = ExecSpec("timeout 8 sh -c 'while :; do :; done'; true")
+        spin = asyncio.ensure_future(sb.agent.exec(spinner))
         await asyncio.sleep(1.5)
         before, started = cpu_seconds(sb.pid), time.monotonic()
         await asyncio.sleep(3)
@@ -178,17 +180,20 @@ async def test_a_guest_filling_its_disk_gets_enospc_and_the_host_does_not(
     overlay = sb.work_dir / "overlay.qcow2"
     cap = qcow2.read_header(overlay).virtual_size
     started = time.monotonic()
-    result = await sb.exec(
+    fill = ExecSpec(
         "dd if=/dev/zero of=/var/tmp/fill bs=1M oflag=direct 2>&1; df -m / | tail -1",
         timeout_s=240,
     )
+    result = await sb.agent.exec(fill)
     elapsed = time.monotonic() - started
     size = overlay.stat()
     used = max(size.st_size, size.st_blocks * 512)
     print(f"filled in {elapsed:.1f} s; overlay {used >> 20} MiB for a {cap >> 20} MiB cap")
     assert b"No space left on device" in result.stdout
     assert used <= cap + QCOW2_METADATA_BYTES
-    after = await sb.exec("rm /var/tmp/fill && echo ok > /var/tmp/x && cat /var/tmp/x")
+    after = await sb.agent.exec(
+        ExecSpec("rm /var/tmp/fill && echo ok > /var/tmp/x && cat /var/tmp/x")
+    )
     assert after.stdout == b"ok\n"
     (qemu_settings.data_dir / "still-writable").write_text("yes")
 
@@ -197,6 +202,6 @@ async def test_a_disk_over_the_cap_is_refused_before_qemu_starts(qemu_settings: 
     """max_disk_mib below the image's size: the sandbox is refused, nothing is left."""
     settings = qemu_settings.model_copy(update={"max_disk_mib": 1024})
     with pytest.raises(QuotaExceeded, match="over the 1024 MiB cap"):
-        await Sandbox.start(settings)
+        await SandboxVM.start(settings)
     assert qemu_pids_under(settings.data_dir) == []
     assert not settings.vms_dir.exists() or list(settings.vms_dir.iterdir()) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from emberbox.config import Settings
-from emberbox.images.build import AGENT_FILES, ImageBuilder
+from emberbox.images.build import AGENT_INSTALL_DIR, ImageBuilder, agent_files
 from emberbox.images.registry import ImageInfo
 
 
@@ -20,20 +20,21 @@ def test_rebuild_with_same_inputs_is_a_cache_hit(
     assert steps == ["resolving the kernel package"]
     inputs = info.manifest["inputs"]
     assert inputs["kernel_package"]["name"].startswith("linux-image-")
-    assert set(inputs["agent_sha256"]) == set(AGENT_FILES)
-    assert {"agent.py", "protocol.py"} <= set(AGENT_FILES)
+    assert set(inputs["agent_sha256"]) == set(agent_files())
+    assert {"__main__.py", "agent.py", "protocol.py"} <= set(inputs["agent_sha256"])
 
 
 def test_image_holds_kernel_vmlinux_initramfs_and_ext4(default_image: ImageInfo) -> None:
-    """The build kept the bzImage and the ELF vmlinux, and the rootfs is ext4 with the agent."""
+    """The build kept the bzImage and the ELF vmlinux, and the rootfs is ext4 with the
+    agent's package (every module of it) where the initramfs runs it."""
     files = default_image.files
     assert files.kernel.read_bytes()[0x202:0x206] == b"HdrS"
     assert files.vmlinux.read_bytes()[:4] == b"\x7fELF"
     assert "virtio_ring" in default_image.manifest["modules"]
     listing = subprocess.run(
-        ["debugfs", "-R", "ls -l /opt/emberbox", str(files.rootfs)],
+        ["debugfs", "-R", f"ls -l {AGENT_INSTALL_DIR}", str(files.rootfs)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "agent.py" in listing and "protocol.py" in listing
+    assert set(agent_files()) <= set(listing.split())

@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes import orphans
 from emberbox.service.sandboxes.manager import SandboxManager, SandboxRecord
@@ -48,7 +49,8 @@ async def test_create_exec_and_reap_at_timeout(manager_settings: Settings) -> No
     async with SandboxManager(manager_settings) as manager:
         record = await manager.create(timeout_s=600, env={"GREETING": "hello"})
         assert record.state is SandboxState.RUNNING and vmm_alive(record)
-        result = await manager.exec(record.id, "echo $GREETING $EXTRA", env={"EXTRA": "world"})
+        greet = ExecSpec("echo $GREETING $EXTRA", env={"EXTRA": "world"})
+        result = await manager.exec(record.id, greet)
         assert (result.exit_code, result.stdout) == (0, b"hello world\n")
         await manager.set_timeout(record.id, 1)
         stopped = await wait_for_state(manager, record.id, SandboxState.STOPPED, within_s=30)
@@ -74,12 +76,12 @@ async def test_restart_reattaches_then_notices_a_dead_vmm(manager_settings: Sett
     """A sandbox outlives its manager and is re-attached; one whose VMM died becomes error."""
     async with SandboxManager(manager_settings) as first:
         record = await first.create()
-        assert (await first.exec(record.id, ["true"])).exit_code == 0
+        assert (await first.exec(record.id, ExecSpec(["true"]))).exit_code == 0
     assert vmm_alive(record)  # close() left it running
 
     async with SandboxManager(manager_settings) as second:
         assert (await second.get(record.id)).state is SandboxState.RUNNING
-        again = await second.exec(record.id, ["echo", "still here"])
+        again = await second.exec(record.id, ExecSpec(["echo", "still here"]))
         assert again.stdout == b"still here\n"
 
     assert record.vmm_pid is not None

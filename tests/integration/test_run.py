@@ -12,11 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from emberbox.config import Settings
-from emberbox.images.build import ImageBuilder
 from emberbox.images.registry import ImageInfo
-from tests.conftest import qemu_pids_under, short_tmp_dir
-from tests.integration.test_api import Server, serve_emberbox
+from tests.support.paths import qemu_pids_under, short_tmp_dir
+from tests.support.servers import Server, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
 
@@ -47,13 +45,6 @@ PROGRAMS = {
     ),
 }
 FILES = {"c": [{"name": "greet.h", "content": '#include <string.h>\n#define GREETING "hello"\n'}]}
-
-
-@pytest.fixture(scope="module")
-def polyglot_image() -> ImageInfo:
-    """The polyglot image, built once if missing (a cache hit when it is up to date)."""
-    info, _ = ImageBuilder(Settings()).build("polyglot")
-    return info
 
 
 @pytest.fixture(scope="module")

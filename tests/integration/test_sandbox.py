@@ -14,36 +14,38 @@ from pathlib import Path
 
 import pytest
 
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.errors import AgentDisconnected, ImageNotFound, InvalidRequest, VMMCrashed
-from emberbox.service.vm.machine import Sandbox
+from emberbox.service.vm.machine import SandboxVM
 from emberbox.vmm import cgroups
-from tests.conftest import qemu_pids_under
+from tests.support.paths import qemu_pids_under
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
-Factory = Callable[..., Awaitable[Sandbox]]
+Factory = Callable[..., Awaitable[SandboxVM]]
 
 
 async def test_exec_runs_inside_the_guest(sandbox_factory: Factory) -> None:
     """A command's stdout, stderr and exit code come back separately, from the guest."""
     sb = await sandbox_factory()
-    result = await sb.exec(["sh", "-c", "uname -r; echo err >&2; exit 3"])
+    result = await sb.agent.exec(ExecSpec(["sh", "-c", "uname -r; echo err >&2; exit 3"]))
     assert result.exit_code == 3
     assert result.stderr == b"err\n"
     assert result.stdout.decode().strip() == sb.hello.kernel
     assert result.stdout.decode().strip() != platform.release()
-    python = await sb.exec(["python3", "-c", "print(6*7)"])
+    python = await sb.agent.exec(ExecSpec(["python3", "-c", "print(6*7)"]))
     assert (python.exit_code, python.stdout) == (0, b"42\n")
 
 
 async def test_env_cwd_stdin_and_missing_program(sandbox_factory: Factory) -> None:
     """Env, cwd and stdin reach the command; a missing program exits 127."""
     sb = await sandbox_factory()
-    result = await sb.exec(
+    spec = ExecSpec(
         "echo $GREETING; pwd; cat", env={"GREETING": "hi"}, cwd="/tmp", stdin=b"from stdin"
     )
+    result = await sb.agent.exec(spec)
     assert result.stdout == b"hi\n/tmp\nfrom stdin"
-    missing = await sb.exec(["no-such-program"])
+    missing = await sb.agent.exec(ExecSpec(["no-such-program"]))
     assert missing.exit_code == 127
 
 
@@ -51,10 +53,10 @@ async def test_timeout_kills_the_process_group(sandbox_factory: Factory) -> None
     """A command past its timeout is killed with its children, quickly."""
     sb = await sandbox_factory()
     started = time.monotonic()
-    result = await sb.exec("sleep 60 & sleep 60", timeout_s=2)
+    result = await sb.agent.exec(ExecSpec("sleep 60 & sleep 60", timeout_s=2))
     assert result.timed_out
     assert time.monotonic() - started < 15
-    left = await sb.exec("ps -eo comm | grep -c '^sleep$' || true")
+    left = await sb.agent.exec(ExecSpec("ps -eo comm | grep -c '^sleep$' || true"))
     assert left.stdout.strip() == b"0"
 
 
@@ -62,7 +64,10 @@ async def test_concurrent_execs_are_not_mixed(sandbox_factory: Factory) -> None:
     """Ten execs at once over the one agent stream each get their own output."""
     sb = await sandbox_factory()
     results = await asyncio.gather(
-        *(sb.exec(["sh", "-c", f"sleep 0.{i}; echo {i}; echo e{i} >&2"]) for i in range(10))
+        *(
+            sb.agent.exec(ExecSpec(["sh", "-c", f"sleep 0.{i}; echo {i}; echo e{i} >&2"]))
+            for i in range(10)
+        )
     )
     for i, result in enumerate(results):
         assert (result.stdout, result.stderr) == (f"{i}\n".encode(), f"e{i}\n".encode())
@@ -73,8 +78,8 @@ async def test_output_streams_before_the_command_ends(sandbox_factory: Factory) 
     sb = await sandbox_factory()
     arrivals: list[float] = []
     started = time.monotonic()
-    result = await sb.exec(
-        "for i in 1 2 3; do echo $i; sleep 1; done",
+    result = await sb.agent.exec(
+        ExecSpec("for i in 1 2 3; do echo $i; sleep 1; done"),
         on_stdout=lambda _chunk: arrivals.append(time.monotonic() - started),
     )
     assert result.stdout == b"1\n2\n3\n"
@@ -84,16 +89,16 @@ async def test_output_streams_before_the_command_ends(sandbox_factory: Factory) 
 async def test_unknown_image_names_the_available_ones(settings: Settings) -> None:
     """An unknown image is refused with the list of images, before anything boots."""
     with pytest.raises(ImageNotFound) as info:
-        await Sandbox.start(settings, image="nope")
+        await SandboxVM.start(settings, image="nope")
     assert "default" in info.value.available
     with pytest.raises(InvalidRequest):
-        await Sandbox.start(settings, vcpus=1000)
+        await SandboxVM.start(settings, vcpus=1000)
 
 
 async def test_vmm_killed_mid_exec_is_a_clear_error(sandbox_factory: Factory) -> None:
     """SIGKILL of the VMM during an exec ends the exec with AgentDisconnected, no hang."""
     sb = await sandbox_factory()
-    pending = asyncio.ensure_future(sb.exec(["sleep", "30"]))
+    pending = asyncio.ensure_future(sb.agent.exec(ExecSpec(["sleep", "30"])))
     await asyncio.sleep(0.5)
     assert sb.pid is not None
     os.kill(sb.pid, signal.SIGKILL)
@@ -107,7 +112,9 @@ async def test_guest_kernel_crash_disconnects_the_agent(sandbox_factory: Factory
     """A guest that crashes its kernel (closing the agent channel) gives AgentDisconnected."""
     sb = await sandbox_factory()
     with pytest.raises(AgentDisconnected):
-        await asyncio.wait_for(sb.exec("echo c > /proc/sysrq-trigger; sleep 30"), 30)
+        await asyncio.wait_for(
+            sb.agent.exec(ExecSpec("echo c > /proc/sysrq-trigger; sleep 30")), 30
+        )
     assert await asyncio.wait_for(sb.vm.wait(), 10) is not None
     assert "sysrq" in sb.vm.console_tail().lower() or not sb.vm.is_running()
 
@@ -115,8 +122,8 @@ async def test_guest_kernel_crash_disconnects_the_agent(sandbox_factory: Factory
 async def test_ten_boots_leave_nothing_behind(settings: Settings) -> None:
     """Ten sandboxes booted and torn down leave no process, socket, overlay or dir."""
     for _ in range(10):
-        async with Sandbox.boot(settings=settings) as sb:
-            assert (await sb.exec(["true"])).exit_code == 0
+        async with SandboxVM.boot(settings=settings) as sb:
+            assert (await sb.agent.exec(ExecSpec(["true"]))).exit_code == 0
             work_dir = sb.work_dir
             assert (work_dir / "overlay.qcow2").exists()
         assert not work_dir.exists()
@@ -130,9 +137,9 @@ def test_killed_owner_leaves_nothing_behind(settings: Settings, tmp_path: Path) 
     script.write_text(
         "import asyncio, sys\n"
         "from emberbox.config import Settings\n"
-        "from emberbox.service.vm.machine import Sandbox\n"
+        "from emberbox.service.vm.machine import SandboxVM\n"
         f"settings = Settings(data_dir={str(settings.data_dir)!r}, vmm={settings.vmm!r})\n"
-        "asyncio.run(Sandbox.start(settings))\n"
+        "asyncio.run(SandboxVM.start(settings))\n"
     )
     child = subprocess.Popen([sys.executable, str(script)])
     deadline = time.monotonic() + 30

@@ -13,7 +13,8 @@ import pytest
 from emberbox import errors
 from emberbox.images.registry import ImageInfo
 from emberbox.sdk import AsyncSandbox, Sandbox
-from tests.integration.test_api import REPO, Server, serve_emberbox
+from tests.support.paths import REPO
+from tests.support.servers import Server, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
 

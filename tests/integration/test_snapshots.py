@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from emberbox import errors
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes.manager import SandboxManager
 from emberbox.service.sandboxes.state import SandboxState
@@ -62,7 +63,7 @@ def process_gone(pid: int) -> bool:
 
 
 async def run(manager: SandboxManager, sandbox_id: str, cmd: str) -> str:
-    result = await manager.exec(sandbox_id, cmd, timeout_s=60)
+    result = await manager.exec(sandbox_id, ExecSpec(cmd, timeout_s=60))
     assert result.exit_code == 0, result.stderr
     return result.stdout.decode()
 
@@ -101,7 +102,7 @@ async def test_pause_and_resume_keep_processes_and_files(manager_settings: Setti
         assert paused.state is SandboxState.PAUSED and paused.vmm_pid is None
         assert record.vmm_pid is not None and process_gone(record.vmm_pid)
         with pytest.raises(errors.Conflict, match="paused"):
-            await manager.exec(record.id, "true")
+            await manager.exec(record.id, ExecSpec("true"))
         resumed = await manager.resume(record.id)
         assert resumed.state is SandboxState.RUNNING
         assert (await run(manager, record.id, CHECK_STATEFUL)).split() == before

@@ -4,42 +4,16 @@ revoked while the server runs, tenants' own views, and the audit log on the CLI.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from emberbox.images.registry import ImageInfo
-from tests.integration.test_api import REPO, Server, serve_emberbox
+from tests.support.keys import emberbox_cli, make_key
+from tests.support.servers import Server, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
-
-
-def emberbox_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``emberbox ARGS`` on ``data_dir``, as an operator runs it next to the server."""
-    env = {**os.environ, "EMBERBOX_DATA_DIR": str(data_dir)}
-    env.pop("EMBERBOX_API_KEY", None)
-    code = "import sys; from emberbox.cli import main; sys.exit(main())"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def make_key(data_dir: Path, *args: str) -> str:
-    made = emberbox_cli(data_dir, "keys", "create", *args)
-    assert made.returncode == 0, made.stderr
-    key = made.stdout.strip()
-    assert key.startswith("eb_") and "shown only now" in made.stderr
-    return key
 
 
 @pytest.fixture

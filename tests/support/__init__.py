@@ -1,1 +1,19 @@
-"""Fakes, servers and factories the tests share (type-checked by mypy)."""
+"""Fakes, servers and factories the tests share (type-checked by mypy).
+
+Test modules import from here, never from each other; fixtures stay in conftest.py.
+
+- ``paths``: REPO, short temp dirs, the processes that mention a path
+- ``servers``: ``emberbox serve`` in a subprocess, an ASGI app under uvicorn in a thread
+- ``agent``: the real guest agent run on the host, on a unix socket
+- ``fakes_guest``: a guest agent in memory (``AgentCalls``)
+- ``fakes_manager``: SandboxManager and ImageRegistry in memory, and the app over them
+- ``fakes_sandbox``: sandboxes, their start/attach, the image catalog, pooled things
+- ``fakes_run``: managers for one-shot runs
+- ``fakes_vmm``: a VMM process that never ends
+- ``rows``: store rows
+- ``network``: network targets on this machine and the guest-side probe
+- ``hostile``, ``measure``: the hostile suite's servers, checks and host measurements
+
+Each fake is checked against the Protocol it stands in for, in an ``if TYPE_CHECKING:``
+block at the end of its module.
+"""

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from emberbox import errors
-from emberbox.agent_client.client import AgentClient, ExecLimits
+from emberbox.agent_client.client import AgentClient, ExecLimits, ExecSpec, SpawnSpec
 from emberbox.guest import protocol
-from emberbox.images.build import agent_files
-from tests.unit.test_agent_fixtures import RunningAgent, chunked, running_agent
+from emberbox.images import initramfs
+from emberbox.images.build import AGENT_INSTALL_DIR, agent_files
+from emberbox.images.rootfs import guest_files
+from tests.support.agent import RunningAgent, chunked, running_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -64,21 +66,21 @@ async def test_hello_may_repeat(client: AgentClient) -> None:
 
 async def test_exec_argv(client: AgentClient) -> None:
     """An argv runs without a shell: its arguments arrive verbatim."""
-    result = await client.exec(["printf", "%s|", "a b", "$HOME"])
+    result = await client.exec(ExecSpec(["printf", "%s|", "a b", "$HOME"]))
     assert (result.exit_code, result.stdout, result.stderr) == (0, b"a b|$HOME|", b"")
     assert result.signal is None and not result.timed_out and result.duration_ms > 0
 
 
 async def test_exec_shell_separates_streams(client: AgentClient) -> None:
     """A shell string runs under /bin/sh; stdout, stderr and the exit code stay apart."""
-    result = await client.exec("echo out; echo err >&2; exit 3")
+    result = await client.exec(ExecSpec("echo out; echo err >&2; exit 3"))
     assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
 
 
 async def test_exec_env_and_cwd(client: AgentClient, agent: RunningAgent) -> None:
     """The request's env is merged over the defaults, and cwd is honoured."""
     result = await client.exec(
-        'echo "$FOO $HOME $LANG $PATH"; pwd', env={"FOO": "bar"}, cwd=agent.workdir
+        ExecSpec('echo "$FOO $HOME $LANG $PATH"; pwd', env={"FOO": "bar"}, cwd=agent.workdir)
     )
     path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert result.stdout.decode() == f"bar /root C.UTF-8 {path}\n{agent.workdir}\n"
@@ -87,14 +89,14 @@ async def test_exec_env_and_cwd(client: AgentClient, agent: RunningAgent) -> Non
 async def test_exec_stdin(client: AgentClient) -> None:
     """Given stdin is fed whole then closed; without it the command reads /dev/null."""
     data = os.urandom(300_000)
-    result = await client.exec(["cat"], stdin=data)
+    result = await client.exec(ExecSpec(["cat"], stdin=data))
     assert result.stdout == data
-    assert (await client.exec(["cat"], timeout_s=5)).stdout == b""
+    assert (await client.exec(ExecSpec(["cat"], timeout_s=5))).stdout == b""
 
 
 async def test_missing_program_is_127(client: AgentClient) -> None:
     """A program that does not exist gives 127 and a shell-like message, not an error."""
-    result = await client.exec(["/no/such/prog"])
+    result = await client.exec(ExecSpec(["/no/such/prog"]))
     assert result.exit_code == 127
     assert result.stderr == b"emberbox-agent: /no/such/prog: No such file or directory\n"
 
@@ -103,19 +105,19 @@ async def test_not_executable_is_126(client: AgentClient, agent: RunningAgent) -
     """A program that exists but cannot be executed gives 126."""
     script = Path(agent.workdir, "script.sh")
     await asyncio.to_thread(script.write_text, "#!/bin/sh\necho hi\n")  # mode 644: no x bit
-    result = await client.exec([str(script)])
+    result = await client.exec(ExecSpec([str(script)]))
     assert result.exit_code == 126 and b"Permission denied" in result.stderr
 
 
 async def test_missing_cwd_is_invalid_request(client: AgentClient) -> None:
     """A cwd that does not exist is the caller's mistake: InvalidRequest naming it."""
     with pytest.raises(errors.InvalidRequest, match="/no/such/dir"):
-        await client.exec(["true"], cwd="/no/such/dir")
+        await client.exec(ExecSpec(["true"], cwd="/no/such/dir"))
 
 
 async def test_killed_command_is_128_plus_signal(client: AgentClient) -> None:
     """A command killed by a signal reports 128+N and the signal, like a shell."""
-    result = await client.exec("kill -9 $$")
+    result = await client.exec(ExecSpec("kill -9 $$"))
     assert (result.exit_code, result.signal) == (137, 9)
 
 
@@ -123,7 +125,7 @@ async def test_timeout_kills_process_group(client: AgentClient) -> None:
     """On timeout the whole process group dies, background children included, promptly."""
     marker = f"100.{secrets.randbelow(10**6):06d}"  # a unique `sleep` argument to look for
     started = time.monotonic()
-    result = await client.exec(f"sleep {marker} & sleep {marker}", timeout_s=1)
+    result = await client.exec(ExecSpec(f"sleep {marker} & sleep {marker}", timeout_s=1))
     assert time.monotonic() - started < 4
     assert result.timed_out and (result.exit_code, result.signal) == (137, 9)
     deadline = time.monotonic() + 3
@@ -135,7 +137,7 @@ async def test_timeout_kills_process_group(client: AgentClient) -> None:
 async def test_background_child_does_not_hold_exec_open(client: AgentClient) -> None:
     """When the main process exits, a background child keeping the pipes does not stall us."""
     started = time.monotonic()
-    result = await client.exec("sleep 30 & echo done")
+    result = await client.exec(ExecSpec("sleep 30 & echo done"))
     assert result.exit_code == 0 and result.stdout == b"done\n"
     assert time.monotonic() - started < 5
 
@@ -143,7 +145,7 @@ async def test_background_child_does_not_hold_exec_open(client: AgentClient) -> 
 async def test_output_cap(client: AgentClient) -> None:
     """Output past output_max_bytes is dropped and flagged; the command still completes."""
     result = await client.exec(
-        "head -c 500000 /dev/zero; echo tail >&2", output_max_bytes=1000, timeout_s=10
+        ExecSpec("head -c 500000 /dev/zero; echo tail >&2", output_max_bytes=1000, timeout_s=10)
     )
     assert result.exit_code == 0 and result.output_truncated
     assert len(result.stdout) + len(result.stderr) == 1000
@@ -175,7 +177,9 @@ async def test_concurrent_execs_not_mixed(client: AgentClient) -> None:
     """Ten commands at once each get exactly their own output."""
 
     async def one(i: int) -> None:
-        result = await client.exec(f"echo start-{i}; sleep 0.2; echo end-{i} >&2; exit {i}")
+        result = await client.exec(
+            ExecSpec(f"echo start-{i}; sleep 0.2; echo end-{i} >&2; exit {i}")
+        )
         assert result.exit_code == i
         assert (result.stdout, result.stderr) == (f"start-{i}\n".encode(), f"end-{i}\n".encode())
 
@@ -189,7 +193,7 @@ async def test_output_streams_while_running(client: AgentClient) -> None:
     loop = asyncio.get_running_loop()
     arrivals: list[tuple[float, bytes]] = []
     result = await client.exec(
-        "for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done",
+        ExecSpec("for i in 1 2 3 4 5; do echo line$i; sleep 0.3; done"),
         on_stdout=lambda chunk: arrivals.append((loop.time(), chunk)),
     )
     finished = loop.time()
@@ -222,7 +226,7 @@ async def test_garbage_drops_only_that_connection(agent: RunningAgent) -> None:
     ready = protocol.FrameDecoder().feed(received)
     assert [f.json()["event"] for f in ready] == ["ready"]
     async with await agent.connect() as fresh:
-        assert (await fresh.exec(["echo", "ok"])).stdout == b"ok\n"
+        assert (await fresh.exec(ExecSpec(["echo", "ok"]))).stdout == b"ok\n"
 
 
 async def test_agent_death_disconnects_pending_exec(
@@ -236,7 +240,9 @@ async def test_agent_death_disconnects_pending_exec(
         pids.append(chunk)
         running.set()
 
-    pending = asyncio.create_task(client.exec("echo $$; exec sleep 30", on_stdout=on_stdout))
+    pending = asyncio.create_task(
+        client.exec(ExecSpec("echo $$; exec sleep 30"), on_stdout=on_stdout)
+    )
     async with asyncio.timeout(5):
         await running.wait()
     agent.proc.kill()
@@ -257,17 +263,17 @@ async def test_shutdown_stops_test_mode_agent(client: AgentClient, agent: Runnin
 async def test_limits_refused_when_not_pid_1(client: AgentClient) -> None:
     """Not PID 1, the agent leaves the host's cgroups alone: limits are refused, saying why."""
     with pytest.raises(errors.AgentRequestFailed, match="only as PID 1"):
-        await client.exec(["true"], limits=ExecLimits(memory_mib=64))
+        await client.exec(ExecSpec(["true"], limits=ExecLimits(memory_mib=64)))
     with pytest.raises(errors.InvalidRequest, match="memory_mib"):
         await client.request("exec", argv=["true"], limits={"memory_mib": 0})
-    result = await client.exec(["true"])
+    result = await client.exec(ExecSpec(["true"]))
     assert (result.memory_limited, result.peak_memory_kib) == (False, None)
 
 
 async def test_cancelled_exec_kills_the_command(client: AgentClient) -> None:
     """A caller that gives up on an exec (task cancelled) makes the agent kill it."""
     marker = f"200.{secrets.randbelow(10**6):06d}"
-    pending = asyncio.create_task(client.exec(f"sleep {marker}"))
+    pending = asyncio.create_task(client.exec(ExecSpec(f"sleep {marker}")))
     deadline = time.monotonic() + 5
     while not await asyncio.to_thread(pgrep, f"sleep {marker}"):
         assert time.monotonic() < deadline, "the command never started"
@@ -284,26 +290,30 @@ GUEST_PYTHON = Path("/usr/bin/python3")  # Debian's, as in the guest image
 
 
 @pytest.fixture
-def flat_install(tmp_path: Path) -> list[str]:
-    """The image's agent files side by side, as in /opt/emberbox; the command to run it."""
+def installed(tmp_path: Path) -> list[str]:
+    """The agent's package laid out as the image installs it (under tmp_path/root); the
+    command that starts it as the initramfs does: PYTHONPATH=AGENT_DIR python3 -u -m."""
     if not GUEST_PYTHON.exists():
         pytest.skip("needs the system's /usr/bin/python3 (Debian's, as in the guest)")
-    for name, data in agent_files().items():
-        (tmp_path / name).write_bytes(data)
-    command = [str(GUEST_PYTHON), "-s", "-E", "-u", str(tmp_path / "agent.py")]
-    no_package = subprocess.run([*command[:-1], "-c", "import emberbox"], cwd=tmp_path)
-    assert no_package.returncode != 0  # so the agent must use its flat imports
+    root = tmp_path / "root"
+    for rel, data in guest_files(agent_files(), AGENT_INSTALL_DIR).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    python_path = f"PYTHONPATH={root}{initramfs.AGENT_DIR}"
+    command = ["env", python_path, str(GUEST_PYTHON), "-s", "-u", "-m", initramfs.AGENT_PACKAGE]
+    no_package = subprocess.run([*command[:4], "-c", "import emberbox"], cwd=tmp_path)
+    assert no_package.returncode != 0  # so the agent may import only itself and the stdlib
     return command
 
 
-async def test_agent_runs_installed_flat(flat_install: list[str], tmp_path: Path) -> None:
-    """The image's agent files run as installed in the guest, without the emberbox package."""
-    with running_agent(flat_install, cwd=tmp_path) as flat:
-        async with await flat.connect() as client:
+async def test_agent_runs_as_installed_in_the_image(installed: list[str], tmp_path: Path) -> None:
+    """The image's agent package runs as the guest starts it, without the emberbox package."""
+    with running_agent(installed, cwd=tmp_path) as started:
+        async with await started.connect() as client:
             info = await client.handshake(timeout_s=10)
             assert info.protocol == protocol.PROTOCOL_VERSION
-            await client.write_file(str(tmp_path / "x.txt"), b"flat")
+            await client.write_file(str(tmp_path / "x.txt"), b"installed")
             archive = b"".join([chunk async for chunk in client.tar_out(str(tmp_path / "x.txt"))])
             assert await client.tar_in(str(tmp_path / "out"), chunked(archive, 1000)) == 1
-            pid = await client.spawn(["cat", str(tmp_path / "out/x.txt")])
+            pid = await client.spawn(SpawnSpec(["cat", str(tmp_path / "out/x.txt")]))
             assert (await client.wait(pid, timeout_s=5)).exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from emberbox import errors
 from emberbox.agent_client import client as client_module
-from emberbox.agent_client.client import AgentClient
+from emberbox.agent_client.client import AgentClient, ExecLimits, ExecSpec, SpawnSpec
 from emberbox.guest import protocol
 from emberbox.guest.protocol import Frame, Kind
 
@@ -130,7 +131,7 @@ async def test_garbage_fails_everything_with_protocol_error(
 ) -> None:
     """Bytes that are not frames fail pending and later requests and close the client."""
     client, fake = pair
-    pending = asyncio.create_task(client.exec(["sleep", "1"]))
+    pending = asyncio.create_task(client.exec(ExecSpec(["sleep", "1"])))
     await fake.request()
     await fake.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     with pytest.raises(errors.ProtocolError, match="not frames"):
@@ -144,7 +145,7 @@ async def test_garbage_fails_everything_with_protocol_error(
 async def test_eof_disconnects_pending_and_future(pair: tuple[AgentClient, FakeAgent]) -> None:
     """The peer closing fails a pending exec and every later request with AgentDisconnected."""
     client, fake = pair
-    pending = asyncio.create_task(client.exec("sleep 10"))
+    pending = asyncio.create_task(client.exec(ExecSpec("sleep 10")))
     await fake.request()
     await fake.close()
     with pytest.raises(errors.AgentDisconnected):
@@ -156,8 +157,8 @@ async def test_eof_disconnects_pending_and_future(pair: tuple[AgentClient, FakeA
 async def test_out_of_order_responses_routed_by_rid(pair: tuple[AgentClient, FakeAgent]) -> None:
     """Interleaved output and answers of two execs each reach their own caller."""
     client, fake = pair
-    a = asyncio.create_task(client.exec(["a"]))
-    b = asyncio.create_task(client.exec(["b"]))
+    a = asyncio.create_task(client.exec(ExecSpec(["a"])))
+    b = asyncio.create_task(client.exec(ExecSpec(["b"])))
     rids = {}
     for _ in range(2):
         request = await fake.request()
@@ -210,7 +211,7 @@ async def test_async_callbacks_awaited(pair: tuple[AgentClient, FakeAgent]) -> N
         await asyncio.sleep(0.01)
         seen.append(chunk)
 
-    running = asyncio.create_task(client.exec(["x"], on_stdout=on_stdout))
+    running = asyncio.create_task(client.exec(ExecSpec(["x"]), on_stdout=on_stdout))
     rid = (await fake.request()).rid
     await fake.send(
         protocol.encode(Kind.STDOUT, rid, b"1"), protocol.encode(Kind.STDOUT, rid, b"2")
@@ -227,7 +228,7 @@ async def test_exec_timeout_when_agent_silent(
     client, _ = pair
     monkeypatch.setattr(client_module, "EXEC_GRACE_S", 0.2)
     with pytest.raises(errors.ExecTimeout) as caught:
-        await client.exec(["sleep", "9"], timeout_s=0.1)
+        await client.exec(ExecSpec(["sleep", "9"], timeout_s=0.1))
     assert caught.value.result is None
 
 
@@ -307,7 +308,7 @@ async def test_download_acknowledges_what_was_taken(pair: tuple[AgentClient, Fak
 async def test_abandoned_calls_are_cancelled(pair: tuple[AgentClient, FakeAgent]) -> None:
     """A cancelled request and a download closed early each tell the agent to cancel."""
     client, fake = pair
-    pending = asyncio.create_task(client.exec(["sleep", "9"]))
+    pending = asyncio.create_task(client.exec(ExecSpec(["sleep", "9"])))
     rid = (await fake.request()).rid
     pending.cancel()
     cancel = await fake.request()
@@ -320,3 +321,50 @@ async def test_abandoned_calls_are_cancelled(pair: tuple[AgentClient, FakeAgent]
     await reader.aclose()  # type: ignore[attr-defined]
     cancel = await fake.request()
     assert (cancel.kind, cancel.rid, cancel.json()) == (Kind.EVENT, rid, {"event": "cancel"})
+
+
+async def test_specs_go_out_as_one_request_each(pair: tuple[AgentClient, FakeAgent]) -> None:
+    """An ExecSpec and a SpawnSpec become the exec and spawn requests of docs/protocol.md."""
+    client, fake = pair
+    spec = ExecSpec(
+        ["cat"],
+        env={"A": "1"},
+        cwd="/tmp",
+        timeout_s=5,
+        stdin=b"hi",
+        output_max_bytes=10,
+        limits=ExecLimits(memory_mib=64),
+    )
+    pending = asyncio.create_task(client.exec(spec))
+    request = await fake.request()
+    assert request.json() == {
+        "op": "exec",
+        "argv": ["cat"],
+        "shell": None,
+        "env": {"A": "1"},
+        "cwd": "/tmp",
+        "timeout_s": 5,
+        "output_max_bytes": 10,
+        "limits": {"memory_mib": 64, "pids": None},
+        "stdin": base64.b64encode(b"hi").decode(),
+    }
+    await fake.answer(request.rid, {"ok": True, "exit_code": 0, "duration_ms": 1.0})
+    assert (await pending).exit_code == 0
+    started = asyncio.create_task(client.spawn(SpawnSpec("top", pty=(80, 24))))
+    request = await fake.request()
+    body = request.json()
+    assert (body["op"], body["argv"], body["shell"]) == ("spawn", None, "top")
+    assert body["pty"] == {"cols": 80, "rows": 24} and "stdin" not in body
+    await fake.answer(request.rid, {"ok": True, "pid": 42})
+    assert await started == 42
+
+
+def test_a_spec_is_one_frozen_value() -> None:
+    """A list argv is kept as a tuple (equal specs compare equal); replace() derives one."""
+    spec = ExecSpec(["echo", "hi"], timeout_s=1)
+    assert spec.cmd == ("echo", "hi") and spec == ExecSpec(("echo", "hi"), timeout_s=1)
+    assert spec.command == ["echo", "hi"] and ExecSpec("echo hi").command == "echo hi"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.timeout_s = 2  # type: ignore[misc]
+    capped = dataclasses.replace(spec, timeout_s=0.5, env={"A": "1"})
+    assert (capped.cmd, capped.timeout_s, capped.env, spec.env) == (spec.cmd, 0.5, {"A": "1"}, {})

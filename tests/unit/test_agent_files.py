@@ -15,7 +15,7 @@ import pytest
 from emberbox import errors
 from emberbox.agent_client.client import AgentClient
 from emberbox.guest import protocol
-from tests.unit.test_agent_fixtures import (
+from tests.support.agent import (
     RunningAgent,
     chunked,
     collect,

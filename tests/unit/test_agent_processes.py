@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from emberbox import errors
-from emberbox.agent_client.client import AgentClient, ProcessStatus
+from emberbox.agent_client.client import AgentClient, ExecSpec, ProcessStatus, SpawnSpec
 from emberbox.guest import protocol
 from emberbox.guest.processes import OutputRing
-from tests.unit.test_agent_fixtures import RunningAgent, chunked, running_agent, sha256
+from tests.support.agent import RunningAgent, chunked, running_agent, sha256
 
 pytestmark = pytest.mark.anyio
 
@@ -83,7 +83,9 @@ def pgrep(pattern: str) -> bool:
 async def test_spawn_returns_at_once_and_attach_streams_in_order(client: AgentClient) -> None:
     """spawn answers before the process ends; attach delivers stdout and stderr in order, live."""
     started = time.monotonic()
-    pid = await client.spawn("for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.3; done")
+    pid = await client.spawn(
+        SpawnSpec("for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.3; done")
+    )
     assert time.monotonic() - started < 0.5
     output = Output()
     status = await attach(client, pid, output)
@@ -98,7 +100,7 @@ async def test_spawn_returns_at_once_and_attach_streams_in_order(client: AgentCl
 
 async def test_several_attaches_and_from_start(client: AgentClient) -> None:
     """Two attaches follow one process; without from_start only later output is seen."""
-    pid = await client.spawn("echo early; read go; echo late")
+    pid = await client.spawn(SpawnSpec("echo early; read go; echo late"))
     everything, later = Output(), Output()
     first = attach(client, pid, everything)
     await everything.wait_for("early")
@@ -115,7 +117,7 @@ async def test_several_attaches_and_from_start(client: AgentClient) -> None:
 
 async def test_stdin_written_in_pieces_then_closed(client: AgentClient) -> None:
     """Bytes and async iterables reach stdin in order; close ends it; writing after is Conflict."""
-    pid = await client.spawn(["cat"])
+    pid = await client.spawn(SpawnSpec(["cat"]))
     output = Output()
     follower = attach(client, pid, output)
     assert await client.write_stdin(pid, b"hello ") == 6
@@ -130,12 +132,12 @@ async def test_stdin_written_in_pieces_then_closed(client: AgentClient) -> None:
 async def test_large_stdin_is_flow_controlled(client: AgentClient) -> None:
     """MiBs beyond the window reach a slow reader intact while other requests still answer."""
     data = os.urandom(3 * protocol.WINDOW + 12345)
-    pid = await client.spawn("sleep 1; sha256sum")
+    pid = await client.spawn(SpawnSpec("sleep 1; sha256sum"))
     writing = asyncio.create_task(client.write_stdin(pid, chunked(data, 100_000), close=True))
     await asyncio.sleep(0.3)
     assert not writing.done()  # the process does not read yet: the window is full
     started = time.monotonic()
-    assert (await client.exec(["echo", "still served"])).stdout == b"still served\n"
+    assert (await client.exec(ExecSpec(["echo", "still served"]))).stdout == b"still served\n"
     assert time.monotonic() - started < 1.0
     assert await writing == len(data)
     output = Output()
@@ -146,7 +148,7 @@ async def test_large_stdin_is_flow_controlled(client: AgentClient) -> None:
 async def test_signals(client: AgentClient) -> None:
     """TERM by name ends the process (143); the whole group dies; a second signal is Conflict."""
     marker = f"300.{secrets.randbelow(10**6):06d}"
-    pid = await client.spawn(f"sleep {marker} & sleep {marker}; wait")
+    pid = await client.spawn(SpawnSpec(f"sleep {marker} & sleep {marker}; wait"))
     await asyncio.sleep(0.3)
     await client.signal(pid, "TERM")
     status = await client.wait(pid, timeout_s=5)
@@ -158,7 +160,7 @@ async def test_signals(client: AgentClient) -> None:
 
 async def test_signal_by_number_and_unknown(client: AgentClient) -> None:
     """Numbers and SIG-prefixed names work; an unknown signal is InvalidRequest."""
-    pid = await client.spawn(["sleep", "30"])
+    pid = await client.spawn(SpawnSpec(["sleep", "30"]))
     with pytest.raises(errors.InvalidRequest, match="unknown signal"):
         await client.signal(pid, "NOPE")
     await client.signal(pid, 9, group=False)
@@ -168,7 +170,7 @@ async def test_signal_by_number_and_unknown(client: AgentClient) -> None:
 async def test_pty(client: AgentClient) -> None:
     """On a PTY: tty is /dev/pts/N, stty size follows spawn's size and resize, TERM is set."""
     script = "tty; stty size; read line; stty size; echo $TERM"
-    pid = await client.spawn(["sh", "-c", script], pty=(100, 30))
+    pid = await client.spawn(SpawnSpec(["sh", "-c", script], pty=(100, 30)))
     output = Output()
     follower = attach(client, pid, output)
     await output.wait_for(r"30 100\r\n")
@@ -185,7 +187,7 @@ async def test_pty(client: AgentClient) -> None:
 
 async def test_pty_close_sends_end_of_file(client: AgentClient) -> None:
     """Closing a PTY process's stdin sends ^D: cat on the terminal sees end of file."""
-    pid = await client.spawn(["cat"], pty=(80, 24))
+    pid = await client.spawn(SpawnSpec(["cat"], pty=(80, 24)))
     await client.write_stdin(pid, b"line\n", close=True)
     status = await client.wait(pid, timeout_s=5)
     assert (status.running, status.exit_code) == (False, 0)
@@ -193,7 +195,7 @@ async def test_pty_close_sends_end_of_file(client: AgentClient) -> None:
 
 async def test_resize_without_pty_is_conflict(client: AgentClient) -> None:
     """resize on a process without a PTY is Conflict."""
-    pid = await client.spawn(["sleep", "30"])
+    pid = await client.spawn(SpawnSpec(["sleep", "30"]))
     with pytest.raises(errors.Conflict, match="no PTY"):
         await client.resize(pid, 80, 24)
     await client.signal(pid, "KILL")
@@ -201,8 +203,8 @@ async def test_resize_without_pty_is_conflict(client: AgentClient) -> None:
 
 async def test_wait_ps_forget(client: AgentClient) -> None:
     """wait reports running or the end; ps lists both; forget drops ended ones only."""
-    running = await client.spawn(["sleep", "30"])
-    ended = await client.spawn("exit 3")
+    running = await client.spawn(SpawnSpec(["sleep", "30"]))
+    ended = await client.spawn(SpawnSpec("exit 3"))
     status = await client.wait(ended, timeout_s=5)
     assert (status.running, status.exit_code, status.timed_out) == (False, 3, False)
     now = await client.wait(running)  # no timeout: no waiting
@@ -223,7 +225,7 @@ async def test_wait_ps_forget(client: AgentClient) -> None:
 async def test_output_ring_keeps_the_newest_bytes(client: AgentClient) -> None:
     """Past output_max_bytes the oldest output is dropped and output_truncated is set."""
     pid = await client.spawn(
-        "head -c 100000 /dev/zero | tr '\\0' a; echo END", output_max_bytes=1000
+        SpawnSpec("head -c 100000 /dev/zero | tr '\\0' a; echo END", output_max_bytes=1000)
     )
     status = await client.wait(pid, timeout_s=5)
     assert status.output_truncated and status.exit_code == 0
@@ -234,7 +236,7 @@ async def test_output_ring_keeps_the_newest_bytes(client: AgentClient) -> None:
 
 async def test_timeout_kills_the_process(client: AgentClient) -> None:
     """timeout_s kills the process group, as for exec."""
-    pid = await client.spawn(["sleep", "30"], timeout_s=0.5)
+    pid = await client.spawn(SpawnSpec(["sleep", "30"], timeout_s=0.5))
     status = await client.wait(pid, timeout_s=5)
     assert (status.timed_out, status.exit_code, status.signal) == (True, 137, 9)
 
@@ -242,11 +244,11 @@ async def test_timeout_kills_the_process(client: AgentClient) -> None:
 async def test_errors(client: AgentClient) -> None:
     """A missing program or pid is NotFound; a bad cwd or pty size is InvalidRequest."""
     with pytest.raises(errors.NotFound, match="/no/such/prog"):
-        await client.spawn(["/no/such/prog"])
+        await client.spawn(SpawnSpec(["/no/such/prog"]))
     with pytest.raises(errors.InvalidRequest, match="cwd"):
-        await client.spawn(["true"], cwd="/no/such/dir")
+        await client.spawn(SpawnSpec(["true"], cwd="/no/such/dir"))
     with pytest.raises(errors.InvalidRequest, match="at most"):
-        await client.spawn(["true"], pty=(70000, 24))
+        await client.spawn(SpawnSpec(["true"], pty=(70000, 24)))
     for call in (client.wait(999_999_999), client.attach(999_999_999), client.signal(1 << 30, 9)):
         with pytest.raises(errors.NotFound, match="no process"):
             await call
@@ -255,7 +257,7 @@ async def test_errors(client: AgentClient) -> None:
 async def test_processes_outlive_the_connection(agent: RunningAgent) -> None:
     """A process spawned on one connection is listed and attachable from the next."""
     async with await agent.connect() as first:
-        pid = await first.spawn("echo hi; read line; echo bye")
+        pid = await first.spawn(SpawnSpec("echo hi; read line; echo bye"))
     async with await agent.connect() as second:
         assert pid in {p.pid for p in await second.ps()}
         await second.write_stdin(pid, b"\n", close=True)

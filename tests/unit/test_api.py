@@ -17,7 +17,7 @@ from emberbox.api.deps import parse_metadata_filter
 from emberbox.api.errors import format_validation_errors
 from emberbox.config import Settings
 from emberbox.service.sandboxes.state import SandboxState
-from tests.unit.test_api_fakes import FakeManager, FakeRegistry
+from tests.support.fakes_manager import FakeManager, FakeRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,8 @@ from emberbox.api import create_app
 from emberbox.api.streams import OutputEvents, split_utf8
 from emberbox.config import Settings
 from emberbox.models import OutputEvent
-from tests.unit.test_api_fakes import FakeManager, FakeRegistry, serving
+from tests.support.fakes_manager import FakeManager, FakeRegistry
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from emberbox.errors import HostError, InvalidRequest, SnapshotCorrupt, SnapshotMismatch, VMMError
-from emberbox.vmm.base import Driver, GuestFiles, SnapshotFiles, VMConfig
+from emberbox.vmm.base import BootFiles, Driver, SnapshotFiles, VMConfig
 from emberbox.vmm.firecracker import api as fc_api
 from emberbox.vmm.firecracker import client as fc_client
 from emberbox.vmm.firecracker.api import ApiRequest, BootPlan
@@ -23,6 +23,7 @@ from emberbox.vmm.firecracker.client import ApiClient
 from emberbox.vmm.firecracker.driver import FirecrackerDriver, firecracker_usable
 from emberbox.vmm.firecracker.files import clone_file
 from emberbox.vmm.firecracker.process import cmdline_matches, read_tail, trim_log
+from tests.support.fakes_vmm import LiveProcess
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def anyio_backend() -> str:
 
 def _config(work_dir: Path) -> VMConfig:
     img = Path("/nonexistent")
-    return VMConfig("vm1", work_dir, GuestFiles(img / "k", img / "v", img / "i", img / "r"))
+    return VMConfig("vm1", work_dir, BootFiles(img / "k", img / "v", img / "i", img / "r"))
 
 
 def test_driver_satisfies_the_interface() -> None:
@@ -271,16 +272,6 @@ async def test_restore_names_a_missing_snapshot_file(tmp_path: Path, missing: st
     assert not config.work_dir.exists()
 
 
-class _LiveProcess:
-    pid = 4_000_000
-
-    def poll(self) -> int | None:
-        return None
-
-    def kill(self) -> None:
-        pass
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory short enough for unix socket paths."""
@@ -302,7 +293,7 @@ async def test_load_that_times_out_with_a_live_vmm_is_not_called_corrupt(
 
     sock = short_dir / "api.sock"
     server = await asyncio.start_unix_server(never_answer, path=str(sock))
-    client = ApiClient(sock, _LiveProcess(), lambda: "tail", timeout_s=5)
+    client = ApiClient(sock, LiveProcess(), lambda: "tail", timeout_s=5)
     req = fc_api.restore_requests("l", "m", "vmstate", "memory")[-1]
     async with server:
         with pytest.raises(VMMError, match="PUT /snapshot/load failed") as caught:

@@ -26,7 +26,7 @@ import yaml
 from jsonschema import Draft4Validator
 
 from emberbox.errors import SnapshotCorrupt, VMMCrashed, VMMError
-from emberbox.vmm.base import GuestFiles, SnapshotFiles, VMConfig
+from emberbox.vmm.base import BootFiles, SnapshotFiles, VMConfig
 from emberbox.vmm.firecracker import api as fc_api
 from emberbox.vmm.firecracker.driver import FirecrackerDriver
 from emberbox.vmm.firecracker.jailer import JailerConfig
@@ -259,13 +259,13 @@ def _fake_binary(short_tmp: Path, record: Path, mode: str = "ok") -> Path:
 
 
 @pytest.fixture
-def guest(short_tmp: Path) -> GuestFiles:
+def guest(short_tmp: Path) -> BootFiles:
     images = short_tmp / "img"
     images.mkdir()
     for name in ("vmlinux", "bzImage", "initrd"):
         (images / name).write_bytes(name.encode())
     (images / "rootfs.ext4").write_bytes(b"ext4" + bytes(200_000) + b"superblock")
-    return GuestFiles(
+    return BootFiles(
         kernel=images / "bzImage",
         vmlinux=images / "vmlinux",
         initrd=images / "initrd",
@@ -273,7 +273,7 @@ def guest(short_tmp: Path) -> GuestFiles:
     )
 
 
-def _config(short_tmp: Path, guest: GuestFiles, vm_id: str, **kw: Any) -> VMConfig:
+def _config(short_tmp: Path, guest: BootFiles, vm_id: str, **kw: Any) -> VMConfig:
     return VMConfig(vm_id=vm_id, work_dir=short_tmp / "vms" / vm_id, guest=guest, **kw)
 
 
@@ -421,7 +421,7 @@ def test_pure_request_plans_match_the_spec(validator: SpecValidator) -> None:
 @needs_spec
 @pytest.mark.anyio
 async def test_full_lifecycle_speaks_the_spec(
-    short_tmp: Path, record: Path, guest: GuestFiles, validator: SpecValidator
+    short_tmp: Path, record: Path, guest: BootFiles, validator: SpecValidator
 ) -> None:
     """Boot, pause, snapshot, resume, kill, restore elsewhere, agent stream: all spec-valid."""
     driver = FirecrackerDriver(str(_fake_binary(short_tmp, record)))
@@ -484,7 +484,7 @@ async def test_full_lifecycle_speaks_the_spec(
 
 @pytest.mark.anyio
 async def test_attach_readopts_a_running_firecracker(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """A second driver (a restarted server) re-adopts the process by pid and can kill it."""
     binary = str(_fake_binary(short_tmp, record))
@@ -504,7 +504,7 @@ async def test_attach_readopts_a_running_firecracker(
 
 @pytest.mark.anyio
 async def test_attach_refuses_a_process_that_is_not_this_vm(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """A pid that belongs to another program (pid reuse) is not adopted."""
     binary = str(_fake_binary(short_tmp, record))
@@ -515,7 +515,7 @@ async def test_attach_refuses_a_process_that_is_not_this_vm(
 
 @pytest.mark.anyio
 async def test_api_fault_becomes_vmm_error_and_cleans_up(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """A 400 with fault_message surfaces as VMMError; the process and work dir are gone."""
     driver = FirecrackerDriver(str(_fake_binary(short_tmp, record)))
@@ -529,7 +529,7 @@ async def test_api_fault_becomes_vmm_error_and_cleans_up(
 
 @pytest.mark.anyio
 async def test_process_dying_before_its_socket_is_a_crash(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """Firecracker exiting at start raises VMMCrashed carrying its stderr."""
     driver = FirecrackerDriver(str(_fake_binary(short_tmp, record, mode="crash")))
@@ -541,7 +541,7 @@ async def test_process_dying_before_its_socket_is_a_crash(
 @needs_spec
 @pytest.mark.anyio
 async def test_jailer_mode_lifecycle(
-    short_tmp: Path, record: Path, guest: GuestFiles, validator: SpecValidator
+    short_tmp: Path, record: Path, guest: BootFiles, validator: SpecValidator
 ) -> None:
     """Under a (fake) jailer: files placed in the jail, jail-relative paths, jail removed."""
     jail = JailerConfig(
@@ -582,7 +582,7 @@ async def test_jailer_mode_lifecycle(
 
 @pytest.mark.anyio
 async def test_snapshot_of_a_paused_vm_leaves_it_paused(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """snapshot() only resumes a VM it paused itself; wait() then reports the SIGKILL."""
     vm = await FirecrackerDriver(str(_fake_binary(short_tmp, record))).start(
@@ -604,7 +604,7 @@ async def test_snapshot_of_a_paused_vm_leaves_it_paused(
 @needs_spec
 @pytest.mark.anyio
 async def test_refused_snapshot_load_is_corrupt_and_cleans_up(
-    short_tmp: Path, record: Path, guest: GuestFiles, validator: SpecValidator
+    short_tmp: Path, record: Path, guest: BootFiles, validator: SpecValidator
 ) -> None:
     """A load refused with a 400 fault is SnapshotCorrupt naming vmstate; the VM is gone."""
     snap = _handmade_snapshot(short_tmp, b"\x00truncated")
@@ -625,7 +625,7 @@ async def test_refused_snapshot_load_is_corrupt_and_cleans_up(
 
 @pytest.mark.anyio
 async def test_vmm_dying_during_load_is_corrupt_and_cleans_up(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """A Firecracker that exits while loading is SnapshotCorrupt with its exit and stderr."""
     snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)
@@ -642,7 +642,7 @@ async def test_vmm_dying_during_load_is_corrupt_and_cleans_up(
 
 @pytest.mark.anyio
 async def test_restore_of_a_snapshot_missing_a_file_starts_nothing(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """A missing ``memory`` is SnapshotCorrupt naming it, before any process or file exists."""
     snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)
@@ -656,7 +656,7 @@ async def test_restore_of_a_snapshot_missing_a_file_starts_nothing(
 
 @pytest.mark.anyio
 async def test_snapshot_with_stop_ends_the_vmm_and_keeps_dest(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """snapshot(stop=True) kills the VMM, removes its work dir and leaves a loadable dest."""
     driver = FirecrackerDriver(str(_fake_binary(short_tmp, record)))
@@ -680,7 +680,7 @@ async def test_snapshot_with_stop_ends_the_vmm_and_keeps_dest(
 
 @pytest.mark.anyio
 async def test_failed_snapshot_with_stop_keeps_the_vm_running(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """When the save fails, stop or not, dest is removed and the guest runs on."""
     driver = FirecrackerDriver(str(_fake_binary(short_tmp, record, mode="snapshot-fails")))
@@ -697,7 +697,7 @@ async def test_failed_snapshot_with_stop_keeps_the_vm_running(
 
 @pytest.mark.anyio
 async def test_restore_with_adopt_disk_copies_and_leaves_the_snapshot(
-    short_tmp: Path, record: Path, guest: GuestFiles
+    short_tmp: Path, record: Path, guest: BootFiles
 ) -> None:
     """adopt_disk is safe to ignore: the VM gets its own disk, the snapshot stays whole."""
     snap = _handmade_snapshot(short_tmp, _GOOD_VMSTATE)

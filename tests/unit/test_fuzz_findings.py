@@ -20,7 +20,7 @@ from emberbox.api.streams import StreamedResponse, Write, ndjson_response
 from emberbox.config import Settings
 from emberbox.models import ExecRequest, SandboxCreate
 from emberbox.service.sandboxes.validation import validate_spec
-from tests.unit.test_agent_fixtures import RunningAgent, collect, running_agent
+from tests.support.agent import RunningAgent, collect, running_agent
 
 pytestmark = pytest.mark.anyio
 

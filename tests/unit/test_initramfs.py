@@ -55,14 +55,18 @@ def test_module_plan_reads_a_module_tree(tmp_path: Path) -> None:
 
 
 def test_init_loads_modules_in_order_and_hands_over_to_the_agent() -> None:
-    """The init insmods in the given order, mounts the root disk and execs the agent."""
-    init = render_init(["virtio_ring", "virtio", "virtio_blk"], "/opt/emberbox/agent.py")
+    """The init insmods in the given order, mounts the root disk and execs the agent's
+    package as a module, its install directory on the PYTHONPATH."""
+    init = render_init(["virtio_ring", "virtio", "virtio_blk"])
     assert init.startswith("#!/bin/busybox sh\n")
     positions = [
         init.index(f"insmod /lib/modules/{m}.ko") for m in ("virtio_ring", "virtio", "virtio_blk")
     ]
     assert positions == sorted(positions)
-    assert "exec switch_root /newroot /usr/bin/python3 -u /opt/emberbox/agent.py" in init
+    assert init.endswith(
+        "export PYTHONPATH=/opt/emberbox\n"
+        "exec switch_root /newroot /usr/bin/python3 -u -m emberbox_guest\n"
+    )
     assert PROBE_MARKER in init and "emberbox.probe" in init
     result = subprocess.run(["sh", "-n"], input=init, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr

@@ -1,14 +1,13 @@
-"""The sandbox manager, reaper and reconciler against a fake Sandbox (no VMs)."""
+"""The sandbox manager, reaper and reconciler against a fake sandbox (no VMs;
+:mod:`tests.support.fakes_sandbox`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,16 +15,16 @@ import anyio
 import pytest
 
 from emberbox import errors
-from emberbox.agent_client.client import ExecResult
+from emberbox.agent_client.client import ExecResult, ExecSpec, SpawnSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes import orphans
-from emberbox.service.sandboxes.manager import OutputCallback, SandboxManager
+from emberbox.service.sandboxes.manager import SandboxManager
 from emberbox.service.sandboxes.reaper import VMM_EXITED
 from emberbox.service.sandboxes.reconcile import RESTARTED_DURING_BOOT, VMM_GONE
 from emberbox.service.sandboxes.state import SandboxState
 from emberbox.store import SandboxRow, Store, utcnow
 from emberbox.vmm import host
-from emberbox.vmm.base import Lifetime
+from tests.support.fakes_sandbox import FakeImages, FakeVMM, end_process, spawn_vmm
 
 pytestmark = pytest.mark.anyio
 
@@ -33,166 +32,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-# -- fakes ----------------------------------------------------------------------------------
-
-
-def spawn_vmm(work_dir: Path) -> subprocess.Popen[bytes]:
-    """A stand-in VMM process: sleeps, and its argv names a file in ``work_dir``."""
-    return subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", str(work_dir / "agent.sock")]
-    )
-
-
-def end_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
-
-
-class FakeSandbox:
-    """Behaves like emberbox.service.vm.machine.Sandbox, minus the VM."""
-
-    def __init__(self, sandbox_id: str, work_dir: Path, proc: subprocess.Popen[bytes] | None):
-        self.id = sandbox_id
-        self._work_dir = work_dir
-        self.proc = proc
-        self.running = True
-        self.kills = 0
-        self.detached = False
-        self.exec_delay_s = 0.0
-        self.exec_calls: list[dict[str, object]] = []
-        self.spawned: list[tuple[list[str] | str, dict[str, object]]] = []
-        self.stat_hook: Callable[[], Awaitable[object]] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def work_dir(self) -> Path:
-        return self._work_dir
-
-    def is_running(self) -> bool:
-        return self.running
-
-    async def exec(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        output_max_bytes: int | None = None,
-        limits: object = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult:
-        if not self.running:
-            raise errors.AgentDisconnected("agent channel closed")
-        self.exec_calls.append(
-            {"cmd": cmd, "env": env, "cwd": cwd, "timeout_s": timeout_s, "max": output_max_bytes}
-        )
-        await anyio.sleep(self.exec_delay_s)
-        if not self.running:
-            raise errors.AgentDisconnected("agent channel closed")
-        return ExecResult(exit_code=0, stdout=b"ok\n", stderr=b"", duration_ms=1.5)
-
-    async def spawn(self, cmd: list[str] | str, **kwargs: object) -> int:
-        self.spawned.append((cmd, kwargs))
-        return 7
-
-    async def stat(self, path: str) -> object:
-        if self.stat_hook is not None:
-            await self.stat_hook()
-        if not self.running:
-            raise errors.AgentDisconnected("agent channel closed")
-        return path
-
-    async def kill(self) -> None:
-        self.kills += 1
-        self.running = False
-        if self.proc is not None:
-            end_process(self.proc)
-        shutil.rmtree(self._work_dir, ignore_errors=True)
-
-    async def detach(self) -> None:
-        self.detached = True
-
-
-class FakeVMM:
-    """Sandbox.start / Sandbox.attach stand-ins that record what they were asked."""
-
-    def __init__(self, *, spawn: bool = False) -> None:
-        self.spawn = spawn
-        self.started: dict[str, FakeSandbox] = {}
-        self.attached: dict[str, FakeSandbox] = {}
-        self.lifetimes: list[Lifetime] = []
-        self.fail_with: Exception | None = None
-        self.attach_fails = False
-        self.gate: anyio.Event | None = None
-        self.booting = anyio.Event()
-        self.boot_cancelled = False
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def start(
-        self,
-        settings: Settings,
-        *,
-        image: str,
-        vcpus: int,
-        memory_mib: int,
-        sandbox_id: str,
-        lifetime: Lifetime,
-    ) -> FakeSandbox:
-        self.lifetimes.append(lifetime)
-        work_dir = settings.vms_dir / sandbox_id
-        work_dir.mkdir()
-        self.booting.set()
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-        except anyio.get_cancelled_exc_class():
-            self.boot_cancelled = True
-            shutil.rmtree(work_dir)
-            raise
-        if self.fail_with is not None:
-            shutil.rmtree(work_dir)
-            raise self.fail_with
-        proc = spawn_vmm(work_dir) if self.spawn else None
-        if proc is not None:
-            self.procs.append(proc)
-        sandbox = self.started[sandbox_id] = FakeSandbox(sandbox_id, work_dir, proc)
-        return sandbox
-
-    async def attach(
-        self,
-        settings: Settings,
-        *,
-        sandbox_id: str,
-        pid: int,
-        image: str,
-        vcpus: int,
-        memory_mib: int,
-    ) -> FakeSandbox:
-        if self.attach_fails:
-            raise errors.AgentDisconnected("agent did not answer")
-        sandbox = FakeSandbox(sandbox_id, settings.vms_dir / sandbox_id, None)
-        sandbox.attached_pid = pid  # type: ignore[attr-defined]
-        self.attached[sandbox_id] = sandbox
-        return sandbox
-
-
-class FakeImages:
-    def names(self) -> list[str]:
-        return ["default", "python"]
-
-    def get(self, name: str) -> object:
-        if name not in self.names():
-            raise errors.ImageNotFound(name, self.names())
-        return name
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -418,7 +257,7 @@ async def test_get_unknown_is_not_found(manager: SandboxManager) -> None:
     with pytest.raises(errors.NotFound, match="no sandbox ghost"):
         await manager.get("ghost")
     with pytest.raises(errors.NotFound):
-        await manager.exec("ghost", ["true"])
+        await manager.exec("ghost", ExecSpec(["true"]))
     with pytest.raises(errors.NotFound):
         await manager.kill("ghost")
 
@@ -453,9 +292,9 @@ async def test_exec_merges_env_applies_limits_and_logs(
 ) -> None:
     """exec() merges env over the sandbox's, defaults and caps the timeout, logs the call."""
     record = await manager.create(env={"A": "1", "B": "1"})
-    result = await manager.exec(record.id, ["echo", "hi"], env={"B": "2"}, cwd="/tmp")
+    result = await manager.exec(record.id, ExecSpec(["echo", "hi"], env={"B": "2"}, cwd="/tmp"))
     assert result.stdout == b"ok\n"
-    await manager.exec(record.id, "sleep 1", timeout_s=10_000)
+    await manager.exec(record.id, ExecSpec("sleep 1", timeout_s=10_000))
     calls = vmm.started[record.id].exec_calls
     assert calls[0] == {
         "cmd": ["echo", "hi"],
@@ -478,7 +317,7 @@ async def test_exec_rejects_bad_input(
     """Empty or NUL-bearing commands and non-positive timeouts are InvalidRequest."""
     record = await manager.create()
     with pytest.raises(errors.InvalidRequest):
-        await manager.exec(record.id, cmd, timeout_s=timeout_s)
+        await manager.exec(record.id, ExecSpec(cmd, timeout_s=timeout_s))
 
 
 async def test_exec_on_stopped_is_conflict(manager: SandboxManager) -> None:
@@ -486,7 +325,7 @@ async def test_exec_on_stopped_is_conflict(manager: SandboxManager) -> None:
     record = await manager.create()
     await manager.kill(record.id)
     with pytest.raises(errors.Conflict) as caught:
-        await manager.exec(record.id, ["true"])
+        await manager.exec(record.id, ExecSpec(["true"]))
     assert str(caught.value) == f"sandbox {record.id} is stopped"
 
 
@@ -497,7 +336,7 @@ async def test_many_concurrent_execs_in_one_sandbox(manager: SandboxManager, vmm
     results: list[ExecResult] = []
 
     async def run() -> None:
-        results.append(await manager.exec(record.id, ["true"]))
+        results.append(await manager.exec(record.id, ExecSpec(["true"])))
 
     start = time.monotonic()
     async with anyio.create_task_group() as tg:
@@ -515,7 +354,7 @@ async def test_exec_killed_midway_is_conflict(manager: SandboxManager, vmm: Fake
 
     async def run() -> None:
         try:
-            await manager.exec(record.id, ["sleep", "5"])
+            await manager.exec(record.id, ExecSpec(["sleep", "5"]))
         except Exception as exc:
             raised.append(exc)
 
@@ -598,8 +437,8 @@ async def test_close_leaves_sandboxes_running_and_restart_reattaches(
     second = FakeVMM()
     async with make_manager(settings, second) as manager:
         assert (await manager.get(record.id)).state is SandboxState.RUNNING
-        assert second.attached[record.id].attached_pid == sandbox.pid  # type: ignore[attr-defined]
-        assert (await manager.exec(record.id, ["true"])).exit_code == 0
+        assert second.attached[record.id].attached_pid == sandbox.pid
+        assert (await manager.exec(record.id, ExecSpec(["true"]))).exit_code == 0
     assert (settings.vms_dir / record.id).is_dir()
 
 
@@ -763,20 +602,20 @@ async def test_guest_calls_go_to_the_running_sandbox(manager: SandboxManager, vm
     stopped sandbox Conflict."""
     record = await manager.create(env={"A": "1"})
     sandbox = vmm.started[record.id]
-    assert await manager.processes.spawn(record.id, "sleep 9", env={"B": "2"}) == 7
+    assert await manager.processes.spawn(record.id, SpawnSpec("sleep 9", env={"B": "2"})) == 7
     assert sandbox.spawned == [
         ("sleep 9", {"env": {"A": "1", "B": "2"}, "cwd": None, "timeout_s": None, "pty": None})
     ]
     with pytest.raises(errors.InvalidRequest):
-        await manager.processes.spawn(record.id, " ")
+        await manager.processes.spawn(record.id, SpawnSpec(" "))
     with pytest.raises(errors.InvalidRequest):
         await manager.files.stat(record.id, "a\0b")
-    assert await manager.files.stat(record.id, "/etc") == "/etc"
+    assert (await manager.files.stat(record.id, "/etc")).path == "/etc"
     with pytest.raises(errors.NotFound):
         await manager.files.stat("nope", "/etc")
     await manager.kill(record.id)
     with pytest.raises(errors.Conflict, match="stopped"):
-        await manager.processes.spawn(record.id, "true")
+        await manager.processes.spawn(record.id, SpawnSpec("true"))
 
 
 async def test_agent_failure_of_a_sandbox_killed_meanwhile_is_a_conflict(

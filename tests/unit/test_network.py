@@ -23,7 +23,7 @@ from emberbox.net.policy import AllowRule, EgressPolicy, parse_entry, parse_poli
 from emberbox.net.rules import host_ruleset, namespace_ruleset
 from emberbox.service.sandboxes import validation
 from emberbox.service.sandboxes.validation import validate_network
-from emberbox.vmm.base import GuestFiles, VMConfig
+from emberbox.vmm.base import BootFiles, VMConfig
 from emberbox.vmm.qemu.argv import network_args
 
 
@@ -207,7 +207,7 @@ def test_firecracker_refuses_network() -> None:
 
 def test_every_vm_has_a_nic() -> None:
     """The NIC is always there: on a TAP descriptor, or on a hub port to nowhere."""
-    files = GuestFiles(Path("k"), Path("v"), Path("i"), Path("r"))
+    files = BootFiles(Path("k"), Path("v"), Path("i"), Path("r"))
     config = VMConfig(vm_id="x", work_dir=Path("/w"), guest=files)
     nowhere = network_args(config, "tcg")
     assert nowhere[:2] == ["-netdev", "hubport,id=net0,hubid=0"]
@@ -244,7 +244,7 @@ async def test_manager_allocates_addresses_and_passes_plans(tmp_path: Path) -> N
     """Networked creates get unique addresses (reused once freed) and a plan for the
     factory; others get neither; a bad entry is refused before anything starts."""
     from emberbox.service.sandboxes.manager import SandboxManager
-    from tests.unit.test_manager import FakeImages, FakeVMM
+    from tests.support.fakes_sandbox import FakeImages, FakeVMM
 
     settings = Settings(
         data_dir=tmp_path / "data",
@@ -289,7 +289,7 @@ async def test_manager_allocates_addresses_and_passes_plans(tmp_path: Path) -> N
 async def test_agent_network_hello_outside_a_vm() -> None:
     """Off PID 1 the agent touches no interface: it says so; a malformed network is an
     InvalidRequest answer (the real set-up is covered by tests/integration)."""
-    from tests.unit.test_agent_fixtures import running_agent
+    from tests.support.agent import running_agent
 
     with running_agent() as agent:
         async with await agent.connect() as client:

@@ -10,6 +10,7 @@ import pytest
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.service.vm.pool import PoolShape, WarmPool
+from tests.support.fakes_sandbox import Thing
 
 pytestmark = pytest.mark.anyio
 
@@ -17,15 +18,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Thing:
-    def __init__(self, sandbox_id: str) -> None:
-        self.id = sandbox_id
-        self.killed = False
-
-    async def kill(self) -> None:
-        self.killed = True
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:

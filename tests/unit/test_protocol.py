@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from emberbox.guest import protocol
-from emberbox.guest.protocol import Frame, FrameDecoder, Kind, ProtocolViolation
+from emberbox.guest.protocol import Frame, FrameDecoder, Kind, Op, ProtocolViolation
+
+PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
 def test_round_trip_json_and_data() -> None:
@@ -131,3 +136,24 @@ def test_flow_control_constants() -> None:
     """Version 2; the window holds several acks' worth and many data frames."""
     assert protocol.PROTOCOL_VERSION == 2
     assert protocol.WINDOW >= 4 * protocol.ACK_EVERY >= 4 * protocol.DATA_CHUNK
+
+
+def documented_ops(markdown: str) -> list[str]:
+    """The ops named in the first cell of each table row of the "## Ops" section."""
+    section = markdown.split("\n## Ops\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [op for row in rows for op in re.findall(r"`(\w+)`", row.split("|")[1])]
+
+
+def test_op_is_the_documented_set_of_ops() -> None:
+    """Every op in docs/protocol.md's ops tables is an Op member, once, and every member
+    is documented."""
+    ops = documented_ops(PROTOCOL_DOC.read_text(encoding="utf-8"))
+    assert len(ops) == len(set(ops)), ops
+    assert set(ops) == {op.value for op in Op}
+
+
+def test_documented_ops_reads_every_cell_of_a_row() -> None:
+    """A row naming two ops yields both; rows of other sections are ignored."""
+    doc = "# P\n## Ops\n| op | x |\n|---|---|\n| `ping`, `shutdown` | `{}` |\n## Host\n| `no` | |\n"
+    assert documented_ops(doc) == ["ping", "shutdown"]

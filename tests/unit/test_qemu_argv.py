@@ -12,12 +12,12 @@ import pytest
 from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.service.sandboxes.orphans import mentions_path, referenced_children
-from emberbox.vmm.base import GuestFiles, VMConfig
+from emberbox.vmm.base import BootFiles, VMConfig
 from emberbox.vmm.qemu.argv import DiskLayer, HostFds, build_argv, overlay_argv
 from emberbox.vmm.qemu.driver import HostLimits, parse_version
 from emberbox.vmm.select import choose_driver
 
-GUEST = GuestFiles(
+GUEST = BootFiles(
     Path("/img/vmlinuz"), Path("/img/vmlinux"), Path("/img/initrd"), Path("/img/root")
 )
 FDS = HostFds(

@@ -16,7 +16,7 @@ import pytest
 
 from emberbox.errors import HostError, QuotaExceeded, VMMError
 from emberbox.vmm import vmm_user
-from emberbox.vmm.base import GuestFiles, VMConfig
+from emberbox.vmm.base import BootFiles, VMConfig
 from emberbox.vmm.qemu import qcow2
 from emberbox.vmm.qemu.argv import QemuPaths
 from emberbox.vmm.qemu.files import check_disk_cap, make_work_dir, open_host_files
@@ -35,14 +35,14 @@ def overlay(backing: Path, fmt: str, path: Path) -> Path:
     return path
 
 
-def guest(tmp_path: Path, rootfs_mib: int = 4) -> GuestFiles:
+def guest(tmp_path: Path, rootfs_mib: int = 4) -> BootFiles:
     images = tmp_path / "img"
     images.mkdir()
     for name in ("vmlinuz", "initrd"):
         (images / name).write_bytes(b"x" * 100)
     with (images / "root").open("wb") as f:
         f.truncate(rootfs_mib << 20)
-    return GuestFiles(images / "vmlinuz", images / "vmlinuz", images / "initrd", images / "root")
+    return BootFiles(images / "vmlinuz", images / "vmlinuz", images / "initrd", images / "root")
 
 
 @needs_qemu_img

@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import signal
 import tarfile
-from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,6 +18,7 @@ from emberbox.images.build import RECIPES
 from emberbox.images.rootfs import RootfsRecipe, mmdebstrap_argv
 from emberbox.service.oneshot import runner as run
 from emberbox.service.oneshot.runner import LANGUAGES, RunSpec, RunStatus
+from tests.support.fakes_run import HashedImages, ScriptedManager, exec_result
 
 pytestmark = pytest.mark.anyio
 
@@ -35,12 +33,6 @@ def anyio_backend() -> str:
 def settings(tmp_path: Path) -> Settings:
     """Default settings with private directories."""
     return Settings(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
-
-
-def _result(**fields: Any) -> ExecResult:
-    return ExecResult(
-        **{"exit_code": 0, "stdout": b"", "stderr": b"", "duration_ms": 5.0, **fields}
-    )
 
 
 # --- the language table ------------------------------------------------------------------
@@ -220,7 +212,7 @@ KILL = signal.SIGKILL
 )
 def test_classify(fields: dict[str, Any], over: bool, status: str) -> None:
     """memory_limit, output_limit, timeout, runtime_error, ok: the first that matches."""
-    assert run.classify(_result(**fields), CAP_KIB, over) == status
+    assert run.classify(exec_result(**fields), CAP_KIB, over) == status
 
 
 def test_clip() -> None:
@@ -261,75 +253,10 @@ def test_parse_versions() -> None:
 
 # --- run_code over a scripted manager --------------------------------------------------------
 
-Script = Callable[[list[str]], ExecResult]
-
-
-@dataclass
-class ScriptedFiles:
-    """``manager.files``: records tar_in calls (and raises ``error`` if set)."""
-
-    calls: list[tuple[str, Any]]
-    error: errors.EmberboxError | None = None
-
-    async def tar_in(
-        self, sandbox_id: str, path: str, data: AsyncIterable[bytes], *, size: int | None = None
-    ) -> int:
-        tar = b"".join([chunk async for chunk in data])
-        assert size == len(tar)
-        self.calls.append(("tar_in", {"path": path, "tar": tar}))
-        if self.error is not None:
-            raise self.error
-        return 1
-
-
-@dataclass
-class ScriptedManager:
-    """create/exec/kill; ``script`` answers each exec (argv in, result out)."""
-
-    script: Script = field(default=lambda argv: _result())
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-    create_error: errors.EmberboxError | None = None
-    files: ScriptedFiles = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.files = ScriptedFiles(self.calls)
-
-    async def create(self, **kwargs: Any) -> SimpleNamespace:
-        self.calls.append(("create", kwargs))
-        if self.create_error is not None:
-            raise self.create_error
-        return SimpleNamespace(id="sb-1")
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        limits: ExecLimits | None = None,
-    ) -> ExecResult:
-        argv = cmd if isinstance(cmd, list) else ["sh", "-c", cmd]
-        unprivileged = argv[: len(run.RUN_AS)] == list(run.RUN_AS)
-        if unprivileged:
-            argv = argv[len(run.RUN_AS) :]
-        self.calls.append(("exec", {"argv": argv, "cwd": cwd, "timeout_s": timeout_s,
-                                    "stdin": stdin, "limits": limits, "env": env,
-                                    "nobody": unprivileged}))  # fmt: skip
-        return self.script(argv)
-
-    async def kill(self, sandbox_id: str) -> None:
-        self.calls.append(("kill", sandbox_id))
-
-    def execs(self) -> list[dict[str, Any]]:
-        return [info for name, info in self.calls if name == "exec"]
-
 
 async def test_run_code_writes_compiles_runs_and_kills(settings: Settings) -> None:
     """A C run: one sandbox of the run image, the tar, gcc, ./main with limits, then kill."""
-    manager = ScriptedManager(lambda argv: _result(stdout=b"hi\n", peak_memory_kib=900))
+    manager = ScriptedManager(lambda argv: exec_result(stdout=b"hi\n", peak_memory_kib=900))
     spec = RunSpec("c", "int main(){}", stdin="in", args=["a"], timeout_s=2, memory_mib=64)
     result = await run.run_code(manager, settings, spec)
     assert result.status is RunStatus.OK
@@ -367,8 +294,8 @@ async def test_a_compile_error_stops_before_running(settings: Settings) -> None:
 
     def script(argv: list[str]) -> ExecResult:
         if argv[0] == "gcc":
-            return _result(exit_code=1, stderr=b"main.c:1: error: expected ';'\n")
-        return _result()
+            return exec_result(exit_code=1, stderr=b"main.c:1: error: expected ';'\n")
+        return exec_result()
 
     manager = ScriptedManager(script)
     result = await run.run_code(manager, settings, RunSpec("c", "int main("))
@@ -384,8 +311,8 @@ async def test_a_compile_timeout_is_a_compile_error(settings: Settings) -> None:
 
     def script(argv: list[str]) -> ExecResult:
         if argv[0] == "g++":
-            return _result(timed_out=True, exit_code=137, signal=9)
-        return _result()
+            return exec_result(timed_out=True, exit_code=137, signal=9)
+        return exec_result()
 
     result = await run.run_code(ScriptedManager(script), settings, RunSpec("c++", ""))
     assert result.status is RunStatus.COMPILE_ERROR
@@ -397,8 +324,8 @@ async def test_a_compiler_out_of_memory_is_a_compile_error(settings: Settings) -
 
     def script(argv: list[str]) -> ExecResult:
         if argv[0] == "gcc":
-            return _result(memory_limited=True, exit_code=137, signal=9)
-        return _result()
+            return exec_result(memory_limited=True, exit_code=137, signal=9)
+        return exec_result()
 
     result = await run.run_code(ScriptedManager(script), settings, RunSpec("c", ""))
     assert result.status is RunStatus.COMPILE_ERROR
@@ -408,7 +335,7 @@ async def test_a_compiler_out_of_memory_is_a_compile_error(settings: Settings) -
 async def test_output_past_the_cap_is_cut_and_output_limit(settings: Settings) -> None:
     """More than run_output_max_bytes on a stream: cut to the cap, output_limit."""
     cap = settings.run_output_max_bytes
-    manager = ScriptedManager(lambda argv: _result(stdout=b"x" * (cap + 1), stderr=b"e"))
+    manager = ScriptedManager(lambda argv: exec_result(stdout=b"x" * (cap + 1), stderr=b"e"))
     result = await run.run_code(manager, settings, RunSpec("python3", ""))
     assert result.status is RunStatus.OUTPUT_LIMIT
     assert len(result.stdout) == cap
@@ -421,7 +348,7 @@ async def test_an_agent_that_outlives_the_timeout_is_a_timeout(settings: Setting
     def script(argv: list[str]) -> ExecResult:
         if argv[0] == "python3":
             raise errors.ExecTimeout("no answer", result=None)
-        return _result()
+        return exec_result()
 
     result = await run.run_code(ScriptedManager(script), settings, RunSpec("python3", ""))
     assert result.status is RunStatus.TIMEOUT
@@ -474,15 +401,8 @@ async def test_a_missing_run_image_is_a_host_error(settings: Settings) -> None:
 
 async def test_language_versions_are_asked_once_per_image_build(settings: Settings) -> None:
     """One sandbox answers the versions; the next call uses the cache until a rebuild."""
-    manager = ScriptedManager(lambda argv: _result(stdout=b"python3=Python 3.11.2\n"))
-
-    class Images:
-        image_hash = "aaa"
-
-        def get(self, name: str) -> object:
-            return SimpleNamespace(image_hash=self.image_hash)
-
-    images, versions = Images(), run.LanguageVersions()
+    manager = ScriptedManager(lambda argv: exec_result(stdout=b"python3=Python 3.11.2\n"))
+    images, versions = HashedImages("aaa"), run.LanguageVersions()
     first = await versions.languages(manager, settings, images)
     assert {i.name: i.version for i in first}["python3"] == "3.11.2"
     assert {i.name: i.version for i in first}["node"] is None

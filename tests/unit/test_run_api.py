@@ -4,15 +4,11 @@ markers in their source; the SDK's run_code and ``emberbox exec-code`` against i
 from __future__ import annotations
 
 import inspect
-import io
-import itertools
 import json
 import subprocess
 import sys
-import tarfile
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,88 +19,15 @@ from typer.testing import CliRunner
 
 import emberbox
 from emberbox import errors, sdk
-from emberbox.agent_client.client import ExecLimits, ExecResult
 from emberbox.api import create_app
 from emberbox.cli import exec_code as cli_exec_code
 from emberbox.config import Settings
-from emberbox.service.oneshot.runner import LANGUAGES, RUN_AS
-from tests.unit.test_api_fakes import FakeRegistry, serving
+from emberbox.service.oneshot.runner import LANGUAGES
+from tests.support.fakes_manager import FakeRegistry
+from tests.support.fakes_run import ProgramManager
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.anyio
-
-VERSIONS = b"python3=Python 3.11.2\nnode=v18.20.4\nc=gcc (Debian 12.2.0-14) 12.2.0\n"
-
-
-class ProgramManager:
-    """create/exec/kill where the program's source decides what happens: ``EXIT3``,
-    ``LOOP`` (timeout), ``ALLOC`` (memory), ``SPAM`` (output) or ``SYNTAX`` (compiler)."""
-
-    def __init__(self) -> None:
-        self.written: dict[str, dict[str, bytes]] = {}
-        self.files = self  # manager.files.tar_in
-        self.live: set[str] = set()
-        self.created = 0
-        self._ids = itertools.count(1)
-
-    async def create(self, **kwargs: Any) -> SimpleNamespace:
-        sandbox_id = f"sb-{next(self._ids)}"
-        self.created += 1
-        self.live.add(sandbox_id)
-        return SimpleNamespace(id=sandbox_id)
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        limits: ExecLimits | None = None,
-    ) -> ExecResult:
-        assert sandbox_id in self.live
-        if isinstance(cmd, str):  # the versions
-            return ExecResult(0, VERSIONS, b"", 1.0)
-        assert cmd[: len(RUN_AS)] == list(RUN_AS)
-        cmd = cmd[len(RUN_AS) :]
-        source = b"".join(self.written[sandbox_id].values())
-        if cmd[0] in ("gcc", "g++"):
-            failed = b"SYNTAX" in source
-            return ExecResult(int(failed), b"", b"error: SYNTAX" if failed else b"", 9.0)
-        args = cmd[1:] if cmd[0] == "./main" else cmd[2:]  # past the interpreter's file
-        return _outcome(source, stdin or b"", args, limits)
-
-    async def tar_in(
-        self, sandbox_id: str, path: str, data: AsyncIterable[bytes], *, size: int | None = None
-    ) -> int:
-        assert sandbox_id in self.live
-        packed = b"".join([chunk async for chunk in data])
-        with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
-            self.written[sandbox_id] = {
-                m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
-                for m in tar.getmembers()
-                if m.isfile()
-            }
-        return len(self.written[sandbox_id])
-
-    async def kill(self, sandbox_id: str) -> None:
-        self.live.discard(sandbox_id)
-
-
-def _outcome(source: bytes, stdin: bytes, argv: list[str], limits: ExecLimits | None) -> ExecResult:
-    cap_kib = (limits.memory_mib if limits and limits.memory_mib else 0) * 1024
-    if b"LOOP" in source:
-        return ExecResult(137, b"", b"", 2000.0, timed_out=True, signal=9)
-    if b"ALLOC" in source:
-        return ExecResult(
-            137, b"", b"", 50.0, signal=9, memory_limited=True, peak_memory_kib=cap_kib
-        )
-    if b"SPAM" in source:
-        return ExecResult(0, b"x" * (16 << 20), b"", 900.0, output_truncated=True)
-    code = 3 if b"EXIT3" in source else 0
-    out = b"hello " + stdin + " ".join(argv).encode()
-    return ExecResult(code, out, b"", 12.5, peak_memory_kib=2048)
 
 
 @pytest.fixture

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from emberbox.sdk import (
     Snapshots,
     _calls,
 )
-from tests.unit.test_api_fakes import FakeManager, fake_app, serving
+from tests.support.fakes_manager import FakeManager, fake_app
+from tests.support.servers import serving
 
 
 @pytest.fixture
@@ -404,3 +408,22 @@ def test_exported_members() -> None:
     ):
         assert name in sdk.__all__
     assert sdk.NotFound is errors.NotFound
+
+
+SERVER_MODULES = (
+    *("emberbox.service", "emberbox.api", "emberbox.agent_client", "emberbox.images"),
+    *("emberbox.store", "emberbox.vmm", "emberbox.net", "emberbox.config", "emberbox.guest"),
+    *("fastapi", "starlette", "uvicorn", "pydantic_settings", "lz4"),
+)
+
+
+def test_the_sdk_loads_no_server_code() -> None:
+    """`import emberbox.sdk` (wire models included) loads no server module or dependency."""
+    code = (
+        "import json, sys, emberbox, emberbox.sdk, emberbox.models.oneshot; "
+        "emberbox.run_code; print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(done.stdout)
+    assert "emberbox.models.sandboxes" in loaded
+    assert [name for name in loaded if name.startswith(SERVER_MODULES)] == []

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from emberbox.cli import files, snapshot
 from emberbox.cli.common import EXIT_ERROR
 from emberbox.cli.sandbox import app
-from tests.unit.test_api_fakes import FakeManager, fake_app, serving
+from tests.support.fakes_manager import FakeManager, fake_app
+from tests.support.servers import serving
 
 runner = CliRunner()
 
@@ -238,3 +239,51 @@ def test_shell_relays_piped_input_and_exits_with_the_programs_status(
     exited = subprocess.run(command, input=b"exit 5", capture_output=True, timeout=60)
     assert (exited.returncode, exited.stdout) == (5, b"exit 5")
     assert not [p for p in served.guests[sandbox_id].processes.values() if p.running]
+
+
+# --- without the server's dependencies (pip install emberbox) ----------------------------
+
+# Runs the CLI as if fastapi, uvicorn, pydantic-settings and lz4 were not installed.
+CLIENT_ONLY_MAIN = (
+    "import sys; "
+    "sys.modules.update(dict.fromkeys(['fastapi', 'uvicorn', 'pydantic_settings', 'lz4'])); "
+    "sys.argv[0] = 'emberbox'; from emberbox.cli import main; main()"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--help"],
+        ["serve", "--port", "1"],
+        ["image", "build", "--name", "default"],
+        ["run", "--", "ls"],
+        ["keys", "list"],
+        ["audit"],
+        ["doctor"],
+    ],
+)
+def test_server_verbs_without_the_server_say_what_to_install(args: list[str]) -> None:
+    """A server verb in a client-only install prints one line naming the extra, exits 1."""
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY_MAIN, *args], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"emberbox {args[0]} needs the server: pip install 'emberbox[server]'")
+
+
+def test_client_verbs_without_the_server() -> None:
+    """In a client-only install every verb is listed and the client verbs work."""
+    for args, names in [
+        (["--help"], ("sandbox", "snapshot", "cp", "exec-code", "serve", "image", "doctor")),
+        (["sandbox", "--help"], ("create", "exec", "shell")),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENT_ONLY_MAIN, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert all(name in done.stdout for name in names), done.stdout

@@ -14,7 +14,8 @@ import pytest
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.sdk import AsyncSandbox, CommandHandle, FileInfo, ProcessInfo, Sandbox, _guest
-from tests.unit.test_api_fakes import FakeManager, fake_app, serving
+from tests.support.fakes_manager import FakeManager, fake_app
+from tests.support.servers import serving
 
 LIMIT = 1 << 20
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -28,6 +28,7 @@ from emberbox.store import (
     utcnow,
 )
 from emberbox.store.db import connect
+from tests.support.rows import make_row
 
 pytestmark = pytest.mark.anyio
 
@@ -46,26 +47,6 @@ def db_path(tmp_path: Path) -> Path:
 async def store(db_path: Path) -> AsyncIterator[Store]:
     async with await Store.open(db_path) as opened:
         yield opened
-
-
-def make_row(sandbox_id: str = "sb1", **overrides: object) -> SandboxRow:
-    now = datetime(2020, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    values: dict[str, object] = {
-        "id": sandbox_id,
-        "state": "creating",
-        "image": "default",
-        "vcpus": 1,
-        "memory_mib": 512,
-        "timeout_s": 300,
-        "created_at": now,
-        "expires_at": now + timedelta(seconds=300),
-        "updated_at": now,
-        "metadata": {"team": "a"},
-        "env": {"K": "V"},
-        "work_dir": Path("/vms") / sandbox_id,
-    }
-    values.update(overrides)
-    return SandboxRow(**values)  # type: ignore[arg-type]
 
 
 def test_open_creates_private_dir_and_file(db_path: Path) -> None:

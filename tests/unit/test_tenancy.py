@@ -19,7 +19,7 @@ from emberbox.service.tenancy.access import FAILED_AUTH_BURST, LOCAL, Tenancy
 from emberbox.service.tenancy.ratelimit import RateLimiter, TokenBucket
 from emberbox.store import LOCAL_TENANT_ID, tenants, utcnow
 from emberbox.store.db import connect
-from tests.unit.test_api_fakes import FakeManager, FakeRegistry
+from tests.support.fakes_manager import FakeManager, FakeRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -13,14 +13,16 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 
 from emberbox import errors
+from emberbox.agent_client.spec import ExecSpec
+from emberbox.api import views
 from emberbox.api.auth import PrincipalDep, TenancyDep, owner_kwargs
 from emberbox.api.deps import ManagerDep, RegistryDep
 from emberbox.api.errors import error_responses
-from emberbox.api.routes.sandboxes import run_command
 from emberbox.models import CommandRequest, CommandResponse, VMCreate, VMCreateResponse
+from emberbox.service.sandboxes.execs import run_command
 
 if TYPE_CHECKING:
-    from emberbox.images.registry import ImageRegistry
+    from emberbox.service.catalog import ImageRegistry
 
 router = APIRouter(tags=["seed (compatibility)"])
 
@@ -84,6 +86,5 @@ async def exec_command(
 ) -> CommandResponse:
     """Run a shell command line; `output` is stdout followed by stderr."""
     await tenancy.check_owner(principal, "sandbox", body.vm_id)  # as an unknown id if not yours
-    result = await run_command(manager, body.vm_id, body.command)
-    output = (result.stdout + result.stderr).decode("utf-8", errors="replace")
-    return CommandResponse(success=result.exit_code == 0, output=output, exit_code=result.exit_code)
+    result = await run_command(manager, body.vm_id, ExecSpec(body.command))
+    return views.command_response(result)

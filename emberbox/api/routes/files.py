@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from emberbox import errors
+from emberbox.api import views
 from emberbox.api.deps import FilesDep
 from emberbox.api.errors import error_responses
 from emberbox.api.routes.processes import RAW_BODY, content_length
@@ -29,7 +30,7 @@ from emberbox.models import ArchiveWritten, FileEntry, FileList, FileWritten, Gu
 
 if TYPE_CHECKING:
     from emberbox.agent_client.client import FileInfo
-    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.files import SandboxFiles
 
 router = APIRouter(prefix="/v1/sandboxes/{sandbox_id}", tags=["files"])
 
@@ -59,7 +60,7 @@ async def read_path(
     info = await files.stat(sandbox_id, path)
     entries = await _listing(files, sandbox_id, path, info.type)
     if entries is not None:
-        return FileList(path=path, entries=[FileEntry.from_info(e) for e in entries])
+        return FileList(path=path, entries=[views.file_entry(e) for e in entries])
     if info.type == "other":
         raise errors.InvalidRequest(f"{path} is not a regular file or a directory", path=path)
 
@@ -72,7 +73,7 @@ async def read_path(
 
 
 async def _listing(
-    files: GuestFiles, sandbox_id: str, path: str, kind: str
+    files: SandboxFiles, sandbox_id: str, path: str, kind: str
 ) -> list[FileInfo] | None:
     """A directory's entries; None for anything else. A symlink is what it leads to."""
     if kind not in ("dir", "symlink"):
@@ -139,7 +140,7 @@ async def make_dir(sandbox_id: SandboxId, body: MakeDir, files: FilesDep) -> Res
 )
 async def stat_path(sandbox_id: SandboxId, path: PathQuery, files: FilesDep) -> FileEntry:
     """What is at `path` (not following a final symlink): type, size, mode, mtime."""
-    return FileEntry.from_info(await files.stat(sandbox_id, path))
+    return views.file_entry(await files.stat(sandbox_id, path))
 
 
 @router.get(

@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from emberbox.api import views
 from emberbox.api.auth import PrincipalDep, owner_kwargs
 from emberbox.api.deps import RegistryDep, SettingsDep, get_context
 from emberbox.api.errors import error_responses
-from emberbox.models.oneshot import LanguageList, LanguagePublic, RunRequest, RunResponse
+from emberbox.models.oneshot import LanguageList, RunRequest, RunResponse
 from emberbox.service.oneshot.runner import LanguageVersions, RunSpec, run_code
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ async def run(
         memory_mib=body.memory_mib,
         tenant_id=owner_kwargs(principal).get("tenant_id"),  # its quotas count this run
     )
-    return RunResponse.from_result(await run_code(manager, settings, spec))
+    return views.run_response(await run_code(manager, settings, spec))
 
 
 @router.get("/v1/languages", response_model=LanguageList)
@@ -70,4 +71,4 @@ async def languages(
     """The languages `POST /v1/run` accepts, with the versions its image has (found out
     once per image build; null when the server cannot tell)."""
     found = await versions.languages(manager, settings, registry)
-    return LanguageList(languages=[LanguagePublic.from_info(info) for info in found])
+    return LanguageList(languages=[views.language_public(info) for info in found])

@@ -10,6 +10,8 @@ import anyio
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from emberbox import errors
+from emberbox.agent_client.spec import SpawnSpec
+from emberbox.api import views
 from emberbox.api.deps import ProcessesDep
 from emberbox.api.errors import error_responses
 from emberbox.api.routes.sandboxes import SandboxId
@@ -27,7 +29,6 @@ from emberbox.api.streams import (
 from emberbox.models import (
     ProcessCreate,
     ProcessList,
-    ProcessPublic,
     ProcessStarted,
     ProcessStatusPublic,
     PtySize,
@@ -63,14 +64,14 @@ async def start_process(
     sandbox_id: SandboxId, body: ProcessCreate, processes: ProcessesDep
 ) -> ProcessStarted:
     """Start a command in the background, in its own session; answers its pid at once."""
-    pid = await processes.spawn(
-        sandbox_id,
+    spec = SpawnSpec(
         body.cmd,
-        env=body.env or None,
+        env=body.env,
         cwd=body.cwd,
         timeout_s=body.timeout_s,
         pty=None if body.pty is None else (body.pty.cols, body.pty.rows),
     )
+    pid = await processes.spawn(sandbox_id, spec)
     return ProcessStarted(pid=pid)
 
 
@@ -78,7 +79,7 @@ async def start_process(
 async def list_processes(sandbox_id: SandboxId, processes: ProcessesDep) -> ProcessList:
     """The processes started in the background, running or ended (until forgotten)."""
     found = await processes.list(sandbox_id)
-    return ProcessList(processes=[ProcessPublic.from_info(info) for info in found])
+    return ProcessList(processes=[views.process_public(info) for info in found])
 
 
 @router.get(
@@ -88,7 +89,7 @@ async def get_process(
     sandbox_id: SandboxId, pid: Pid, processes: ProcessesDep
 ) -> ProcessStatusPublic:
     """Whether it runs and, once it ended, its exit code (or signal) and duration."""
-    return ProcessStatusPublic.from_status(await processes.status(sandbox_id, pid))
+    return views.process_status_public(await processes.status(sandbox_id, pid))
 
 
 @router.delete(
@@ -144,7 +145,7 @@ async def process_output(
         if final is None:
             await events.flush()
         else:
-            await events.finish(ProcessStatusPublic.from_status(final).exit_event())
+            await events.finish(views.process_status_public(final).exit_event())
 
     return ndjson_response(produce)
 

@@ -10,6 +10,11 @@
 - A client that disconnects ends the program: its process group gets SIGKILL.
 
 The program is ``cmd`` (through ``sh -c``) or a login shell (bash where there is one).
+
+Authentication: a key in the handshake's headers, as on any call; or, from a browser
+(which cannot set headers here), a ticket from ``POST /v1/sandboxes/{id}/pty/ticket``
+offered as the subprotocol ``emberbox.ticket.<ticket>`` beside ``emberbox.pty``, which
+the server answers with (:mod:`emberbox.api.browsers`).
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ import anyio
 from fastapi import APIRouter, Query, WebSocket
 
 from emberbox import errors
-from emberbox.api.deps import get_processes, require_api_key
-from emberbox.api.errors import error_detail
+from emberbox.agent_client.spec import SpawnSpec
+from emberbox.api import browsers, views
+from emberbox.api.auth import PrincipalDep, TenancyDep
+from emberbox.api.deps import ManagerDep, get_processes, require_api_key
+from emberbox.api.errors import error_detail, error_responses
+from emberbox.api.routes.sandboxes import SandboxId
 from emberbox.api.streams import event_line
-from emberbox.models import ErrorEvent, ProcessStatusPublic, PtySize
-from emberbox.service.guestio.processes import Processes
+from emberbox.models import ErrorEvent, PtySize, PtyTicket
+from emberbox.service.guestio.processes import TERMINAL_SHELL, Processes
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["terminal"])
+# Plain HTTP, guarded like every API call (app.py): the browser's way onto the socket.
+ticket_router = APIRouter(prefix="/v1/sandboxes", tags=["terminal"])
 
 CLOSE_NORMAL = 1000
 CLOSE_ERROR_BASE = 4000  # + the HTTP status of the error
@@ -45,11 +56,13 @@ async def terminal(
     rows: Annotated[int, Query(description="Terminal height in rows")] = 24,
     cmd: Annotated[str | None, Query(description="Program to run (default: login shell)")] = None,
 ) -> None:
-    await websocket.accept()
+    offered = websocket.scope.get("subprotocols", ())
+    await websocket.accept(subprotocol=browsers.chosen_protocol(offered))
     processes = get_processes(websocket)
+    terminal = SpawnSpec(cmd or TERMINAL_SHELL, pty=(cols, rows))
     try:
         require_api_key(websocket)
-        pid = await processes.open_terminal(sandbox_id, cols, rows, cmd)
+        pid = await processes.spawn(sandbox_id, terminal)
     except errors.EmberboxError as exc:
         await _close_with_error(websocket, exc)
         return
@@ -68,6 +81,26 @@ async def terminal(
         await processes.end(sandbox_id, pid)
 
 
+@ticket_router.post(
+    "/{sandbox_id}/pty/ticket",
+    response_model=PtyTicket,
+    responses=error_responses(404, 422),
+)
+async def terminal_ticket(
+    sandbox_id: SandboxId, principal: PrincipalDep, tenancy: TenancyDep, manager: ManagerDep
+) -> PtyTicket:
+    """A single-use ticket, valid for `expires_in_s` seconds (30 by default), that opens
+    this sandbox's terminal WebSocket as you: for browsers, which cannot send a key on a
+    WebSocket. Offer `protocols` as the socket's subprotocols."""
+    await manager.get(sandbox_id)  # an unknown id is a 404 now, not at the socket
+    ticket = tenancy.tickets.issue(principal, sandbox_id)
+    return PtyTicket(
+        ticket=ticket,
+        expires_in_s=tenancy.tickets.ttl_s,
+        protocols=[browsers.PTY_PROTOCOL, browsers.TICKET_PREFIX + ticket],
+    )
+
+
 async def _output(
     websocket: WebSocket, processes: Processes, sandbox_id: str, pid: int, done: anyio.CancelScope
 ) -> None:
@@ -76,7 +109,7 @@ async def _output(
         final = await processes.follow(
             sandbox_id, pid, on_stdout=websocket.send_bytes, on_stderr=websocket.send_bytes
         )
-        exit_event = ProcessStatusPublic.from_status(final).exit_event()
+        exit_event = views.process_status_public(final).exit_event()
         await websocket.send_text(event_line(exit_event).decode())
         await websocket.close(CLOSE_NORMAL)
     except errors.EmberboxError as exc:

@@ -3,14 +3,13 @@ sandboxes. Snapshots (``POST /v1/sandboxes/{id}/snapshots``) are in :mod:`.snaps
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from emberbox import errors
-from emberbox.agent_client.client import ExecResult
+from emberbox.agent_client.spec import ExecSpec
+from emberbox.api import views
 from emberbox.api.auth import PrincipalDep, TenancyDep, owner_kwargs, scope_kwargs
 from emberbox.api.deps import ManagerDep, parse_metadata_filter, state_from_name
 from emberbox.api.errors import error_responses
@@ -23,19 +22,20 @@ from emberbox.api.streams import (
     ndjson_response,
 )
 from emberbox.models import (
+    ExecLogList,
     ExecRequest,
     ExecResponse,
-    ExitEvent,
     SandboxCreate,
     SandboxList,
     SandboxPublic,
     SandboxStateName,
     TimeoutUpdate,
 )
+from emberbox.service.sandboxes.execs import run_command
 from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
-    from emberbox.service.sandboxes.manager import OutputCallback, SandboxManager
+    from emberbox.service.sandboxes.manager import SandboxManager
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 
@@ -60,7 +60,7 @@ async def create_sandbox(
         await tenancy.check_owner(principal, "snapshot", body.snapshot_id)
     record = await manager.create(**body.model_dump(), **owner_kwargs(principal))
     request.state.audit_target = record.id
-    return SandboxPublic.from_record(record)
+    return views.sandbox_public(record)
 
 
 @router.get("", response_model=SandboxList, responses=error_responses(400, 422))
@@ -76,12 +76,20 @@ async def list_sandboxes(
     records = await manager.list(
         state=state_from_name(state), metadata=metadata or None, **scope_kwargs(principal)
     )
-    return SandboxList(sandboxes=[SandboxPublic.from_record(r) for r in records])
+    return SandboxList(sandboxes=[views.sandbox_public(r) for r in records])
 
 
 @router.get("/{sandbox_id}", response_model=SandboxPublic, responses=error_responses(404, 422))
 async def get_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
-    return SandboxPublic.from_record(await manager.get(sandbox_id))
+    return views.sandbox_public(await manager.get(sandbox_id))
+
+
+@router.get("/{sandbox_id}/execs", response_model=ExecLogList, responses=error_responses(404, 422))
+async def exec_log(sandbox_id: SandboxId, manager: ManagerDep) -> ExecLogList:
+    """The commands run by `exec` in this sandbox, oldest first: argv, start, duration,
+    exit code (not their output)."""
+    entries = await manager.exec_log(sandbox_id)
+    return ExecLogList(entries=[views.exec_log_entry(entry) for entry in entries])
 
 
 @router.delete(
@@ -106,7 +114,7 @@ async def set_timeout(
     sandbox_id: SandboxId, body: TimeoutUpdate, manager: ManagerDep
 ) -> SandboxPublic:
     """Kill the sandbox `timeout_s` seconds from now instead of at its current deadline."""
-    return SandboxPublic.from_record(await manager.set_timeout(sandbox_id, body.timeout_s))
+    return views.sandbox_public(await manager.set_timeout(sandbox_id, body.timeout_s))
 
 
 @router.post(
@@ -116,7 +124,7 @@ async def set_timeout(
 )
 async def pause_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
     """Save a running sandbox to disk and stop its VMM; state `paused`. 409 unless running."""
-    return SandboxPublic.from_record(await manager.pause(sandbox_id))
+    return views.sandbox_public(await manager.pause(sandbox_id))
 
 
 @router.post(
@@ -126,7 +134,7 @@ async def pause_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPu
 )
 async def resume_sandbox(sandbox_id: SandboxId, manager: ManagerDep) -> SandboxPublic:
     """Restore a paused sandbox where it left off; state `running`. 409 unless paused."""
-    return SandboxPublic.from_record(await manager.resume(sandbox_id))
+    return views.sandbox_public(await manager.resume(sandbox_id))
 
 
 @router.post(
@@ -148,23 +156,21 @@ async def exec_command(
     `{"type": "exit", "exit_code", "duration_ms", "timed_out", ...}`, or
     `{"type": "error", "error": {"type", "message"}}` if it failed after it began.
     """
-    stdin = None if body.stdin is None else body.stdin.encode("utf-8")
-    if body.stream:
-        return await _stream_command(manager, sandbox_id, body, stdin)
-    result = await run_command(
-        manager,
-        sandbox_id,
+    spec = ExecSpec(
         body.cmd,
-        env=body.env or None,
+        env=body.env,
         cwd=body.cwd,
         timeout_s=body.timeout_s,
-        stdin=stdin,
+        stdin=None if body.stdin is None else body.stdin.encode("utf-8"),
     )
-    return ExecResponse.from_result(result)
+    if body.stream:
+        return await _stream_command(manager, sandbox_id, spec)
+    result = await run_command(manager, sandbox_id, spec)
+    return views.exec_response(result)
 
 
 async def _stream_command(
-    manager: SandboxManager, sandbox_id: str, body: ExecRequest, stdin: bytes | None
+    manager: SandboxManager, sandbox_id: str, spec: ExecSpec
 ) -> StreamedResponse:
     record = await manager.get(sandbox_id)  # 404 and 409 while we can still say so
     if record.state is not SandboxState.RUNNING:
@@ -176,61 +182,11 @@ async def _stream_command(
         events = OutputEvents(write)
         try:
             result = await run_command(
-                manager,
-                sandbox_id,
-                body.cmd,
-                env=body.env or None,
-                cwd=body.cwd,
-                timeout_s=body.timeout_s,
-                stdin=stdin,
-                on_stdout=events.stdout,
-                on_stderr=events.stderr,
+                manager, sandbox_id, spec, on_stdout=events.stdout, on_stderr=events.stderr
             )
         except Exception as exc:
             await events.fail(exc)
             return
-        await events.finish(exit_event(result))
+        await events.finish(views.exec_exit_event(result))
 
     return ndjson_response(produce)
-
-
-def exit_event(result: ExecResult) -> ExitEvent:
-    return ExitEvent(
-        exit_code=result.exit_code,
-        signal=result.signal,
-        duration_ms=result.duration_ms if math.isfinite(result.duration_ms) else 0.0,
-        timed_out=result.timed_out,
-        output_truncated=result.output_truncated,
-        memory_limited=result.memory_limited,
-    )
-
-
-async def run_command(
-    manager: SandboxManager,
-    sandbox_id: str,
-    cmd: list[str] | str,
-    *,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    timeout_s: float | None = None,
-    stdin: bytes | None = None,
-    on_stdout: OutputCallback | None = None,
-    on_stderr: OutputCallback | None = None,
-) -> ExecResult:
-    """``manager.exec``, turning ExecTimeout with a partial result into that result."""
-    try:
-        result: ExecResult = await manager.exec(
-            sandbox_id,
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            stdin=stdin,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
-    except errors.ExecTimeout as exc:
-        if not isinstance(exc.result, ExecResult):
-            raise
-        return dataclasses.replace(exc.result, timed_out=True)
-    return result

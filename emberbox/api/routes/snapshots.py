@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from emberbox.api import views
 from emberbox.api.auth import PrincipalDep, scope_kwargs
 from emberbox.api.deps import ManagerDep, refuse_unknown_params
 from emberbox.api.errors import error_responses
@@ -28,7 +29,7 @@ SnapshotId = Annotated[str, Path(min_length=1, max_length=128, description="Snap
 )
 async def take_snapshot(sandbox_id: SandboxId, manager: ManagerDep) -> SnapshotPublic:
     """Save a running sandbox's memory and disk; it keeps running. 409 unless running."""
-    return SnapshotPublic.from_record(await manager.snapshot(sandbox_id))
+    return views.snapshot_public(await manager.snapshot(sandbox_id))
 
 
 @router.get("/v1/snapshots", response_model=SnapshotList, responses=error_responses(400, 422))
@@ -43,7 +44,7 @@ async def list_snapshots(
     """Your snapshots (an admin key: everyone's), oldest first; filter by `sandbox_id=`."""
     refuse_unknown_params(request.query_params.keys(), allowed={"sandbox_id"})
     records = await manager.list_snapshots(sandbox_id, **scope_kwargs(principal))
-    return SnapshotList(snapshots=[SnapshotPublic.from_record(r) for r in records])
+    return SnapshotList(snapshots=[views.snapshot_public(r) for r in records])
 
 
 @router.get(
@@ -52,7 +53,7 @@ async def list_snapshots(
     responses=error_responses(404, 422),
 )
 async def get_snapshot(snapshot_id: SnapshotId, manager: ManagerDep) -> SnapshotPublic:
-    return SnapshotPublic.from_record(await manager.get_snapshot(snapshot_id))
+    return views.snapshot_public(await manager.get_snapshot(snapshot_id))
 
 
 @router.delete(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends
 
-from emberbox import __version__
+from emberbox._version import __version__
+from emberbox.api import views
 from emberbox.api.auth import authenticate
 from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep
 from emberbox.api.errors import error_responses
@@ -32,4 +33,4 @@ async def healthz(manager: ManagerDep) -> Health:
 async def list_images(registry: RegistryDep, settings: SettingsDep) -> list[ImagePublic]:
     """Registered guest images."""
     infos = await anyio.to_thread.run_sync(registry.list)
-    return [ImagePublic.from_info(info, default_name=settings.default_image) for info in infos]
+    return [views.image_public(info, default_name=settings.default_image) for info in infos]

@@ -13,6 +13,7 @@ from emberbox.config import Settings
 from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
+    from emberbox.agent_client.calls import AgentCalls
     from emberbox.service.sandboxes.manager import SandboxHandle, SandboxRecord
 
 MAX_PATH_LENGTH = 4096
@@ -33,12 +34,12 @@ class GuestService:
         self._settings = settings
 
     @contextlib.asynccontextmanager
-    async def _guest(self, sandbox_id: str) -> AsyncIterator[tuple[SandboxRecord, SandboxHandle]]:
-        """The running sandbox's record and handle (NotFound, Conflict otherwise). An agent
+    async def _guest(self, sandbox_id: str) -> AsyncIterator[tuple[SandboxRecord, AgentCalls]]:
+        """The running sandbox's record and agent (NotFound, Conflict otherwise). An agent
         failure inside the block is a Conflict when the sandbox stopped meanwhile."""
         record, handle = await self._sandboxes.running_handle(sandbox_id)
         try:
-            yield record, handle
+            yield record, handle.agent
         except errors.AgentError as exc:
             if isinstance(exc, errors.AgentRequestFailed | errors.ExecTimeout):
                 raise  # the agent answered: the sandbox is fine

@@ -27,32 +27,32 @@ from emberbox.service.guestio.common import GuestService, checked_path, close_it
 from emberbox.service.sandboxes import storage
 
 if TYPE_CHECKING:
+    from emberbox.agent_client.calls import AgentCalls
     from emberbox.agent_client.client import FileInfo
-    from emberbox.service.sandboxes.manager import SandboxHandle
 
 DEFAULT_FILE_MODE = 0o644
 
 
-class GuestFiles(GuestService):
+class SandboxFiles(GuestService):
     """The files of the manager's running sandboxes."""
 
     async def stat(self, sandbox_id: str, path: str) -> FileInfo:
         """What the guest's ``lstat`` says of ``path``; NotFound when nothing is there."""
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            return await handle.stat(path)
+        async with self._guest(sandbox_id) as (_, agent):
+            return await agent.stat(path)
 
     async def list(self, sandbox_id: str, path: str) -> builtins.list[FileInfo]:
         """The entries of a directory, sorted by name."""
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            return await handle.list_dir(path)
+        async with self._guest(sandbox_id) as (_, agent):
+            return await agent.list_dir(path)
 
     async def read(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes in chunks (of at most 64 KiB) as the guest sends them."""
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            chunks = handle.read_file(path)
+        async with self._guest(sandbox_id) as (_, agent):
+            chunks = agent.read_file(path)
             try:
                 async for chunk in chunks:
                     yield chunk
@@ -83,25 +83,25 @@ class GuestFiles(GuestService):
         self.check_upload_size(size)
         await storage.require_free_space(self._settings, "an upload")
         counted = self._counted(data)
-        async with self._guest(sandbox_id) as (_, handle):
-            existing = await _existing(handle, path)
+        async with self._guest(sandbox_id) as (_, agent):
+            existing = await _existing(agent, path)
             if existing is not None and existing.type == "dir":
                 raise errors.InvalidRequest(f"{path} is a directory", path=path)
             if existing is not None and existing.type != "file":
                 # A symlink or a device: write through it, as open(2) would.
-                written = await handle.write_file(path, counted, mode=mode or DEFAULT_FILE_MODE)
+                written = await agent.write_file(path, counted, mode=mode or DEFAULT_FILE_MODE)
                 counted.check()
                 return written
             if mode is None:
                 mode = existing.mode & 0o7777 if existing is not None else DEFAULT_FILE_MODE
             temp = posixpath.join(parent, f".{name[:64]}.{secrets.token_hex(4)}.upload")
             try:
-                written = await handle.write_file(temp, counted, mode=mode)
+                written = await agent.write_file(temp, counted, mode=mode)
                 counted.check()
-                await handle.rename(temp, path)
+                await agent.rename(temp, path)
             except BaseException:
                 with anyio.CancelScope(shield=True), contextlib.suppress(errors.EmberboxError):
-                    await handle.remove(temp)
+                    await agent.remove(temp)
                 raise
         return written
 
@@ -109,20 +109,20 @@ class GuestFiles(GuestService):
         self, sandbox_id: str, path: str, *, parents: bool = True, mode: int = 0o755
     ) -> None:
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            await handle.make_dir(path, parents=parents, mode=mode)
+        async with self._guest(sandbox_id) as (_, agent):
+            await agent.make_dir(path, parents=parents, mode=mode)
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
         """Remove a file, an empty directory, or with ``recursive`` a whole tree."""
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            await handle.remove(path, recursive=recursive)
+        async with self._guest(sandbox_id) as (_, agent):
+            await agent.remove(path, recursive=recursive)
 
     async def tar_out(self, sandbox_id: str, path: str) -> AsyncGenerator[bytes, None]:
         """A POSIX tar stream of ``path`` (a directory or a file)."""
         path = checked_path(path)
-        async with self._guest(sandbox_id) as (_, handle):
-            chunks = handle.tar_out(path)
+        async with self._guest(sandbox_id) as (_, agent):
+            chunks = agent.tar_out(path)
             try:
                 async for chunk in chunks:
                     yield chunk
@@ -140,9 +140,9 @@ class GuestFiles(GuestService):
         self.check_upload_size(size)
         await storage.require_free_space(self._settings, "an upload")
         counted = self._counted(data)
-        async with self._guest(sandbox_id) as (_, handle):
+        async with self._guest(sandbox_id) as (_, agent):
             try:
-                entries = await handle.tar_in(path, counted)
+                entries = await agent.tar_in(path, counted)
             except errors.EmberboxError:
                 counted.check()  # a cut stream is a broken archive: say why it was cut
                 raise
@@ -150,8 +150,8 @@ class GuestFiles(GuestService):
         return entries
 
 
-async def _existing(handle: SandboxHandle, path: str) -> FileInfo | None:
+async def _existing(agent: AgentCalls, path: str) -> FileInfo | None:
     try:
-        return await handle.stat(path)
+        return await agent.stat(path)
     except errors.NotFound:
         return None

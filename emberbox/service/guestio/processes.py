@@ -11,19 +11,22 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import AsyncIterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio
 
 from emberbox import errors
+from emberbox.agent_client.spec import SpawnSpec
 from emberbox.service.guestio.common import GuestService
 from emberbox.service.sandboxes.manager import OutputCallback
-from emberbox.service.sandboxes.validation import validate_command, validate_env
+from emberbox.service.sandboxes.validation import validate_command
 
 if TYPE_CHECKING:
     from emberbox.agent_client.client import ProcessInfo, ProcessStatus
 
-# A terminal's program when the client names none: a login shell, bash where there is one.
+# A terminal's program (the pty route's) when the client names none: a login shell, bash
+# where there is one.
 TERMINAL_SHELL = "command -v bash >/dev/null 2>&1 && exec bash -l; exec sh -l"
 MAX_TERMINAL_CELLS = 1000  # columns or rows
 END_WAIT_S = 5.0  # after SIGKILL, how long to wait for the agent to reap the group
@@ -32,37 +35,18 @@ END_WAIT_S = 5.0  # after SIGKILL, how long to wait for the agent to reap the gr
 class Processes(GuestService):
     """The background processes of the manager's running sandboxes."""
 
-    async def spawn(
-        self,
-        sandbox_id: str,
-        cmd: builtins.list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        pty: tuple[int, int] | None = None,
-    ) -> int:
-        """Start ``cmd`` (argv, or a string for ``sh -c``); returns its guest pid at once.
+    async def spawn(self, sandbox_id: str, spec: SpawnSpec) -> int:
+        """Start ``spec`` (its ``cmd``: argv, or a string for ``sh -c``); returns its guest
+        pid at once.
 
         ``env`` is merged over the sandbox's env; ``timeout_s`` (seconds, None: none)
         kills its process group; ``pty=(cols, rows)`` runs it on a terminal.
         """
-        validate_command(cmd, cwd)
-        validate_env(env or {}, "env")
-        if timeout_s is not None and not timeout_s > 0:
-            raise errors.InvalidRequest(f"timeout_s must be positive (got {timeout_s})")
-        if pty is not None:
-            _check_size(*pty)
-        async with self._guest(sandbox_id) as (record, handle):
-            return await handle.spawn(
-                cmd, env={**record.env, **(env or {})}, cwd=cwd, timeout_s=timeout_s, pty=pty
-            )
-
-    async def open_terminal(
-        self, sandbox_id: str, cols: int, rows: int, cmd: str | None = None
-    ) -> int:
-        """A process on a ``cols`` x ``rows`` terminal: ``cmd``, or a login shell."""
-        return await self.spawn(sandbox_id, cmd or TERMINAL_SHELL, pty=(cols, rows))
+        validate_command(spec)
+        if spec.pty is not None:
+            _check_size(*spec.pty)
+        async with self._guest(sandbox_id) as (record, agent):
+            return await agent.spawn(replace(spec, env={**record.env, **spec.env}))
 
     async def follow(
         self,
@@ -76,8 +60,8 @@ class Processes(GuestService):
         """Pass the process's output to the callbacks (its buffer first, with
         ``from_start``) until it ends; returns how it ended. On a terminal all output
         is stdout."""
-        async with self._guest(sandbox_id) as (_, handle):
-            return await handle.attach_process(
+        async with self._guest(sandbox_id) as (_, agent):
+            return await agent.attach(
                 pid, from_start=from_start, on_stdout=on_stdout, on_stderr=on_stderr
             )
 
@@ -87,12 +71,12 @@ class Processes(GuestService):
 
     async def wait(self, sandbox_id: str, pid: int, timeout_s: float | None) -> ProcessStatus:
         """Its status once it ended or ``timeout_s`` seconds passed (None: no waiting)."""
-        async with self._guest(sandbox_id) as (_, handle):
-            return await handle.wait_process(pid, timeout_s)
+        async with self._guest(sandbox_id) as (_, agent):
+            return await agent.wait(pid, timeout_s)
 
     async def list(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
-        async with self._guest(sandbox_id) as (_, handle):
-            return await handle.ps()
+        async with self._guest(sandbox_id) as (_, agent):
+            return await agent.ps()
 
     async def write_stdin(
         self,
@@ -107,12 +91,12 @@ class Processes(GuestService):
         ends its stdin afterwards. Returns the bytes delivered."""
         if isinstance(data, bytes):
             self.check_upload_size(len(data))
-            async with self._guest(sandbox_id) as (_, handle):
-                return await handle.write_stdin(pid, data, close=close)
+            async with self._guest(sandbox_id) as (_, agent):
+                return await agent.write_stdin(pid, data, close=close)
         self.check_upload_size(size)
         counted = self._counted(data)
-        async with self._guest(sandbox_id) as (_, handle):
-            written = await handle.write_stdin(pid, counted, close=close)
+        async with self._guest(sandbox_id) as (_, agent):
+            written = await agent.write_stdin(pid, counted, close=close)
         counted.check()
         return written
 
@@ -121,19 +105,19 @@ class Processes(GuestService):
     ) -> None:
         if isinstance(sig, str):
             sig = sig.upper().removeprefix("SIG")
-        async with self._guest(sandbox_id) as (_, handle):
-            await handle.signal(pid, sig, group=group)
+        async with self._guest(sandbox_id) as (_, agent):
+            await agent.signal(pid, sig, group=group)
 
     async def resize(self, sandbox_id: str, pid: int, cols: int, rows: int) -> None:
         """Resize its terminal (it gets SIGWINCH); Conflict when it has none."""
         _check_size(cols, rows)
-        async with self._guest(sandbox_id) as (_, handle):
-            await handle.resize(pid, cols, rows)
+        async with self._guest(sandbox_id) as (_, agent):
+            await agent.resize(pid, cols, rows)
 
     async def forget(self, sandbox_id: str, pid: int) -> None:
         """Drop an ended process's record and output buffer."""
-        async with self._guest(sandbox_id) as (_, handle):
-            await handle.forget(pid)
+        async with self._guest(sandbox_id) as (_, agent):
+            await agent.forget(pid)
 
     async def end(self, sandbox_id: str, pid: int) -> None:
         """Kill the process's group and forget it (a terminal whose client left). Quiet
@@ -143,11 +127,11 @@ class Processes(GuestService):
             anyio.move_on_after(END_WAIT_S + 5),
             contextlib.suppress(errors.EmberboxError),
         ):
-            async with self._guest(sandbox_id) as (_, handle):
-                if (await handle.wait_process(pid, None)).running:
-                    await handle.signal(pid, "KILL", group=True)
-                    await handle.wait_process(pid, END_WAIT_S)
-                await handle.forget(pid)
+            async with self._guest(sandbox_id) as (_, agent):
+                if (await agent.wait(pid, None)).running:
+                    await agent.signal(pid, "KILL", group=True)
+                    await agent.wait(pid, END_WAIT_S)
+                await agent.forget(pid)
 
 
 def _check_size(cols: int, rows: int) -> None:

@@ -25,14 +25,15 @@ import logging
 import math
 import signal
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 import anyio.to_thread
 
 from emberbox import errors
-from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.agent_client.answers import ExecLimits, ExecResult
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.oneshot.languages import (
     LANGUAGES,
@@ -68,6 +69,7 @@ from emberbox.service.oneshot.plan import (
     run_limits,
     vm_memory_mib,
 )
+from emberbox.service.sandboxes.execs import Executor, run_command
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class RunFiles(Protocol):
     ) -> int: ...
 
 
-class RunManager(Protocol):
+class RunManager(Executor, Protocol):
     """What a run needs of :class:`~emberbox.service.sandboxes.manager.SandboxManager`."""
 
     @property
@@ -100,18 +102,6 @@ class RunManager(Protocol):
         metadata: dict[str, str] | None = None,
         tenant_id: str = ...,
     ) -> _Record: ...
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        limits: ExecLimits | None = None,
-    ) -> ExecResult: ...
 
     async def kill(self, sandbox_id: str) -> None: ...
 
@@ -157,25 +147,27 @@ async def _compile_and_run(
     await manager.files.tar_in(sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
     compile_output = b""
     if plan.language.compile_argv is not None:
-        built = await _exec(
-            manager,
-            sandbox_id,
+        compile_spec = ExecSpec(
             [*RUN_AS, *plan.language.compile_argv],
-            settings.run_compile_timeout_s,
+            env=RUN_ENV,
+            cwd=WORK_DIR,
+            timeout_s=settings.run_compile_timeout_s,
             limits=ExecLimits(memory_mib=plan.vm_memory_mib - AGENT_RESERVE_MIB, pids=PIDS_MAX),
         )
+        built = await _exec(manager, sandbox_id, compile_spec)
         compile_output, _ = clip(built.stdout + built.stderr, cap)
         compile_output += _compiler_stopped(built, settings.run_compile_timeout_s)
         if built.timed_out or built.memory_limited or built.exit_code != 0:
             return RunResult(RunStatus.COMPILE_ERROR, compile_output=compile_output)
-    ran = await _exec(
-        manager,
-        sandbox_id,
+    run_spec = ExecSpec(
         [*RUN_AS, *plan.language.run_argv, *plan.args],
-        plan.timeout_s,
+        env=RUN_ENV,
+        cwd=WORK_DIR,
+        timeout_s=plan.timeout_s,
         stdin=plan.stdin,
         limits=ExecLimits(memory_mib=plan.memory_mib, pids=PIDS_MAX),
     )
+    ran = await _exec(manager, sandbox_id, run_spec)
     stdout, stdout_over = clip(ran.stdout, cap)
     stderr, stderr_over = clip(ran.stderr, cap)
     return RunResult(
@@ -203,32 +195,15 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _exec(
-    manager: RunManager,
-    sandbox_id: str,
-    argv: list[str],
-    timeout_s: float,
-    *,
-    stdin: bytes | None = None,
-    limits: ExecLimits | None = None,
-) -> ExecResult:
-    """``manager.exec`` in ``WORK_DIR``; an agent that outlived the timeout counts as a
-    timed-out command (with whatever output came)."""
+async def _exec(manager: RunManager, sandbox_id: str, spec: ExecSpec) -> ExecResult:
+    """``run_command``; an agent that outlived the timeout without any output to show
+    counts as a command killed at its timeout."""
     try:
-        return await manager.exec(
-            sandbox_id,
-            argv,
-            env=RUN_ENV,
-            cwd=WORK_DIR,
-            timeout_s=timeout_s,
-            stdin=stdin,
-            limits=limits,
-        )
-    except errors.ExecTimeout as exc:
-        if isinstance(exc.result, ExecResult):
-            return replace(exc.result, timed_out=True)
+        return await run_command(manager, sandbox_id, spec)
+    except errors.ExecTimeout:
         killed = 128 + signal.SIGKILL
-        return ExecResult(killed, b"", b"", timeout_s * 1000, timed_out=True, signal=signal.SIGKILL)
+        duration_ms = (spec.timeout_s or 0.0) * 1000
+        return ExecResult(killed, b"", b"", duration_ms, timed_out=True, signal=signal.SIGKILL)
 
 
 # -- languages ----------------------------------------------------------------------------
@@ -288,7 +263,7 @@ class LanguageVersions:
 async def _ask_versions(manager: RunManager, settings: Settings) -> dict[str, str | None]:
     record = await manager.create(image=settings.run_image, metadata={"purpose": "languages"})
     try:
-        result = await manager.exec(record.id, versions_command(), timeout_s=60)
+        result = await manager.exec(record.id, ExecSpec(versions_command(), timeout_s=60))
     finally:
         with anyio.CancelScope(shield=True):
             await manager.kill(record.id)

@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.net import plan as netplan
 from emberbox.net.policy import EgressPolicy
@@ -167,7 +168,7 @@ class BootFlows:
             lifetime="detached",
         )
         try:
-            await handle.exec(["true"], timeout_s=30)
+            await handle.agent.exec(ExecSpec(["true"], timeout_s=30))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await handle.kill()

@@ -2,33 +2,31 @@
 (:class:`SandboxHandle`) and of the ways one comes to be (start, restore, attach), the
 image catalog, and :class:`SandboxRecord`, a sandbox as the service reports it.
 
-The real implementations are :class:`emberbox.service.vm.machine.Sandbox` and
+The real implementations are :class:`emberbox.service.vm.machine.SandboxVM` and
 :class:`emberbox.service.vm.launch.Launcher`; unit tests pass fakes of the same shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
-from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.agent_client.calls import AgentCalls, OutputCallback
 from emberbox.config import Settings
 from emberbox.service.sandboxes.state import SandboxState
 from emberbox.store import SandboxRow
 from emberbox.vmm.base import Lifetime, SnapshotFiles
 
-if TYPE_CHECKING:
-    from emberbox.agent_client.client import FileInfo, ProcessInfo, ProcessStatus
-
-#: Called with each chunk of output as it arrives (sync or async; the sandbox decides).
-OutputCallback = Callable[[bytes], Any]
-
 
 class SandboxHandle(Protocol):
-    """A running sandbox as the manager drives it (``emberbox.service.vm.machine.Sandbox``)."""
+    """A running sandbox as the manager drives it (``emberbox.service.vm.machine.SandboxVM``).
+
+    Its guest is reached through ``agent`` (exec, processes, files); read it at each use,
+    as it is a new connection after a snapshot that lost the old one.
+    """
 
     @property
     def id(self) -> str: ...
@@ -36,20 +34,9 @@ class SandboxHandle(Protocol):
     def pid(self) -> int | None: ...
     @property
     def work_dir(self) -> Path: ...
+    @property
+    def agent(self) -> AgentCalls: ...
     def is_running(self) -> bool: ...
-    async def exec(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        output_max_bytes: int | None = None,
-        limits: ExecLimits | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ExecResult: ...
     async def kill(self) -> None:
         """End the VMM and remove its work dir. Idempotent."""
 
@@ -62,56 +49,9 @@ class SandboxHandle(Protocol):
     async def greet(self, sandbox_id: str) -> object:
         """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out)."""
 
-    # Background processes and files: the agent's calls (docs/protocol.md), passed through.
-    async def spawn(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        output_max_bytes: int | None = None,
-        pty: tuple[int, int] | None = None,
-    ) -> int: ...
-    async def attach_process(
-        self,
-        pid: int,
-        *,
-        from_start: bool = True,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> ProcessStatus: ...
-    async def write_stdin(
-        self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False
-    ) -> int: ...
-    async def signal(self, pid: int, sig: str | int, *, group: bool = True) -> None: ...
-    async def resize(self, pid: int, cols: int, rows: int) -> None: ...
-    async def wait_process(self, pid: int, timeout_s: float | None = None) -> ProcessStatus: ...
-    async def ps(self) -> list[ProcessInfo]: ...
-    async def forget(self, pid: int) -> None: ...
-    async def stat(self, path: str) -> FileInfo: ...
-    async def list_dir(self, path: str) -> list[FileInfo]: ...
-    def read_file(
-        self, path: str, *, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]: ...
-    async def write_file(
-        self,
-        path: str,
-        data: bytes | AsyncIterable[bytes],
-        *,
-        mode: int = 0o644,
-        offset: int = 0,
-        truncate: bool = True,
-    ) -> int: ...
-    async def make_dir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None: ...
-    async def remove(self, path: str, *, recursive: bool = False) -> None: ...
-    async def rename(self, src: str, dst: str) -> None: ...
-    def tar_out(self, path: str) -> AsyncIterator[bytes]: ...
-    async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int: ...
-
 
 class SandboxFactory(Protocol):
-    """``Sandbox.start``: boot a sandbox; returns after the agent handshake."""
+    """``SandboxVM.start``: boot a sandbox; returns after the agent handshake."""
 
     def __call__(
         self,
@@ -126,7 +66,7 @@ class SandboxFactory(Protocol):
 
 
 class SandboxRestorer(Protocol):
-    """``Sandbox.restore``: start a sandbox from a snapshot; returns after the hello."""
+    """``SandboxVM.restore``: start a sandbox from a snapshot; returns after the hello."""
 
     def __call__(
         self,
@@ -143,7 +83,7 @@ class SandboxRestorer(Protocol):
 
 
 class SandboxAttacher(Protocol):
-    """``Sandbox.attach``: re-adopt a VMM left running by an earlier server."""
+    """``SandboxVM.attach``: re-adopt a VMM left running by an earlier server."""
 
     def __call__(
         self,

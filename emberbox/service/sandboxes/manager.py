@@ -30,7 +30,8 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from emberbox import errors
-from emberbox.agent_client.client import ExecLimits, ExecResult
+from emberbox.agent_client.answers import ExecResult
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes import execs, storage, validation
 from emberbox.service.sandboxes.booting import BootFlows, network_plan
@@ -63,7 +64,7 @@ from emberbox.store import (
 )
 
 if TYPE_CHECKING:
-    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.files import SandboxFiles
     from emberbox.service.guestio.processes import Processes
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class SandboxManager:
         self._task_group: TaskGroup | None = None
         self.reaper = Reaper(self, settings.reaper_interval_s)
         self.processes: Processes
-        self.files: GuestFiles
+        self.files: SandboxFiles
         self.processes, self.files = _guest_services(self, settings)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -269,33 +270,16 @@ class SandboxManager:
     async def exec(
         self,
         sandbox_id: str,
-        cmd: builtins.list[str] | str,
+        spec: ExecSpec,
         *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        limits: ExecLimits | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
-        """Run ``cmd`` (argv, or a string for ``sh -c``) in a running sandbox.
-
-        ``timeout_s`` defaults to ``default_exec_timeout_s`` and is capped at
-        ``max_exec_timeout_s``; ``env`` is merged over the sandbox's env. ``limits``
-        (memory, processes) puts the command in a cgroup of its own in the guest.
-        """
+        """Run ``spec`` in a running sandbox, its ``env`` merged over the sandbox's, its
+        ``timeout_s`` (default ``default_exec_timeout_s``) capped at ``max_exec_timeout_s``,
+        its output at ``exec_output_max_bytes``. Raises ExecTimeout (see run_command)."""
         return await execs.run_exec(
-            self._core,
-            sandbox_id,
-            cmd,
-            env=env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            stdin=stdin,
-            limits=limits,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
+            self._core, sandbox_id, spec, on_stdout=on_stdout, on_stderr=on_stderr
         )
 
     # -- kill, timeout, failure ------------------------------------------------------------
@@ -393,15 +377,16 @@ class SandboxManager:
         await self._core.mark_failed_locked(sandbox_id, reason)
 
 
-def _guest_services(manager: SandboxManager, settings: Settings) -> tuple[Processes, GuestFiles]:
+def _guest_services(manager: SandboxManager, settings: Settings) -> tuple[Processes, SandboxFiles]:
     """``manager.processes`` and ``manager.files`` (their modules import this one)."""
-    from emberbox.service.guestio.files import GuestFiles
+    from emberbox.service.guestio.files import SandboxFiles
     from emberbox.service.guestio.processes import Processes
 
-    return Processes(manager, settings), GuestFiles(manager, settings)
+    return Processes(manager, settings), SandboxFiles(manager, settings)
 
 
 __all__ = [
+    "ExecLogEntry",  # what exec_log() answers
     "ImageCatalog",
     "OutputCallback",
     "SandboxAttacher",

@@ -1,4 +1,5 @@
-"""Checks of what callers ask the manager for: shapes, env, metadata, commands."""
+"""Checks of what callers ask the manager for: shapes, env, metadata, commands (an
+:class:`~emberbox.agent_client.spec.ExecSpec` or ``SpawnSpec``), networks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
+from emberbox.agent_client.spec import CommandSpec
 from emberbox.config import Settings
 from emberbox.net.policy import EgressPolicy, parse_policy
 
@@ -38,7 +40,7 @@ def check_range(name: str, value: object, low: int, high: int) -> None:
 
 
 def validate_mapping(values: object, what: str) -> dict[str, str]:
-    if not isinstance(values, dict) or not all(
+    if not isinstance(values, Mapping) or not all(
         isinstance(k, str) and k and isinstance(v, str) for k, v in values.items()
     ):
         raise errors.InvalidRequest(f"{what} must map non-empty strings to strings", field=what)
@@ -78,10 +80,13 @@ def validate_spec(
     return spec
 
 
-def validate_command(cmd: object, cwd: str | None) -> None:
+def validate_command(spec: CommandSpec) -> None:
+    """An exec's or a spawn's command, working directory, env and timeout, as the
+    guest takes them (InvalidRequest naming the field otherwise)."""
+    cmd = spec.cmd
     if isinstance(cmd, str):
         ok = bool(cmd.strip()) and "\0" not in cmd
-    elif isinstance(cmd, list):
+    elif isinstance(cmd, tuple):
         ok = bool(cmd) and all(isinstance(a, str) and "\0" not in a for a in cmd) and bool(cmd[0])
     else:
         ok = False
@@ -89,8 +94,11 @@ def validate_command(cmd: object, cwd: str | None) -> None:
         raise errors.InvalidRequest(
             "cmd must be a non-empty string or a non-empty list of strings", field="cmd"
         )
-    if cwd is not None and (not cwd or "\0" in cwd):
-        raise errors.InvalidRequest(f"invalid cwd {cwd!r}", field="cwd")
+    if spec.cwd is not None and (not spec.cwd or "\0" in spec.cwd):
+        raise errors.InvalidRequest(f"invalid cwd {spec.cwd!r}", field="cwd")
+    validate_env(spec.env, "env")
+    if spec.timeout_s is not None and not spec.timeout_s > 0:
+        raise errors.InvalidRequest(f"timeout_s must be positive (got {spec.timeout_s})")
 
 
 # Host names in allow lists are resolved in threads of their own, few at a time and with

@@ -82,7 +82,7 @@ class SnapshotFlows:
                 except BaseException:
                     await anyio.to_thread.run_sync(snapshots.remove_tree, dest)
                     raise
-        return snapshots.snapshot_record(snap)
+        return snap
 
     async def _save(self, handle: SandboxHandle, dest: Path) -> SnapshotFiles:
         limit = self._settings.snapshot_timeout_s
@@ -200,11 +200,11 @@ class SnapshotFlows:
         self, sandbox_id: str | None = None, *, tenant_id: str | None = None
     ) -> list[SnapshotRecord]:
         rows = await self._core.open_store().list_snapshots(sandbox_id, tenant_id=tenant_id)
-        return [snapshots.snapshot_record(row) for row in rows]
+        return rows
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
         self._core.open_store()
-        return snapshots.snapshot_record(await self.snapshot_row(snapshot_id))
+        return await self.snapshot_row(snapshot_id)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """See :meth:`SandboxManager.delete_snapshot`."""

@@ -7,8 +7,6 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from emberbox import errors
@@ -18,25 +16,11 @@ from emberbox.vmm.base import SnapshotFiles
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SnapshotRecord:
-    """A saved sandbox (memory + disk) from which new sandboxes can be forked. UTC times.
-
-    ``sandbox_id`` is the sandbox it was taken from (which may since have stopped);
-    image, vcpus and memory_mib are that sandbox's, and a fork gets the same.
-    """
-
-    id: str
-    sandbox_id: str
-    image: str
-    vcpus: int
-    memory_mib: int
-    vmm: str
-    vmm_version: str
-    size_bytes: int
-    created_at: datetime
-    path: Path  # host directory; never sent over the wire
-    image_hash: str = ""  # the image build it was made from
+#: A saved sandbox (memory + disk) from which new sandboxes can be forked, as the service
+#: reports it: the store's row itself (UTC times; ``path`` is a host directory, never sent
+#: over the wire). ``sandbox_id`` is the sandbox it was taken from; a fork gets its image,
+#: vcpus and memory_mib.
+SnapshotRecord = SnapshotRow
 
 
 @contextlib.contextmanager
@@ -72,22 +56,6 @@ def fork_shape(
 
 def snapshot_files(row: SnapshotRow) -> SnapshotFiles:
     return SnapshotFiles(directory=row.path, vmm=row.vmm, vmm_version=row.vmm_version)
-
-
-def snapshot_record(row: SnapshotRow) -> SnapshotRecord:
-    return SnapshotRecord(
-        id=row.id,
-        sandbox_id=row.sandbox_id,
-        image=row.image,
-        vcpus=row.vcpus,
-        memory_mib=row.memory_mib,
-        vmm=row.vmm,
-        vmm_version=row.vmm_version,
-        size_bytes=row.size_bytes,
-        created_at=row.created_at,
-        path=row.path,
-        image_hash=row.image_hash,
-    )
 
 
 def remove_tree(path: Path) -> None:

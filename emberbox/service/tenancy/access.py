@@ -30,8 +30,10 @@ from emberbox.config import Settings
 from emberbox.service.policy import is_loopback
 from emberbox.service.tenancy.keys import parse_key, secret_matches
 from emberbox.service.tenancy.ratelimit import RateLimiter
-from emberbox.store import LOCAL_TENANT_ID, Store, tenants, utcnow
-from emberbox.store.tenants import AuditEntry
+from emberbox.service.tenancy.tickets import TicketBook
+from emberbox.store import LOCAL_TENANT_ID as LOCAL_TENANT_ID  # the built-in tenant
+from emberbox.store import Store, tenants, utcnow
+from emberbox.store.tenants import AuditEntry as AuditEntry  # the API builds them
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class Tenancy:
         secret = settings.api_key.get_secret_value() if settings.api_key is not None else ""
         self._env_key = secret.encode() if secret else None
         self.failures = RateLimiter(FAILED_AUTH_PER_S, FAILED_AUTH_BURST, clock=clock)
+        # Browsers open terminals with these instead of a key (docs/console.md).
+        self.tickets = TicketBook(settings.pty_ticket_ttl_s, settings.pty_tickets_max, clock=clock)
         self._clock = clock
         self._store: Store | None = None
         self._opening = anyio.Lock()

@@ -10,9 +10,9 @@ from emberbox import errors
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
 from emberbox.net.plan import NetworkPlan
-from emberbox.service.vm.machine import Sandbox
+from emberbox.service.vm.machine import SandboxVM
 from emberbox.service.vm.templates import Templates
-from emberbox.vmm.base import Lifetime, SnapshotFiles
+from emberbox.vmm.base import Driver, Lifetime, SnapshotFiles
 from emberbox.vmm.select import DriverCache
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,11 @@ class Launcher:
         self._drivers = DriverCache()
         self._templates: Templates | None = None
 
+    def _driver(self, settings: Settings, image: str | None) -> Driver:
+        """The one driver; the first call probes KVM with ``image``'s boot files."""
+        name = image or settings.default_image
+        return self._drivers.get(settings, lambda: ImageRegistry(settings).get(name).files)
+
     async def start(
         self,
         settings: Settings,
@@ -39,16 +44,16 @@ class Launcher:
         sandbox_id: str,
         lifetime: Lifetime,
         network: NetworkPlan | None = None,
-    ) -> Sandbox:
+    ) -> SandboxVM:
         """A sandbox from the template (its NIC gets ``network``'s TAP, or leads
         nowhere), or a cold boot when there is no template."""
-        driver = self._drivers.get(settings, image)
+        driver = self._driver(settings, image)
         shape: dict[str, Any] = {"image": image, "vcpus": vcpus, "memory_mib": memory_mib}
         if settings.templates:
             template = await self._template(settings, driver, **shape)
             if template is not None:
                 try:
-                    return await Sandbox.restore(
+                    return await SandboxVM.restore(
                         settings,
                         template,
                         **shape,
@@ -69,7 +74,7 @@ class Launcher:
                     )
                     self._templates_for(settings).discard(template)
         log.info("sandbox %s: cold boot of image %s", sandbox_id, image)
-        return await Sandbox.start(
+        return await SandboxVM.start(
             settings,
             **shape,
             sandbox_id=sandbox_id,
@@ -78,13 +83,15 @@ class Launcher:
             network=network,
         )
 
-    async def restore(self, settings: Settings, snapshot: SnapshotFiles, **kwargs: Any) -> Sandbox:
-        driver = self._drivers.get(settings, kwargs.get("image"))
-        return await Sandbox.restore(settings, snapshot, driver=driver, **kwargs)
+    async def restore(
+        self, settings: Settings, snapshot: SnapshotFiles, **kwargs: Any
+    ) -> SandboxVM:
+        driver = self._driver(settings, kwargs.get("image"))
+        return await SandboxVM.restore(settings, snapshot, driver=driver, **kwargs)
 
-    async def attach(self, settings: Settings, **kwargs: Any) -> Sandbox:
-        driver = self._drivers.get(settings, kwargs.get("image"))
-        return await Sandbox.attach(settings, driver=driver, **kwargs)
+    async def attach(self, settings: Settings, **kwargs: Any) -> SandboxVM:
+        driver = self._driver(settings, kwargs.get("image"))
+        return await SandboxVM.attach(settings, driver=driver, **kwargs)
 
     def _templates_for(self, settings: Settings) -> Templates:
         if self._templates is None:

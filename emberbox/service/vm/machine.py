@@ -1,16 +1,17 @@
 """The library API: a running microVM with its guest agent connected.
 
-    async with Sandbox.boot(image="default", vcpus=1, memory_mib=512) as sb:
-        result = await sb.exec(["python3", "-c", "print(6*7)"])
-        pid = await sb.spawn("python3 -m http.server 8000")      # in the background
-        await sb.write_file("/tmp/data.bin", b"...")              # a path in the guest
+    async with SandboxVM.boot(image="default", vcpus=1, memory_mib=512) as sb:
+        result = await sb.agent.exec(ExecSpec(["python3", "-c", "print(6*7)"]))
+        pid = await sb.agent.spawn(SpawnSpec("python3 -m http.server 8000"))  # background
+        await sb.agent.write_file("/tmp/data.bin", b"...")        # a path in the guest
 
 ``boot()`` returns only after the agent's handshake and kills the VM on exit. The
-service layer uses :meth:`Sandbox.start` with ``lifetime="detached"`` so that VMs outlive
-a server restart, and :meth:`Sandbox.attach` to adopt them again.
+service layer uses :meth:`SandboxVM.start` with ``lifetime="detached"`` so that VMs
+outlive a server restart, and :meth:`SandboxVM.attach` to adopt them again.
 
-The agent's calls (exec, processes, files) are :mod:`~emberbox.service.vm.agent_calls`'; the
-network wiring is :mod:`~emberbox.service.vm.network`'s.
+The agent's calls (exec, processes, files) are those of ``sb.agent``, an
+:class:`~emberbox.agent_client.client.AgentClient`; the network wiring is
+:mod:`~emberbox.service.vm.network`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.net import host as nethost
 from emberbox.net import plan as netplan
 from emberbox.net.plan import NetworkPlan
-from emberbox.service.vm.agent_calls import AgentCalls, OutputCallback
 from emberbox.service.vm.boot import boot_until_ready, connect_agent
 from emberbox.service.vm.network import configure_guest, network_down, network_up
 from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
@@ -60,8 +60,9 @@ def work_dir_for(settings: Settings, sandbox_id: str) -> Path:
     return work_dir
 
 
-class Sandbox(AgentCalls):
-    """One microVM and its agent connection; kill it (or use ``boot()``) when done."""
+class SandboxVM:
+    """One microVM and its agent connection (``agent``: exec, processes, files); kill
+    it (or use ``boot()``) when done."""
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class Sandbox(AgentCalls):
         lifetime: Lifetime = "ephemeral",
         driver: Driver | None = None,
         network: NetworkPlan | None = None,
-    ) -> Sandbox:
+    ) -> SandboxVM:
         """Boot a sandbox and return once its agent has answered the handshake.
 
         With ``network`` it gets its own namespace, TAP and egress rules (see
@@ -162,7 +163,7 @@ class Sandbox(AgentCalls):
         timeout_s: float | None = None,
         network: NetworkPlan | None = None,
         reset_network: bool = True,
-    ) -> Sandbox:
+    ) -> SandboxVM:
         """Start a sandbox from ``snapshot`` (made by a VM of this image and shape) and
         return once its agent answered a fresh hello: new entropy (RNG reseeded), the
         wall clock, hostname and sandbox id, so that no two restores are alike.
@@ -216,7 +217,7 @@ class Sandbox(AgentCalls):
         memory_mib: int | None = None,
         *,
         settings: Settings | None = None,
-    ) -> AsyncIterator[Sandbox]:
+    ) -> AsyncIterator[SandboxVM]:
         """An ephemeral sandbox for the duration of an ``async with`` block."""
         sandbox = await cls.start(
             settings or Settings(), image=image, vcpus=vcpus, memory_mib=memory_mib
@@ -237,7 +238,7 @@ class Sandbox(AgentCalls):
         vcpus: int,
         memory_mib: int,
         driver: Driver | None = None,
-    ) -> Sandbox:
+    ) -> SandboxVM:
         """Adopt a detached VM left running by an earlier process and reconnect its agent."""
         info = ImageRegistry(settings).get(image)
         config = _config(settings, info, sandbox_id, vcpus, memory_mib, "detached")
@@ -341,4 +342,4 @@ def _config(
     )
 
 
-__all__ = ["OutputCallback", "Sandbox", "check_shape", "new_sandbox_id", "work_dir_for"]
+__all__ = ["SandboxVM", "check_shape", "new_sandbox_id", "work_dir_for"]

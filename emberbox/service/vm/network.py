@@ -1,4 +1,4 @@
-"""A sandbox's network, as :class:`~emberbox.service.vm.machine.Sandbox` wires it: its own
+"""A sandbox's network, as :class:`~emberbox.service.vm.machine.SandboxVM` wires it: its own
 namespace, TAP and egress rules on the host (:mod:`emberbox.net.host`), and the guest's
 NIC set up through the agent. See docs/networking.md."""
 

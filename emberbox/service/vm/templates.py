@@ -29,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
 from emberbox.service.vm.boot import boot_until_ready
@@ -145,7 +146,7 @@ class Templates:
             try:
                 # Warm what every sandbox's first command needs (the agent's exec path,
                 # python3 in the page cache), so that clones start with it in their RAM.
-                await ready.agent.exec(WARM_UP, timeout_s=60)
+                await ready.agent.exec(ExecSpec(WARM_UP, timeout_s=60))
                 # Saved with the agent connection open: to the guest nothing happens, and
                 # each clone's host simply connects and says hello.
                 snap = await ready.vm.snapshot(generation / "snap", stop=True)

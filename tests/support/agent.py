@@ -1,8 +1,8 @@
-"""The real guest agent started on the host, shared by the test_agent*.py modules.
+"""The real guest agent started on the host, for the agent's tests.
 
-No tests here. The agent runs as an ordinary process listening on a unix socket (it
-is not PID 1, so it touches nothing global); it is stopped with SIGTERM first, which
-makes it kill the processes it spawned, then with SIGKILL if need be.
+The agent runs as an ordinary process listening on a unix socket (it is not PID 1, so
+it touches nothing global); it is stopped with SIGTERM first, which makes it kill the
+processes it spawned, then with SIGKILL if need be.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emberbox.agent_client.client import AgentClient
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 
 @dataclass
@@ -51,7 +50,7 @@ def running_agent(command: list[str] | None = None, cwd: Path = REPO) -> Iterato
     workdir = tempfile.mkdtemp(prefix="eb-", dir="/tmp")
     socket_path = os.path.join(workdir, "a.sock")
     log = open(os.path.join(workdir, "agent.log"), "wb")  # noqa: SIM115 (closed below)
-    command = command or [sys.executable, "-m", "emberbox.guest.agent"]
+    command = command or [sys.executable, "-m", "emberbox.guest"]
     proc = subprocess.Popen([*command, "--listen", f"unix:{socket_path}"], stderr=log, cwd=cwd)
     try:
         deadline = time.monotonic() + 10
@@ -88,6 +87,7 @@ async def collect(chunks: AsyncIterable[bytes], sizes: list[int] | None = None) 
 
 
 def sha256(data: bytes) -> str:
+    """The hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 

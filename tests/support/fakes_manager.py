@@ -1,35 +1,39 @@
-"""In-memory stand-ins for SandboxManager and ImageRegistry and a threaded test server,
-shared by the API and SDK unit tests (this module holds no tests).
+"""In-memory stand-ins for SandboxManager and ImageRegistry, and the real app over them,
+for the API, SDK and CLI unit tests.
 
 The fake manager's process and file calls are the real services
-(``emberbox.service.guestio.processes`` / ``.files``) over a :class:`FakeGuest` per sandbox."""
+(``emberbox.service.guestio.processes`` / ``.files``) over a :class:`FakeGuest` per
+sandbox; its records are real :class:`SandboxRecord`\\ s."""
 
 from __future__ import annotations
 
 import builtins
-import inspect
 import itertools
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import uvicorn
+from typing import TYPE_CHECKING, Any
 
 from emberbox import errors
-from emberbox.agent_client.client import ExecResult
+from emberbox.agent_client.answers import ExecResult
+from emberbox.agent_client.calls import OutputCallback
+from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
-from emberbox.service.guestio.files import GuestFiles
+from emberbox.service.guestio.files import SandboxFiles
 from emberbox.service.guestio.processes import Processes
+from emberbox.service.sandboxes.handles import SandboxRecord
 from emberbox.service.sandboxes.state import SandboxState
 from emberbox.service.snapshots.records import SnapshotRecord
-from emberbox.vmm.base import GuestFiles as ImageFiles
-from tests.unit.test_api_guest_fakes import FakeGuest
+from emberbox.vmm.base import BootFiles, SnapshotFiles
+from tests.support.fakes_guest import FakeGuest
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from emberbox.service.guestio.common import LiveSandboxes
+    from emberbox.service.oneshot.runner import ImageHashes, RunManager
+    from emberbox.service.sandboxes.handles import ImageCatalog, SandboxHandle
 
 FILE_NAMES = {"kernel": "vmlinuz", "vmlinux": "vmlinux", "initrd": "initramfs.cpio"}
 FILE_NAMES["rootfs"] = "rootfs.ext4"
@@ -38,32 +42,11 @@ IN_USE_STATES = frozenset(SandboxState) - {SandboxState.STOPPED, SandboxState.ER
 
 
 @dataclass(frozen=True)
-class FakeRecord:
-    """The fields of service.manager.SandboxRecord."""
-
-    id: str
-    state: SandboxState
-    image: str
-    vcpus: int
-    memory_mib: int
-    metadata: dict[str, str]
-    env: dict[str, str]
-    timeout_s: int
-    created_at: datetime
-    expires_at: datetime
-    ip_address: str | None
-    vmm_pid: int | None
-    work_dir: str
-    error: str | None
-    snapshot_id: str | None = None
-
-
-@dataclass(frozen=True)
 class FakeImage:
     name: str
     directory: Path
     manifest: dict[str, Any]
-    files: ImageFiles
+    files: BootFiles
     size_bytes: int
     created_at: datetime
 
@@ -89,7 +72,7 @@ class FakeRegistry:
         directory = self.root / name
         if "/" in name or not directory.is_dir():
             raise errors.ImageNotFound(name, self.names())
-        files = ImageFiles(**{kind: directory / f for kind, f in FILE_NAMES.items()})
+        files = BootFiles(**{kind: directory / f for kind, f in FILE_NAMES.items()})
         created = datetime(2026, 1, 1, tzinfo=UTC)
         manifest = {"kernel": {"release": "6.6.1"}}
         return FakeImage(name, directory, manifest, files, 4096, created)
@@ -103,20 +86,53 @@ class FakeRegistry:
         return None
 
 
+class GuestHandle:
+    """A running sandbox whose guest is a :class:`FakeGuest` (no VMM behind it)."""
+
+    def __init__(self, sandbox_id: str, work_dir: Path) -> None:
+        self.id = sandbox_id
+        self.pid: int | None = None
+        self.work_dir = work_dir
+        self.agent = FakeGuest(sandbox_id)
+        self.running = True
+
+    def is_running(self) -> bool:
+        return self.running
+
+    async def kill(self) -> None:
+        self.running = False
+
+    async def detach(self) -> None:
+        pass
+
+    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
+        self.running = self.running and not stop
+        return SnapshotFiles(dest, "fake", "0")
+
+    async def greet(self, sandbox_id: str) -> object:
+        self.id = sandbox_id
+        return None
+
+
 class FakeManager:
     """SandboxManager's methods over dicts. ``exec`` echoes its command and stdin."""
 
     def __init__(self, settings: Settings, registry: FakeRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self.records: dict[str, FakeRecord] = {}
+        self.records: dict[str, SandboxRecord] = {}
         self.snapshots: dict[str, SnapshotRecord] = {}
         self.calls: builtins.list[tuple[str, dict[str, Any]]] = []
-        self.raise_on_exec: errors.EmberboxError | None = None
+        self.raise_on_exec: Exception | None = None
         self._ids = itertools.count(1)
-        self.guests: dict[str, FakeGuest] = {}
+        self.handles: dict[str, GuestHandle] = {}
         self.processes = Processes(self, settings)
-        self.files = GuestFiles(self, settings)
+        self.files = SandboxFiles(self, settings)
+
+    @property
+    def guests(self) -> dict[str, FakeGuest]:
+        """Each sandbox's guest agent, by sandbox id."""
+        return {sandbox_id: handle.agent for sandbox_id, handle in self.handles.items()}
 
     async def create(
         self,
@@ -128,8 +144,9 @@ class FakeManager:
         metadata: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         snapshot_id: str | None = None,
-        network: dict[str, object] | None = None,
-    ) -> FakeRecord:
+        tenant_id: str = "local",
+        network: Mapping[str, object] | None = None,
+    ) -> SandboxRecord:
         s = self.settings
         self.calls.append(("create", {"image": image, "metadata": metadata}))
         if snapshot_id is not None:
@@ -143,7 +160,7 @@ class FakeManager:
         now = datetime.now(UTC)
         timeout_s = timeout_s or s.default_timeout_s
         sandbox_id = f"sb-{next(self._ids)}"
-        record = FakeRecord(
+        record = SandboxRecord(
             id=sandbox_id,
             state=SandboxState.RUNNING,
             image=name,
@@ -156,19 +173,19 @@ class FakeManager:
             expires_at=now + timedelta(seconds=timeout_s),
             ip_address="10.0.0.2",
             vmm_pid=4242,
-            work_dir=f"/nonexistent/vms/{sandbox_id}",
+            work_dir=Path(f"/nonexistent/vms/{sandbox_id}"),
             error=None,
             snapshot_id=snapshot_id,
         )
         self.records[sandbox_id] = record
-        self.guests[sandbox_id] = FakeGuest()
+        self.handles[sandbox_id] = GuestHandle(sandbox_id, Path(f"/nonexistent/vms/{sandbox_id}"))
         return record
 
-    async def running_handle(self, sandbox_id: str) -> tuple[FakeRecord, FakeGuest]:
+    async def running_handle(self, sandbox_id: str) -> tuple[SandboxRecord, GuestHandle]:
         record = await self.get(sandbox_id)
         if record.state is not SandboxState.RUNNING:
             raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
-        return record, self.guests[sandbox_id]
+        return record, self.handles[sandbox_id]
 
     async def _fork_shape(
         self, snapshot_id: str, image: str | None, vcpus: int | None, memory_mib: int | None
@@ -182,10 +199,10 @@ class FakeManager:
                 )
         return snap.image, snap.vcpus, snap.memory_mib
 
-    def live(self) -> builtins.list[FakeRecord]:
+    def live(self) -> builtins.list[SandboxRecord]:
         return [r for r in self.records.values() if r.state is SandboxState.RUNNING]
 
-    async def get(self, sandbox_id: str) -> FakeRecord:
+    async def get(self, sandbox_id: str) -> SandboxRecord:
         try:
             return self.records[sandbox_id]
         except KeyError:
@@ -193,7 +210,7 @@ class FakeManager:
 
     async def list(
         self, *, state: SandboxState | None = None, metadata: dict[str, str] | None = None
-    ) -> builtins.list[FakeRecord]:
+    ) -> builtins.list[SandboxRecord]:
         self.calls.append(("list", {"state": state, "metadata": metadata}))
         return [
             r
@@ -205,35 +222,26 @@ class FakeManager:
     async def exec(
         self,
         sandbox_id: str,
-        cmd: builtins.list[str] | str,
+        spec: ExecSpec,
         *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: Any = None,
-        on_stderr: Any = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         record = await self.get(sandbox_id)
-        self.calls.append(("exec", {"cmd": cmd, "env": env, "cwd": cwd, "stdin": stdin}))
+        call = {"cmd": spec.command, "env": dict(spec.env), "cwd": spec.cwd, "stdin": spec.stdin}
+        self.calls.append(("exec", call))
         if record.state is not SandboxState.RUNNING:
             raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
         if self.raise_on_exec is not None:
             raise self.raise_on_exec
-        text = cmd if isinstance(cmd, str) else " ".join(cmd)
-        stdout = (stdin or b"") + f"ran {text} in {sandbox_id}\n".encode()
-        exit_code = 3 if "fail" in text else 0
-        for callback, chunk in ((on_stdout, stdout), (on_stderr, b"err\xff\n")):
-            outcome = callback(chunk) if callback is not None else None
-            if inspect.isawaitable(outcome):
-                await outcome
-        return ExecResult(exit_code, stdout, b"err\xff\n", duration_ms=1.5)
+        guest = self.handles[sandbox_id].agent
+        return await guest.exec(spec, on_stdout=on_stdout, on_stderr=on_stderr)
 
     async def kill(self, sandbox_id: str) -> None:
         record = await self.get(sandbox_id)
         self.records[sandbox_id] = replace(record, state=SandboxState.STOPPED, ip_address=None)
 
-    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> FakeRecord:
+    async def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
         record = await self.get(sandbox_id)
         if record.state is not SandboxState.RUNNING:
             raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}")
@@ -244,13 +252,13 @@ class FakeManager:
     async def image_names(self) -> builtins.list[str]:
         return self.registry.names()
 
-    async def pause(self, sandbox_id: str) -> FakeRecord:
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
         return await self._move(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
 
-    async def resume(self, sandbox_id: str) -> FakeRecord:
+    async def resume(self, sandbox_id: str) -> SandboxRecord:
         return await self._move(sandbox_id, SandboxState.PAUSED, SandboxState.RUNNING)
 
-    async def _move(self, sandbox_id: str, src: SandboxState, dst: SandboxState) -> FakeRecord:
+    async def _move(self, sandbox_id: str, src: SandboxState, dst: SandboxState) -> SandboxRecord:
         record = await self.get(sandbox_id)
         if record.state is not src:
             raise errors.Conflict(f"sandbox {sandbox_id} is {record.state.value}, not {src.value}")
@@ -299,31 +307,7 @@ class FakeManager:
         del self.snapshots[snapshot_id]
 
 
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on a free port in a thread; yield its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def fake_app(tmp_path: Path, settings: Settings | None = None) -> tuple[Any, FakeManager]:
+def fake_app(tmp_path: Path, settings: Settings | None = None) -> tuple[FastAPI, FakeManager]:
     """The real app over a FakeManager and a FakeRegistry under ``tmp_path``."""
     from emberbox.api import create_app
 
@@ -331,3 +315,13 @@ def fake_app(tmp_path: Path, settings: Settings | None = None) -> tuple[Any, Fak
     registry = FakeRegistry(tmp_path / "images")
     manager = FakeManager(settings, registry)
     return create_app(settings, manager, registry=registry), manager  # type: ignore[arg-type]
+
+
+if TYPE_CHECKING:
+    _registry = FakeRegistry(Path())
+    _catalog: ImageCatalog = _registry
+    _hashes: ImageHashes = _registry
+    _manager = FakeManager(Settings(), _registry)
+    _live: LiveSandboxes = _manager
+    _runs: RunManager = _manager
+    _handle: SandboxHandle = GuestHandle("sb", Path())

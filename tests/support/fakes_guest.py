@@ -1,11 +1,13 @@
-"""An in-memory stand-in for a sandbox's guest: its files and background processes, with
-the signatures of ``emberbox.service.vm.machine.Sandbox`` (this module holds no tests).
+"""An in-memory stand-in for a sandbox's guest agent: its commands, files and background
+processes, with the calls of :class:`emberbox.agent_client.calls.AgentCalls`.
 
 Paths resolve as the guest would (relative to ``/``, ``..`` collapsed); there are no
-symlinks. Processes: ``cat`` (and any process on a terminal) echoes its stdin until it
-is closed; ``sleep ...`` runs until signalled; anything else prints ``ran CMD`` on stdout
-and ``err`` on stderr and exits at once (3 when the command says ``fail``). A terminal's
-program ends at Ctrl-D (exit code 0) or at input ``exit N``.
+symlinks. ``exec`` echoes its stdin, then says ``ran CMD in NAME`` on stdout and ``err``
+on stderr (exit code 3 when the command says ``fail``). Processes: ``cat`` (and any
+process on a terminal) echoes its stdin until it is closed; ``sleep ...`` runs until
+signalled; anything else prints ``ran CMD`` on stdout and ``err`` on stderr and exits at
+once (3 when the command says ``fail``). A terminal's program ends at Ctrl-D (exit code
+0) or at input ``exit N``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import itertools
 import posixpath
 import tarfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
 from emberbox import errors
-from emberbox.agent_client.client import FileInfo, ProcessInfo, ProcessStatus
+from emberbox.agent_client.answers import ExecResult, FileInfo, ProcessInfo, ProcessStatus
+from emberbox.agent_client.calls import OutputCallback
+from emberbox.agent_client.spec import ExecSpec, SpawnSpec
+
+if TYPE_CHECKING:
+    from emberbox.agent_client.calls import AgentCalls
 
 CHUNK = 64 * 1024
 SIGNALS = {"TERM": 15, "KILL": 9, "INT": 2, "HUP": 1}
@@ -72,10 +80,23 @@ class FakeProcess:
         )
 
 
-class FakeGuest:
-    """One sandbox's guest, driven through the pass-through methods of ``Sandbox``."""
+def command_text(cmd: Sequence[str] | str) -> str:
+    """A command as one line: a shell line as is, an argv joined by spaces."""
+    return cmd if isinstance(cmd, str) else " ".join(cmd)
 
-    def __init__(self) -> None:
+
+async def deliver(callback: OutputCallback | None, data: bytes) -> None:
+    """Hand ``data`` to an output callback, awaiting it when it is a coroutine function."""
+    outcome = callback(data) if callback is not None else None
+    if inspect.isawaitable(outcome):
+        await outcome
+
+
+class FakeGuest:
+    """One sandbox's guest agent (``name`` shows in what ``exec`` prints)."""
+
+    def __init__(self, name: str = "fake-guest") -> None:
+        self.name = name
         self.files: dict[str, bytes] = {}
         self.modes: dict[str, int] = {}
         self.dirs: set[str] = {"/", "/tmp", "/etc"}
@@ -86,20 +107,25 @@ class FakeGuest:
         self.calls: list[str] = []
         self._pids = itertools.count(100)
 
+    async def exec(
+        self,
+        spec: ExecSpec,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        text = command_text(spec.cmd)
+        stdout = (spec.stdin or b"") + f"ran {text} in {self.name}\n".encode()
+        exit_code = 3 if "fail" in text else 0
+        await deliver(on_stdout, stdout)
+        await deliver(on_stderr, b"err\xff\n")
+        return ExecResult(exit_code, stdout, b"err\xff\n", duration_ms=1.5)
+
     # -- processes ---------------------------------------------------------------------
 
-    async def spawn(
-        self,
-        cmd: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_s: float | None = None,
-        output_max_bytes: int | None = None,
-        pty: tuple[int, int] | None = None,
-    ) -> int:
-        text = cmd if isinstance(cmd, str) else " ".join(cmd)
-        process = FakeProcess(next(self._pids), text, pty, dict(env or {}))
+    async def spawn(self, spec: SpawnSpec) -> int:
+        text, pty = command_text(spec.cmd), spec.pty
+        process = FakeProcess(next(self._pids), text, pty, dict(spec.env))
         self.processes[process.pid] = process
         if pty is None and text != "cat" and not text.startswith("sleep"):
             process.emit("stdout", f"ran {text}\n".encode())
@@ -113,13 +139,13 @@ class FakeGuest:
         except KeyError:
             raise errors.NotFound(f"no process {pid}") from None
 
-    async def attach_process(
+    async def attach(
         self,
         pid: int,
         *,
         from_start: bool = True,
-        on_stdout: Callable[[bytes], object] | None = None,
-        on_stderr: Callable[[bytes], object] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> ProcessStatus:
         process = self._process(pid)
         sent = 0 if from_start else len(process.output)
@@ -128,11 +154,7 @@ class FakeGuest:
             while sent < len(process.output):
                 stream, data = process.output[sent]
                 sent += 1
-                callback = on_stdout if stream == "stdout" or process.pty else on_stderr
-                if callback is not None:
-                    outcome = callback(data)
-                    if inspect.isawaitable(outcome):
-                        await outcome
+                await deliver(on_stdout if stream == "stdout" or process.pty else on_stderr, data)
             if not process.running:
                 return process.status()
             await changed.wait()
@@ -171,7 +193,7 @@ class FakeGuest:
         process.pty = (cols, rows)
         self.resizes.append((pid, cols, rows))
 
-    async def wait_process(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
+    async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessStatus:
         process = self._process(pid)
         if timeout_s:
             with anyio.move_on_after(timeout_s):
@@ -322,9 +344,5 @@ class FakeGuest:
         return len(members)
 
 
-def guest_call_names() -> set[str]:
-    """The pass-through methods (for checking that the fake covers them all)."""
-    return {name for name, _ in inspect.getmembers(FakeGuest, inspect.isfunction) if name[0] != "_"}
-
-
-__all__ = ["FakeGuest", "FakeProcess", "guest_call_names"]
+if TYPE_CHECKING:
+    _fits: AgentCalls = FakeGuest()

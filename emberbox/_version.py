@@ -1,0 +1,3 @@
+"""The version of emberbox (one place; importing it loads nothing else)."""
+
+__version__ = "0.1.0"
