@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test unit integration lint typecheck bench clean
+.PHONY: setup run test unit integration lint typecheck bench soak clean
 
 setup:
 	@scripts/setup.sh
@@ -33,6 +33,12 @@ typecheck:
 bench: setup
 	@bench/setup.sh
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Hostile load for SOAK_S seconds (default 120): bars in bench/soak.py; writes
+# bench/results/soak.json and fails when one is missed. `make test` runs a short form.
+SOAK_S ?= 120
+soak: setup
+	$(PY) -m bench.soak --duration-s $(SOAK_S)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache

@@ -22,13 +22,13 @@ import traceback
 from collections.abc import Awaitable
 from pathlib import Path
 
-from bench import create, exec_rtt, memory, oneshot, snapshots
+from bench import create, e2b, exec_rtt, memory, oneshot, ports, snapshots
 from bench.harness import MissingAPI, Skip, Variant, foreign_vmms, open_variant, progress, sweep
 from bench.stats import Report
 from emberbox.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("exec", "create", "oneshot", "memory", "snapshot")
+SECTIONS = ("exec", "create", "oneshot", "memory", "snapshot", "e2b", "ports")
 WALL_LIMIT_S = 15 * 60
 
 
@@ -85,6 +85,12 @@ async def measure(args: argparse.Namespace, root: Path, run: Run) -> None:
     report, only = run.report, set(args.only)
     if "exec" in only:
         await run.section("exec round trip", exec_rtt.exec_round_trip(root, args.execs, report))
+    if "ports" in only:
+        work = ports.ports_proxy(root, min(args.execs, 10), report)
+        await run.section("ports proxy", work)
+    if "e2b" in only:
+        work = e2b.e2b_front(root, args.samples, args.execs, report)
+        await run.section("e2b front", work)
     async with contextlib.AsyncExitStack() as managers:
         cold = await variant(managers, "cold boot", run, only)
         restore = await variant(managers, "snapshot restore", run, only)

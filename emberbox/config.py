@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     max_exec_timeout_s: float = Field(default=3600.0, gt=0)
     exec_output_max_bytes: int = Field(default=16 << 20, ge=1024)
     max_upload_bytes: int = Field(default=1 << 30, ge=1)  # one file or archive (HTTP 413)
+    max_tunnels_per_sandbox: int = Field(default=32, ge=1)  # open port connections (HTTP 403)
 
     # Service.
     api_key: SecretStr | None = None  # when set, every API call needs "Bearer <key>"
@@ -116,6 +117,7 @@ class Settings(BaseSettings):
     tenant_max_vcpus: int = Field(default=8, ge=0)  # summed over live sandboxes
     tenant_max_memory_mib: int = Field(default=4096, ge=0)  # summed over live sandboxes
     tenant_max_snapshots: int = Field(default=16, ge=0)
+    tenant_max_snapshot_bytes: int = Field(default=32 << 30, ge=0)  # snapshots + paused, on disk
     rate_limit_per_s: float = Field(default=20.0, gt=0)  # requests per second per key
     rate_limit_burst: int = Field(default=100, ge=1)  # requests a key may send at once
 
@@ -125,6 +127,25 @@ class Settings(BaseSettings):
     pty_tickets_max: int = Field(default=10_000, ge=1)  # in memory; past it the oldest go
     websocket_allowed_origins: list[str] = Field(default_factory=list)  # "https://host:port"
     console_assets_dir: Path | None = None  # None: emberbox/api/console/vendor (setup.sh)
+
+    # Hostile load (see docs/security.md): request bodies, connections, keyless callers.
+    max_request_body_bytes: int = Field(default=1 << 20, ge=1024)  # JSON bodies (413 above)
+    request_header_timeout_s: float = Field(default=10.0, gt=0)  # a request's whole headers
+    request_body_timeout_s: float = Field(default=30.0, gt=0)  # a JSON body; an upload's chunk
+    keep_alive_timeout_s: int = Field(default=5, ge=1)  # an idle connection between requests
+    max_connections: int = Field(default=1000, ge=1)  # open at once; more are closed at once
+    forwarded_allow_ips: list[str] = Field(default_factory=list)  # proxies trusted for X-F-F
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names keyless mode answers
+    tenant_max_websockets: int = Field(default=8, ge=1)  # open terminal WebSockets per tenant
+    audit_retention_days: int = Field(default=90, ge=1)  # older audit entries are pruned
+    audit_max_rows: int = Field(default=1_000_000, ge=1000)  # and all but the newest this many
+    exec_log_retention_days: int = Field(default=30, ge=1)  # older exec log entries go
+    exec_log_max_rows: int = Field(default=1_000_000, ge=1000)  # and all but the newest
+    ended_sandbox_retention_days: int = Field(default=7, ge=1)  # rows of ended sandboxes
+
+    # The E2B front (docs/e2b.md): a create without allow_internet_access gets the network
+    # only when this is on (E2B's own default); off keeps emberbox's default deny.
+    e2b_internet_by_default: bool = False
 
     @property
     def images_dir(self) -> Path:

@@ -8,6 +8,7 @@ what each call does); the service holds a sandbox's agent as ``AgentCalls``
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from emberbox.agent_client.answers import ExecResult, FileInfo, ProcessInfo, ProcessStatus
@@ -71,10 +72,23 @@ class AgentCalls(Protocol):
     def tar_out(self, path: str) -> AsyncIterator[bytes]: ...
     async def tar_in(self, path: str, data: AsyncIterable[bytes]) -> int: ...
 
+    # ports (a TCP connection to 127.0.0.1:port in the guest)
+    def connect(self, port: int) -> AbstractAsyncContextManager[ByteTunnel]: ...
+
+
+class ByteTunnel(Protocol):
+    """A byte stream to a server in the guest (:class:`~emberbox.agent_client.tunnel.Tunnel`)."""
+
+    port: int
+
+    async def send(self, data: bytes) -> None: ...
+    async def send_eof(self) -> None: ...
+    async def receive(self) -> bytes: ...  # b"" once the server closed its side
+
 
 def _client_has_every_call(client: AgentClient) -> AgentCalls:
     """(For mypy) the real client fits the Protocol."""
     return client
 
 
-__all__ = ["AgentCalls", "OutputCallback"]
+__all__ = ["AgentCalls", "ByteTunnel", "OutputCallback"]

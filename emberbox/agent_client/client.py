@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import inspect
 import os
 import time
@@ -39,6 +40,7 @@ from emberbox.agent_client.answers import (
 from emberbox.agent_client.calls import AgentCalls, OutputCallback
 from emberbox.agent_client.link import AgentLink, checked
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
+from emberbox.agent_client.tunnel import Tunnel, open_tunnel
 from emberbox.guest import protocol
 from emberbox.guest.protocol import Op
 
@@ -55,10 +57,12 @@ __all__ = [
     "ProcessInfo",
     "ProcessStatus",
     "SpawnSpec",
+    "Tunnel",
 ]
 
 HELLO_RESEND_S = 0.5
 EXEC_GRACE_S = 15.0  # how long past its own timeout an exec may take to be answered
+EXEC_OUTPUT_MAX_BYTES = 16 << 20  # an exec's output cap when its spec names none
 
 
 class AgentClient:
@@ -92,6 +96,11 @@ class AgentClient:
     @property
     def closed(self) -> bool:
         return self._link.closed
+
+    @property
+    def violation(self) -> str | None:
+        """Why the agent was cut off, if it broke the protocol (bad frames, a budget)."""
+        return self._link.violation
 
     async def aclose(self) -> None:
         """Close the stream; pending requests raise AgentDisconnected. Idempotent."""
@@ -169,13 +178,19 @@ class AgentClient:
         A command past ``spec.timeout_s`` is killed by the agent (``timed_out=True``); if
         the agent does not answer within ``timeout_s + 15`` seconds, ExecTimeout is raised.
         ``spec.limits`` runs it in a cgroup of its own (``memory_limited``,
-        ``peak_memory_kib``).
+        ``peak_memory_kib``). The output (stdout and stderr together) is capped at
+        ``spec.output_max_bytes`` (default 16 MiB) on both sides: an agent that sends
+        more breaks the protocol (ProtocolError).
         """
+        if spec.output_max_bytes is None:
+            spec = dataclasses.replace(spec, output_max_bytes=EXEC_OUTPUT_MAX_BYTES)
+        cap = spec.output_max_bytes
         output = _Output(on_stdout, on_stderr)
         body = {**spec.wire(), "op": Op.EXEC}
         deadline = None if spec.timeout_s is None else spec.timeout_s + EXEC_GRACE_S
+        request = self._link.request(body, output.feed, data_limit=cap)
         try:
-            answer = await asyncio.wait_for(self._link.request(body, output.feed), deadline)
+            answer = await asyncio.wait_for(request, deadline)
         except TimeoutError:
             raise errors.ExecTimeout(
                 f"agent did not answer an exec within {deadline} s", result=None
@@ -290,6 +305,15 @@ class AgentClient:
         """Extract the tar stream ``data`` into the directory ``path`` (made if missing);
         returns the member count. Unsafe members fail it with InvalidRequest."""
         return int((await self._link.upload({"op": Op.TAR_IN, "path": path}, data))["entries"])
+
+    def connect(self, port: int) -> contextlib.AbstractAsyncContextManager[Tunnel]:
+        """A TCP connection to ``127.0.0.1:port`` in the guest, relayed over the channel.
+
+        >>> async with agent.connect(8000) as tunnel:
+        ...     await tunnel.send(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        ...     first = await tunnel.receive()
+        """
+        return open_tunnel(self._link, port)
 
 
 class _Output:

@@ -7,6 +7,14 @@ docs/protocol.md): an upload keeps at most ``WINDOW`` unacknowledged bytes in fl
 a download acknowledges what its consumer took. A call left without its answer
 (cancelled, or its consumer stopped reading) tells the agent to cancel it.
 
+Memory stays bounded whatever the agent does: every call acknowledges the data its
+consumer took (so a stalled consumer stalls the producer in the guest), and an
+:class:`_Inbox` holds what the agent may still send a call: ``WINDOW`` (+ slack) of
+unacknowledged data, ``CONTROL_BUDGET`` of JSON frames, and for an ``exec`` its output
+cap in all. A frame past those budgets is a protocol violation: the link fails with
+:class:`~emberbox.errors.ProtocolError` (the service then ends that sandbox), whatever
+the agent claims. Frames for rids that have no open call are dropped as they come.
+
 Foreign errors are translated here, at the boundary: a closed stream is
 :class:`~emberbox.errors.AgentDisconnected`, bytes that are not frames are
 :class:`~emberbox.errors.ProtocolError`, error answers become the matching class.
@@ -42,18 +50,72 @@ class _Failed:
 _CLOSED = object()  # queued to every pending call when the channel fails
 Item = protocol.Frame | _Failed | object
 
+DATA_BUDGET = protocol.WINDOW + protocol.WINDOW_SLACK  # unacknowledged data per call
+CONTROL_BUDGET = 2 * protocol.MAX_PAYLOAD  # JSON frames (answer, events) waiting per call
+FRAME_COST = 128  # what a queued frame costs beyond its payload (an empty one is not free)
+
+
+class _Inbox:
+    """The frames waiting for one call, within the budgets the agent must keep."""
+
+    def __init__(self, data_limit: int | None = None) -> None:
+        self.frames: asyncio.Queue[Item] = asyncio.Queue()
+        self.data_limit = data_limit  # data bytes the call takes in all (None: no cap)
+        self.received = 0  # data bytes received
+        self.acked = 0  # data bytes acknowledged to the agent
+        self.control = 0  # bytes of JSON frames waiting
+
+    def put(self, frame: protocol.Frame) -> str | None:
+        """Queues `frame`; the budget it breaks (then it is not queued), if any."""
+        if frame.kind in protocol.JSON_KINDS:
+            self.control += len(frame.payload) + FRAME_COST
+            if self.control > CONTROL_BUDGET:
+                return f"request {frame.rid}: over {CONTROL_BUDGET} bytes of answers waiting"
+        else:
+            self.received += len(frame.payload)
+            if self.received - self.acked > DATA_BUDGET:
+                unacked = self.received - self.acked
+                return f"request {frame.rid}: {unacked} unacknowledged bytes, window {DATA_BUDGET}"
+            if self.data_limit is not None and self.received > self.data_limit:
+                cap = self.data_limit
+                return f"request {frame.rid}: {self.received} bytes of output, cap {cap}"
+        self.frames.put_nowait(frame)
+        return None
+
+    async def get(self) -> Item:
+        item = await self.frames.get()
+        if isinstance(item, protocol.Frame) and item.kind in protocol.JSON_KINDS:
+            self.control -= len(item.payload) + FRAME_COST
+        return item
+
+    def clear(self) -> None:
+        while not self.frames.empty():
+            self.frames.get_nowait()
+        self.received = self.acked = self.control = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes this call holds or may be sent before its consumer acknowledges more."""
+        return self.received - self.acked + self.control
+
 
 class HostCall:
-    """One request's frames, in order; `answered` once its RESPONSE came."""
+    """One request's frames, in order; `answered` once its RESPONSE came. The data its
+    consumer took is acknowledged (:meth:`took`), so that the agent sends more."""
 
-    def __init__(self, link: AgentLink, rid: int) -> None:
+    def __init__(self, link: AgentLink, rid: int, inbox: _Inbox) -> None:
         self.rid = rid
-        self.frames: asyncio.Queue[Item] = asyncio.Queue()
+        self.inbox = inbox
         self.answered = False
         self._link = link
+        self._taken = 0
+
+    @property
+    def frames(self) -> asyncio.Queue[Item]:
+        return self.inbox.frames
 
     async def next(self) -> protocol.Frame:
-        item = await self.frames.get()
+        item = await self.inbox.get()
         if isinstance(item, protocol.Frame):
             self.answered = item.kind is Kind.RESPONSE
             return item
@@ -62,15 +124,26 @@ class HostCall:
         self._link.raise_if_failed()
         raise errors.AgentDisconnected("agent channel closed")  # not reached: failed
 
+    async def took(self, size: int) -> None:
+        """The consumer is done with `size` more bytes: acknowledge every ACK_EVERY."""
+        self._taken += size
+        if self._taken - self.inbox.acked >= protocol.ACK_EVERY:
+            self.inbox.acked = self._taken
+            ack = {"event": "ack", "bytes": self._taken}
+            await self._link.send(protocol.encode_json(Kind.EVENT, self.rid, ack))
+
     async def response(
         self, on_data: Callable[[protocol.Frame], Awaitable[None]]
     ) -> dict[str, Any]:
-        """Waits for the RESPONSE, passing other frames to `on_data`."""
+        """Waits for the RESPONSE, passing other frames to `on_data` (and acknowledging
+        data frames once `on_data` returns)."""
         while True:
             frame = await self.next()
             if frame.kind is Kind.RESPONSE:
                 return frame.json()
             await on_data(frame)
+            if frame.kind not in protocol.JSON_KINDS:
+                await self.took(len(frame.payload))
 
 
 class AgentLink:
@@ -80,7 +153,7 @@ class AgentLink:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Queue[Item]] = {}
+        self._calls: dict[int, _Inbox] = {}
         self._write_lock = asyncio.Lock()
         self._failure: tuple[type[errors.AgentError], str] | None = None
         self.ready = asyncio.Event()  # set by the agent's "ready" event
@@ -89,6 +162,13 @@ class AgentLink:
     @property
     def closed(self) -> bool:
         return self._failure is not None
+
+    @property
+    def violation(self) -> str | None:
+        """Why the agent was cut off, if it broke the protocol (else None)."""
+        if self._failure is not None and self._failure[0] is errors.ProtocolError:
+            return self._failure[1]
+        return None
 
     async def aclose(self) -> None:
         """Close the stream; pending requests raise AgentDisconnected. Idempotent."""
@@ -100,12 +180,18 @@ class AgentLink:
         with contextlib.suppress(OSError, RuntimeError):  # the peer may be gone already
             await self._writer.wait_closed()
 
+    @property
+    def pending_bytes(self) -> int:
+        """What the open calls hold or may be sent before they acknowledge more."""
+        return sum(inbox.pending for inbox in set(self._calls.values()))
+
     @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[HostCall]:
-        """A call with a fresh rid; leaving it unanswered asks the agent to cancel it."""
+    async def open(self, data_limit: int | None = None) -> AsyncIterator[HostCall]:
+        """A call with a fresh rid, taking at most `data_limit` data bytes in all;
+        leaving it unanswered asks the agent to cancel it."""
         self.raise_if_failed()
-        call = HostCall(self, next(self._ids))
-        self._calls[call.rid] = call.frames
+        call = HostCall(self, next(self._ids), _Inbox(data_limit))
+        self._calls[call.rid] = call.inbox
         try:
             yield call
         finally:
@@ -117,9 +203,11 @@ class AgentLink:
         self,
         body: dict[str, Any],
         on_data: Callable[[protocol.Frame], Awaitable[None]] | None = None,
+        data_limit: int | None = None,
     ) -> dict[str, Any]:
-        """Sends one request; its answer (checked), data frames passed to `on_data`."""
-        async with self.open() as call:
+        """Sends one request; its answer (checked), data frames passed to `on_data`
+        (at most `data_limit` bytes of them: more breaks the protocol)."""
+        async with self.open(data_limit) as call:
             await self.send(protocol.encode_json(Kind.REQUEST, call.rid, body))
             return checked(await call.response(on_data or _ignore))
 
@@ -141,20 +229,15 @@ class AgentLink:
         """A request whose STDOUT frames are yielded, acknowledged as they are taken."""
         async with self.open() as call:
             await self.send(protocol.encode_json(Kind.REQUEST, call.rid, body))
-            taken = acked = 0
             while True:
                 frame = await call.next()
                 if frame.kind is Kind.RESPONSE:
                     checked(frame.json())
                     return
-                if frame.kind is not Kind.STDOUT:
-                    continue
-                yield frame.payload
-                taken += len(frame.payload)
-                if taken - acked >= protocol.ACK_EVERY:
-                    ack = {"event": "ack", "bytes": taken}
-                    await self.send(protocol.encode_json(Kind.EVENT, call.rid, ack))
-                    acked = taken
+                if frame.kind is Kind.STDOUT:
+                    yield frame.payload
+                if frame.kind not in protocol.JSON_KINDS:
+                    await call.took(len(frame.payload))
 
     async def first_answer(
         self, make_body: Callable[[], dict[str, Any]], timeout_s: float, resend_s: float
@@ -163,8 +246,8 @@ class AgentLink:
         the first answer (unchecked), or None after `timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        answers: asyncio.Queue[Item] = asyncio.Queue()
-        rids: list[int] = []  # all share one queue: the first answer to any of them wins
+        answers = _Inbox()
+        rids: list[int] = []  # all share one inbox: the first answer to any of them wins
         try:
             while (left := deadline - loop.time()) > 0:
                 self.raise_if_failed()
@@ -213,13 +296,11 @@ class AgentLink:
         except Exception as exc:  # the caller's data failed, or the channel did
             call.frames.put_nowait(_Failed(exc))
 
-    async def _next_response(
-        self, frames: asyncio.Queue[Item], wait_s: float
-    ) -> dict[str, Any] | None:
+    async def _next_response(self, answers: _Inbox, wait_s: float) -> dict[str, Any] | None:
         try:
             async with asyncio.timeout(wait_s):
                 while True:
-                    item = await frames.get()
+                    item = await answers.get()
                     if not isinstance(item, protocol.Frame):
                         self.raise_if_failed()
                     elif item.kind is Kind.RESPONSE:
@@ -234,7 +315,7 @@ class AgentLink:
                 for frame in decoder.feed(data):
                     self._route(frame)
         except protocol.ProtocolViolation as exc:
-            self._fail(errors.ProtocolError, f"agent sent bytes that are not frames: {exc}")
+            self._fail(errors.ProtocolError, f"agent broke the protocol: {exc}")
             self._writer.close()
         except (ConnectionError, OSError):
             pass
@@ -246,16 +327,21 @@ class AgentLink:
             if frame.json().get("event") == "ready":
                 self.ready.set()
             return
-        calls = self._calls.get(frame.rid)
-        if calls is not None:  # else a late answer to a request given up on: dropped
-            calls.put_nowait(frame)
+        inbox = self._calls.get(frame.rid)
+        if inbox is None:  # a late answer to a request given up on: dropped
+            return
+        broken = inbox.put(frame)
+        if broken is not None:
+            raise protocol.ProtocolViolation(broken)
 
     def _fail(self, cls: type[errors.AgentError], message: str) -> None:
         if self._failure is not None:
             return
         self._failure = (cls, message)
-        for calls in self._calls.values():
-            calls.put_nowait(_CLOSED)
+        for inbox in self._calls.values():
+            if cls is errors.ProtocolError:  # what a hostile agent queued is dropped at once
+                inbox.clear()
+            inbox.frames.put_nowait(_CLOSED)
 
 
 class _Window:

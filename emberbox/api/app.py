@@ -11,6 +11,7 @@ from emberbox._version import __version__
 from emberbox.api.auth import audited, authenticate, authorize_websocket, require_owner
 from emberbox.api.deps import AppContext
 from emberbox.api.errors import error_responses, install_error_handlers
+from emberbox.api.limits import BodyGuard
 from emberbox.api.mcp import McpEndpoint
 from emberbox.api.observe import ObserveMiddleware
 from emberbox.api.routes import (
@@ -20,6 +21,7 @@ from emberbox.api.routes import (
     files,
     metrics,
     oneshot,
+    ports,
     processes,
     pty,
     sandboxes,
@@ -27,6 +29,7 @@ from emberbox.api.routes import (
     system,
 )
 from emberbox.config import Settings
+from emberbox.e2b.mount import mount as mount_e2b
 from emberbox.service.catalog import ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
 from emberbox.service.tenancy.access import Tenancy
@@ -75,7 +78,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.emberbox = context
-    app.add_middleware(ObserveMiddleware)
+    app.add_middleware(BodyGuard, settings=settings)  # auth, then a bounded body
+    app.add_middleware(ObserveMiddleware)  # outermost: logs every answer, early ones too
     install_error_handlers(app)
     # Who calls (401/429), the audit log, then the owner of any id in the path (404).
     guarded = [Depends(authenticate), Depends(audited, scope="function"), Depends(require_owner)]
@@ -84,6 +88,9 @@ def create_app(
     app.include_router(snapshots.router, dependencies=guarded, responses=auth_errors)
     app.include_router(processes.router, dependencies=guarded, responses=auth_errors)
     app.include_router(files.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(ports.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(ports.websocket_router, dependencies=[Depends(authorize_websocket)])
+    app.include_router(ports.public_router)  # the URL's token stands in for a key
     # A WebSocket answers errors in frames after accepting: the check's outcome is kept
     # for the route's require_api_key().
     app.include_router(pty.router, dependencies=[Depends(authorize_websocket)])
@@ -96,6 +103,7 @@ def create_app(
     app.include_router(system.router)
     app.include_router(console.router)  # static files only: the page calls the API above
     app.include_router(metrics.router)
+    mount_e2b(app, settings, manager, tenancy)  # the E2B front at /e2b (docs/e2b.md)
     return app
 
 

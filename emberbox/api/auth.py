@@ -52,6 +52,7 @@ ACTIONS: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/sandboxes/{sandbox_id}/files"): "file.remove",
     ("POST", "/v1/sandboxes/{sandbox_id}/files/mkdir"): "file.mkdir",
     ("PUT", "/v1/sandboxes/{sandbox_id}/archive"): "file.upload",
+    ("POST", "/v1/sandboxes/{sandbox_id}/ports/{port}"): "port.update",
     ("POST", "/vm/create"): "sandbox.create",
     ("POST", "/exec/command"): "sandbox.exec",
     ("POST", "/v1/run"): "run",
@@ -60,6 +61,7 @@ ACTIONS: dict[tuple[str, str], str] = {
 BODY_FIELDS: dict[str, tuple[str, ...]] = {
     "sandbox.create": ("image", "vcpus", "memory_mib", "snapshot_id", "name"),
     "sandbox.exec": ("cmd", "command", "cwd"),
+    "port.update": ("public",),
     "process.start": ("cmd", "cwd", "pty"),
     "process.signal": ("signal",),
     "file.mkdir": ("path",),
@@ -88,8 +90,14 @@ async def authenticate(connection: HTTPConnection) -> Principal:
     if isinstance(known, Principal):
         return known
     client = connection.client.host if connection.client is not None else ""
+    server = connection.scope.get("server")
     tenancy = get_tenancy(connection)
-    principal = await tenancy.authenticate(presented_key(connection.headers), client)
+    principal = await tenancy.authenticate(
+        presented_key(connection.headers),
+        client,
+        server=str(server[0]) if server else "",
+        host_header=connection.headers.get("host"),
+    )
     connection.state.principal = principal
     ctx = request_context.get()
     if ctx is not None:
@@ -115,11 +123,12 @@ async def require_owner(connection: HTTPConnection, principal: PrincipalDep) -> 
         ctx.sandbox_id = str(sandbox_id)
 
 
-async def authorize_websocket(connection: HTTPConnection) -> None:
+async def authorize_websocket(connection: HTTPConnection) -> AsyncIterator[None]:
     """For WebSocket routes, which answer errors in frames after the handshake: the
     outcome of :func:`authenticate` and :func:`require_owner` is kept for
     ``deps.require_api_key`` to raise once the socket is accepted. A browser's ``Origin``
-    is checked first, and its terminal ticket stands in for a key (:mod:`.browsers`)."""
+    is checked first, and its terminal ticket stands in for a key (:mod:`.browsers`).
+    A tenant holds at most ``tenant_max_websockets`` open sockets (403 in a frame)."""
     outcome = "ok"
     try:
         _redeem_browser_ticket(connection)
@@ -129,15 +138,33 @@ async def authorize_websocket(connection: HTTPConnection) -> None:
         outcome = type(exc).__name__
     principal = getattr(connection.state, "principal", None)
     if isinstance(principal, Principal):
+        port = connection.path_params.get("port")  # a sandbox port's socket (routes/ports)
+        action, detail = (
+            ("port.connect", {"port": port})
+            if port is not None
+            else ("terminal.open", {"cmd": _cut(connection.query_params.get("cmd"))})
+        )
         entry = AuditEntry(
             principal.tenant_id,
-            "terminal.open",
+            action,
             outcome,
             key_id=principal.key_id,
             target_id=connection.path_params.get("sandbox_id"),
-            detail={"cmd": _cut(connection.query_params.get("cmd"))},
+            detail=detail,
         )
         await get_tenancy(connection).audit(entry)
+    if outcome != "ok" or not isinstance(principal, Principal):
+        yield
+        return
+    # Held while the socket is open: at most tenant_max_websockets per tenant.
+    try:
+        slot = get_tenancy(connection).sockets.hold(principal.tenant_id)
+    except errors.QuotaExceeded as exc:
+        connection.state.auth_error = exc
+        yield
+        return
+    with slot:
+        yield
 
 
 def _redeem_browser_ticket(connection: HTTPConnection) -> None:

@@ -135,3 +135,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def render_error(request: Request, exc: errors.EmberboxError) -> JSONResponse:
+    """The answer the handlers give ``exc``, for middleware that answers before them."""
+    return await _emberbox_error(request, exc)

@@ -25,6 +25,7 @@ from emberbox.models import (
     SnapshotPublic,
 )
 from emberbox.models.oneshot import LanguagePublic, RunResponse
+from emberbox.service.sandboxes.reserved import public_metadata
 
 if TYPE_CHECKING:
     from emberbox.agent_client.client import ExecResult, FileInfo, ProcessInfo, ProcessStatus
@@ -56,7 +57,7 @@ def sandbox_public(record: SandboxRecord) -> SandboxPublic:
         created_at=record.created_at,
         expires_at=record.expires_at,
         ip_address=record.ip_address,
-        metadata=dict(record.metadata),
+        metadata=public_metadata(record.metadata),  # never the E2B front's token
         error=record.error,
         snapshot_id=record.snapshot_id,
     )

@@ -2,9 +2,10 @@
 
 Errors from the library print as one line without a traceback and exit non-zero.
 
-Two kinds of verbs. The client verbs (``sandbox``, ``snapshot``, ``cp``, ``exec-code``,
-``mcp``) talk to a server through the SDK and need only ``pip install emberbox`` (``mcp``
-also the ``mcp`` package: ``emberbox[mcp]``, imported when it runs). The server verbs
+Two kinds of verbs. The client verbs (``sandbox``, ``snapshot``, ``cp``,
+``port-forward``, ``exec-code``, ``mcp``) talk to a server through the SDK and need
+only ``pip install emberbox`` (``mcp`` also the ``mcp`` package: ``emberbox[mcp]``,
+imported when it runs). The server verbs
 (``serve``, ``image``, ``run``, ``keys``, ``audit``, ``doctor``) run the server's code,
 which needs ``pip install 'emberbox[server]'``: they are imported only when they are
 invoked or listed, and without the server's dependencies they stay listed but print one
@@ -28,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-CLIENT_VERBS = ("sandbox", "snapshot", "cp", "exec-code", "mcp")
+CLIENT_VERBS = ("sandbox", "snapshot", "cp", "port-forward", "exec-code", "mcp")
 # verb -> (module, attribute): a Typer app (a group of verbs) or a command function.
 SERVER_VERBS: dict[str, tuple[str, str]] = {
     "serve": ("emberbox.cli.serve", "serve"),
@@ -44,13 +45,14 @@ EXIT_NO_SERVER = 1
 
 
 def _mount_client_verbs() -> None:
-    from emberbox.cli import files, sandbox, snapshot
+    from emberbox.cli import files, forward, sandbox, snapshot
     from emberbox.cli.exec_code import exec_code
     from emberbox.cli.mcp import mcp
 
     app.add_typer(sandbox.app, name="sandbox")
     app.add_typer(snapshot.app, name="snapshot")
     app.command()(files.cp)
+    app.command("port-forward")(forward.port_forward)
     app.command("exec-code")(exec_code)
     app.command()(mcp)
 

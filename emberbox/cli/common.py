@@ -11,6 +11,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from emberbox.errors import EmberboxError
 
@@ -60,6 +62,23 @@ def clean_errors() -> Iterator[None]:
 
 def print_json(text: str) -> None:
     sys.stdout.write(text + "\n")
+
+
+def print_table(console: Console, table: Table, *, whole: int = 1) -> None:
+    """Print ``table`` with its first ``whole`` columns (the ids) never cut: the other
+    columns wrap, and the table grows past the console's width (80 columns when piped)
+    if even that is not enough."""
+    for index, column in enumerate(table.columns):
+        if index < whole:
+            column.no_wrap = True
+            column.overflow = "ignore"
+        else:
+            column.overflow = "fold"
+    unbounded = console.options.update_width(2**16)
+    needed = Measurement.get(console, unbounded, table).minimum
+    if needed > console.width:
+        console = Console(width=needed, file=console.file, highlight=False)
+    console.print(table)
 
 
 def write_out(data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def kvm_check(settings: Settings) -> Check:
     )
 
 
+def fd_limit_check(settings: Settings) -> Check:
+    """The open-file limit ``emberbox serve`` will have (it raises the soft one to the
+    hard one at start): room for max_connections sockets and the VMs' files."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * settings.max_connections
+    detail = (
+        f"{hard} (serve raises the soft limit to it; max_connections={settings.max_connections})"
+    )
+    if hard < wanted:
+        detail += f"; want at least {wanted}: raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+    return Check("open files", hard >= wanted, detail, required=False)
+
+
 def firecracker_checks(settings: Settings) -> list[Check]:
     fc = _version([settings.firecracker_binary, "--version"])
     jailer = _version(["jailer", "--version"])
@@ -105,6 +119,7 @@ def gather(settings: Settings) -> list[Check]:
         Check("images", bool(images), image_detail or "none: run `emberbox image build`"),
         *firecracker_checks(settings),
         cgroup_check(),
+        fd_limit_check(settings),
         Check(
             "data dir",
             os.access(settings.data_dir.parent, os.W_OK) or settings.data_dir.exists(),

@@ -1,8 +1,10 @@
 """``emberbox cp SRC DST``: copy files and directories between this host and a sandbox.
 
-One side is ``SANDBOX_ID:PATH`` (a path in the guest), the other a local path, or ``-``
-for stdin/stdout (one file). As with ``docker cp``, a directory copied onto an existing
-directory lands inside it under its own name; onto a missing path it becomes that path.
+One side is ``SANDBOX_ID:PATH`` (a path in the guest; the id or a unique prefix of it),
+the other a local path, or ``-`` for stdin/stdout (one file). It follows ``docker cp``
+(and ``cp -r``) both ways: a file or a directory copied onto an existing directory lands
+inside it under its own name; onto a missing path it becomes that path; a source
+directory written ``DIR/.`` gives its contents instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Annotated
 import typer
 
 from emberbox import errors
+from emberbox.cli import ids
 from emberbox.cli.common import ApiKey, Url, clean_errors, err_console
 from emberbox.sdk import FileInfo, Sandbox
 
@@ -37,16 +40,22 @@ def cp(
     api_key: ApiKey = None,
 ) -> None:
     """Copy a file or a directory into a sandbox (LOCAL ID:PATH) or out of one (ID:PATH
-    LOCAL). Paths in the sandbox are the guest's own.
+    LOCAL), as docker cp does.
 
-    Example: emberbox cp ./data 3f2a9c1b:/srv/data
+    A directory copied onto an existing directory lands inside it under its own name
+    (./data to ID:/srv makes /srv/data); onto a missing path it becomes that path; DIR/.
+    copies the contents of DIR. Paths in the sandbox are the guest's own; ID may be a
+    unique prefix.
+
+    Example: emberbox cp ./data 3f2a9c1b:/srv
     """
     source, target = parse_remote(src), parse_remote(dst)
     if (source is None) == (target is None):
         raise typer.BadParameter("exactly one of SRC and DST must be SANDBOX_ID:PATH")
     remote = target or source
     assert remote is not None
-    sandbox = Sandbox(remote[0], url=url, api_key=api_key)
+    with clean_errors():
+        sandbox = Sandbox(ids.sandbox_id(remote[0], url, api_key), url=url, api_key=api_key)
     try:
         with clean_errors():
             if target is not None:
@@ -67,8 +76,8 @@ def upload(sandbox: Sandbox, local: str, path: str) -> str:
     source = Path(local)
     if not source.exists():
         raise errors.InvalidRequest(f"{local}: no such file or directory")
-    existing = _remote_kind(sandbox, path)
-    if existing == "dir" or path.endswith("/"):
+    contents = source.is_dir() and local.endswith(("/.", "/./"))  # docker's DIR/.
+    if not contents and (path.endswith("/") or _remote_kind(sandbox, path) == "dir"):
         path = posixpath.join(path, source.resolve().name)
     if source.is_dir():
         entries = sandbox.files.upload_dir(source, path)

@@ -56,6 +56,9 @@ def create(
     max_vcpus: Quota = None,
     max_memory_mib: Quota = None,
     max_snapshots: Quota = None,
+    e2b: Annotated[
+        bool, typer.Option("--e2b", help="Print it as e2b_<hex>, for E2B SDKs (docs/e2b.md)")
+    ] = False,
 ) -> None:
     """Make a key for tenant NAME and print it (once: only its hash is kept). Quotas not
     given are the server's tenant_max_* settings."""
@@ -74,7 +77,7 @@ def create(
         f"key {made.key_id} for {what} {made.tenant.name}{role}; it is shown only now:",
         markup=False,
     )
-    print(made.key)
+    print(keys.e2b_form(made.key) if e2b else made.key)
 
 
 @app.command("list")

@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from emberbox.cli.common import ApiKey, Json, Url, clean_errors, err_console, print_json
+from emberbox.cli import ids
+from emberbox.cli.common import (
+    ApiKey,
+    Json,
+    Url,
+    clean_errors,
+    err_console,
+    print_json,
+    print_table,
+)
 from emberbox.sdk import CommandResult, Sandbox, SandboxInfo
 
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
@@ -73,7 +82,7 @@ def _show(infos: list[SandboxInfo], as_json: bool, *, single: bool = False) -> N
         else:
             print_json("[" + ",".join(i.model_dump_json() for i in infos) + "]")
         return
-    _out.print(_table(infos))
+    print_table(_out, _table(infos))
 
 
 @app.command()
@@ -126,7 +135,7 @@ def create(
             timeout_s=timeout_s,
             metadata=_parse_pairs(metadata, "--metadata"),
             env=_parse_pairs(env, "--env"),
-            snapshot_id=snapshot_id,
+            snapshot_id=snapshot_id and ids.snapshot_id(snapshot_id, url, api_key),
             network=_network(egress, allow),
             url=url,
             api_key=api_key,
@@ -156,7 +165,7 @@ def get(
     sandbox_id: SandboxId, as_json: Json = False, url: Url = None, api_key: ApiKey = None
 ) -> None:
     """Show one sandbox."""
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         _show([sandbox.info()], as_json, single=True)
 
 
@@ -179,12 +188,17 @@ def exec_(
 ) -> None:
     """Run a command; print its output and exit with its exit status.
 
-    Options go before SANDBOX_ID; everything after CMD belongs to the command.
+    Options go before SANDBOX_ID; everything after it belongs to the command, and a
+    `--` right after SANDBOX_ID is only a separator: emberbox sandbox exec ID -- ls -l
     """
+    if cmd[0] == "--":  # a separator, never the program: `exec ID -- sh -c '...'`
+        cmd = cmd[1:]
+    if not cmd:
+        raise typer.BadParameter("no command after --", param_hint="CMD")
     if stdin == "-":
         stdin = sys.stdin.read()
     command: list[str] | str = cmd[0] if len(cmd) == 1 else cmd
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         result = sandbox.commands.run(
             command, env=_parse_pairs(env, "--env"), cwd=cwd, timeout_s=timeout_s, stdin=stdin
         )
@@ -215,9 +229,9 @@ def exit_status(result: CommandResult) -> int:
 @app.command()
 def kill(sandbox_id: SandboxId, url: Url = None, api_key: ApiKey = None) -> None:
     """Kill a sandbox (killing it again is fine)."""
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         sandbox.kill()
-    err_console.print(f"killed {sandbox_id}", markup=False)
+    err_console.print(f"killed {sandbox.id}", markup=False)
 
 
 @app.command()
@@ -229,7 +243,7 @@ def timeout(
     api_key: ApiKey = None,
 ) -> None:
     """Kill the sandbox SECONDS from now instead of at its current deadline."""
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         _show([sandbox.set_timeout(seconds)], as_json, single=True)
 
 
@@ -238,7 +252,7 @@ def pause(
     sandbox_id: SandboxId, as_json: Json = False, url: Url = None, api_key: ApiKey = None
 ) -> None:
     """Save a running sandbox to disk and free its CPU and memory until resumed."""
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         _show([sandbox.pause()], as_json, single=True)
 
 
@@ -247,7 +261,7 @@ def resume(
     sandbox_id: SandboxId, as_json: Json = False, url: Url = None, api_key: ApiKey = None
 ) -> None:
     """Bring a paused sandbox back where it left off."""
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         _show([sandbox.resume()], as_json, single=True)
 
 
@@ -262,7 +276,7 @@ def snapshot(
 
     Fork from it with: emberbox sandbox create --snapshot SNAPSHOT_ID
     """
-    with clean_errors(), _closing(Sandbox(sandbox_id, url=url, api_key=api_key)) as sandbox:
+    with clean_errors(), _opened(sandbox_id, url, api_key) as sandbox:
         info = sandbox.snapshot()
     if as_json:
         print_json(info.model_dump_json(indent=2))
@@ -287,8 +301,16 @@ def shell(
     from emberbox.cli.shell import run_shell
 
     with clean_errors():
-        code = asyncio.run(run_shell(sandbox_id, cmd, url, api_key))
+        whole_id = ids.sandbox_id(sandbox_id, url, api_key)
+        code = asyncio.run(run_shell(whole_id, cmd, url, api_key))
     raise typer.Exit(code)
+
+
+@contextmanager
+def _opened(given_id: str, url: str | None, api_key: str | None) -> Iterator[Sandbox]:
+    """A handle on the sandbox ``given_id`` (an id or a unique prefix) names."""
+    with _closing(Sandbox(ids.sandbox_id(given_id, url, api_key), url=url, api_key=api_key)) as sb:
+        yield sb
 
 
 @contextmanager

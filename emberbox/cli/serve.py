@@ -12,8 +12,10 @@ import uvicorn
 from emberbox import logs
 from emberbox._version import __version__
 from emberbox.api.app import create_app
+from emberbox.api.serving import raise_fd_limit, uvicorn_options
 from emberbox.cli.common import clean_errors
 from emberbox.config import Settings
+from emberbox.e2b.mount import urls as e2b_urls
 from emberbox.errors import HostError
 from emberbox.service.policy import check_serving
 from emberbox.store import tenants
@@ -45,14 +47,23 @@ def serve(
         settings.data_dir,
         settings.images_dir,
     )
-    # Our middleware logs each request (with its id and duration): no uvicorn access log.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-    )
+    api_url, sandbox_url = e2b_urls(f"http://{settings.host}:{settings.port}")
+    # The two lines to paste (docs/e2b.md); under JSON logs, one log line that says them,
+    # so that every line of the output still parses.
+    if settings.log_format == "text":
+        print(f"E2B_API_URL={api_url}\nE2B_SANDBOX_URL={sandbox_url}", flush=True)
+    else:
+        log.info("E2B_API_URL=%s E2B_SANDBOX_URL=%s", api_url, sandbox_url)
+    soft, hard = raise_fd_limit()  # sockets of max_connections clients and the VMs' files
+    if soft < 2 * settings.max_connections:
+        log.warning(
+            "open-file limit %d (hard %d) is low for max_connections=%d; raise it (ulimit -n)",
+            soft,
+            hard,
+            settings.max_connections,
+        )
+    # Timeouts, the connection cap, proxy headers only from forwarded_allow_ips (serving.py).
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 
 def _active_keys(settings: Settings) -> bool:

@@ -12,7 +12,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from emberbox.cli.common import ApiKey, Json, Url, clean_errors, err_console, print_json
+from emberbox.cli import ids
+from emberbox.cli.common import (
+    ApiKey,
+    Json,
+    Url,
+    clean_errors,
+    err_console,
+    print_json,
+    print_table,
+)
 from emberbox.sdk import SnapshotInfo, Snapshots
 
 app = typer.Typer(help="List and delete snapshots through a running server", no_args_is_help=True)
@@ -49,16 +58,19 @@ def list_(
 ) -> None:
     """List snapshots, oldest first."""
     with clean_errors():
+        if sandbox_id is not None:
+            sandbox_id = ids.sandbox_id(sandbox_id, url, api_key)
         infos = Snapshots.list(sandbox_id, url=url, api_key=api_key)
     if as_json:
         print_json("[" + ",".join(i.model_dump_json() for i in infos) + "]")
     else:
-        _out.print(_table(infos))
+        print_table(_out, _table(infos), whole=2)
 
 
 @app.command()
 def rm(snapshot_id: SnapshotId, url: Url = None, api_key: ApiKey = None) -> None:
     """Delete a snapshot and its files (refused while a sandbox forked from it runs)."""
     with clean_errors():
+        snapshot_id = ids.snapshot_id(snapshot_id, url, api_key)
         Snapshots.delete(snapshot_id, url=url, api_key=api_key)
     err_console.print(f"deleted {snapshot_id}", markup=False)

@@ -152,10 +152,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class Call:
     """One request's conversation: data frames to the host, STDIN frames from it.
 
-    Bulk transfers are flow controlled both ways: :meth:`send` waits until the host has
-    acknowledged all but ``WINDOW`` bytes (``windowed``) and the channel is not
-    congested; :meth:`receive` acknowledges each STDIN chunk once the next is asked for,
-    that is once the handler is done with it.
+    Data is flow controlled both ways: :meth:`send` waits until the host has
+    acknowledged all but ``WINDOW`` bytes and the channel is not congested (producers
+    that cannot wait, a command's pipe readers, pause while :meth:`congested`, which
+    counts the window too); :meth:`receive` acknowledges each STDIN chunk once the next
+    is asked for, that is once the handler is done with it.
     """
 
     def __init__(self, rid: int, channel: Channel, takes_stdin: bool) -> None:
@@ -172,23 +173,24 @@ class Call:
 
     def emit(self, kind: protocol.Kind, data: bytes) -> None:
         """Sends data frames at once (callers that can pause check `congested` first)."""
+        self._sent += len(data)
         for chunk in protocol.encode_data(kind, self.rid, data):
             self._channel.send(chunk)
 
     def congested(self) -> bool:
-        return self._channel.congested()
+        """The channel is backed up, or the host has not acknowledged a window yet."""
+        return self._channel.congested() or self._sent - self._acked_out >= protocol.WINDOW
 
-    async def send(self, kind: protocol.Kind, data: bytes, *, windowed: bool = True) -> None:
-        """Sends data once there is room: channel not congested (and the host's window)."""
+    async def send(self, kind: protocol.Kind, data: bytes) -> None:
+        """Sends data once there is room: channel not congested, the host's window open."""
         while True:
             if self._channel.congested():
                 await asyncio.sleep(CONGESTION_POLL_S)
-            elif windowed and self._sent - self._acked_out >= protocol.WINDOW:
+            elif self._sent - self._acked_out >= protocol.WINDOW:
                 self._host_acked.clear()
                 await self._host_acked.wait()
             else:
                 break
-        self._sent += len(data)
         self.emit(kind, data)
 
     async def receive(self, batch_bytes: int = 0) -> bytes:

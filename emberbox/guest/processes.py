@@ -187,7 +187,7 @@ class ProcessTable:
             changed = proc.ring.changed
             chunks, offset = proc.ring.since(offset)
             for kind, data in chunks:
-                await call.send(kind, data, windowed=False)
+                await call.send(kind, data)
             if chunks:
                 continue
             if proc.ring.closed:

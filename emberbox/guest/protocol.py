@@ -31,18 +31,22 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 AGENT_PORT_NAME = "org.emberbox.agent"  # virtio-serial port name
 AGENT_VSOCK_PORT = 1024
 MAGIC = b"EB"
 HEADER = struct.Struct(">2sBII")
 MAX_PAYLOAD = 1 << 20
 DATA_CHUNK = 64 * 1024
-# Flow control of bulk transfers (STDIN uploads, `read` and `tar_out` downloads): the
-# sender keeps at most WINDOW unacknowledged bytes in flight on a request; the receiver
-# acknowledges with EVENT {"event": "ack", "bytes": total} at least every ACK_EVERY bytes.
+# Flow control of every data frame (the host's STDIN, the agent's STDOUT and STDERR):
+# the sender keeps at most WINDOW unacknowledged bytes in flight on a request; the
+# receiver acknowledges with EVENT {"event": "ack", "bytes": total} at least every
+# ACK_EVERY bytes. A sender checks the window before each chunk, so it may overshoot by
+# what it sends at once (a chunk from each of a command's two pipes): past
+# WINDOW + WINDOW_SLACK the receiver treats the stream as hostile and drops it.
 WINDOW = 4 << 20
 ACK_EVERY = 256 * 1024
+WINDOW_SLACK = 4 * DATA_CHUNK
 
 
 class Kind(enum.IntEnum):
@@ -81,6 +85,7 @@ class Op(enum.StrEnum):
     RENAME = "rename"
     TAR_OUT = "tar_out"
     TAR_IN = "tar_in"
+    CONNECT = "connect"
 
 
 class ProtocolViolation(ValueError):

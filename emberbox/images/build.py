@@ -24,7 +24,9 @@ from emberbox.errors import ImageBuildError, InvalidRequest
 from emberbox.images import initramfs, kernel
 from emberbox.images.registry import FILE_NAMES, MANIFEST, ImageInfo, ImageRegistry
 from emberbox.images.rootfs import (
+    ACCOUNT_LINES,
     POLYGLOT_PACKAGES,
+    SUDOERS,
     RootfsRecipe,
     assemble_ext4,
     build_tarball,
@@ -46,7 +48,9 @@ class ImageRecipe:
 
 
 RECIPES: dict[str, ImageRecipe] = {
-    "default": ImageRecipe(RootfsRecipe(), "Debian bookworm (minimal) with Python 3"),
+    "default": ImageRecipe(
+        RootfsRecipe(), "Debian bookworm (minimal) with Python 3, bash, sudo and a `user`"
+    ),
     # The one-shot runner's image (emberbox.service.oneshot.runner): every language it offers.
     "polyglot": ImageRecipe(
         RootfsRecipe(packages=(*RootfsRecipe().packages, *POLYGLOT_PACKAGES)),
@@ -82,6 +86,7 @@ def image_inputs(recipe: ImageRecipe, pkg: kernel.KernelPackage) -> dict[str, An
         "modules": list(initramfs.GUEST_MODULES),
         "rootfs": asdict(recipe.rootfs),
         "rootfs_key": recipe.rootfs.key(),
+        "accounts": [sorted(ACCOUNT_LINES.items()), SUDOERS],
         "agent_sha256": {n: _sha256(d) for n, d in sorted(agent_files().items())},
     }
 

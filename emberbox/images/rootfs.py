@@ -28,6 +28,17 @@ DPKG_EXCLUDES = (
     "path-include=/usr/share/locale/locale.alias",
 )
 
+# The unprivileged account every image has (E2B's default user, docs/e2b.md): its own
+# group, a home, bash, and sudo without a password.
+USER_NAME = "user"
+USER_ID = 1000
+ACCOUNT_LINES = {
+    "etc/passwd": f"{USER_NAME}:x:{USER_ID}:{USER_ID}::/home/{USER_NAME}:/bin/bash\n",
+    "etc/group": f"{USER_NAME}:x:{USER_ID}:\n",
+    "etc/shadow": f"{USER_NAME}:*:19000:0:99999:7:::\n",
+}
+SUDOERS = f"{USER_NAME} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+
 # What the polyglot image adds for the one-shot runner: Node.js, and C/C++ compilers with
 # the C library's headers (libc6-dev is only a Recommends of gcc).
 POLYGLOT_PACKAGES = ("nodejs", "gcc", "g++", "libc6-dev")
@@ -39,7 +50,7 @@ class RootfsRecipe:
 
     suite: str = "bookworm"
     variant: str = "minbase"
-    packages: tuple[str, ...] = ("python3", "procps", "iproute2", "ca-certificates")
+    packages: tuple[str, ...] = ("python3", "procps", "iproute2", "ca-certificates", "sudo")
     mirror: str = DEFAULT_MIRROR
     size_mib: int = 2048
 
@@ -117,4 +128,23 @@ def assemble_ext4(tarball: Path, files: dict[str, bytes], dest: Path, size_mib: 
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             path.chmod(0o644)  # the agent runs as ``python3 -m``: no file is executed
+        add_user(root)
         _run(mkfs_argv(root, dest, size_mib))
+
+
+def add_user(root: Path) -> None:
+    """Create the ``user`` account in the unpacked tree ``root``: passwd, group and
+    shadow lines, ``/home/user`` owned by it, and a sudoers entry (no password)."""
+    for rel, line in ACCOUNT_LINES.items():
+        path = root / rel
+        text = path.read_text() if path.exists() else ""
+        if not any(row.split(":", 1)[0] == USER_NAME for row in text.splitlines()):
+            path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + line)
+    sudoers = root / "etc" / "sudoers.d" / USER_NAME
+    sudoers.parent.mkdir(parents=True, exist_ok=True)
+    sudoers.write_text(SUDOERS)
+    sudoers.chmod(0o440)
+    home = root / "home" / USER_NAME
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o750)
+    os.chown(home, USER_ID, USER_ID)

@@ -10,7 +10,8 @@ These modules import pydantic and nothing of the server (the SDK installs withou
 building a public model from a service object is the API's job (``emberbox.api.views``).
 
 - :mod:`.common`: base classes, constrained field types, wire bounds
-- :mod:`.sandboxes`, :mod:`.snapshots`, :mod:`.execs`, :mod:`.processes`, :mod:`.files`
+- :mod:`.sandboxes`, :mod:`.snapshots`, :mod:`.execs`, :mod:`.processes`, :mod:`.files`,
+  :mod:`.ports`
 - :mod:`.events`: NDJSON stream events; :mod:`.errors`: the error body
 - :mod:`.system` (health, images), :mod:`.audit`, :mod:`.compat` (the seed's endpoints)
 - :mod:`.oneshot`: ``POST /v1/run`` (imported as ``emberbox.models.oneshot``)
@@ -32,6 +33,7 @@ from emberbox.models.files import (
     FileWritten,
     MakeDir,
 )
+from emberbox.models.ports import PortPublic, PortUpdate
 from emberbox.models.processes import (
     ProcessCreate,
     ProcessList,
@@ -79,6 +81,8 @@ __all__ = [
     "NetworkRequest",
     "ObjectId",
     "OutputEvent",
+    "PortPublic",
+    "PortUpdate",
     "ProcessCreate",
     "ProcessList",
     "ProcessPublic",

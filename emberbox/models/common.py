@@ -24,7 +24,14 @@ MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 MetadataValue = Annotated[str, StringConstraints(max_length=1024)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=64)]
 EnvName = Annotated[str, StringConstraints(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+# Bulk fields are bounded below the agent's 1 MiB frame (guest/protocol.py MAX_PAYLOAD),
+# which carries a command's argv, env and stdin together; the body limit
+# (Settings.max_request_body_bytes) bounds their sum, and a frame still too big is a 413.
+MAX_ARG_CHARS = 128 * 1024  # one argument or shell line (Linux's MAX_ARG_STRLEN)
+MAX_ARGS = 4096
+MAX_ENV_VALUE_CHARS = 32 * 1024
+MAX_STDIN_CHARS = 512 * 1024  # base64 in the frame: 4/3 of it
+EnvValue = Annotated[str, StringConstraints(max_length=MAX_ENV_VALUE_CHARS, pattern=r"^[^\x00]*$")]
 # additionalProperties: a name that does not match EnvName is refused, as the schema says.
 Env = Annotated[
     dict[EnvName, EnvValue],
@@ -37,8 +44,10 @@ GuestPath = Annotated[
 ObjectId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ]
-ShellCommand = Annotated[str, StringConstraints(min_length=1)]
-Argv = Annotated[list[str], Field(min_length=1)]
+ShellCommand = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ARG_CHARS)]
+Argument = Annotated[str, StringConstraints(max_length=MAX_ARG_CHARS)]
+Argv = Annotated[list[Argument], Field(min_length=1, max_length=MAX_ARGS)]
+Stdin = Annotated[str, StringConstraints(max_length=MAX_STDIN_CHARS)]
 
 
 class RequestModel(BaseModel):

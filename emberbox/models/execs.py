@@ -14,6 +14,7 @@ from emberbox.models.common import (
     PublicModel,
     RequestModel,
     ShellCommand,
+    Stdin,
     checked_cmd,
 )
 
@@ -31,7 +32,9 @@ class ExecRequest(RequestModel):
         allow_inf_nan=False,
         description="Seconds before the command is killed; null uses the server default.",
     )
-    stdin: str | None = Field(default=None, description="Text fed to the command (UTF-8).")
+    stdin: Stdin | None = Field(
+        default=None, description="Text fed to the command (UTF-8), at most 512 KiB."
+    )
     stream: bool = Field(
         default=False,
         description=(

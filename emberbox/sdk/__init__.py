@@ -18,7 +18,9 @@ forks new ones from it, :class:`Snapshots` lists and deletes them; ``sb.pause()`
 Background commands, files and terminals: ``sb.commands.run(cmd, background=True)``
 returns a :class:`CommandHandle` (``wait``, ``kill``, ``send_stdin``), and ``on_stdout=``
 streams output as it comes; ``sb.files`` reads, writes, lists and copies files and
-directories (streamed); ``sb.pty.create(cols, rows)`` opens a :class:`PtySession`.
+directories (streamed); ``sb.pty.create(cols, rows)`` opens a :class:`PtySession`;
+``sb.ports.url(port)`` (or ``sb.get_host(port)``) reaches a server in the sandbox and
+``sb.ports.publish(port)`` gives it a public URL.
 
 One-shot runs: ``run_code("python3", "print(6*7)")`` compiles and runs a program once in
 a fresh sandbox (``async_run_code`` for asyncio; ``list_languages`` for what it takes).
@@ -56,6 +58,7 @@ from emberbox.sdk._oneshot import (
     list_languages,
     run_code,
 )
+from emberbox.sdk._ports import AsyncPorts, PortInfo, Ports
 from emberbox.sdk._sync import Commands, Sandbox, Snapshots
 from emberbox.sdk._sync_guest import CommandHandle, Files, Pty, PtySession
 
@@ -64,6 +67,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncPorts",
     "AsyncPty",
     "AsyncPtySession",
     "AsyncSandbox",
@@ -82,6 +86,8 @@ __all__ = [
     "InvalidRequest",
     "LanguageInfo",
     "NotFound",
+    "PortInfo",
+    "Ports",
     "ProcessInfo",
     "ProcessStatus",
     "Pty",

@@ -13,10 +13,11 @@ import httpx
 
 from emberbox import errors
 from emberbox.models import ProcessStarted
-from emberbox.sdk import _calls, _guest
+from emberbox.sdk import _calls, _guest, _ports
 from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, collect_events
 from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo, SnapshotInfo
 from emberbox.sdk._guest import OutputCollector, OutputHandler, ProcessInfo
+from emberbox.sdk._ports import AsyncPorts
 
 
 async def _send(client: httpx.AsyncClient, config: ClientConfig, call: Call) -> httpx.Response:
@@ -145,6 +146,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self)
+        self.ports = AsyncPorts(self)
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, url={self._config.url!r})"
@@ -257,6 +259,14 @@ class AsyncSandbox:
         >>> fork = await AsyncSandbox.create(snapshot_id=(await sb.snapshot()).id)
         """
         return _calls.parse(SnapshotInfo, await self._request(_calls.snapshot_call(self.id)))
+
+    async def get_host(self, port: int) -> str:
+        """Where the guest's ``port`` answers, without the scheme (``HOST:PORT/PATH``, as
+        E2B's ``get_host``); requests there need the API key. See ``sandbox.ports``.
+
+        >>> url = f"http://{sb.get_host(8000)}/"
+        """
+        return _ports.host_of(self._config, self.id, port)
 
     async def kill(self) -> None:
         """Stop the sandbox and free its resources. Killing it twice is fine."""

@@ -12,9 +12,10 @@ import httpx
 
 from emberbox import errors
 from emberbox.models import ProcessStarted
-from emberbox.sdk import _calls, _guest
+from emberbox.sdk import _calls, _guest, _ports
 from emberbox.sdk._calls import Call, ClientConfig, CommandResult, SandboxInfo, SnapshotInfo
 from emberbox.sdk._guest import OutputCollector, OutputHandler, ProcessInfo
+from emberbox.sdk._ports import Ports
 from emberbox.sdk._sync_guest import CommandHandle, Files, Pty
 
 
@@ -143,6 +144,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.pty = Pty(self)
+        self.ports = Ports(self)
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, url={self._config.url!r})"
@@ -252,6 +254,14 @@ class Sandbox:
         >>> fork = Sandbox.create(snapshot_id=sb.snapshot().id)
         """
         return _calls.parse(SnapshotInfo, self._request(_calls.snapshot_call(self.id)))
+
+    def get_host(self, port: int) -> str:
+        """Where the guest's ``port`` answers, without the scheme (``HOST:PORT/PATH``, as
+        E2B's ``get_host``); requests there need the API key. See ``sandbox.ports``.
+
+        >>> url = f"http://{sb.get_host(8000)}/"
+        """
+        return _ports.host_of(self._config, self.id, port)
 
     def kill(self) -> None:
         """Stop the sandbox and free its resources. Killing it twice is fine."""

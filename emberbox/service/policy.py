@@ -24,9 +24,58 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def host_name(host_header: str) -> str:
+    """The name of a ``Host`` header: no port, no brackets, lower case, no final dot."""
+    name = host_header.strip().lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def host_allowed(host_header: str | None, settings: Settings) -> bool:
+    """Whether keyless mode answers a request that names ``host_header`` as its Host:
+    localhost names, loopback addresses, ``settings.host`` and ``allowed_hosts``. Any
+    other name is a page of another site whose DNS points at us (DNS rebinding)."""
+    if host_header is None:  # HTTP/1.0 without Host: no browser sends that
+        return True
+    name = host_name(host_header)
+    if name == "localhost" or name.endswith(".localhost") or is_loopback(name):
+        return True
+    allowed = {
+        settings.host.lower(),
+        *(entry.lower().rstrip(".") for entry in settings.allowed_hosts),
+    }
+    return name in allowed
+
+
+def keyless_refusal(
+    settings: Settings, *, client: str, server: str, host_header: str | None
+) -> str | None:
+    """Why a request without a key may not be served as the local tenant (None: it may).
+    ``client`` and ``server`` are the connection's two addresses ("" for a Unix socket):
+    both must be loopback, whatever ``settings.host`` says (a factory started on 0.0.0.0
+    never ran :func:`check_serving`)."""
+    if not is_loopback(settings.host):
+        return "keys are needed beyond loopback"
+    for what, address in (("client", client), ("server address", server)):
+        if address and not is_loopback(address):
+            return f"keys are needed beyond loopback (the {what} {address} is not loopback)"
+    if not host_allowed(host_header, settings):
+        return (
+            f"keyless mode does not answer for Host {str(host_header)[:100]!r} "
+            "(list it in EMBERBOX_ALLOWED_HOSTS)"
+        )
+    return None
 
 
 def check_serving(settings: Settings, *, db_keys: bool = False) -> list[str]:

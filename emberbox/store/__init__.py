@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from emberbox.store.db import Store
 from emberbox.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from emberbox.store.records import (
     LOCAL_TENANT_ID,
@@ -12,6 +11,7 @@ from emberbox.store.records import (
     SnapshotRow,
     utcnow,
 )
+from emberbox.store.store import Store
 
 __all__ = [
     "LOCAL_TENANT_ID",

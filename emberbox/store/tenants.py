@@ -222,10 +222,35 @@ def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
             entry.key_id,
             entry.action,
             entry.target_id,
-            json.dumps(entry.detail, sort_keys=True, separators=(",", ":")),
+            bounded_detail(entry.detail),
             entry.outcome,
         ),
     )
+
+
+AUDIT_DETAIL_MAX_BYTES = 4096  # a row's detail as stored; more is kept as a cut string
+
+
+def bounded_detail(detail: dict[str, Any]) -> str:
+    """``detail`` as JSON, or, past AUDIT_DETAIL_MAX_BYTES, its head as a string under
+    ``"cut"`` (with the full size), so a row never holds a caller's bulk."""
+    text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+    if len(text.encode("utf-8")) <= AUDIT_DETAIL_MAX_BYTES:
+        return text
+    head = text.encode("utf-8")[: AUDIT_DETAIL_MAX_BYTES // 2].decode("utf-8", "ignore")
+    return json.dumps({"cut": head, "bytes": len(text.encode("utf-8"))}, separators=(",", ":"))
+
+
+def prune_audit(conn: sqlite3.Connection, *, before: datetime, keep_rows: int) -> int:
+    """Delete entries older than ``before`` and all but the newest ``keep_rows``;
+    how many went."""
+    gone = conn.execute("DELETE FROM audit_log WHERE at < ?", (encode_time(before),)).rowcount
+    cut = conn.execute(
+        "SELECT id FROM audit_log ORDER BY id DESC LIMIT 1 OFFSET ?", (keep_rows,)
+    ).fetchone()
+    if cut is not None:
+        gone += conn.execute("DELETE FROM audit_log WHERE id <= ?", (cut[0],)).rowcount
+    return int(gone)
 
 
 def list_audit(

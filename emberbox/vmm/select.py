@@ -1,7 +1,9 @@
 """Picking a driver from Settings: ``EMBERBOX_VMM=auto|firecracker|qemu``.
 
 ``auto`` takes Firecracker when its binary is present and KVM is usable, else QEMU
-(with KVM when a probe boot proves it works, else TCG). Production mode refuses TCG.
+(with KVM when a probe boot proves it works, else TCG). Production mode refuses TCG,
+and Firecracker without the jailer (it would run as root, in no cgroup): ``auto`` then
+passes it over, ``firecracker`` fails.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 
 from emberbox.config import Settings
 from emberbox.errors import HostError
-from emberbox.vmm import accel, vmm_user
+from emberbox.vmm import accel, cgroups, vmm_user
 from emberbox.vmm.base import BootFiles, Driver
 from emberbox.vmm.qemu.driver import HostLimits, QemuDriver
 
 log = logging.getLogger("emberbox.vmm")
+UNJAILED = (
+    "production mode refuses Firecracker without the jailer (it would run as root in no "
+    "cgroup): set EMBERBOX_FIRECRACKER_JAILER=true with EMBERBOX_JAILER_UID/GID"
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ def firecracker_driver(settings: Settings) -> Driver:
             jailer_binary=settings.jailer_binary,
             chroot_base_dir=settings.jailer_chroot_base_dir,
             memory_overhead_mib=settings.jailer_memory_overhead_mib,
+            cgroup_version=cgroups.version() or 2,
             fsize_limit_bytes=settings.jailer_fsize_limit_bytes,
         )
     return FirecrackerDriver(
@@ -66,10 +73,14 @@ def choose_driver(settings: Settings, guest: BootFiles | None) -> DriverChoice:
     """The driver for this host and settings, and a sentence saying why."""
     if settings.vmm in ("auto", "firecracker"):
         usable, why = firecracker_status(settings)
+        if usable and settings.mode == "production" and not settings.firecracker_jailer:
+            usable, why = False, UNJAILED
         if usable:
             return DriverChoice(firecracker_driver(settings), f"firecracker: {why}", "kvm")
         if settings.vmm == "firecracker":
             raise HostError(f"EMBERBOX_VMM=firecracker but Firecracker is not usable: {why}")
+        if why == UNJAILED:
+            log.warning("Firecracker passed over: %s", why)
     limits = None
     if settings.vmm_cgroup_limits:
         limits = HostLimits(

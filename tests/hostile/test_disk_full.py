@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from emberbox import errors
-from emberbox.store.db import Store
+from emberbox.store import Store
 from tests.support.hostile import (
     ACK_PATH,
     Bystander,

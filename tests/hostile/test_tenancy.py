@@ -153,8 +153,9 @@ def test_another_tenants_ids_answer_as_unknown_ids_on_every_route(
             operations = _requests(spec)
             assert len(operations) >= 20, [f"{m} {p}" for m, p, _ in operations]
             for method, path, kwargs in operations:
-                foreign = b.request(method, path.format(pid=owned.pid, **mine), **kwargs)
-                control = b.request(method, path.format(pid=owned.pid, **unknown), **kwargs)
+                others = {"pid": owned.pid, "port": 8000, "path": "index.html"}
+                foreign = b.request(method, path.format(**others, **mine), **kwargs)
+                control = b.request(method, path.format(**others, **unknown), **kwargs)
                 assert foreign.status_code == 404, (method, path, foreign.text)
                 assert _answer(foreign, mine) == _answer(control, unknown), (method, path)
             _ids_in_bodies_and_queries(b, owned, unknown)

@@ -10,6 +10,11 @@ Test modules import from here, never from each other; fixtures stay in conftest.
 - ``fakes_sandbox``: sandboxes, their start/attach, the image catalog, pooled things
 - ``fakes_run``: managers for one-shot runs
 - ``fakes_vmm``: a VMM process that never ends
+- ``fakes_firecracker``, ``firecracker_spec``: a fake ``firecracker`` and ``jailer`` that
+  record their requests, and Firecracker's API spec as a validator
+- ``sandbox_manager``: the real SandboxManager over ``fakes_sandbox``, stale rows
+- ``api_calls``: the unit tests' calls to the app in-process (errors, NDJSON, processes)
+- ``server_calls``: the integration tests' calls to a real server, and the CLI's argv
 - ``rows``: store rows
 - ``network``: network targets on this machine and the guest-side probe
 - ``hostile``, ``measure``: the hostile suite's servers, checks and host measurements

@@ -12,6 +12,8 @@ once (3 when the command says ``fail``). A terminal's program ends at Ctrl-D (ex
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import io
 import itertools
@@ -30,7 +32,7 @@ from emberbox.agent_client.calls import OutputCallback
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 
 if TYPE_CHECKING:
-    from emberbox.agent_client.calls import AgentCalls
+    from emberbox.agent_client.calls import AgentCalls, ByteTunnel
 
 CHUNK = 64 * 1024
 SIGNALS = {"TERM": 15, "KILL": 9, "INT": 2, "HUP": 1}
@@ -105,6 +107,7 @@ class FakeGuest:
         self.resizes: list[tuple[int, int, int]] = []
         self.signals: list[tuple[int, str | int]] = []
         self.calls: list[str] = []
+        self.ports: dict[int, int] = {}  # guest port -> a port on 127.0.0.1 of the host
         self._pids = itertools.count(100)
 
     async def exec(
@@ -343,6 +346,47 @@ class FakeGuest:
             raise errors.InvalidRequest(f"not a tar stream: {exc}") from exc
         return len(members)
 
+    @contextlib.asynccontextmanager
+    async def connect(self, port: int) -> AsyncIterator[FakeTunnel]:
+        """A TCP connection to the host port that ``ports`` maps ``port`` to."""
+        self.calls.append(f"connect {port}")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.ports[port])
+        except (KeyError, OSError):
+            yield FakeTunnel(port, None, None)
+            return
+        try:
+            yield FakeTunnel(port, reader, writer)
+        finally:
+            writer.close()
+
+
+class FakeTunnel:
+    """A tunnel of :meth:`FakeGuest.connect`: a host socket, or (unmapped port) one that
+    fails as the agent's answer would."""
+
+    def __init__(
+        self, port: int, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None
+    ) -> None:
+        self.port = port
+        self._reader, self._writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def send_eof(self) -> None:
+        if self._writer is not None:
+            self._writer.write_eof()
+
+    async def receive(self) -> bytes:
+        if self._reader is None:
+            message = f"PortUnreachable: Connection refused: port {self.port}"
+            raise errors.AgentRequestFailed(message, type="PortUnreachable")
+        return await self._reader.read(CHUNK)
+
 
 if TYPE_CHECKING:
     _fits: AgentCalls = FakeGuest()
+    _tunnel_fits: ByteTunnel = FakeTunnel(1, None, None)

@@ -21,6 +21,7 @@ from emberbox.agent_client.calls import OutputCallback
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.guestio.files import SandboxFiles
+from emberbox.service.guestio.ports import SandboxPorts
 from emberbox.service.guestio.processes import Processes
 from emberbox.service.sandboxes.handles import SandboxRecord
 from emberbox.service.sandboxes.state import SandboxState
@@ -99,6 +100,9 @@ class GuestHandle:
     def is_running(self) -> bool:
         return self.running
 
+    def end_reason(self) -> str | None:
+        return None
+
     async def kill(self) -> None:
         self.running = False
 
@@ -128,6 +132,7 @@ class FakeManager:
         self.handles: dict[str, GuestHandle] = {}
         self.processes = Processes(self, settings)
         self.files = SandboxFiles(self, settings)
+        self.ports = SandboxPorts(self, settings)
 
     @property
     def guests(self) -> dict[str, FakeGuest]:

@@ -119,6 +119,9 @@ class FakeSandbox:
     def is_running(self) -> bool:
         return self.running
 
+    def end_reason(self) -> str | None:
+        return None
+
     async def kill(self) -> None:
         self.kills += 1
         self.running = False

@@ -161,11 +161,13 @@ async def test_stalled_host_does_not_balloon_the_agent(agent: RunningAgent) -> N
     rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
     assert rss_kib < 60_000
     decoder, received, answer = protocol.FrameDecoder(), 0, None
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         while answer is None:
             for frame in decoder.feed(await reader.read(1 << 20)):
                 if frame.kind is protocol.Kind.STDOUT:
-                    received += len(frame.payload)
+                    received += len(frame.payload)  # acknowledged: exec output is windowed
+                    ack = {"event": "ack", "bytes": received}
+                    writer.write(protocol.encode_json(protocol.Kind.EVENT, 1, ack))
                 elif frame.kind is protocol.Kind.RESPONSE:
                     answer = frame.json()
     writer.close()

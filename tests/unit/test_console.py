@@ -297,7 +297,8 @@ def console(settings: Settings, tmp_path: Path) -> Iterator[TestClient]:
     with_assets = settings.model_copy(update={"console_assets_dir": vendor})
     manager = FakeManager(with_assets, FakeRegistry(tmp_path / "images"))
     app = create_app(with_assets, manager, registry=manager.registry)  # type: ignore[arg-type]
-    yield TestClient(app, base_url="http://e")  # no lifespan: the fake manager needs none
+    # no lifespan: the fake manager needs none; a loopback client, as keyless mode wants
+    yield TestClient(app, base_url="http://localhost", client=("127.0.0.1", 50000))
 
 
 def test_console_routes(console: TestClient) -> None:

@@ -133,9 +133,11 @@ def test_empty_data_frame_is_the_end_marker() -> None:
 
 
 def test_flow_control_constants() -> None:
-    """Version 2; the window holds several acks' worth and many data frames."""
-    assert protocol.PROTOCOL_VERSION == 2
+    """Version 3; the window holds several acks' worth and many data frames, and its
+    slack the chunks a command's two pipes may send past it at once."""
+    assert protocol.PROTOCOL_VERSION == 3
     assert protocol.WINDOW >= 4 * protocol.ACK_EVERY >= 4 * protocol.DATA_CHUNK
+    assert protocol.WINDOW_SLACK >= 2 * protocol.DATA_CHUNK
 
 
 def documented_ops(markdown: str) -> list[str]:

@@ -31,7 +31,9 @@ def qemu_img(*args: str) -> None:
 
 
 def overlay(backing: Path, fmt: str, path: Path) -> Path:
+    """An overlay as make_overlay makes it: qemu-img, then the host's chain record."""
     qemu_img("create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing), str(path))
+    qcow2.write_chain(path, backing, fmt)
     return path
 
 
@@ -46,9 +48,9 @@ def guest(tmp_path: Path, rootfs_mib: int = 4) -> BootFiles:
 
 
 @needs_qemu_img
-def test_backing_chain_follows_headers_top_first(tmp_path: Path) -> None:
-    """overlay -> snapshot disk -> template disk -> raw rootfs, read from the headers,
-    with the formats qemu-img recorded and sizes the guest sees."""
+def test_backing_chain_follows_the_records_top_first(tmp_path: Path) -> None:
+    """overlay -> snapshot disk -> template disk -> raw rootfs, from the host's records,
+    with the formats the host named and sizes the guest sees."""
     files = guest(tmp_path)
     template = overlay(files.rootfs, "raw", tmp_path / "template.qcow2")
     snap = overlay(template, "qcow2", tmp_path / "snap.qcow2")
@@ -63,20 +65,70 @@ def test_backing_chain_follows_headers_top_first(tmp_path: Path) -> None:
 
 
 @needs_qemu_img
-def test_relative_backing_names_resolve_against_the_image_dir(tmp_path: Path) -> None:
-    """A relative backing name is relative to the image's directory, not our cwd."""
-    guest(tmp_path)
-    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "img/root", str(tmp_path / "o"))
-    assert qcow2.backing_chain(tmp_path / "o")[1] == qcow2.Layer(tmp_path / "img/root", "raw")
+def test_a_header_rewritten_by_qemu_is_not_followed(tmp_path: Path) -> None:
+    """QEMU holds the overlay read-write: a header that names another backing file
+    (here /etc/shadow, as a compromised QEMU could write) changes nothing; the chain is
+    the one the host recorded when it made the overlay."""
+    files = guest(tmp_path)
+    top = overlay(files.rootfs, "raw", tmp_path / "overlay.qcow2")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", str(top))
+    assert qcow2.read_header(top).backing == Path("/etc/shadow")  # what QEMU could write
+    assert qcow2.backing_chain(top) == [
+        qcow2.Layer(top, "qcow2"),
+        qcow2.Layer(files.rootfs, "raw"),
+    ]
 
 
-def test_a_missing_layer_or_a_non_qcow2_top_is_an_error(tmp_path: Path) -> None:
-    """No chain is guessed: a raw file as the overlay, or a missing layer, raises."""
-    (tmp_path / "raw").write_bytes(b"\0" * 4096)
-    with pytest.raises(qcow2.Qcow2Error):
-        qcow2.backing_chain(tmp_path / "raw")
+@needs_qemu_img
+def test_a_layer_without_a_record_is_refused(tmp_path: Path) -> None:
+    """No chain is guessed from a header: an overlay the host did not record (a
+    snapshot from before the records) cannot boot, nor be built upon."""
+    files = guest(tmp_path)
+    bare = tmp_path / "bare.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(files.rootfs), str(bare))
     with pytest.raises(FileNotFoundError):
-        qcow2.backing_chain(tmp_path / "missing")
+        qcow2.backing_chain(bare)
+    with pytest.raises(FileNotFoundError):
+        qcow2.write_chain(tmp_path / "over.qcow2", bare, "qcow2")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"not json",
+        b'[{"path": "relative/root", "format": "raw"}]',
+        b'[{"path": "/a/../etc/shadow", "format": "raw"}]',
+        b'[{"path": "/img/root", "format": "vmdk"}]',
+        b'[{"path": "/img/root", "format": "raw"}, {"path": "/img/b", "format": "qcow2"}]',
+        b'[{"path": "/img/root", "format": "raw"}]' + b" " * (64 * 1024),
+    ],
+)
+def test_a_record_we_cannot_trust_is_refused(tmp_path: Path, record: bytes) -> None:
+    """Relative or `..` paths, unknown formats, a raw layer above another, an oversized
+    or unreadable record: Qcow2Error, nothing opened."""
+    qcow2.chain_record(tmp_path / "o.qcow2").write_bytes(record)
+    with pytest.raises(qcow2.Qcow2Error):
+        qcow2.backing_chain(tmp_path / "o.qcow2")
+
+
+def test_a_record_or_a_layer_behind_a_symlink_is_refused(tmp_path: Path) -> None:
+    """The record is opened O_NOFOLLOW; a recorded layer that is now a symlink (or lies
+    behind one) is not opened (VMMError)."""
+    files = guest(tmp_path)
+    elsewhere = tmp_path / "elsewhere.chain"
+    elsewhere.write_text(f'[{{"path": "{files.rootfs}", "format": "raw"}}]')
+    qcow2.chain_record(tmp_path / "o.qcow2").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        qcow2.backing_chain(tmp_path / "o.qcow2")
+    config = VMConfig("vm", tmp_path / "vms" / "vm", files)
+    make_work_dir(config.work_dir)
+    top = QemuPaths(config.work_dir).overlay
+    top.write_bytes(b"")
+    link = tmp_path / "link-to-root"
+    link.symlink_to(files.rootfs)
+    qcow2.chain_record(top).write_text(f'[{{"path": "{link}", "format": "raw"}}]')
+    with pytest.raises(VMMError, match="symlink"):
+        open_host_files(config, shared=False, user=None)
 
 
 @needs_qemu_img

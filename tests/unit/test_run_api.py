@@ -54,7 +54,7 @@ def app(tmp_path: Path, manager: ProgramManager) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client talking to the app in-process."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://emberbox") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         yield c
 
 
@@ -186,7 +186,7 @@ async def test_run_is_guarded_by_the_api_key(tmp_path: Path, manager: ProgramMan
     registry = FakeRegistry(tmp_path / "images", names=("polyglot",))
     app = create_app(settings, manager, registry=registry)  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://e") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         assert (await c.get("/v1/languages")).status_code == 401
         assert (await c.post("/v1/run", json={"language": "c", "code": ""})).status_code == 401
 

@@ -14,9 +14,11 @@ import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
-from emberbox.cli import files, snapshot
+from emberbox import errors
+from emberbox.cli import files, forward, ids, snapshot
 from emberbox.cli.common import EXIT_ERROR
 from emberbox.cli.sandbox import app
+from emberbox.sdk import Sandbox
 from tests.support.fakes_manager import FakeManager, fake_app
 from tests.support.servers import serving
 
@@ -287,3 +289,62 @@ def test_client_verbs_without_the_server() -> None:
         )
         assert done.returncode == 0, done.stderr
         assert all(name in done.stdout for name in names), done.stdout
+
+
+def test_exec_takes_a_double_dash_as_a_separator(served: FakeManager) -> None:
+    """`exec ID -- ls -l` runs ls, not a program named `--`; `--` alone is a usage error."""
+    sandbox_id = _create()
+    result = runner.invoke(app, ["exec", sandbox_id, "--", "ls", "-la", "fail"])
+    assert result.exit_code == 3
+    assert served.calls[-1][1]["cmd"] == ["ls", "-la", "fail"]
+    assert runner.invoke(app, ["exec", sandbox_id, "--"]).exit_code == 2
+
+
+def test_ids_are_whole_in_narrow_tables_and_prefixes_name_them(served: FakeManager) -> None:
+    """An 80-column (piped) table shows whole ids; a unique prefix stands for the id; an
+    ambiguous one is an error that lists the matches."""
+    first, second = _create("--metadata", "k=" + "v" * 60), _create()
+    table = runner.invoke(app, ["list"], env={"COLUMNS": "80"})
+    assert first in table.stdout and second in table.stdout
+    common = "sb-"  # the fake ids are sb-1, sb-2, ...
+    unique = first[: len(common) + 1]
+    got = runner.invoke(app, ["get", unique, "--json"])
+    assert json.loads(got.stdout)["id"] == first
+    ambiguous = runner.invoke(app, ["get", common])
+    assert ambiguous.exit_code == EXIT_ERROR
+    assert first in ambiguous.stderr and second in ambiguous.stderr
+
+
+def test_match_prefix() -> None:
+    """An exact id wins over a longer one it starts; no match passes the text through."""
+    assert ids.match_prefix("ab", ["ab", "abc"]) == "ab"
+    assert ids.match_prefix("abc", ["abcd", "b"]) == "abcd"
+    assert ids.match_prefix("zz", ["abcd"]) == "zz"
+    with pytest.raises(errors.InvalidRequest, match="2 sandbox ids"):
+        ids.match_prefix("a", ["ab", "ac"])
+
+
+def test_top_level_exports_are_lazy() -> None:
+    """`from emberbox import Sandbox, AsyncSandbox` works and `import emberbox` alone
+    loads no SDK module."""
+    code = "import sys, emberbox; print('emberbox.sdk' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    from emberbox import AsyncSandbox, Sandbox
+    from emberbox.sdk import AsyncSandbox as SdkAsync
+    from emberbox.sdk import Sandbox as SdkSandbox
+
+    assert (Sandbox, AsyncSandbox) == (SdkSandbox, SdkAsync)
+
+
+def test_port_forward_ports_and_sdk_port_urls() -> None:
+    """[LOCAL:]REMOTE parses as kubectl's does; the SDK names a port's URL and host."""
+    assert forward.parse_ports("8000") == (8000, 8000)
+    assert forward.parse_ports("9000:80") == (9000, 80)
+    assert forward.parse_ports("0:80") == (0, 80)
+    for bad in ("x", "80:0", "70000", "1:2:3"):
+        with pytest.raises(typer.BadParameter):
+            forward.parse_ports(bad)
+    sb = Sandbox("abc", url="http://h:1/", api_key="k")
+    assert sb.get_host(8000) == "h:1/v1/sandboxes/abc/ports/8000"
+    assert sb.ports.url(8000, "/x?y=1") == "http://h:1/v1/sandboxes/abc/ports/8000/x?y=1"

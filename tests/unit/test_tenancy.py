@@ -289,7 +289,7 @@ async def test_both_headers_429_with_retry_after_and_health_exempt(
     app, _ = _app(small, tmp_path)
     made = keys.create_key(db, "alice")
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         assert (await client.get("/v1/images")).status_code == 401
         bearer = {"Authorization": f"Bearer {made.key}"}
         assert (await client.get("/v1/images", headers=bearer)).status_code == 200
@@ -312,7 +312,7 @@ async def test_actions_are_audited_and_the_log_is_for_admins(
     log is served to admin keys only."""
     app, _ = _app(settings, tmp_path)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         created = (await client.post("/v1/sandboxes", json={})).json()
         run = await client.post(f"/v1/sandboxes/{created['id']}/exec", json={"cmd": ["echo", "hi"]})
         assert run.status_code == 200
@@ -340,7 +340,7 @@ async def test_lifecycle_and_file_actions_are_audited(settings: Settings, tmp_pa
     and kill each leave one entry naming their target."""
     app, _ = _app(settings, tmp_path)
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://e") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         sandbox_id = (await client.post("/v1/sandboxes", json={})).json()["id"]
         url = f"/v1/sandboxes/{sandbox_id}"
         put = await client.put(f"{url}/files", params={"path": "/tmp/f"}, content=b"secret!")

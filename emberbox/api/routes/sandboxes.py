@@ -19,6 +19,7 @@ from emberbox.api.streams import (
     OutputEvents,
     StreamedResponse,
     Write,
+    json_response,
     ndjson_response,
 )
 from emberbox.models import (
@@ -32,6 +33,7 @@ from emberbox.models import (
     TimeoutUpdate,
 )
 from emberbox.service.sandboxes.execs import run_command
+from emberbox.service.sandboxes.reserved import RESERVED_PREFIX
 from emberbox.service.sandboxes.state import SandboxState
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ async def create_sandbox(
     """Boot a sandbox, or fork one from `snapshot_id`; answers once its agent is ready."""
     if body.snapshot_id is not None:  # another tenant's snapshot is an unknown one
         await tenancy.check_owner(principal, "snapshot", body.snapshot_id)
+    if any(key.startswith(RESERVED_PREFIX) for key in body.metadata or {}):
+        raise errors.InvalidRequest(f"metadata keys starting {RESERVED_PREFIX!r} are reserved")
     record = await manager.create(**body.model_dump(), **owner_kwargs(principal))
     request.state.audit_target = record.id
     return views.sandbox_public(record)
@@ -166,7 +170,7 @@ async def exec_command(
     if body.stream:
         return await _stream_command(manager, sandbox_id, spec)
     result = await run_command(manager, sandbox_id, spec)
-    return views.exec_response(result)
+    return json_response(views.exec_response(result))  # encoded as it is sent: see there
 
 
 async def _stream_command(

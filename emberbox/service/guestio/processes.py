@@ -20,7 +20,7 @@ from emberbox import errors
 from emberbox.agent_client.spec import SpawnSpec
 from emberbox.service.guestio.common import GuestService
 from emberbox.service.sandboxes.manager import OutputCallback
-from emberbox.service.sandboxes.validation import validate_command
+from emberbox.service.sandboxes.validation import check_frame, validate_command
 
 if TYPE_CHECKING:
     from emberbox.agent_client.client import ProcessInfo, ProcessStatus
@@ -46,7 +46,9 @@ class Processes(GuestService):
         if spec.pty is not None:
             _check_size(*spec.pty)
         async with self._guest(sandbox_id) as (record, agent):
-            return await agent.spawn(replace(spec, env={**record.env, **spec.env}))
+            merged = replace(spec, env={**record.env, **spec.env})
+            check_frame(merged)  # with the sandbox's env in it
+            return await agent.spawn(merged)
 
     async def follow(
         self,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,7 @@ from emberbox import errors
 from emberbox.agent_client.answers import ExecLimits, ExecResult
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
+from emberbox.service import metrics
 from emberbox.service.oneshot.languages import (
     LANGUAGES,
     Language,
@@ -114,6 +116,20 @@ async def run_code(manager: RunManager, settings: Settings, spec: RunSpec) -> Ru
     (QuotaExceeded, VMMError ...) when no sandbox can be had.
     """
     plan = plan_run(settings, spec)
+    t0 = time.monotonic()
+    status = "error"  # what the metric says when no result came
+    try:
+        result = await _run_planned(manager, settings, spec, plan)
+        status = str(result.status)
+        return result
+    finally:
+        metrics.ONESHOT_SECONDS.labels(plan.language.name, status).observe(time.monotonic() - t0)
+
+
+async def _run_planned(
+    manager: RunManager, settings: Settings, spec: RunSpec, plan: RunPlan
+) -> RunResult:
+    """``run_code`` once ``plan`` is checked: a sandbox, the run, the sandbox killed."""
     lifetime = math.ceil(settings.run_compile_timeout_s + plan.timeout_s) + LIFETIME_MARGIN_S
     owner = {} if spec.tenant_id is None else {"tenant_id": spec.tenant_id}
     try:

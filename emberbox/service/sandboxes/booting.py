@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.net import plan as netplan
 from emberbox.net.policy import EgressPolicy
+from emberbox.service import metrics
 from emberbox.service.sandboxes import validation
 from emberbox.service.sandboxes.core import ID_BYTES, Boot, ManagerCore
 from emberbox.service.sandboxes.handles import (
@@ -123,20 +125,24 @@ class BootFlows:
         pooled: SandboxHandle | None,
         network: netplan.NetworkPlan | None = None,
     ) -> Starter:
-        """How ``row``'s VM comes to be: handed out by the pool, forked, or started."""
+        """How ``row``'s VM comes to be: handed out by the pool, forked, or started
+        (from the template, or cold); each path counted in the create metrics."""
         if pooled is not None:
-            return lambda: _hand_out(pooled, row.id)
+            return _measured("pool", lambda: _hand_out(pooled, row.id))
         net = network_kwargs(network)
         if source is not None:
-            return lambda: self._fork(row, source, net)
-        return lambda: self._factory(
-            self._settings,
-            image=row.image,
-            vcpus=row.vcpus,
-            memory_mib=row.memory_mib,
-            sandbox_id=row.id,
-            lifetime="detached",
-            **net,
+            return _measured("fork", lambda: self._fork(row, source, net))
+        return _measured(
+            None,
+            lambda: self._factory(
+                self._settings,
+                image=row.image,
+                vcpus=row.vcpus,
+                memory_mib=row.memory_mib,
+                sandbox_id=row.id,
+                lifetime="detached",
+                **net,
+            ),
         )
 
     async def _fork(
@@ -246,6 +252,25 @@ class BootFlows:
             await core.move(row.id, SandboxState.CREATING, SandboxState.STOPPING)
             await core.move(row.id, SandboxState.STOPPING, SandboxState.STOPPED)
             core.locks.pop(row.id, None)  # stopped is final: no one needs to serialise
+
+
+def _measured(path: str | None, start: Starter) -> Starter:
+    """``start``, counted and timed in the create metrics under ``path`` (None: the
+    handle's own ``origin``, template or cold)."""
+
+    async def measured() -> SandboxHandle:
+        t0 = time.monotonic()
+        try:
+            handle = await start()
+        except BaseException:
+            metrics.CREATES.labels(path or "template", "error").inc()
+            raise
+        label = path or str(getattr(handle, "origin", "template"))
+        metrics.CREATES.labels(label, "ok").inc()
+        metrics.CREATE_SECONDS.labels(label).observe(time.monotonic() - t0)
+        return handle
+
+    return measured
 
 
 async def _hand_out(pooled: SandboxHandle, sandbox_id: str) -> SandboxHandle:

@@ -151,6 +151,23 @@ class ManagerCore:
             log.exception("sandbox %s: cleaning up after a VMM failure", sandbox_id)
         await self.move(sandbox_id, SandboxState.RUNNING, SandboxState.ERROR, error=reason)
 
+    async def abandon_boots(self, wait_s: float) -> None:
+        """Interrupt every boot in progress and wait up to ``wait_s`` for each to settle."""
+        for boot in list(self.boots.values()):
+            boot.interrupt("server shut down during boot")
+        with anyio.move_on_after(wait_s):
+            for boot in list(self.boots.values()):
+                await boot.done.wait()
+
+    async def detach_all(self) -> None:
+        """Close every live sandbox's agent connection; the VMs keep running."""
+        live, self.live = self.live, {}
+        for sandbox_id, handle in live.items():
+            try:
+                await handle.detach()
+            except Exception:
+                log.exception("sandbox %s: detaching failed", sandbox_id)
+
 
 def not_running(sandbox_id: str, state: str, hint: str = "") -> errors.Conflict:
     message = f"sandbox {sandbox_id} is {state}" + (f"; {hint}" if hint else "")

@@ -17,6 +17,7 @@ from emberbox import errors
 from emberbox.agent_client.answers import ExecResult
 from emberbox.agent_client.calls import OutputCallback
 from emberbox.agent_client.spec import ExecSpec
+from emberbox.service import metrics
 from emberbox.service.sandboxes import validation
 from emberbox.service.sandboxes.core import ManagerCore, not_running
 from emberbox.service.sandboxes.state import SandboxState
@@ -75,6 +76,7 @@ async def run_exec(
         timeout_s=timeout_s,
         output_max_bytes=core.settings.exec_output_max_bytes,
     )
+    validation.check_frame(spec)  # with the sandbox's env in it
     started, t0 = utcnow(), time.monotonic()
     try:
         result = await handle.agent.exec(spec, on_stdout=on_stdout, on_stderr=on_stderr)
@@ -108,6 +110,8 @@ async def _log_exec(
     *,
     timed_out: bool,
 ) -> None:
+    outcome = "timeout" if timed_out else ("ok" if result is not None else "error")
+    metrics.EXEC_SECONDS.labels(outcome).observe(time.monotonic() - t0)
     entry = ExecLogEntry(
         sandbox_id=sandbox_id,
         command=spec.command,

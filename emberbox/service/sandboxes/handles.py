@@ -37,6 +37,9 @@ class SandboxHandle(Protocol):
     @property
     def agent(self) -> AgentCalls: ...
     def is_running(self) -> bool: ...
+    def end_reason(self) -> str | None:
+        """Why it stopped running when that is known (its agent broke the protocol)."""
+
     async def kill(self) -> None:
         """End the VMM and remove its work dir. Idempotent."""
 

@@ -65,6 +65,7 @@ from emberbox.store import (
 
 if TYPE_CHECKING:
     from emberbox.service.guestio.files import SandboxFiles
+    from emberbox.service.guestio.ports import SandboxPorts
     from emberbox.service.guestio.processes import Processes
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class SandboxManager:
         self.reaper = Reaper(self, settings.reaper_interval_s)
         self.processes: Processes
         self.files: SandboxFiles
-        self.processes, self.files = _guest_services(self, settings)
+        self.processes, self.files, self.ports = _guest_services(self, settings)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class SandboxManager:
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()  # no reaping while we shut down
         with anyio.CancelScope(shield=True):
-            await self._abandon_boots()
+            await core.abandon_boots(SHUTDOWN_BOOT_WAIT_S)
         # The reaper's task group was entered by start(), so it is left here, outside any
         # scope opened since; the reaper is already cancelled, so this returns promptly.
         try:
@@ -140,25 +141,9 @@ class SandboxManager:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.pool.close()  # its filler task has ended with the task group
-                await self._detach_all()
+                await core.detach_all()
                 if core.store is not None:
                     await core.store.close()
-
-    async def _abandon_boots(self) -> None:
-        """Interrupt every boot in progress and wait (a while) for each to settle."""
-        for boot in list(self._core.boots.values()):
-            boot.interrupt("server shut down during boot")
-        with anyio.move_on_after(SHUTDOWN_BOOT_WAIT_S):
-            for boot in list(self._core.boots.values()):
-                await boot.done.wait()
-
-    async def _detach_all(self) -> None:
-        live, self._core.live = self._core.live, {}
-        for sandbox_id, handle in live.items():
-            try:
-                await handle.detach()
-            except Exception:
-                log.exception("sandbox %s: detaching failed", sandbox_id)
 
     async def __aenter__(self) -> SandboxManager:
         await self.start()
@@ -368,7 +353,10 @@ class SandboxManager:
         return [sid for sid, handle in self._core.live.items() if not handle.is_running()]
 
     async def mark_failed(self, sandbox_id: str, reason: str) -> None:
-        """(Reaper) tear down a running sandbox whose VMM failed and record it ``error``."""
+        """(Reaper) tear down a running sandbox whose VMM failed and record it ``error``
+        (with its agent's protocol violation as the reason, if that is what ended it)."""
+        handle = self._core.live.get(sandbox_id)
+        reason = (handle.end_reason() if handle is not None else None) or reason
         async with self._core.lock(sandbox_id):
             with anyio.CancelScope(shield=True):
                 await self.mark_failed_locked(sandbox_id, reason)
@@ -377,12 +365,19 @@ class SandboxManager:
         await self._core.mark_failed_locked(sandbox_id, reason)
 
 
-def _guest_services(manager: SandboxManager, settings: Settings) -> tuple[Processes, SandboxFiles]:
-    """``manager.processes`` and ``manager.files`` (their modules import this one)."""
+def _guest_services(
+    manager: SandboxManager, settings: Settings
+) -> tuple[Processes, SandboxFiles, SandboxPorts]:
+    """``manager.processes``, ``.files`` and ``.ports`` (their modules import this one)."""
     from emberbox.service.guestio.files import SandboxFiles
+    from emberbox.service.guestio.ports import SandboxPorts
     from emberbox.service.guestio.processes import Processes
 
-    return Processes(manager, settings), SandboxFiles(manager, settings)
+    return (
+        Processes(manager, settings),
+        SandboxFiles(manager, settings),
+        SandboxPorts(manager, settings),
+    )
 
 
 __all__ = [

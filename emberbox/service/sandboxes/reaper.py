@@ -16,6 +16,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
+from emberbox.service import metrics
 from emberbox.store import utcnow
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Reaper:
         async with self._limiter:
             try:
                 await self._host.kill(sandbox_id)
+                metrics.REAPER_ACTIONS.labels("expired").inc()
                 log.info("sandbox %s reached its timeout and was killed", sandbox_id)
             except Exception:
                 log.exception("reaper could not kill expired sandbox %s", sandbox_id)
@@ -91,6 +93,7 @@ class Reaper:
         async with self._limiter:
             try:
                 await self._host.mark_failed(sandbox_id, VMM_EXITED)
+                metrics.REAPER_ACTIONS.labels("vmm_died").inc()
                 log.warning("sandbox %s: %s", sandbox_id, VMM_EXITED)
             except Exception:
                 log.exception("reaper could not clean up crashed sandbox %s", sandbox_id)

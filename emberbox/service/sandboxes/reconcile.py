@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox.config import Settings
+from emberbox.service import metrics
 from emberbox.service.sandboxes import orphans
 from emberbox.service.sandboxes.state import UNSETTLED_STATES, SandboxState, check_transition
 from emberbox.store import SandboxRow, Store
@@ -70,6 +71,9 @@ async def reconcile(
     report.swept = await anyio.to_thread.run_sync(
         orphans.sweep, settings.vms_dir, frozenset(report.attached)
     )
+    removed = len(report.swept.killed_pids) + len(report.swept.removed_dirs)
+    if removed:
+        metrics.REAPER_ACTIONS.labels("orphan_removed").inc(removed)
     return report
 
 

@@ -16,8 +16,8 @@ from emberbox.vmm.host import PROC
 if TYPE_CHECKING:
     from emberbox.service.sandboxes.manager import SandboxManager
 
-# Ended sandboxes stay in the store as history; a gauge counts only the live ones.
-LIVE_STATES = (
+# Ended sandboxes stay in the store as history; the gauge counts those not ended.
+GAUGED_STATES = (
     SandboxState.CREATING,
     SandboxState.RUNNING,
     SandboxState.PAUSED,
@@ -45,7 +45,7 @@ def vmm_resident_bytes(vms_dir: Path, proc: Path = PROC) -> int:
 async def scrape(manager: SandboxManager, vms_dir: Path) -> bytes:
     """The text of ``GET /metrics`` (``vms_dir``: where the VMMs' work dirs are)."""
     live: list[tuple[str, str]] = []
-    for state in LIVE_STATES:
+    for state in GAUGED_STATES:
         live.extend((str(r.state), r.image) for r in await manager.list(state=state))
     pool = manager.pool
     pool_sizes = {pool.shape.image: pool.ready_count()}

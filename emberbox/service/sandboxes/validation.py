@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import anyio.to_thread
 from emberbox import errors
 from emberbox.agent_client.spec import CommandSpec
 from emberbox.config import Settings
+from emberbox.guest import protocol
 from emberbox.net.policy import EgressPolicy, parse_policy
 
 # The guest kernel and agent do not boot in less (80 MiB: OOM; 64 MiB: panic); the wire
@@ -99,6 +101,26 @@ def validate_command(spec: CommandSpec) -> None:
     validate_env(spec.env, "env")
     if spec.timeout_s is not None and not spec.timeout_s > 0:
         raise errors.InvalidRequest(f"timeout_s must be positive (got {spec.timeout_s})")
+    check_frame(spec)
+
+
+# What a request frame holds besides the command's fields (op, framing): kept free.
+FRAME_MARGIN_BYTES = 4096
+
+
+def check_frame(spec: CommandSpec) -> None:
+    """PayloadTooLarge (413) when the command's argv, env and stdin, as sent to the
+    guest agent, would not fit in one frame (``protocol.MAX_PAYLOAD``): checked again
+    once the sandbox's env is merged in, never left to the agent link to fail (a 500)."""
+    limit = protocol.MAX_PAYLOAD - FRAME_MARGIN_BYTES
+    size = len(json.dumps(spec.wire(), separators=(",", ":")).encode("utf-8"))
+    if size > limit:
+        raise errors.PayloadTooLarge(
+            f"the command's argv, env and stdin take {size} bytes as sent to the guest "
+            f"agent; at most {limit} fit in one request (pass bulk data as a file)",
+            quota="agent_frame_bytes",
+            limit=limit,
+        )
 
 
 # Host names in allow lists are resolved in threads of their own, few at a time and with

@@ -9,6 +9,7 @@ The records and files are :mod:`emberbox.service.snapshots.records`'.
 from __future__ import annotations
 
 import secrets
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from emberbox.service.sandboxes.handles import (
 )
 from emberbox.service.sandboxes.state import SandboxState
 from emberbox.service.snapshots import records as snapshots
+from emberbox.service.snapshots.diskquota import DiskQuota
 from emberbox.service.snapshots.records import SnapshotRecord
 from emberbox.service.tenancy import quotas
 from emberbox.store import SandboxRow, SnapshotRow, Store, utcnow
@@ -59,6 +61,7 @@ class SnapshotFlows:
         self._boots = boots
         self._restorer = restorer
         self._images = images
+        self._disk = DiskQuota(core.settings.tenant_max_snapshot_bytes)
 
     async def snapshot(self, sandbox_id: str) -> SnapshotRecord:
         """See :meth:`SandboxManager.snapshot`."""
@@ -71,18 +74,28 @@ class SnapshotFlows:
                 # snapshot writes a RAM dump and a disk copy: it needs room, as a pause.
                 await storage.require_free_space(self._settings, "taking a snapshot")
                 limits = await self._check_saved_vm_quota(store, row)
-                snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
-                dest = self._settings.snapshots_dir / snapshot_id
-                await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
-                files = await self._save(handle, dest)
-                snap = await self._snapshot_row_of(row, snapshot_id, dest, files)
-                try:
-                    tenant_max = None if limits is None else limits.max_snapshots
-                    await store.insert_snapshot(snap, tenant_max=tenant_max)
-                except BaseException:
-                    await anyio.to_thread.run_sync(snapshots.remove_tree, dest)
-                    raise
+                async with self._disk_room(store, row, limits):
+                    snapshot_id = "snap-" + secrets.token_hex(ID_BYTES)
+                    dest = self._settings.snapshots_dir / snapshot_id
+                    await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
+                    try:
+                        files = await self._save(handle, dest)
+                        snap = await self._snapshot_row_of(row, snapshot_id, dest, files)
+                        tenant_max = None if limits is None else limits.max_snapshots
+                        await store.insert_snapshot(snap, tenant_max=tenant_max)
+                    except BaseException:
+                        await anyio.to_thread.run_sync(snapshots.remove_tree, dest)
+                        raise
         return snap
+
+    def _disk_room(
+        self, store: Store, row: SandboxRow, limits: quotas.TenantLimits | None
+    ) -> AbstractAsyncContextManager[object]:
+        """The tenant's disk quota reserved for saving ``row`` (none for the built-in
+        tenant, which has no tenant quotas)."""
+        if limits is None:
+            return nullcontext()
+        return self._disk.reserve(store, row)
 
     async def _save(self, handle: SandboxHandle, dest: Path) -> SnapshotFiles:
         limit = self._settings.snapshot_timeout_s
@@ -131,26 +144,31 @@ class SnapshotFlows:
                 # A paused sandbox is a saved VM on the host's disk: it counts as a
                 # snapshot of its tenant, and needs the room one needs.
                 await storage.require_free_space(self._settings, "pausing a sandbox")
-                await self._check_saved_vm_quota(core.db(), row)
-                dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
-                await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
-                await anyio.to_thread.run_sync(snapshots.remove_tree, dest)  # a stale one
-                try:
-                    files = await handle.snapshot(dest, stop=True)
-                except errors.EmberboxError as exc:
-                    if not handle.is_running():  # the VMM is gone, and its state with it
-                        await core.mark_failed_locked(sandbox_id, f"pause failed: {exc}")
-                    raise
-                core.live.pop(sandbox_id, None)
-                await anyio.to_thread.run_sync(snapshots.write_meta, dest, files)
-                record = await core.move(
-                    sandbox_id,
-                    SandboxState.RUNNING,
-                    SandboxState.PAUSED,
-                    paused_dir=dest,
-                    vmm_pid=None,
-                )
+                limits = await self._check_saved_vm_quota(core.db(), row)
+                async with self._disk_room(core.db(), row, limits):
+                    record = await self._pause_locked(sandbox_id, handle)
         return record
+
+    async def _pause_locked(self, sandbox_id: str, handle: SandboxHandle) -> SandboxRecord:
+        core = self._core
+        dest = self._settings.snapshots_dir / f"paused-{sandbox_id}"
+        await anyio.to_thread.run_sync(snapshots.private_dir, dest.parent)
+        await anyio.to_thread.run_sync(snapshots.remove_tree, dest)  # a stale one
+        try:
+            files = await handle.snapshot(dest, stop=True)
+        except errors.EmberboxError as exc:
+            if not handle.is_running():  # the VMM is gone, and its state with it
+                await core.mark_failed_locked(sandbox_id, f"pause failed: {exc}")
+            raise
+        core.live.pop(sandbox_id, None)
+        await anyio.to_thread.run_sync(snapshots.write_meta, dest, files)
+        return await core.move(
+            sandbox_id,
+            SandboxState.RUNNING,
+            SandboxState.PAUSED,
+            paused_dir=dest,
+            vmm_pid=None,
+        )
 
     async def resume(self, sandbox_id: str) -> SandboxRecord:
         """See :meth:`SandboxManager.resume`."""

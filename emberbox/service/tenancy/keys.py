@@ -24,6 +24,8 @@ from emberbox.store.tenants import AuditEntry, KeyRow, TenantRow
 KEY_ID_BYTES = 6
 SECRET_BYTES = 32
 _KEY_PATTERN = re.compile(r"eb_([0-9a-f]{12})_([0-9a-f]{64})")
+# The same key spelt for E2B SDKs, which want ``e2b_<hex>`` (docs/e2b.md).
+_E2B_PATTERN = re.compile(r"e2b_([0-9a-f]{12})([0-9a-f]{64})")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -46,8 +48,16 @@ def make_key() -> tuple[str, str, str]:
 
 def parse_key(text: str) -> tuple[str, str] | None:
     """``(key_id, secret)`` of a well-formed key, else None."""
-    found = _KEY_PATTERN.fullmatch(text)
+    found = _KEY_PATTERN.fullmatch(text) or _E2B_PATTERN.fullmatch(text)
     return (found.group(1), found.group(2)) if found else None
+
+
+def e2b_form(key: str) -> str:
+    """``eb_ID_SECRET`` as ``e2b_IDSECRET``: the same key, in the shape E2B SDKs accept."""
+    parsed = parse_key(key)
+    if parsed is None:
+        raise errors.InvalidRequest("not an emberbox API key")
+    return f"e2b_{parsed[0]}{parsed[1]}"
 
 
 def hash_secret(secret: str) -> str:

@@ -53,7 +53,7 @@ class Launcher:
             template = await self._template(settings, driver, **shape)
             if template is not None:
                 try:
-                    return await SandboxVM.restore(
+                    vm = await SandboxVM.restore(
                         settings,
                         template,
                         **shape,
@@ -64,6 +64,8 @@ class Launcher:
                         network=network,
                         reset_network=False,  # a template's NIC was never up
                     )
+                    vm.origin = "template"
+                    return vm
                 except (errors.VMMError, errors.AgentError, errors.SnapshotMismatch) as exc:
                     log.warning(
                         "sandbox %s: the template %s did not restore (%s); discarding it "

@@ -83,6 +83,9 @@ class SandboxVM:
         self.vcpus = vcpus
         self.memory_mib = memory_mib
         self.network = network  # None: no network (the NIC leads nowhere)
+        # Where it came from, for the create metrics: "cold" (booted) until a launcher
+        # says otherwise ("template": restored from the image's template snapshot).
+        self.origin = "cold"
 
     @property
     def ip_address(self) -> str | None:
@@ -264,6 +267,10 @@ class SandboxVM:
 
     def is_running(self) -> bool:
         return self.vm.is_running() and not self.agent.closed
+
+    def end_reason(self) -> str | None:
+        """Why it stopped running, when we know better than "the VMM exited"."""
+        return self.agent.violation
 
     async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
         """Save the VM into the new directory ``dest`` (see :meth:`VM.snapshot`); with

@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 
 from emberbox import errors
 from emberbox.config import Settings
+from emberbox.service import metrics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class WarmPool(Generic[P]):
             try:
                 sandbox = await self._fill(self.shape, sandbox_id)
             except errors.EmberboxError as exc:
+                metrics.POOL_REFILLS.labels("error").inc()
                 log.warning("warm pool: could not prepare a sandbox: %s", exc.message)
                 await anyio.sleep(RETRY_AFTER_FAILURE_S)
                 continue
@@ -102,6 +104,7 @@ class WarmPool(Generic[P]):
                 with anyio.CancelScope(shield=True):
                     await sandbox.kill()
                 return
+            metrics.POOL_REFILLS.labels("ok").inc()
             self._ready.append(sandbox)
 
     async def close(self) -> None:

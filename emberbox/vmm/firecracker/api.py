@@ -1,7 +1,7 @@
 """Everything emberbox says to Firecracker, as pure functions (no I/O here).
 
 * REST payloads for the API socket, built from typed values and checked in the tests
-  against Firecracker's own Swagger description (``tests/unit/test_firecracker_contract.py``);
+  against Firecracker's own Swagger description (``tests/unit/firecracker_contract/``);
 * the request sequences that boot and restore a VM (:func:`boot_requests`,
   :func:`restore_requests`), so the order is tested without a process;
 * parsing of error bodies and of ``firecracker --version``.

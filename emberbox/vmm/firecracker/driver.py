@@ -63,6 +63,7 @@ from emberbox.vmm.host import kvm_device_usable, read_process
 
 NAME = "firecracker"
 GUEST_CID = 3
+CONSOLE_TRIM_S = 1.0  # the console file passes its cap by at most what a second brings
 
 
 def firecracker_usable(binary: str = NAME) -> tuple[bool, str]:
@@ -97,6 +98,14 @@ class FirecrackerVM:
         self._snapshot_timeout_s = snapshot_timeout_s
         self._paused = False
         self.api = ApiClient(layout.api_socket, process, self.console_tail, timeout_s=api_timeout_s)
+        # Firecracker appends the console to a file itself: trim it all along, not only
+        # when read, so that a guest printing forever cannot fill the host's disk.
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_console())
+
+    async def _trim_console(self) -> None:
+        while self._process.poll() is None:
+            await asyncio.to_thread(trim_log, self._layout.console, self._console_max)
+            await asyncio.sleep(CONSOLE_TRIM_S)
 
     @property
     def vm_id(self) -> str:
@@ -192,6 +201,7 @@ class FirecrackerVM:
 
     async def kill(self) -> None:
         # Every step is idempotent, so a second call finishes what a cancelled one began.
+        self._trimmer.cancel()
         self._process.kill()
         try:
             await self.api.aclose()

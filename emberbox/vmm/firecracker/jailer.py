@@ -36,7 +36,8 @@ class JailerConfig:
     jailer_binary: str = "jailer"
     chroot_base_dir: Path = Path("/srv/jailer")
     parent_cgroup: str | None = None  # default: the jailer uses the exec file's name
-    cgroup_root: Path = Path("/sys/fs/cgroup")  # cgroup v2 unified hierarchy
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    cgroup_version: int = 2  # the host's: v1 hosts get per-controller limits (see below)
     memory_overhead_mib: int = 64  # VMM's own memory on top of the guest's, in memory.max
     cpu_period_us: int = 100_000
     fsize_limit_bytes: int | None = None  # RLIMIT_FSIZE; must exceed disk + memory snapshot
@@ -77,7 +78,30 @@ def pid_file(cfg: JailerConfig, vm_id: str) -> Path:
 
 
 def cgroup_dir(cfg: JailerConfig, vm_id: str) -> Path:
-    return cfg.cgroup_root / (cfg.parent_cgroup or cfg.exec_name) / check_jail_id(vm_id)
+    return cgroup_dirs(cfg, vm_id)[0]
+
+
+def cgroup_dirs(cfg: JailerConfig, vm_id: str) -> list[Path]:
+    """The VM's cgroup directories: one under v2, one per limited controller under v1."""
+    name = Path(cfg.parent_cgroup or cfg.exec_name) / check_jail_id(vm_id)
+    if cfg.cgroup_version == 1:
+        return [cfg.cgroup_root / controller / name for controller in V1_CONTROLLERS]
+    return [cfg.cgroup_root / name]
+
+
+V1_CONTROLLERS = ("memory", "cpu")
+
+
+def cgroup_limits(cfg: JailerConfig, vcpus: int, memory_max: int) -> list[str]:
+    """The jailer's ``--cgroup`` values: memory and CPU caps in the host's cgroup version."""
+    period = cfg.cpu_period_us
+    if cfg.cgroup_version == 1:
+        return [
+            f"memory.limit_in_bytes={memory_max}",
+            f"cpu.cfs_period_us={period}",
+            f"cpu.cfs_quota_us={vcpus * period}",
+        ]
+    return [f"memory.max={memory_max}", f"cpu.max={cpu_max(vcpus, period)}"]
 
 
 def cpu_max(vcpus: int, period_us: int) -> str:
@@ -101,10 +125,10 @@ def jailer_command(
         "--uid", str(cfg.uid),
         "--gid", str(cfg.gid),
         "--chroot-base-dir", str(cfg.chroot_base_dir),
-        "--cgroup-version", "2",
-        "--cgroup", f"memory.max={memory_max}",
-        "--cgroup", f"cpu.max={cpu_max(vcpus, cfg.cpu_period_us)}",
+        "--cgroup-version", str(cfg.cgroup_version),
     ]  # fmt: skip
+    for limit in cgroup_limits(cfg, vcpus, memory_max):
+        argv += ["--cgroup", limit]
     if cfg.parent_cgroup is not None:
         argv += ["--parent-cgroup", cfg.parent_cgroup]
     if cfg.fsize_limit_bytes is not None:
@@ -147,5 +171,6 @@ def give_to_jail(cfg: JailerConfig, path: Path) -> None:
 def remove_jail(cfg: JailerConfig, vm_id: str) -> None:
     """Remove the jail and its cgroup; idempotent, best effort (cgroup busy until exit)."""
     shutil.rmtree(jail_dir(cfg, vm_id), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        cgroup_dir(cfg, vm_id).rmdir()
+    for directory in cgroup_dirs(cfg, vm_id):
+        with contextlib.suppress(OSError):
+            directory.rmdir()

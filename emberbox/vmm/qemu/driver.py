@@ -7,7 +7,8 @@ the VM's work dir backed by the image's ext4, so the image is never written.
 
 Run as root, the server starts QEMU as an unprivileged user (``vmm_user``) that opens no
 host path of ours: every file and socket is handed over as a descriptor
-(:mod:`emberbox.vmm.qemu.files`, :mod:`emberbox.vmm.qemu.argv`).
+(:mod:`emberbox.vmm.qemu.files`, :mod:`emberbox.vmm.qemu.argv`). The driver starts,
+restores and attaches to VMs; each running one is a :class:`~emberbox.vmm.qemu.vm.QemuVM`.
 """
 
 from __future__ import annotations
@@ -18,34 +19,22 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from emberbox.errors import HostError, SnapshotCorrupt, SnapshotMismatch, VMMCrashed, VMMError
 from emberbox.vmm import cgroups, vmm_user
-from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
-from emberbox.vmm.console import ConsoleLog
+from emberbox.vmm.base import SnapshotFiles, VMConfig
 from emberbox.vmm.host import read_process
 from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
 from emberbox.vmm.qemu.argv import Accel, QemuPaths, build_argv
-from emberbox.vmm.qemu.process import (
-    die_with_parent,
-    reap_in_background,
-    spawn_janitor,
-    wait_for_exit,
-)
-from emberbox.vmm.qemu.qmp import QMPClient
+from emberbox.vmm.qemu.process import die_with_parent, spawn_janitor
+from emberbox.vmm.qemu.vm import DISK_FILE, NAME, STATE_FILE, QemuVM
 from emberbox.vmm.vmm_user import VmmUser
 
-NAME = "qemu"
 log = logging.getLogger(__name__)
-STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
-DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
-QMP_TIMEOUT_S = 10.0
 CPU_PERIOD_US = 100_000
 
 
@@ -67,182 +56,6 @@ def parse_version(text: str) -> str:
     if not match:
         raise HostError(f"cannot parse QEMU version from {text!r}")
     return match.group(1)
-
-
-class QemuVM:
-    """A running QEMU process and everything in its work dir."""
-
-    def __init__(
-        self,
-        config: VMConfig,
-        pid: int,
-        popen: subprocess.Popen[bytes] | None,
-        janitor: subprocess.Popen[bytes] | None,
-        vmm_version: str = "",
-        cgroup: cgroups.HostCgroup | None = None,
-    ) -> None:
-        self.config = config
-        self.vmm_version = vmm_version
-        self.cgroup = cgroup
-        self.paths = QemuPaths(config.work_dir)
-        self._pid = pid
-        self._popen = popen
-        self._janitor = janitor
-        self._killed = False
-        self._qmp: QMPClient | None = None
-        self.save_timeout_s = 300.0
-        self.console = ConsoleLog(
-            self.paths.console, self.paths.console_log, config.console_log_max_bytes
-        )
-        self.console.start()
-
-    @property
-    def vm_id(self) -> str:
-        return self.config.vm_id
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    @property
-    def work_dir(self) -> Path:
-        return self.config.work_dir
-
-    def is_running(self) -> bool:
-        if self._popen is not None:
-            return self._popen.poll() is None
-        return read_process(self._pid) is not None
-
-    def exit_description(self) -> str:
-        code = self._popen.poll() if self._popen is not None else None
-        stderr = ""
-        with contextlib.suppress(OSError):
-            stderr = self.paths.vmm_log.read_text(errors="replace")[-2000:].strip()
-        desc = f"QEMU (pid {self._pid}) exited" + (
-            f" with status {code}" if code is not None else ""
-        )
-        return f"{desc}: {stderr}" if stderr else desc
-
-    async def open_agent_stream(self, timeout_s: float) -> AgentStream:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            try:
-                return await asyncio.open_unix_connection(str(self.paths.agent), limit=1 << 22)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if not self.is_running():
-                    raise VMMCrashed(self.exit_description(), self.console_tail()) from exc
-                if loop.time() > deadline:
-                    raise VMMError(
-                        f"agent socket not available: {exc}", self.console_tail()
-                    ) from exc
-                await asyncio.sleep(0.01)
-
-    def console_tail(self, max_bytes: int = 8192) -> str:
-        return self.console.tail(max_bytes)
-
-    async def qmp(self) -> QMPClient:
-        """This VM's QMP session, opened on first use."""
-        if self._qmp is None:
-            try:
-                self._qmp = await QMPClient.connect(self.paths.qmp, QMP_TIMEOUT_S)
-            except VMMError as exc:
-                if not self.is_running():
-                    raise VMMCrashed(self.exit_description(), self.console_tail()) from exc
-                raise
-        return self._qmp
-
-    async def pause(self) -> None:
-        await (await self.qmp()).execute("stop")
-
-    async def resume(self) -> None:
-        await (await self.qmp()).execute("cont")
-
-    async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
-        """(See :meth:`VM.snapshot`.) A template VM always stops: its RAM file *is* the
-        snapshot, so the guest must never run on it again."""
-        template = self.config.memory_file is not None
-        stop = stop or template
-        qmp = await self.qmp()
-        was_running = (await qmp.execute("query-status")).get("running", False)
-        os.mkdir(dest, 0o700)
-        try:
-            await qmp.execute("stop")
-            await migration.save(
-                qmp, dest / STATE_FILE, ignore_shared=template, timeout_s=self.save_timeout_s
-            )
-            if stop:
-                # The state is safe on disk: end QEMU, then take its disk (no copy).
-                self._terminate(remove_files=False)
-                os.replace(self.paths.overlay, dest / DISK_FILE)
-                shutil.rmtree(self.work_dir, ignore_errors=True)
-                await self._close_qmp()
-                await self.console.aclose()
-            else:
-                # Migration flushed the disk's metadata and left it inactive: copy it now,
-                # while the guest cannot write, then let the guest run on.
-                await asyncio.to_thread(shutil.copyfile, self.paths.overlay, dest / DISK_FILE)
-                (dest / DISK_FILE).chmod(qemu_files.PRIVATE_FILE_MODE)
-                if was_running:
-                    await qmp.execute("cont")
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
-            if not self._killed and self.is_running() and was_running:
-                with contextlib.suppress(VMMError, OSError):
-                    await qmp.execute("cont")
-            raise
-        return SnapshotFiles(
-            dest, NAME, self.vmm_version, self.config.memory_file if template else None
-        )
-
-    async def wait(self) -> int:
-        if self.is_running():
-            await wait_for_exit(self._pid)
-        if self._popen is not None:
-            return self._popen.wait()
-        return -1
-
-    async def kill(self) -> None:
-        # Synchronous on purpose: nothing here awaits before the process is gone and the
-        # files are removed, so a cancelled caller cannot leave half a VM behind.
-        if not self._killed:
-            self._terminate()
-        await self._close_qmp()
-        await self.console.aclose()
-
-    async def release(self) -> None:
-        await self._close_qmp()
-        await self.console.aclose()
-        if self._popen is not None and not self._killed:
-            reap_in_background(self._popen)
-            self._popen = None
-
-    async def _close_qmp(self) -> None:
-        qmp, self._qmp = self._qmp, None
-        if qmp is not None:
-            await qmp.aclose()
-
-    def _terminate(self, *, remove_files: bool = True) -> None:
-        self._killed = True
-        if self._janitor is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._janitor.kill()
-            self._janitor.wait()
-            if self._janitor.stdin is not None:
-                self._janitor.stdin.close()  # only now: its closing is the janitor's cue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)
-        if self._popen is not None:
-            self._popen.wait()
-        else:
-            deadline = time.monotonic() + 5
-            while read_process(self._pid) is not None and time.monotonic() < deadline:
-                time.sleep(0.005)
-        if self.cgroup is not None:
-            with contextlib.suppress(OSError):
-                self.cgroup.remove()
-        if remove_files:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 class QemuDriver:
@@ -312,7 +125,7 @@ class QemuDriver:
                 raise SnapshotCorrupt(f"snapshot file {path} is missing", file=str(path))
         if adopt_disk:
             qemu_files.make_work_dir(config.work_dir)
-            os.link(disk, QemuPaths(config.work_dir).overlay)  # the snapshot keeps its name
+            qemu_files.adopt_disk(disk, QemuPaths(config.work_dir).overlay)  # with its record
         else:
             await qemu_files.make_overlay(self.qemu_img, config.work_dir, disk, "qcow2")
         self._check_disk(config)

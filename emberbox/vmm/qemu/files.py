@@ -117,9 +117,24 @@ def _open_disk(files: HostFiles, overlay: Path) -> tuple[DiskLayer, ...]:
         # The overlay's label is its path: it keeps the work dir in QEMU's argv, where
         # attach() and the orphan sweep look for it.
         label = str(layer.path) if index == 0 else f"layer{index}"
-        fd = files.open(layer.path, os.O_RDWR if index == 0 else os.O_RDONLY)
+        flags = os.O_RDWR if index == 0 else os.O_RDONLY
+        fd = _open_layer(files, layer.path, flags, recorded=index > 0)
         layers.append(DiskLayer(fd, layer.format, label))
     return tuple(layers)
+
+
+def _open_layer(files: HostFiles, path: Path, flags: int, *, recorded: bool) -> int:
+    """A disk layer, never through a symlink: O_NOFOLLOW for the last component, and a
+    recorded layer (resolved when recorded) must still resolve to itself."""
+    if recorded and os.path.realpath(path) != str(path):
+        raise VMMError(f"disk layer {path} goes through a symlink: refused")
+    try:
+        fd = files.open(path, flags | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise VMMError(f"cannot open disk layer {path}: {exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise VMMError(f"disk layer {path} is not a regular file: refused")
+    return fd
 
 
 def _open_memory(
@@ -159,6 +174,30 @@ async def make_overlay(qemu_img: str, work_dir: Path, backing: Path, backing_for
     # Root's alone: QEMU gets a descriptor, and no other VMM user process can re-open
     # it through /proc/PID/fd (which checks the file's own mode).
     overlay.chmod(PRIVATE_FILE_MODE)
+    try:  # the chain as we made it: later boots follow this, never the header
+        qcow2.write_chain(overlay, backing, backing_format)
+    except (OSError, qcow2.Qcow2Error) as exc:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise VMMError(f"cannot record the disk chain of {overlay}: {exc}") from exc
+
+
+def adopt_disk(disk: Path, overlay: Path) -> None:
+    """Make a snapshot's ``disk`` (and its chain record) the VM's ``overlay`` (a hard
+    link: the snapshot keeps its name)."""
+    os.link(disk, overlay)
+    os.link(qcow2.chain_record(disk), qcow2.chain_record(overlay))
+
+
+def keep_disk(overlay: Path, disk: Path, *, move: bool) -> None:
+    """Put the VM's ``overlay`` (and its chain record) into a snapshot as ``disk``:
+    moved (the VM has ended) or copied (QEMU is stopped and its disk flushed)."""
+    if move:
+        os.replace(overlay, disk)
+    else:
+        shutil.copyfile(overlay, disk)
+        disk.chmod(PRIVATE_FILE_MODE)
+    shutil.copyfile(qcow2.chain_record(overlay), qcow2.chain_record(disk))
+    qcow2.chain_record(disk).chmod(PRIVATE_FILE_MODE)
 
 
 def check_disk_cap(config: VMConfig, max_disk_mib: int | None) -> None:

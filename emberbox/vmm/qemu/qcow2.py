@@ -1,13 +1,20 @@
-"""Reading a qcow2 image's header: its virtual size and its backing file.
+"""A VM disk's backing chain, from the host's own records; and reading a qcow2 header.
 
 The host hands QEMU every layer of a VM's disk as an open file descriptor, so it must
 know the whole backing chain (overlay → snapshot disks → template disk → image rootfs)
-itself. The chain lives in the qcow2 headers that ``qemu-img create`` wrote on the host;
-a guest writes only data clusters and cannot change them.
+itself. It takes that chain from the record it wrote when it made each overlay
+(:func:`write_chain`: ``<overlay>.chain``, root's, never handed to QEMU), never from a
+qcow2 header: QEMU holds the top overlay read-write, so a compromised QEMU could name
+any host file as its backing, and that overlay becomes a snapshot disk, a backing layer
+of later VMs. A record lists every layer below its overlay, so one record gives the
+whole chain. Every layer is an absolute path with no symlink on the way (opened with
+``O_NOFOLLOW`` by :mod:`emberbox.vmm.qemu.files`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +23,9 @@ MAGIC = b"QFI\xfb"
 _EXT_END = 0
 _EXT_BACKING_FORMAT = 0xE2792ACA
 MAX_CHAIN = 64  # far more than fork-of-fork chains ever reach
+CHAIN_SUFFIX = ".chain"
+MAX_RECORD_BYTES = 64 * 1024
+FORMATS = ("qcow2", "raw")
 
 
 class Qcow2Error(ValueError):
@@ -74,26 +84,62 @@ def read_header(image: Path) -> Qcow2Header:
     return parse_header(head, image)
 
 
-def probe_format(image: Path) -> str:
-    with image.open("rb") as f:
-        return "qcow2" if f.read(4) == MAGIC else "raw"
+def chain_record(layer: Path) -> Path:
+    """Where the host records the layers below ``layer``."""
+    return layer.with_name(layer.name + CHAIN_SUFFIX)
+
+
+def write_chain(overlay: Path, backing: Path, backing_format: str) -> None:
+    """Record, next to the new ``overlay``, the layers below it: ``backing`` and, when
+    that is a qcow2 overlay itself, the layers its own record names."""
+    below = [Layer(backing.resolve(strict=True), backing_format)]  # trusted now: ours
+    if backing_format == "qcow2":
+        below += recorded_chain(backing)
+    _check_layers(below, overlay)
+    body = json.dumps([{"path": str(layer.path), "format": layer.format} for layer in below])
+    record = chain_record(overlay)
+    partial = record.with_name(record.name + ".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+    os.replace(partial, record)
+
+
+def recorded_chain(layer: Path) -> list[Layer]:
+    """The layers below ``layer``, top first, as the host recorded them.
+
+    Raises OSError for a missing record and Qcow2Error for one we cannot trust.
+    """
+    fd = os.open(chain_record(layer), os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_RECORD_BYTES + 1)
+    if len(raw) > MAX_RECORD_BYTES:
+        raise Qcow2Error(f"{layer}: chain record over {MAX_RECORD_BYTES} bytes")
+    try:
+        entries = json.loads(raw)
+        below = [Layer(Path(entry["path"]), entry["format"]) for entry in entries]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise Qcow2Error(f"{layer}: unreadable chain record: {exc}") from None
+    _check_layers(below, layer)
+    return below
+
+
+def _check_layers(below: list[Layer], top: Path) -> None:
+    if len(below) >= MAX_CHAIN:
+        raise Qcow2Error(f"{top}: backing chain longer than {MAX_CHAIN}")
+    for index, layer in enumerate(below):
+        if layer.format not in FORMATS:
+            raise Qcow2Error(f"{top}: backing format {layer.format!r} is not supported")
+        if not layer.path.is_absolute() or ".." in layer.path.parts:
+            raise Qcow2Error(f"{top}: backing layer {layer.path} is not an absolute path")
+        if (layer.format == "raw") != (index == len(below) - 1):
+            raise Qcow2Error(f"{top}: only the last layer of a chain is raw")
 
 
 def backing_chain(overlay: Path) -> list[Layer]:
-    """``overlay`` (qcow2) and every file below it, top first; the last one has no backing.
+    """``overlay`` (qcow2) and every file below it, top first, from the host's record
+    (:func:`write_chain`); the last one is the image's raw root filesystem.
 
-    Raises OSError for a missing layer and Qcow2Error for a chain we cannot follow.
+    Raises OSError for a missing record and Qcow2Error for one we cannot trust.
     """
-    chain = [Layer(overlay, "qcow2")]
-    while chain[-1].format == "qcow2":
-        header = read_header(chain[-1].path)
-        if header.backing is None:
-            break
-        if len(chain) >= MAX_CHAIN:
-            raise Qcow2Error(f"{overlay}: backing chain longer than {MAX_CHAIN}")
-        # A recorded format wins: probing a raw layer's content would trust its bytes.
-        fmt = header.backing_format or probe_format(header.backing)
-        if fmt not in ("qcow2", "raw"):
-            raise Qcow2Error(f"{chain[-1].path}: backing format {fmt!r} is not supported")
-        chain.append(Layer(header.backing, fmt))
-    return chain
+    return [Layer(overlay, "qcow2"), *recorded_chain(overlay)]

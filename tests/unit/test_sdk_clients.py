@@ -1,19 +1,14 @@
-"""The SDK against the real app (fake manager) served by uvicorn on a free port."""
+"""The SDK's sync and async clients against the real app (fake manager) served by
+uvicorn on a free port."""
 
 from __future__ import annotations
 
-import inspect
-import json
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-import emberbox.sdk as sdk
 from emberbox import errors
 from emberbox.config import Settings
 from emberbox.sdk import (
@@ -28,12 +23,6 @@ from emberbox.sdk import (
 )
 from tests.support.fakes_manager import FakeManager, fake_app
 from tests.support.servers import serving
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio only."""
-    return "asyncio"
 
 
 @pytest.fixture
@@ -199,89 +188,6 @@ def test_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "k" not in repr(keyed)
 
 
-# --- request building and response parsing -----------------------------------------------
-
-
-def test_calls_are_sized_to_their_work() -> None:
-    """Exec waits for its own timeout plus a margin; create waits for a slow boot."""
-    create = _calls.create_call("img", None, 256, None, {"a": "b"}, None)
-    assert create.json == {"image": "img", "memory_mib": 256, "metadata": {"a": "b"}}
-    assert create.wait_s >= 120
-    run = _calls.run_call("sb-1", "sleep 100", None, None, 100, None)
-    assert run.json == {"cmd": "sleep 100", "timeout_s": 100}
-    assert run.wait_s == 100 + _calls.EXEC_MARGIN_S
-    assert _calls.run_call("sb-1", ["ls"], None, None, None, None).wait_s >= 3600
-    listing = _calls.list_call("running", {"team": "a"})
-    assert listing.params == [("state", "running"), ("metadata.team", "a")]
-    with pytest.raises(errors.InvalidRequest):
-        _calls.get_call("../healthz")
-
-
-def test_snapshot_calls() -> None:
-    """Snapshot, pause and resume wait for a memory dump; ids cannot change the path."""
-    fork = _calls.create_call(None, None, None, None, None, None, "snap-1")
-    assert fork.json == {"snapshot_id": "snap-1"}
-    for call, method, path in [
-        (_calls.snapshot_call("sb-1"), "POST", "/v1/sandboxes/sb-1/snapshots"),
-        (_calls.pause_call("sb-1"), "POST", "/v1/sandboxes/sb-1/pause"),
-        (_calls.resume_call("sb-1"), "POST", "/v1/sandboxes/sb-1/resume"),
-    ]:
-        assert (call.method, call.path, call.json) == (method, path, None)
-        assert call.wait_s > 300
-    assert _calls.list_snapshots_call(None).params == []
-    assert _calls.list_snapshots_call("sb-1").params == [("sandbox_id", "sb-1")]
-    assert _calls.get_snapshot_call("snap-1").path == "/v1/snapshots/snap-1"
-    assert _calls.delete_snapshot_call("snap-1").method == "DELETE"
-    with pytest.raises(errors.InvalidRequest, match="not a snapshot id"):
-        _calls.delete_snapshot_call("../v1/sandboxes/sb-1")
-
-
-def _response(status: int, body: object | None = None, text: str = "") -> httpx.Response:
-    request = httpx.Request("GET", "http://e/v1/sandboxes")
-    if body is None:
-        return httpx.Response(status, text=text, request=request)
-    return httpx.Response(status, json=body, request=request)
-
-
-def test_error_mapping_of_unknown_and_malformed_bodies() -> None:
-    """Unknown types give EmberboxError, ValidationError InvalidRequest, HTML a status line."""
-    unknown = _calls.error_from_response(
-        _response(418, {"error": {"type": "Teapot", "message": "m"}})
-    )
-    assert type(unknown) is errors.EmberboxError
-    assert str(unknown) == "m"
-    invalid = _calls.error_from_response(
-        _response(422, {"error": {"type": "ValidationError", "message": "vcpus: bad"}})
-    )
-    assert type(invalid) is errors.InvalidRequest
-    timeout = _calls.error_from_response(
-        _response(504, {"error": {"type": "ExecTimeout", "message": "t"}})
-    )
-    assert isinstance(timeout, errors.ExecTimeout)
-    assert timeout.result is None
-    corrupt = _calls.error_from_response(
-        _response(502, {"error": {"type": "SnapshotCorrupt", "message": "m", "console_tail": "t"}})
-    )
-    assert isinstance(corrupt, errors.VMMError)
-    assert (type(corrupt), corrupt.console_tail) == (errors.SnapshotCorrupt, "t")
-    html = _calls.error_from_response(_response(502, text="<html>Bad Gateway</html>"))
-    assert type(html) is errors.EmberboxError
-    assert "HTTP 502" in str(html)
-    assert "Bad Gateway" in str(html)
-
-
-def test_every_error_class_survives_the_round_trip() -> None:
-    """Each class of the tree, sent by name, comes back as exactly that class."""
-    classes = errors.all_error_classes()
-    assert classes["SnapshotMismatch"] is errors.SnapshotMismatch
-    assert classes["SnapshotCorrupt"] is errors.SnapshotCorrupt
-    for name, cls in classes.items():
-        body = {"error": {"type": name, "message": "boom"}}
-        exc = _calls.error_from_response(_response(cls.status_code, body))
-        assert type(exc) is cls
-        assert exc.message == "boom"
-
-
 # --- the async client and parity ---------------------------------------------------------
 
 
@@ -331,99 +237,3 @@ async def test_async_unreachable_server_is_a_host_error() -> None:
     """Connection refused raises HostError in the async client too."""
     with pytest.raises(errors.HostError, match="cannot reach emberbox"):
         await AsyncSandbox.create(url=f"http://127.0.0.1:{_closed_port()}")
-
-
-def _public_methods(cls: type) -> dict[str, list[tuple[object, ...]]]:
-    """Each public method's parameters as (name, kind, default, annotation without Async)."""
-    return {
-        name: [
-            (p.name, p.kind, p.default, str(p.annotation).replace("Async", ""))
-            for p in inspect.signature(member).parameters.values()
-        ]
-        for name, member in inspect.getmembers(cls)
-        if callable(member) and (not name.startswith("_") or name == "__init__")
-    }
-
-
-@pytest.mark.parametrize(
-    ("sync_cls", "async_cls"),
-    [
-        (Sandbox, AsyncSandbox),
-        (sdk.Commands, sdk.AsyncCommands),
-        (Snapshots, AsyncSnapshots),
-        (sdk.CommandHandle, sdk.AsyncCommandHandle),
-        (sdk.Files, sdk.AsyncFiles),
-        (sdk.Pty, sdk.AsyncPty),
-        (sdk.PtySession, sdk.AsyncPtySession),
-    ],
-)
-def test_sync_and_async_have_the_same_calls(sync_cls: type, async_cls: type) -> None:
-    """Same public names and parameters (names, kinds, defaults) in both clients."""
-    sync_methods, async_methods = _public_methods(sync_cls), _public_methods(async_cls)
-    assert set(sync_methods) == set(async_methods)
-    for name, signature in sync_methods.items():
-        assert signature == async_methods[name], name
-        if name != "__init__":
-            assert inspect.iscoroutinefunction(getattr(async_cls, name)), name
-    assert set(_public_methods(Sandbox)) >= {
-        "create",
-        "connect",
-        "list",
-        "info",
-        "get_info",
-        "kill",
-        "set_timeout",
-        "pause",
-        "resume",
-        "snapshot",
-    }
-
-
-def test_exported_members() -> None:
-    """The SDK's public surface is its flat __all__, error classes included."""
-    assert set(sdk.__all__) == {name for name in dir(sdk) if not name.startswith("_")} - {
-        "annotations"
-    }
-    for name in (
-        "Sandbox",
-        "AsyncSandbox",
-        "CommandResult",
-        "SandboxInfo",
-        "NotFound",
-        "HostError",
-        "Snapshots",
-        "AsyncSnapshots",
-        "SnapshotInfo",
-        "SnapshotMismatch",
-        "SnapshotCorrupt",
-        "CommandHandle",
-        "AsyncCommandHandle",
-        "Files",
-        "AsyncFiles",
-        "PtySession",
-        "AsyncPtySession",
-        "FileInfo",
-        "ProcessInfo",
-        "ProcessStatus",
-    ):
-        assert name in sdk.__all__
-    assert sdk.NotFound is errors.NotFound
-
-
-SERVER_MODULES = (
-    *("emberbox.service", "emberbox.api", "emberbox.agent_client", "emberbox.images"),
-    *("emberbox.store", "emberbox.vmm", "emberbox.net", "emberbox.config", "emberbox.guest"),
-    *("fastapi", "starlette", "uvicorn", "pydantic_settings", "lz4"),
-)
-
-
-def test_the_sdk_loads_no_server_code() -> None:
-    """`import emberbox.sdk` (wire models included) loads no server module or dependency."""
-    code = (
-        "import json, sys, emberbox, emberbox.sdk, emberbox.models.oneshot; "
-        "emberbox.run_code; print(json.dumps(sorted(sys.modules)))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(done.stdout)
-    assert "emberbox.models.sandboxes" in loaded
-    assert [name for name in loaded if name.startswith(SERVER_MODULES)] == []

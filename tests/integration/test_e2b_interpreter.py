@@ -1,0 +1,94 @@
+"""The unmodified async E2B SDK and the code interpreter (``e2b-code-interpreter``
+2.11.5) against a real ``emberbox serve``: async commands and files, run_code state
+across calls, errors, contexts. One server and one sandbox for the module."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from e2b import AsyncSandbox, CommandExitException
+from e2b_code_interpreter import Sandbox
+
+from emberbox.images.registry import ImageInfo
+from tests.support.e2b import E2bServer, e2b_server
+from tests.support.paths import short_tmp_dir
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def front(default_image: ImageInfo) -> Iterator[E2bServer]:
+    data_dir = short_tmp_dir("eb-e2bi-")
+    try:
+        with e2b_server(data_dir) as running:
+            yield running
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sbx(front: E2bServer) -> Iterator[Sandbox]:
+    sandbox = Sandbox.create()
+    yield sandbox
+    sandbox.kill()
+
+
+def test_run_code_keeps_state(sbx: Sandbox) -> None:
+    """Variables and imports persist; stdout streams; the last value is the result."""
+    seen: list[str] = []
+    first = sbx.run_code(
+        "import math\nx = 41\nprint('hi')\nx + 1", on_stdout=lambda m: seen.append(m.line)
+    )
+    assert first.text == "42" and first.logs.stdout == ["hi\n"] and first.error is None
+    assert seen == ["hi\n"]
+    assert sbx.run_code("math.floor(x + 0.5)").text == "41"
+    assert sbx.run_code("import sys; print('e', file=sys.stderr)").logs.stderr == ["e\n"]
+
+
+def test_run_code_error(sbx: Sandbox) -> None:
+    """An exception is the execution's error: name, value and traceback."""
+    failed = sbx.run_code("1/0")
+    assert failed.error is not None
+    assert (failed.error.name, failed.error.value) == ("ZeroDivisionError", "division by zero")
+    assert "ZeroDivisionError" in failed.error.traceback
+
+
+def test_contexts(sbx: Sandbox) -> None:
+    """Contexts are separate namespaces; restart clears one; remove deletes it."""
+    ctx = sbx.create_code_context(cwd="/tmp")
+    assert ctx.cwd == "/tmp" and ctx.id in [c.id for c in sbx.list_code_contexts()]
+    sbx.run_code("y = 5", context=ctx)
+    assert sbx.run_code("y", context=ctx).text == "5"
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "'/tmp'"
+    missing = sbx.run_code("y")  # the default context has no y
+    assert missing.error is not None and missing.error.name == "NameError"
+    sbx.restart_code_context(ctx)
+    again = sbx.run_code("y", context=ctx)
+    assert again.error is not None and again.error.name == "NameError"
+    sbx.remove_code_context(ctx)
+    assert ctx.id not in [c.id for c in sbx.list_code_contexts()]
+
+
+@pytest.mark.anyio
+async def test_async_sdk(front: E2bServer, sbx: Sandbox) -> None:
+    """AsyncSandbox connects to the same sandbox: commands, files, background."""
+    del front
+    box = await AsyncSandbox.connect(sbx.sandbox_id)
+    result = await box.commands.run("echo $((6*7))")
+    assert result.stdout == "42\n"
+    with pytest.raises(CommandExitException):
+        await box.commands.run("exit 3")
+    await box.files.write("async.txt", "a")
+    assert await box.files.read("async.txt") == "a"
+    assert [e.name for e in await box.files.list(".") if e.name == "async.txt"] == ["async.txt"]
+    events = []
+    handle = await box.files.watch_dir(".", on_event=events.append)
+    await box.files.write("seen.txt", "b")
+    await box.commands.run("sleep 1")
+    await handle.stop()
+    assert any(e.name == "seen.txt" for e in events)
+    background = await box.commands.run("sleep 30", background=True)
+    assert await box.commands.kill(background.pid) is True
+    assert await box.is_running()

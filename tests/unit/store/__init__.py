@@ -1,0 +1,1 @@
+"""The SQLite store: schema, typed rows, compare-and-set, filters, concurrency."""
