@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     # Server log lines: "text" for people, "json" (one object per line) for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # GET /metrics without a key on this HOST:PORT too (a private network's Prometheus).
+    metrics_bind: str | None = None
     max_sandboxes: int = Field(default=16, ge=1)
     default_timeout_s: int = Field(default=300, ge=1)
     max_timeout_s: int = Field(default=24 * 3600, ge=1)

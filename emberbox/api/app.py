@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from emberbox.api.deps import AppContext
 from emberbox.api.errors import error_responses, install_error_handlers
 from emberbox.api.limits import BodyGuard
 from emberbox.api.mcp import McpEndpoint
+from emberbox.api.metrics_listener import metrics_listener
 from emberbox.api.observe import ObserveMiddleware
 from emberbox.api.routes import (
     audit,
@@ -32,6 +34,7 @@ from emberbox.config import Settings
 from emberbox.e2b.mount import mount as mount_e2b
 from emberbox.service.catalog import ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.service.sandboxes.scrape import scrape
 from emberbox.service.tenancy.access import Tenancy
 
 
@@ -57,19 +60,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            if not owned:
-                async with mcp.running():
-                    yield
-                return
-            await context.manager.start()
-            try:
-                async with mcp.running():
-                    yield
-            finally:
-                await context.manager.close()
-        finally:
-            await tenancy.close()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(tenancy.close)
+            if owned:
+                await context.manager.start()
+                stack.push_async_callback(context.manager.close)
+            await stack.enter_async_context(mcp.running())
+            if settings.metrics_bind:
+                scraped = context.manager
+                stack.enter_context(
+                    metrics_listener(
+                        settings.metrics_bind, lambda: scrape(scraped, settings.vms_dir)
+                    )
+                )
+            yield
 
     app = FastAPI(
         title="emberbox",

@@ -50,6 +50,9 @@ class VMConfig:
     # in the file instead of copying it: that VM becomes a template whose clones map the
     # file copy-on-write. Drivers that cannot do this copy the RAM as usual.
     memory_file: Path | None = None
+    # Where the disk's layers may live (the data dir, the image and template caches):
+    # a recorded layer outside them is refused. Empty: not checked (library use, tests).
+    disk_roots: tuple[Path, ...] = ()
     # An open TAP device (in the sandbox's network namespace) for the guest's NIC,
     # inherited by the VMM; None: the NIC is there but leads nowhere (no network).
     tap_fd: int | None = None

@@ -13,11 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from emberbox.images.registry import ImageInfo
 from tests.support.keys import make_key
 from tests.support.paths import short_tmp_dir
-from tests.support.servers import Server, serve_emberbox
+from tests.support.servers import Server, free_port, serve_emberbox
 
 pytestmark = [pytest.mark.vm]
 
 ADMIN_KEY = "eb-observability-admin-key-0123456789"
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def server(default_image: ImageInfo) -> Iterator[Server]:
             EMBERBOX_API_KEY=ADMIN_KEY,
             EMBERBOX_LOG_FORMAT="json",
             EMBERBOX_POOL_SIZE="0",
+            EMBERBOX_METRICS_BIND=f"127.0.0.1:{METRICS_PORT}",
         ) as running:
             yield running
     finally:
@@ -97,6 +99,16 @@ def test_scraping_needs_an_admin_key(server: Server) -> None:
         refused = httpx.get(f"{server.url}/metrics", headers=headers, timeout=30)
         assert refused.status_code == 401, (headers, refused.text)
         assert refused.json()["error"]["type"] == "Unauthorized"
+
+
+def test_the_metrics_bind_serves_metrics_without_a_key(server: Server) -> None:
+    """EMBERBOX_METRICS_BIND serves the same scrape on its own address, without a key, and
+    nothing else there."""
+    got = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30)
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/plain")
+    assert ("emberbox_vmm_resident_bytes", ()) in samples(got.text)
+    other = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/v1/sandboxes", timeout=30)
+    assert other.status_code == 404
 
 
 def test_json_logs_parse_and_carry_the_request_id(server: Server) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emberbox import logs
@@ -76,3 +78,16 @@ def test_exposition_parses_and_counts_live_sandboxes() -> None:
     assert samples["emberbox_pool_ready", (("image", "default"),)] == 2
     assert samples["emberbox_vmm_resident_bytes", ()] == 4096
     assert samples["emberbox_sandbox_creates_total", (("outcome", "ok"), ("path", "pool"))] >= 1
+
+
+def test_metrics_bind_parses_host_and_port() -> None:
+    """HOST:PORT (IPv6 in brackets) parses; anything else is a HostError naming it."""
+    from emberbox import errors
+    from emberbox.api.metrics_listener import parse_bind
+
+    assert parse_bind("10.0.0.5:9464") == ("10.0.0.5", 9464)
+    assert parse_bind("[::1]:9464") == ("::1", 9464)
+    assert parse_bind(":9464") == ("127.0.0.1", 9464)
+    for bad in ("9464", "host:", "host:port", "h:70000"):
+        with pytest.raises(errors.HostError, match=re.escape(repr(bad))):
+            parse_bind(bad)

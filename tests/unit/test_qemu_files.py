@@ -240,3 +240,19 @@ def test_kvm_access_is_judged_for_the_vmm_user(tmp_path: Path) -> None:
         vmm_user.check_kvm(stranger, device)
     device.chmod(0o666)
     vmm_user.check_kvm(stranger, device)
+
+
+@needs_qemu_img
+def test_a_layer_outside_emberbox_directories_is_refused(tmp_path: Path) -> None:
+    """With disk_roots set, every layer must be under one of them: the image's root
+    outside them is refused, and inside them the same chain opens."""
+    files = guest(tmp_path)
+    work = tmp_path / "data" / "vms" / "vm"
+    outside = VMConfig("vm", work, files, disk_roots=(tmp_path / "data",))
+    make_work_dir(work)
+    overlay(files.rootfs, "raw", QemuPaths(work).overlay)
+    with pytest.raises(VMMError, match="outside emberbox's directories"):
+        open_host_files(outside, shared=False, user=None)
+    inside = VMConfig("vm", work, files, disk_roots=(tmp_path / "data", tmp_path / "img"))
+    host, _ = open_host_files(inside, shared=False, user=None)
+    host.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -346,7 +347,14 @@ def _config(
         console_log_max_bytes=settings.console_log_max_bytes,
         lifetime=lifetime,
         tap_fd=network.tap_fd if network is not None else None,
+        disk_roots=disk_roots(settings),
     )
+
+
+def disk_roots(settings: Settings) -> tuple[Path, ...]:
+    """Where a VM's disk layers may be: the data dir, the image and template caches."""
+    dirs = (settings.data_dir, settings.cache_dir, settings.images_dir)
+    return tuple(Path(os.path.realpath(d)) for d in dirs)
 
 
 __all__ = ["SandboxVM", "check_shape", "new_sandbox_id", "work_dir_for"]

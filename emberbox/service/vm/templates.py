@@ -33,6 +33,7 @@ from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
 from emberbox.service.vm.boot import boot_until_ready
+from emberbox.service.vm.machine import disk_roots
 from emberbox.vmm.base import Driver, SnapshotFiles, VMConfig
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Templates:
             memory_mib=memory_mib,
             console_log_max_bytes=settings.console_log_max_bytes,
             memory_file=generation / "memory",
+            disk_roots=disk_roots(settings),
         )
         log.info(
             "building template %s for image %s (%d vCPU, %d MiB)", key, info.name, vcpus, memory_mib

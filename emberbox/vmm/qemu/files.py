@@ -98,7 +98,7 @@ def open_host_files(
             console=files.listen(paths.console),
             kernel=files.open(config.guest.kernel, os.O_RDONLY),
             initrd=files.open(config.guest.initrd, os.O_RDONLY),
-            disk=_open_disk(files, paths.overlay),
+            disk=_open_disk(files, paths.overlay, config.disk_roots),
             memory=_open_memory(files, config.memory_file, shared, user),
         )
     except BaseException:
@@ -107,13 +107,17 @@ def open_host_files(
     return files, fds
 
 
-def _open_disk(files: HostFiles, overlay: Path) -> tuple[DiskLayer, ...]:
+def _open_disk(
+    files: HostFiles, overlay: Path, roots: tuple[Path, ...] = ()
+) -> tuple[DiskLayer, ...]:
     try:
         chain = qcow2.backing_chain(overlay)
     except (OSError, qcow2.Qcow2Error) as exc:
         raise VMMError(f"cannot follow the disk chain of {overlay}: {exc}") from exc
     layers = []
     for index, layer in enumerate(chain):
+        if roots and not any(layer.path.is_relative_to(root) for root in roots):
+            raise VMMError(f"disk layer {layer.path} is outside emberbox's directories: refused")
         # The overlay's label is its path: it keeps the work dir in QEMU's argv, where
         # attach() and the orphan sweep look for it.
         label = str(layer.path) if index == 0 else f"layer{index}"
