@@ -226,25 +226,29 @@ class SandboxManager:
         policy = None
         if network is not None:
             policy = await validation.resolve_network(self._settings, network)
-        pooled = None if source is not None or policy else self.pool.take(shape)
+        pooled = None if source is not None or policy else self.pool.take(shape, refill=False)
         try:
-            row = await self._boots.admit(
-                store,
-                spec,
-                pooled.id if pooled else None,
-                snapshot_id=snapshot_id,
-                tenant_id=tenant_id,
-                networked=policy is not None,
+            try:
+                row = await self._boots.admit(
+                    store,
+                    spec,
+                    pooled.id if pooled else None,
+                    snapshot_id=snapshot_id,
+                    tenant_id=tenant_id,
+                    networked=policy is not None,
+                )
+            except BaseException:
+                if pooled is not None:
+                    with anyio.CancelScope(shield=True):
+                        await pooled.kill()
+                raise
+            starter = self._boots.starter(
+                row, source, pooled, network_plan(self._settings, policy, row)
             )
-        except BaseException:
+            return await self._boots.boot_locked(row, starter)
+        finally:
             if pooled is not None:
-                with anyio.CancelScope(shield=True):
-                    await pooled.kill()
-            raise
-        starter = self._boots.starter(
-            row, source, pooled, network_plan(self._settings, policy, row)
-        )
-        return await self._boots.boot_locked(row, starter)
+                self.pool.refill()  # only now: starting a VM would hold up this hand-out
 
     def pool_ready(self, image: str | None = None) -> int:
         """How many sandboxes the warm pool holds ready (for ``image``, if given)."""

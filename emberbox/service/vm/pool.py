@@ -74,13 +74,21 @@ class WarmPool(Generic[P]):
             return 0
         return len(self._ready)
 
-    def take(self, shape: PoolShape) -> P | None:
-        """A ready sandbox of ``shape``, or None; starts a refill either way."""
+    def take(self, shape: PoolShape, *, refill: bool = True) -> P | None:
+        """A ready sandbox of ``shape``, or None. ``refill=False`` leaves starting its
+        replacement to the caller (:meth:`refill`), once the hand-out is done: starting
+        a VM holds the event loop for tens of milliseconds, which the hand-out would
+        otherwise wait behind."""
         if shape != self.shape or not self._ready:
             return None
         sandbox = self._ready.pop(0)
-        self._wake.set()
+        if refill:
+            self._wake.set()
         return sandbox
+
+    def refill(self) -> None:
+        """Start replacing what was taken (no-op when the pool is full)."""
+        self._wake.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep the pool full until cancelled (run in the manager's task group)."""
