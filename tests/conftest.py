@@ -96,12 +96,3 @@ async def sandbox_factory(settings: Settings) -> AsyncIterator[object]:
             print(f"--- console of {sb.id} ---\n{sb.vm.console_tail()}")
         await sb.kill()
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test that boots
-    VMs or servers (integration, hostile) runs on one worker, in order, so the servers
-    and VMs they share are started once and two TCG guests never race for the two
-    cores; the pure unit tests run on the other worker meanwhile."""
-    for item in items:
-        if item.nodeid.startswith(("tests/integration/", "tests/hostile/")):
-            item.add_marker(pytest.mark.xdist_group("vms"))
