@@ -95,4 +95,3 @@ async def sandbox_factory(settings: Settings) -> AsyncIterator[object]:
         if not sb.vm.is_running():
             print(f"--- console of {sb.id} ---\n{sb.vm.console_tail()}")
         await sb.kill()
-
