@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
 
 import h11
 from starlette.background import BackgroundTask
@@ -37,6 +38,8 @@ from websockets.uri import parse_uri
 from emberbox import errors
 from emberbox.agent_client.calls import ByteTunnel
 from emberbox.api.errors import error_response
+
+TARGET_SAFE = "/:@!$&'()*+,;=-._~"  # what a request target may carry unencoded
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,11 @@ async def forward_http(
     chunked = b"content-length" not in dict(raw) and b"transfer-encoding" in dict(raw)
     if chunked:
         headers.append((b"transfer-encoding", b"chunked"))
-    target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
+    # The route hands over the path decoded: encode it again, so that any character the
+    # client sent (non-ASCII, controls) makes a valid request target for the guest.
+    target = (
+        "/" + quote(path, safe=TARGET_SAFE) + (f"?{request.url.query}" if request.url.query else "")
+    )
     head = h11.Request(method=request.method, target=target.encode(), headers=headers)
     try:
         await tunnel.send(conn.send(head) or b"")
@@ -173,7 +180,10 @@ async def _response_body(
 async def forward_websocket(websocket: WebSocket, tunnel: ByteTunnel, path: str) -> None:
     """Open a WebSocket to the guest's server, accept the caller's, relay messages."""
     query = websocket.url.query
-    uri = parse_uri(f"ws://localhost:{tunnel.port}/{path}" + (f"?{query}" if query else ""))
+    uri = parse_uri(
+        f"ws://localhost:{tunnel.port}/{quote(path, safe=TARGET_SAFE)}"
+        + (f"?{query}" if query else "")
+    )
     offered = list(websocket.scope.get("subprotocols", ()))
     client = ClientProtocol(uri, subprotocols=offered or None, max_size=None)
     try:
