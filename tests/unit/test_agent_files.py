@@ -7,7 +7,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,28 +20,10 @@ from tests.support.agent import (
     chunked,
     collect,
     eventually,
-    running_agent,
     sha256,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def agent() -> Iterator[RunningAgent]:
-    with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def client(agent: RunningAgent) -> AsyncIterator[AgentClient]:
-    async with await agent.connect() as connected:
-        yield connected
 
 
 @pytest.fixture

@@ -6,32 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from emberbox import errors
 from emberbox.agent_client.client import AgentClient
-from tests.support.agent import RunningAgent, running_agent
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def agent() -> Iterator[RunningAgent]:
-    with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def client(agent: RunningAgent) -> AsyncIterator[AgentClient]:
-    async with await agent.connect() as connected:
-        yield connected
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -8,7 +8,6 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -16,26 +15,9 @@ from emberbox import errors
 from emberbox.agent_client.client import AgentClient, ExecSpec, ProcessStatus, SpawnSpec
 from emberbox.guest import protocol
 from emberbox.guest.processes import OutputRing
-from tests.support.agent import RunningAgent, chunked, running_agent, sha256
+from tests.support.agent import RunningAgent, chunked, sha256
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def agent() -> Iterator[RunningAgent]:
-    with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def client(agent: RunningAgent) -> AsyncIterator[AgentClient]:
-    async with await agent.connect() as connected:
-        yield connected
 
 
 class Output:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import jsonschema
@@ -20,16 +19,11 @@ from emberbox.api.streams import StreamedResponse, Write, ndjson_response
 from emberbox.config import Settings
 from emberbox.models import ExecRequest, SandboxCreate
 from emberbox.service.sandboxes.validation import validate_spec
-from tests.support.agent import RunningAgent, collect, running_agent
+from tests.support.agent import collect
 
 pytestmark = pytest.mark.anyio
 
 Message = dict[str, Any]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 async def _serve(response: StreamedResponse) -> list[Message]:
@@ -110,18 +104,6 @@ async def test_ndjson_stream_starts_at_once() -> None:
     await response({"type": "http", "path": "/x"}, receive, send)
     assert order[:2] == ["http.response.start", "produce"]
     assert sent[0]["status"] == 200
-
-
-@pytest.fixture
-def agent() -> Iterator[RunningAgent]:
-    with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def client(agent: RunningAgent) -> AsyncIterator[AgentClient]:
-    async with await agent.connect() as connected:
-        yield connected
 
 
 async def test_agent_archives_proc_self_fd(client: AgentClient) -> None:
