@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     tenant_max_memory_mib: int = Field(default=4096, ge=0)  # summed over live sandboxes
     tenant_max_snapshots: int = Field(default=16, ge=0)
     tenant_max_snapshot_bytes: int = Field(default=32 << 30, ge=0)  # snapshots + paused, on disk
+    tenant_max_images: int = Field(default=16, ge=0)  # a tenant's own registered images
+    tenant_max_image_bytes: int = Field(default=16 << 30, ge=0)  # their blobs, on disk
     rate_limit_per_s: float = Field(default=20.0, gt=0)  # requests per second per key
     rate_limit_burst: int = Field(default=100, ge=1)  # requests a key may send at once
 
