@@ -18,6 +18,7 @@ import inspect
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -58,11 +59,24 @@ __all__ = [
     "ProcessStatus",
     "SpawnSpec",
     "Tunnel",
+    "WarmProgram",
 ]
 
 HELLO_RESEND_S = 0.5
 EXEC_GRACE_S = 15.0  # how long past its own timeout an exec may take to be answered
 EXEC_OUTPUT_MAX_BYTES = 16 << 20  # an exec's output cap when its spec names none
+
+
+@dataclass(frozen=True)
+class WarmProgram:
+    """A ``run``'s ``warm`` field: ``script`` with ``args``, forked from the guest's warm
+    ``runtime`` as ``uid``/``gid`` (None: root's)."""
+
+    runtime: str
+    script: str
+    args: list[str]
+    uid: int | None = None
+    gid: int | None = None
 
 
 class AgentClient:
@@ -182,11 +196,46 @@ class AgentClient:
         ``spec.output_max_bytes`` (default 16 MiB) on both sides: an agent that sends
         more breaks the protocol (ProtocolError).
         """
+        result, _ = await self._exec(spec, {"op": Op.EXEC}, on_stdout, on_stderr)
+        return result
+
+    async def run(
+        self,
+        spec: ExecSpec,
+        *,
+        tar: bytes | None = None,
+        tar_dir: str | None = None,
+        warm: WarmProgram | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> tuple[ExecResult, bool]:
+        """:meth:`exec` in one call with what a one-shot run needs: ``tar`` extracted into
+        ``tar_dir`` first, and ``warm``: run by the guest's warm runtime when it can
+        (docs/protocol.md, ``run``). Returns the result and whether it ran warm."""
+        extra: dict[str, Any] = {"op": Op.RUN}
+        if tar is not None:
+            extra.update(tar=base64.b64encode(tar).decode("ascii"), tar_dir=tar_dir)
+        if warm is not None:
+            extra["warm"] = dataclasses.asdict(warm)
+        return await self._exec(spec, extra, on_stdout, on_stderr)
+
+    async def warm(self, runtimes: list[str], *, timeout_s: float = 180.0) -> list[str]:
+        """Start the guest's warm runtimes (``warm``); returns those that are ready."""
+        answer = await asyncio.wait_for(self.request(Op.WARM, runtimes=runtimes), timeout_s)
+        return [str(name) for name in answer.get("runtimes", [])]
+
+    async def _exec(
+        self,
+        spec: ExecSpec,
+        extra: dict[str, Any],
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> tuple[ExecResult, bool]:
         if spec.output_max_bytes is None:
             spec = dataclasses.replace(spec, output_max_bytes=EXEC_OUTPUT_MAX_BYTES)
         cap = spec.output_max_bytes
         output = _Output(on_stdout, on_stderr)
-        body = {**spec.wire(), "op": Op.EXEC}
+        body = {**spec.wire(), **extra}
         deadline = None if spec.timeout_s is None else spec.timeout_s + EXEC_GRACE_S
         request = self._link.request(body, output.feed, data_limit=cap)
         try:
@@ -195,7 +244,8 @@ class AgentClient:
             raise errors.ExecTimeout(
                 f"agent did not answer an exec within {deadline} s", result=None
             ) from None
-        return exec_result_from(answer, bytes(output.stdout), bytes(output.stderr))
+        result = exec_result_from(answer, bytes(output.stdout), bytes(output.stderr))
+        return result, answer.get("warm") is True
 
     # -- background processes --------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import archive, cgroups, commands, common, files, ports, processes, protocol, system
+from . import archive, cgroups, commands, common, files, ports, processes, protocol, system, warm
 from .channel import Call
 from .protocol import Op
 from .transports import Server, choose_transport
@@ -54,6 +54,7 @@ class Agent:
         self._reaper = commands.Reaper()
         self._cgroups = cgroups.Cgroups(enabled=init is not None)
         self._processes = processes.ProcessTable(self._reaper, self._cgroups)
+        self._warm = warm.WarmRuntimes(self._reaper, self._cgroups)
         self._stop = asyncio.Event()
         table = self._processes
         self._ops: dict[Op, Handler] = {
@@ -79,6 +80,8 @@ class Agent:
             Op.TAR_OUT: archive.tar_out,
             Op.TAR_IN: archive.tar_in,
             Op.CONNECT: ports.connect,
+            Op.WARM: self._warm.warm,
+            Op.RUN: self._warm.run,
         }
 
     async def run(self, transport: str) -> int:
@@ -96,6 +99,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(serve, stop, return_exceptions=True)
         await self._processes.aclose()
+        self._warm.close()
         failed = not serve.cancelled() and serve.exception() is not None
         if failed:
             log(f"serving failed: {serve.exception()!r}")

@@ -86,6 +86,8 @@ class Op(enum.StrEnum):
     TAR_OUT = "tar_out"
     TAR_IN = "tar_in"
     CONNECT = "connect"
+    WARM = "warm"
+    RUN = "run"
 
 
 class ProtocolViolation(ValueError):
