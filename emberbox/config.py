@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     network_dns: list[str] = Field(default_factory=lambda: ["1.1.1.1", "8.8.8.8"])  # guest's
     network_set_ip_forward: bool = True  # set net.ipv4.ip_forward=1 if it is 0 (host-wide)
 
+    # OCI imports (see docs/images.md): the pull + unpack time limit, and the root disk's
+    # size: the image's content plus headroom for the sandbox's writes, at most the cap.
+    oci_import_timeout_s: float = Field(default=900.0, gt=0)
+    oci_rootfs_headroom_mib: int = Field(default=1024, ge=0)
+    oci_max_rootfs_mib: int = Field(default=16384, ge=64)
+
     # Host disk (hostile suite): create and uploads are refused (HTTP 507, StorageFull)
     # while the data dir's file system has less than this free.
     min_free_disk_mib: int = Field(default=512, ge=0)

@@ -28,6 +28,7 @@ GUEST_MODULES = (
     "virtio-rng",
     "vmw_vsock_virtio_transport",
     "virtio_net",
+    "overlay",  # emberbox.overlay: a read-only shared root under a per-VM scratch disk
 )
 
 # The guest agent (the package emberbox/guest) is installed as AGENT_DIR/AGENT_PACKAGE
@@ -126,7 +127,8 @@ for arg in $(cat /proc/cmdline); do
 done
 i=0
 while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-if ! mount -t ext4 -o rw,noatime "$root" /newroot; then
+{_MOUNT_OVERLAY}
+if [ -z "$overlay" ] && ! mount -t ext4 -o rw,noatime "$root" /newroot; then
     echo "init: cannot mount root disk $root"
     poweroff -f
 fi
@@ -135,6 +137,30 @@ mount --move /dev /newroot/dev
 export PYTHONPATH={agent_dir}
 exec switch_root /newroot /usr/bin/python3 -u -m {agent_package}
 """
+
+
+# ``emberbox.overlay=<dev>`` (the Firecracker driver sets it): the root disk is the image's,
+# shared read-only by every VM, and <dev> is this VM's empty ext4 scratch disk. Mount the
+# root read-only (noload: no journal replay, nothing written), the scratch writable, and
+# boot an overlayfs of the two, so every write lands in the scratch. Both mounts stay
+# under the new root, hidden by switch_root, still holding the overlay up.
+_MOUNT_OVERLAY = """overlay=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in emberbox.overlay=*) overlay="${arg#emberbox.overlay=}" ;; esac
+done
+if [ -n "$overlay" ]; then
+    i=0
+    while [ ! -b "$overlay" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+    mkdir -p /base /scratch
+    if ! mount -t ext4 -o ro,noload "$root" /base \\
+        || ! mount -t ext4 -o rw,noatime,noinit_itable "$overlay" /scratch \\
+        || ! mkdir -p /scratch/upper /scratch/work \\
+        || ! mount -t overlay overlay \\
+            -o lowerdir=/base,upperdir=/scratch/upper,workdir=/scratch/work /newroot; then
+        echo "init: cannot mount root disk $root under scratch disk $overlay"
+        poweroff -f
+    fi
+fi"""
 
 
 @dataclass

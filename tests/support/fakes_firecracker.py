@@ -103,6 +103,7 @@ def route(method, path, body):
     elif path.startswith("/drives/"):
         require_file(body["path_on_host"])
         state["drive"] = body["path_on_host"]
+        state.setdefault("drives", []).append(body["path_on_host"])
     elif path == "/vsock":
         state["vsock"] = body["uds_path"]
     elif path == "/actions":
@@ -121,7 +122,8 @@ def route(method, path, body):
         if MODE == "snapshot-fails":
             raise Fault("Create snapshot error: No space left on device (os error 28)")
         with open(host(body["snapshot_path"]), "w") as f:
-            json.dump({"drive": state["drive"], "vsock": state["vsock"]}, f)
+            json.dump({"drive": state["drive"], "drives": state.get("drives", []),
+                       "vsock": state["vsock"]}, f)
         with open(host(body["mem_file_path"]), "wb") as f:
             f.write(b"guest memory")
     elif path == "/snapshot/load":
@@ -136,7 +138,8 @@ def route(method, path, body):
         except (OSError, ValueError) as exc:
             raise Fault(f"Load snapshot error: Failed to restore from snapshot: {exc}")
         require_file(body["mem_backend"]["backend_path"])
-        require_file(saved["drive"])  # like Firecracker: the recorded drive path is reopened
+        for drive in saved.get("drives") or [saved["drive"]]:
+            require_file(drive)  # like Firecracker: every recorded drive path is reopened
         state.update(drive=saved["drive"], vsock=saved["vsock"], running=True)
         state["paused"] = not body.get("resume_vm", False)
         start_vsock(saved["vsock"])

@@ -46,6 +46,7 @@ def test_the_console_is_trimmed_while_nobody_reads_it(tmp_path: Path) -> None:
             "vm",
             layout,
             process,
+            base=None,
             version=lambda: "1.0",
             console_max_bytes=CAP,
             api_timeout_s=1.0,

@@ -30,7 +30,12 @@ VmState = Literal["Paused", "Resumed"]
 # pci=off: Firecracker has no PCI bus; probing it only costs boot time.
 BASE_BOOT_ARGS = ("console=ttyS0", "reboot=k", "panic=1", "pci=off")
 TRANSPORT_BOOT_ARG = "emberbox.transport=vsock"
+# The initramfs's init (emberbox/images/initramfs.py) reads this flag: mount the root disk
+# read-only, the scratch disk named here writable, an overlayfs of the two, and boot it.
+OVERLAY_BOOT_ARG = "emberbox.overlay"
 ROOT_DRIVE_ID = "rootfs"
+SCRATCH_DRIVE_ID = "scratch"
+SCRATCH_DEVICE = "/dev/vdb"  # the root device is always vda, the next drive vdb
 MAX_VCPUS = 32  # MachineConfiguration.vcpu_count maximum in the API
 
 
@@ -57,6 +62,9 @@ class BootPlan:
     metrics_file: str
     kernel_args: tuple[str, ...] = ()
     guest_cid: int = 3
+    # The VM's writable layer over the read-only ``rootfs``; None: ``rootfs`` is the VM's
+    # own writable disk (snapshots written before the overlay, loaded as they were made).
+    scratch: str | None = None
 
 
 def boot_args(extra: tuple[str, ...] = ()) -> str:
@@ -85,14 +93,29 @@ def boot_source_payload(kernel: str, initrd: str, args: str) -> JSON:
     return {"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": args}
 
 
-def root_drive_payload(path: str) -> JSON:
-    # Writable: the path is the VM's own copy-on-write copy, never the image itself.
+def root_drive_payload(path: str, *, read_only: bool = True) -> JSON:
+    # Read-only: the image's rootfs itself, shared by every VM (their writes go to scratch).
     return {
         "drive_id": ROOT_DRIVE_ID,
         "path_on_host": path,
         "is_root_device": True,
+        "is_read_only": read_only,
+    }
+
+
+def scratch_drive_payload(path: str) -> JSON:
+    """The VM's own writable disk: the overlay's upper layer (a small sparse ext4)."""
+    return {
+        "drive_id": SCRATCH_DRIVE_ID,
+        "path_on_host": path,
+        "is_root_device": False,
         "is_read_only": False,
     }
+
+
+def overlay_args(scratch: str | None) -> tuple[str, ...]:
+    """The kernel argument that turns the in-guest overlay on (none without scratch)."""
+    return () if scratch is None else (f"{OVERLAY_BOOT_ARG}={SCRATCH_DEVICE}",)
 
 
 def vsock_payload(guest_cid: int, uds_path: str) -> JSON:
@@ -135,17 +158,24 @@ def observability_requests(log_file: str, metrics_file: str) -> list[ApiRequest]
     ]
 
 
+def drive_requests(plan: BootPlan) -> list[ApiRequest]:
+    """The root drive (read-only under a scratch drive), then the scratch drive."""
+    root = root_drive_payload(plan.rootfs, read_only=plan.scratch is not None)
+    requests = [ApiRequest("PUT", f"/drives/{ROOT_DRIVE_ID}", root)]
+    if plan.scratch is not None:
+        scratch = scratch_drive_payload(plan.scratch)
+        requests.append(ApiRequest("PUT", f"/drives/{SCRATCH_DRIVE_ID}", scratch))
+    return requests
+
+
 def boot_requests(plan: BootPlan) -> list[ApiRequest]:
     """Every call, in order, that turns a fresh process into a booting guest."""
+    args = boot_args((*overlay_args(plan.scratch), *plan.kernel_args))
     return [
         *observability_requests(plan.log_file, plan.metrics_file),
         ApiRequest("PUT", "/machine-config", machine_config_payload(plan.vcpus, plan.memory_mib)),
-        ApiRequest(
-            "PUT",
-            "/boot-source",
-            boot_source_payload(plan.kernel, plan.initrd, boot_args(plan.kernel_args)),
-        ),
-        ApiRequest("PUT", f"/drives/{ROOT_DRIVE_ID}", root_drive_payload(plan.rootfs)),
+        ApiRequest("PUT", "/boot-source", boot_source_payload(plan.kernel, plan.initrd, args)),
+        *drive_requests(plan),
         ApiRequest("PUT", "/vsock", vsock_payload(plan.guest_cid, plan.vsock_uds)),
         ApiRequest("PUT", "/entropy", entropy_payload()),
         ApiRequest("PUT", "/actions", action_payload("InstanceStart")),

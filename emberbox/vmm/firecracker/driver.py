@@ -7,12 +7,18 @@ drawn there), :mod:`~emberbox.vmm.firecracker.process` spawns, adopts and waits 
 :mod:`~emberbox.vmm.firecracker.jailer` builds jails. This module holds the VM handle and
 the driver that tie them together.
 
+Disks: the image's rootfs is attached read-only and shared by every VM; each VM writes
+to a small sparse scratch drive of its own, which the guest's init lays over the rootfs
+as an overlayfs (``emberbox.overlay=/dev/vdb`` on the kernel command line). So a start
+copies nothing (a link to the rootfs, a fresh empty ext4 of about a megabyte) and a
+snapshot copies only what the guest wrote (docs/firecracker.md).
+
 Snapshots and disk paths: Firecracker records the drive's ``path_on_host`` (and the vsock
 ``uds_path``) inside the snapshot and reopens them on load; the load API can override
 the vsock path and TAP names, but not drive paths. So both are given *relative* to the
 process's working directory, and a restored VM gets a fresh process running in its own
-directory with its copy of the snapshot's disk under the same name. This is also how
-paths work in a jail, so plain and jailed VMs share one scheme.
+directory with the same names: a link to the same rootfs, a copy of the snapshot's
+scratch. This is also how paths work in a jail, so plain and jailed VMs share one scheme.
 """
 
 from __future__ import annotations
@@ -35,17 +41,23 @@ from emberbox.vmm.firecracker.files import (
     FC_LOG,
     METRICS,
     ROOTFS,
+    SCRATCH,
+    SNAPSHOT_BASE,
     SNAPSHOT_MEMORY,
     SNAPSHOT_STATE,
     VSOCK,
     Layout,
+    check_base_record,
     clone_file,
     hand_over,
     layout_for,
+    link_base,
     make_dirs,
+    make_scratch,
     private_dir,
     remove_vm_files,
     require_files,
+    write_base_record,
 )
 from emberbox.vmm.firecracker.jailer import JailerConfig
 from emberbox.vmm.firecracker.process import (
@@ -63,6 +75,7 @@ from emberbox.vmm.host import kvm_device_usable, read_process
 
 NAME = "firecracker"
 GUEST_CID = 3
+SCRATCH_MIB = 2048  # what a VM can write over its image (sparse: costs what it holds)
 CONSOLE_TRIM_S = 1.0  # the console file passes its cap by at most what a second brings
 
 
@@ -85,6 +98,7 @@ class FirecrackerVM:
         layout: Layout,
         process: VMMProcess,
         *,
+        base: Path | None,
         version: Callable[[], str],
         console_max_bytes: int,
         api_timeout_s: float,
@@ -93,6 +107,9 @@ class FirecrackerVM:
         self._vm_id = vm_id
         self._layout = layout
         self._process = process
+        # The shared read-only rootfs under this VM's scratch drive; None for a VM restored
+        # from a snapshot made before the overlay, whose rootfs.ext4 is its own copy.
+        self._base = base
         self._version = version
         self._console_max = console_max_bytes
         self._snapshot_timeout_s = snapshot_timeout_s
@@ -144,22 +161,25 @@ class FirecrackerVM:
         self._paused = False
 
     async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
-        """Write ``vmstate``, ``memory`` and ``rootfs.ext4`` into ``dest``.
+        """Write ``vmstate``, ``memory``, ``scratch.ext4`` and ``base.json`` into ``dest``
+        (the shared rootfs is not copied: a restore attaches it again).
 
         Firecracker resets the vsock transport while snapshotting: open agent streams end
         and must be reopened (the guest's listening socket survives). With ``stop`` the
         VMM is killed after the save (its files go with it; ``dest`` keeps its copy). On
-        failure ``dest`` is removed and a VM paused here is resumed, ``stop`` or not.
+        failure, the pause included, ``dest`` is removed and a VM paused here is resumed,
+        ``stop`` or not.
         """
         version = self._version()  # before anything: with stop, a later failure loses the VM
         dest = private_dir(dest)
-        paused_here = not self._paused
-        if paused_here:
-            await self.pause()
+        paused_here = False
         try:
+            if not self._paused:
+                await self.pause()
+                paused_here = True
             await self._write_snapshot(dest)
             # The disk is copied while paused, so it matches the memory image exactly.
-            await asyncio.to_thread(clone_file, self._layout.root / ROOTFS, dest / ROOTFS)
+            await asyncio.to_thread(self._save_disk, dest)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             if paused_here and self.is_running():
@@ -171,6 +191,15 @@ class FirecrackerVM:
         elif paused_here and self.is_running():
             await self.resume()
         return SnapshotFiles(dest, NAME, version)
+
+    def _save_disk(self, dest: Path) -> None:
+        """What the guest wrote: its scratch (sparse: the size of the writes), and which
+        rootfs it lies over; a VM without a scratch drive copies its whole rootfs."""
+        if self._base is None:
+            clone_file(self._layout.root / ROOTFS, dest / ROOTFS)
+            return
+        clone_file(self._layout.root / SCRATCH, dest / SCRATCH)
+        write_base_record(dest, self._base)
 
     async def _write_snapshot(self, dest: Path) -> None:
         jail = self._layout.jail
@@ -233,8 +262,12 @@ class FirecrackerDriver:
         socket_timeout_s: float = 5.0,
         api_timeout_s: float = 30.0,
         snapshot_timeout_s: float = 300.0,
+        scratch_mib: int = SCRATCH_MIB,
+        mkfs: str = "mkfs.ext4",
     ) -> None:
         self._binary = str(jailer.exec_file) if jailer is not None else binary
+        self._scratch_mib = scratch_mib
+        self._mkfs = mkfs
         self._jailer = jailer
         self._socket_timeout_s = socket_timeout_s
         self._api_timeout_s = api_timeout_s
@@ -271,26 +304,34 @@ class FirecrackerDriver:
             metrics_file=METRICS,
             kernel_args=config.kernel_args,
             guest_cid=GUEST_CID,
+            scratch=SCRATCH,
         )
         requests = fc_api.boot_requests(plan)  # before any file is made: bad shapes fail fast
 
         async def place_files() -> None:
-            await asyncio.to_thread(clone_file, guest.rootfs, layout.root / ROOTFS)
+            # Nothing the size of the rootfs: a link to it, and an empty sparse scratch.
+            link_base(guest.rootfs, layout.root / ROOTFS, jailed=jailed)
+            await asyncio.to_thread(
+                make_scratch, layout.root / SCRATCH, self._scratch_mib, self._mkfs
+            )
             if jailed:
                 jailer.link_or_copy(guest.vmlinux, layout.root / "vmlinux")
                 jailer.link_or_copy(guest.initrd, layout.root / "initrd")
-            hand_over(layout, ROOTFS, FC_LOG, METRICS)
+            hand_over(layout, SCRATCH, FC_LOG, METRICS)  # never the rootfs: it is the image's
 
-        return await self._launch(config, layout, place_files, requests)
+        return await self._launch(config, layout, place_files, requests, base=guest.rootfs)
 
     async def restore(
         self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
     ) -> FirecrackerVM:
-        """Restore ``snapshot`` (its disk is copied in, reflinked where the filesystem can;
-        ``adopt_disk`` changes nothing here: the snapshot is left whole either way).
+        """Restore ``snapshot`` over ``config.guest.rootfs``, attached read-only again, with
+        a copy of the snapshot's scratch (sparse, reflinked where the filesystem can; a
+        snapshot made before the overlay has a whole rootfs copied instead). ``adopt_disk``
+        changes nothing here: the snapshot is left whole either way.
 
-        SnapshotMismatch for another VMM or version; SnapshotCorrupt naming the file that
-        is missing or that Firecracker could not load (the new VM is then gone).
+        SnapshotMismatch for another VMM or version, or another rootfs than the snapshot
+        was taken over; SnapshotCorrupt naming the file that is missing or that
+        Firecracker could not load (the new VM is then gone).
         """
         if snapshot.vmm != NAME:
             raise SnapshotMismatch(
@@ -304,27 +345,38 @@ class FirecrackerDriver:
                 snapshot=str(snapshot.directory),
             )
         src = snapshot.directory.absolute()
-        for path in (src / SNAPSHOT_STATE, src / SNAPSHOT_MEMORY, src / ROOTFS):
+        overlay = (src / SCRATCH).exists() or (src / SNAPSHOT_BASE).exists()
+        disks = (src / SCRATCH, src / SNAPSHOT_BASE) if overlay else (src / ROOTFS,)
+        for path in (src / SNAPSHOT_STATE, src / SNAPSHOT_MEMORY, *disks):
             if not path.is_file():
                 raise SnapshotCorrupt(f"snapshot file {path} is missing", file=str(path))
+        base = config.guest.rootfs if overlay else None
+        if base is not None:
+            check_base_record(src, base)
         layout = layout_for(config, self._jailer)
         state, memory = str(src / SNAPSHOT_STATE), str(src / SNAPSHOT_MEMORY)
         if layout.jail is not None:
             state, memory = SNAPSHOT_STATE, SNAPSHOT_MEMORY
 
         async def place_files() -> None:
-            # Same relative name as when the snapshot was taken: Firecracker reopens it.
-            await asyncio.to_thread(clone_file, src / ROOTFS, layout.root / ROOTFS)
+            # Same relative names as when the snapshot was taken: Firecracker reopens them.
+            if base is None:
+                await asyncio.to_thread(clone_file, src / ROOTFS, layout.root / ROOTFS)
+                hand_over(layout, ROOTFS)
+            else:
+                link_base(base, layout.root / ROOTFS, jailed=layout.jail is not None)
+                await asyncio.to_thread(clone_file, src / SCRATCH, layout.root / SCRATCH)
+                hand_over(layout, SCRATCH)
             if layout.jail is not None:
                 # Copies, not links: the jailed uid must own them; the snapshot stays shared.
                 for name in (SNAPSHOT_STATE, SNAPSHOT_MEMORY):
                     await asyncio.to_thread(clone_file, src / name, layout.root / name)
                 hand_over(layout, SNAPSHOT_STATE, SNAPSHOT_MEMORY)
-            hand_over(layout, ROOTFS, FC_LOG, METRICS)
+            hand_over(layout, FC_LOG, METRICS)
 
         *setup, load = fc_api.restore_requests(FC_LOG, METRICS, state, memory)
         return await self._launch(
-            config, layout, place_files, setup, load=(load, src / SNAPSHOT_STATE)
+            config, layout, place_files, setup, load=(load, src / SNAPSHOT_STATE), base=base
         )
 
     async def attach(self, config: VMConfig, pid: int) -> FirecrackerVM:
@@ -340,7 +392,8 @@ class FirecrackerDriver:
         jail_id = layout.jail[1] if layout.jail is not None else None
         if not cmdline_matches(argv, layout.api_socket_arg, jail_id) or process.poll() is not None:
             raise VMMCrashed(f"pid {pid} is not the Firecracker of VM {config.vm_id} any more")
-        return self._vm(config, layout, process)
+        base = config.guest.rootfs if (layout.root / SCRATCH).exists() else None
+        return self._vm(config, layout, process, base)
 
     async def _launch(
         self,
@@ -349,6 +402,8 @@ class FirecrackerDriver:
         place_files: Callable[[], Awaitable[None]],
         requests: list[ApiRequest],
         load: tuple[ApiRequest, Path] | None = None,
+        *,
+        base: Path | None,
     ) -> FirecrackerVM:
         """Make the files, spawn, configure (then load ``load``: the request and the
         host's ``vmstate``); on any failure leave nothing behind."""
@@ -359,7 +414,7 @@ class FirecrackerDriver:
             process = await spawn_firecracker(
                 self._binary, self._jailer, config, layout, self._socket_timeout_s
             )
-            vm = self._vm(config, layout, process)
+            vm = self._vm(config, layout, process, base)
             await vm.api.wait_ready(self._socket_timeout_s)
             for req in requests:
                 await vm.api.request(req)
@@ -373,11 +428,14 @@ class FirecrackerDriver:
             raise
         return vm
 
-    def _vm(self, config: VMConfig, layout: Layout, process: VMMProcess) -> FirecrackerVM:
+    def _vm(
+        self, config: VMConfig, layout: Layout, process: VMMProcess, base: Path | None
+    ) -> FirecrackerVM:
         return FirecrackerVM(
             config.vm_id,
             layout,
             process,
+            base=base,
             version=self.version,
             console_max_bytes=config.console_log_max_bytes,
             api_timeout_s=self._api_timeout_s,

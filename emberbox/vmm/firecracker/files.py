@@ -6,23 +6,31 @@ under the jailer; ``console.log`` and, without jailer, everything else in ``work
     fc.sock          API socket (``run/firecracker.socket`` in a jail)
     console.log      the process's stdout+stderr: the guest serial console
     firecracker.log  Firecracker's own log          metrics.json   its metrics
-    rootfs.ext4      this VM's copy-on-write copy of the image's rootfs (the image is
-                     never written)
+    rootfs.ext4      the image's rootfs itself, attached read-only and shared by every VM:
+                     a symlink to it (a hard link in a jail, which a symlink cannot leave)
+    scratch.ext4     this VM's writable layer: a sparse ext4 made empty at start; the
+                     guest's init mounts an overlayfs with it over the read-only rootfs
     vsock.sock       host end of the vsock device: ``CONNECT 1024`` reaches the agent
 
-A snapshot directory holds ``vmstate``, ``memory`` and ``rootfs.ext4``.
+So nothing the size of the rootfs is copied, at start or at snapshot. A snapshot
+directory holds ``vmstate``, ``memory``, ``scratch.ext4`` and ``base.json`` (which
+rootfs it was taken over: a restore attaches that same file again). Snapshots made before
+the overlay hold a full ``rootfs.ext4`` instead of the last two; they still restore.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from emberbox.errors import HostError
+from emberbox.errors import HostError, SnapshotMismatch
 from emberbox.vmm.base import VMConfig
 from emberbox.vmm.firecracker import jailer
 from emberbox.vmm.firecracker.jailer import JailerConfig
@@ -33,6 +41,8 @@ CONSOLE_LOG = "console.log"
 FC_LOG = "firecracker.log"
 METRICS = "metrics.json"
 ROOTFS = "rootfs.ext4"
+SCRATCH = "scratch.ext4"
+SNAPSHOT_BASE = "base.json"
 VSOCK = "vsock.sock"
 SNAPSHOT_STATE = "vmstate"
 SNAPSHOT_MEMORY = "memory"
@@ -106,7 +116,9 @@ def clone_file(src: Path, dest: Path) -> None:
     """Copy ``src`` to ``dest`` (mode 0600) without writing ``src``: a reflink, else sparse.
 
     A reflink (FICLONE: btrfs, XFS) shares blocks until either side writes, so a VM's disk
-    costs nothing until the guest writes. Elsewhere zero blocks become holes.
+    costs nothing until the guest writes. Elsewhere only the data extents are read
+    (SEEK_DATA / SEEK_HOLE), so a sparse file costs what it holds, not its size, and zero
+    blocks within them become holes too.
     """
     with contextlib.suppress(FileNotFoundError):
         dest.unlink()
@@ -116,12 +128,114 @@ def clone_file(src: Path, dest: Path) -> None:
             return
         except OSError:  # EOPNOTSUPP / EXDEV / EINVAL: no reflinks here
             pass
-        while chunk := fin.read(len(_ZERO)):
-            if chunk == _ZERO[: len(chunk)]:
-                fout.seek(len(chunk), os.SEEK_CUR)
-            else:
-                fout.write(chunk)
-        fout.truncate()  # a trailing hole still needs the file to have its full size
+        size = os.fstat(fin.fileno()).st_size
+        for start, end in data_extents(fin.fileno(), size):
+            fin.seek(start)
+            fout.seek(start)
+            left = end - start
+            while left > 0 and (chunk := fin.read(min(left, len(_ZERO)))):
+                left -= len(chunk)
+                if chunk == _ZERO[: len(chunk)]:
+                    fout.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    fout.write(chunk)
+        fout.truncate(size)  # a trailing hole still needs the file to have its full size
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` byte ranges of ``fd`` that hold data; the whole file where the
+    filesystem cannot tell (no SEEK_DATA)."""
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole from offset to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, end))
+            offset = end
+    except OSError:  # EINVAL: no SEEK_DATA support here
+        return [(0, size)] if size else []
+    return extents
+
+
+def link_base(base: Path, dest: Path, *, jailed: bool) -> None:
+    """Make ``dest`` name the read-only base rootfs ``base`` without copying it.
+
+    A symlink outside a jail. A jailed Firecracker cannot follow one out of its chroot,
+    so there a hard link (which shares the base's owner and mode: never chown it); on
+    another filesystem than the jail, a full copy is the only way in (see
+    docs/firecracker.md: keep the jails beside the images).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        dest.unlink()
+    if jailed:
+        jailer.link_or_copy(base, dest)
+    else:
+        dest.symlink_to(base.absolute())
+
+
+def make_scratch(path: Path, size_mib: int, mkfs: str = "mkfs.ext4") -> None:
+    """An empty ext4 of ``size_mib`` in a new sparse file (about a megabyte of it written).
+
+    No journal (the layer lives and dies with its VM; a snapshot is taken paused, with the
+    device quiet) and lazily initialised inode tables (the guest mounts it with
+    ``noinit_itable``, so nothing zeroes them later either).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with open(path, "xb", opener=_private_opener) as f:
+        f.truncate(size_mib << 20)
+    argv = [
+        mkfs, "-F", "-q", "-m", "0", "-L", "emberbox-scratch", "-O", "^has_journal",
+        "-E", "lazy_itable_init=1,lazy_journal_init=1", str(path),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as exc:
+        raise HostError(f"{mkfs} not found: install the e2fsprogs package", binary=mkfs) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{mkfs} did not finish within 60 s on {path}") from exc
+    if proc.returncode != 0:
+        raise HostError(f"{mkfs} failed on {path}: {proc.stderr.strip()[-500:]}")
+
+
+def base_identity(base: Path) -> dict[str, object]:
+    """What tells one base rootfs from another, as recorded beside a snapshot."""
+    st = base.stat()
+    return {"path": str(base.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_base_record(dest: Path, base: Path) -> None:
+    (dest / SNAPSHOT_BASE).write_text(json.dumps(base_identity(base)) + "\n")
+
+
+def check_base_record(snapshot_dir: Path, base: Path) -> None:
+    """SnapshotMismatch unless ``base`` is the rootfs the snapshot was taken over (a
+    scratch layer means nothing over another one)."""
+    record = snapshot_dir / SNAPSHOT_BASE
+    try:
+        saved = json.loads(record.read_text())
+        want = (saved["size"], saved["mtime_ns"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SnapshotMismatch(
+            f"snapshot {snapshot_dir} has no readable {SNAPSHOT_BASE}: {exc}",
+            snapshot=str(snapshot_dir),
+        ) from exc
+    try:
+        have = base_identity(base)
+    except OSError as exc:
+        raise HostError(f"missing file {base}", path=str(base)) from exc
+    if (have["size"], have["mtime_ns"]) != want:
+        raise SnapshotMismatch(
+            f"snapshot {snapshot_dir} was taken over the rootfs {saved.get('path')!r} as it "
+            f"was then; {base} is another file (or was rebuilt since)",
+            snapshot=str(snapshot_dir),
+        )
 
 
 def _private_opener(path: str, flags: int) -> int:

@@ -34,13 +34,22 @@ async def test_full_lifecycle_speaks_the_spec(
     source = vm_config(short_tmp, guest, "vm1", vcpus=2, memory_mib=256, kernel_args=("quiet",))
     vm = await driver.start(source)
     try:
-        assert vm.is_running() and (source.work_dir / "rootfs.ext4").exists()
+        assert vm.is_running()
+        # The image's rootfs itself, linked (not copied); the VM's own disk is the scratch.
+        assert (source.work_dir / "rootfs.ext4").samefile(guest.rootfs)
+        scratch = source.work_dir / "scratch.ext4"
+        assert scratch.stat().st_blocks * 512 < 8 << 20 < scratch.stat().st_size
         assert oct(source.work_dir.stat().st_mode & 0o777) == "0o700"
         await vm.pause()
         await vm.resume()
         snap = await vm.snapshot(short_tmp / "snaps" / "s1")
         assert snap.vmm == "firecracker" and snap.vmm_version == "1.16.1"
-        assert {p.name for p in snap.directory.iterdir()} == {"vmstate", "memory", "rootfs.ext4"}
+        assert {p.name for p in snap.directory.iterdir()} == {
+            "vmstate",
+            "memory",
+            "scratch.ext4",
+            "base.json",
+        }
         assert "guest booted" in vm.console_tail()
     finally:
         await vm.kill()
@@ -67,6 +76,7 @@ async def test_full_lifecycle_speaks_the_spec(
         ("PUT", "/machine-config"),
         ("PUT", "/boot-source"),
         ("PUT", "/drives/rootfs"),
+        ("PUT", "/drives/scratch"),
         ("PUT", "/vsock"),
         ("PUT", "/entropy"),
         ("PUT", "/actions"),
@@ -81,8 +91,12 @@ async def test_full_lifecycle_speaks_the_spec(
     ]
     bodies = {r["path"]: r["body"] for r in requests}
     assert bodies["/machine-config"] == {"vcpu_count": 2, "mem_size_mib": 256}
-    assert bodies["/boot-source"]["boot_args"].endswith("emberbox.transport=vsock quiet")
+    boot_args = bodies["/boot-source"]["boot_args"]
+    assert boot_args.endswith("emberbox.transport=vsock emberbox.overlay=/dev/vdb quiet")
     assert bodies["/drives/rootfs"]["path_on_host"] == "rootfs.ext4"  # relative: see module doc
+    assert bodies["/drives/rootfs"]["is_read_only"] is True
+    assert bodies["/drives/scratch"]["path_on_host"] == "scratch.ext4"
+    assert bodies["/drives/scratch"]["is_read_only"] is False
     assert bodies["/snapshot/load"]["mem_backend"]["backend_type"] == "File"
     assert sha256_hex(guest.rootfs) == rootfs_digest
 
@@ -162,7 +176,10 @@ async def test_jailer_mode_lifecycle(
     vm = await driver.start(vm_config(short_tmp, guest, "vm1"))
     try:
         assert vm.pid == int((root / "firecracker.pid").read_text())
-        assert {"vmlinux", "initrd", "rootfs.ext4"} <= {p.name for p in root.iterdir()}
+        assert {"vmlinux", "initrd", "rootfs.ext4", "scratch.ext4"} <= {
+            p.name for p in root.iterdir()
+        }
+        assert (root / "rootfs.ext4").samefile(guest.rootfs)  # a hard link: no copy in jail
         snap = await vm.snapshot(short_tmp / "snaps" / "s1")
     finally:
         await vm.kill()

@@ -3,12 +3,13 @@ missing files, snapshot(stop=True), failed saves and adopted disks."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from emberbox.errors import SnapshotCorrupt, VMMError
+from emberbox.errors import SnapshotCorrupt, SnapshotMismatch, VMMError
 from emberbox.vmm.base import BootFiles
 from emberbox.vmm.firecracker.driver import FirecrackerDriver
 from tests.support.fakes_firecracker import (
@@ -91,8 +92,13 @@ async def test_snapshot_with_stop_ends_the_vmm_and_keeps_dest(
         assert not vm.is_running() and not is_alive(pid) and not config.work_dir.exists()
     finally:
         await vm.kill()  # idempotent: nothing left to do
-    assert {p.name for p in snap.directory.iterdir()} == {"vmstate", "memory", "rootfs.ext4"}
-    assert sha256_hex(snap.directory / "rootfs.ext4") == sha256_hex(guest.rootfs)
+    assert {p.name for p in snap.directory.iterdir()} == {
+        "vmstate",
+        "memory",
+        "scratch.ext4",
+        "base.json",
+    }
+    assert (snap.directory / "scratch.ext4").stat().st_size == 2048 << 20  # sparse, empty
     states = [r["body"]["state"] for r in recorded_requests(record) if r["path"] == "/vm"]
     assert states == ["Paused"]  # never resumed: the guest ran no further than the snapshot
 
@@ -140,3 +146,32 @@ async def test_restore_with_adopt_disk_copies_and_leaves_the_snapshot(
     finally:
         await vm.kill()
     assert not config.work_dir.exists()
+
+
+@pytest.mark.anyio
+async def test_restore_reattaches_the_base_and_copies_only_the_scratch(
+    short_tmp: Path, record: Path, guest: BootFiles
+) -> None:
+    """A clone links the same rootfs and gets its own copy of the snapshot's scratch;
+    over a rebuilt rootfs the restore is refused before any process starts."""
+    driver = FirecrackerDriver(str(fake_binary(short_tmp, record)), scratch_mib=64)
+    vm = await driver.start(vm_config(short_tmp, guest, "vm1"))
+    try:
+        snap = await vm.snapshot(short_tmp / "snaps" / "s1")
+    finally:
+        await vm.kill()
+    config = vm_config(short_tmp, guest, "vm2")
+    clone = await driver.restore(config, snap)
+    try:
+        assert (config.work_dir / "rootfs.ext4").samefile(guest.rootfs)
+        scratch = config.work_dir / "scratch.ext4"
+        assert not scratch.samefile(snap.directory / "scratch.ext4")
+        assert sha256_hex(scratch) == sha256_hex(snap.directory / "scratch.ext4")
+    finally:
+        await clone.kill()
+
+    os.utime(guest.rootfs, ns=(1, 1))  # the image was rebuilt since the snapshot
+    calls = len(recorded_requests(record))
+    with pytest.raises(SnapshotMismatch, match="rebuilt since"):
+        await driver.restore(vm_config(short_tmp, guest, "vm3"), snap)
+    assert len(recorded_requests(record)) == calls  # refused before any process
