@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emberbox.errors import ImageBuildError
+from emberbox.images import foreign
 from emberbox.vmm.base import PROBE_MARKER  # what the init prints for the KVM probe
 
 # What every guest needs, whatever the VMM: PCI transport (QEMU q35), MMIO transport
@@ -107,6 +108,7 @@ def render_init(
     as ``python3 -m agent_package`` with ``agent_dir`` as its PYTHONPATH, which commands
     do not inherit: the agent gives them an environment of their own.
     """
+    foreign_start = _foreign_start(agent_package)
     loads = "\n".join(
         f'insmod /lib/modules/{name}.ko || echo "init: insmod {name} failed"' for name in modules
     )
@@ -134,9 +136,21 @@ if [ -z "$overlay" ] && ! mount -t ext4 -o rw,noatime "$root" /newroot; then
 fi
 umount /proc /sys
 mount --move /dev /newroot/dev
+{foreign_start}
 export PYTHONPATH={agent_dir}
 exec switch_root /newroot /usr/bin/python3 -u -m {agent_package}
 """
+
+
+def _foreign_start(agent_package: str) -> str:
+    """A root disk with the agent's own runtime (an imported image, emberbox/images/
+    foreign.py) runs the agent through that runtime's loader, not the image's python3."""
+    env = " ".join(f"{k}={v}" for k, v in foreign.agent_env().items())
+    argv = " ".join(foreign.agent_argv(agent_package))
+    return f"""if [ -x /newroot{foreign.RUNTIME_DIR}/bin/python3 ]; then
+    export {env}
+    exec switch_root /newroot {argv}
+fi"""
 
 
 # ``emberbox.overlay=<dev>`` (the Firecracker driver sets it): the root disk is the image's,
