@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 # Every program the product or the tests run: cpio (tests list the initramfs with it),
 # debugfs (e2fsprogs), qemu-img (qemu-utils), pgrep (procps), ip (iproute2), nft;
 # chromium (+ a font) for the web console's browser tests (tests/integration/test_console.py).
+# OCI imports: skopeo (fetch), umoci (unpack), python3 (the agent's own runtime in imported
+# images, docs/images.md); docker-registry: the local registry the OCI tests push to.
 APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio chromium fonts-dejavu-core)
+APT_PACKAGES+=(skopeo umoci python3 docker-registry)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
