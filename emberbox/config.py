@@ -115,6 +115,16 @@ class Settings(BaseSettings):
     oci_rootfs_headroom_mib: int = Field(default=1024, ge=0)
     oci_max_rootfs_mib: int = Field(default=16384, ge=64)
 
+    # Dockerfile builds (see docs/images.md): each RUN/COPY runs in a builder microVM.
+    build_egress: bool = True  # builder VMs reach the internet (private ranges stay blocked)
+    build_disk_mib: int = Field(default=4096, ge=256)  # the builder disk: the image size limit
+    build_vcpus: int = Field(default=1, ge=1)
+    build_memory_mib: int = Field(default=1024, ge=128)
+    build_step_timeout_s: float = Field(default=1800.0, gt=0)  # one RUN
+    build_timeout_s: float = Field(default=3600.0, gt=0)  # the whole build
+    build_context_max_bytes: int = Field(default=1 << 30, ge=1)  # file bytes in the context
+    build_context_max_entries: int = Field(default=100_000, ge=1)
+
     # Host disk (hostile suite): create and uploads are refused (HTTP 507, StorageFull)
     # while the data dir's file system has less than this free.
     min_free_disk_mib: int = Field(default=512, ge=0)
@@ -168,6 +178,11 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def build_cache_dir(self) -> Path:
+        """Dockerfile builds: the layer cache and each build's scratch dir."""
+        return self.cache_dir / "build"
 
     @property
     def templates_dir(self) -> Path:
