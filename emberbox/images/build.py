@@ -25,6 +25,7 @@ from emberbox.images import initramfs, kernel
 from emberbox.images.registry import FILE_NAMES, MANIFEST, ImageInfo, ImageRegistry
 from emberbox.images.rootfs import (
     ACCOUNT_LINES,
+    LOGIN_PROFILES,
     POLYGLOT_PACKAGES,
     SUDOERS,
     RootfsRecipe,
@@ -86,7 +87,7 @@ def image_inputs(recipe: ImageRecipe, pkg: kernel.KernelPackage) -> dict[str, An
         "modules": list(initramfs.GUEST_MODULES),
         "rootfs": asdict(recipe.rootfs),
         "rootfs_key": recipe.rootfs.key(),
-        "accounts": [sorted(ACCOUNT_LINES.items()), SUDOERS],
+        "accounts": [sorted(ACCOUNT_LINES.items()), SUDOERS, sorted(LOGIN_PROFILES.items())],
         "agent_sha256": {n: _sha256(d) for n, d in sorted(agent_files().items())},
     }
 

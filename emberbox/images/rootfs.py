@@ -38,6 +38,36 @@ ACCOUNT_LINES = {
     "etc/shadow": f"{USER_NAME}:*:19000:0:99999:7:::\n",
 }
 SUDOERS = f"{USER_NAME} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+# Login shells (E2B runs every command as `bash -l -c`) without a process of their own:
+# Debian's /etc/profile less its `$(id -u)` (bash knows $EUID), and root's .profile less
+# `mesg n` (only for terminals). Each fork+exec costs tens of ms under TCG.
+LOGIN_PROFILES = {
+    "etc/profile": """\
+# /etc/profile: Debian's, without a subprocess per login shell (emberbox)
+if [ "${EUID:-$(id -u)}" -eq 0 ]; then
+  PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+else
+  PATH="/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+fi
+export PATH
+if [ "${PS1-}" ]; then
+  if [ "${BASH-}" ] && [ "$BASH" != "/bin/sh" ]; then
+    if [ -f /etc/bash.bashrc ]; then . /etc/bash.bashrc; fi
+  elif [ "${EUID:-$(id -u)}" -eq 0 ]; then PS1='# '; else PS1='$ '; fi
+fi
+if [ -d /etc/profile.d ]; then
+  for i in /etc/profile.d/*.sh; do
+    if [ -r "$i" ]; then . "$i"; fi
+  done
+  unset i
+fi
+""",
+    "root/.profile": """\
+# ~/.profile: executed by Bourne-compatible login shells (no `mesg`: emberbox)
+if [ "${BASH-}" ] && [ -f ~/.bashrc ]; then . ~/.bashrc; fi
+if [ -t 0 ]; then mesg n 2> /dev/null || true; fi
+""",
+}
 
 # What the polyglot image adds for the one-shot runner: Node.js, and C/C++ compilers with
 # the C library's headers (libc6-dev is only a Recommends of gcc).
@@ -140,6 +170,9 @@ def add_user(root: Path) -> None:
         text = path.read_text() if path.exists() else ""
         if not any(row.split(":", 1)[0] == USER_NAME for row in text.splitlines()):
             path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + line)
+    for rel, text in LOGIN_PROFILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
     sudoers = root / "etc" / "sudoers.d" / USER_NAME
     sudoers.parent.mkdir(parents=True, exist_ok=True)
     sudoers.write_text(SUDOERS)
