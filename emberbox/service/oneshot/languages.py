@@ -21,6 +21,8 @@ class Language:
     source_file: str
     compile_argv: tuple[str, ...] | None
     run_argv: tuple[str, ...]
+    # The guest's warm runtime that can run it (docs/oneshot.md, "Warm runtimes"), if any.
+    warm_runtime: str | None = None
 
     @property
     def compiled(self) -> bool:
@@ -30,7 +32,14 @@ class Language:
 LANGUAGES: dict[str, Language] = {
     lang.name: lang
     for lang in (
-        Language("python3", ("python3", "--version"), "main.py", None, ("python3", "main.py")),
+        Language(
+            "python3",
+            ("python3", "--version"),
+            "main.py",
+            None,
+            ("python3", "main.py"),
+            warm_runtime="python3",
+        ),
         Language("bash", ("bash", "--version"), "main.sh", None, ("bash", "main.sh")),
         Language("node", ("node", "--version"), "main.js", None, ("node", "main.js")),
         Language(

@@ -78,6 +78,7 @@ class RunResult:
     compile_output: bytes = b""
     time_ms: float | None = None
     memory_kib: int | None = None
+    warm: bool = False  # the program was forked from the guest's warm runtime
 
 
 def check_file_name(name: str) -> None:

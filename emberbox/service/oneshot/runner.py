@@ -3,17 +3,22 @@
 The languages are :mod:`~emberbox.service.oneshot.languages`'; the checked plan and the
 classification of results :mod:`~emberbox.service.oneshot.plan`'s (both re-exported here).
 
-A run takes five steps:
+A run takes these steps:
 
-1. Create a sandbox of ``Settings.run_image``; the manager restores its template.
-2. Write the source and the extra files into ``/tmp/run`` (one tar, ``manager.files``).
-3. For compiled languages, compile within ``run_compile_timeout_s``. A non-zero exit or a
+1. Create a sandbox of ``Settings.run_image``: from the warm pool when it holds that
+   image, else restored from the image's template.
+2. For compiled languages, compile within ``run_compile_timeout_s``. A non-zero exit or a
    timeout is ``compile_error``.
-4. Run the program with the caller's stdin and args, a timeout, and memory and process
+3. Run the program with the caller's stdin and args, a timeout, and memory and process
    limits. The limits are a cgroup in the guest (``limits`` in docs/protocol.md).
+4. Kill the sandbox, whatever happened, in the manager's task group: the caller has its
+   result without waiting for the kill.
 
-The compiler and the program run as ``nobody`` (``RUN_AS``), in ``/tmp/run``.
-5. Kill the sandbox, whatever happened.
+The source and the extra files go into ``/tmp/run`` with the first of steps 2-3, in the
+same agent call (the ``run`` op). The compiler and the program run as ``nobody``
+(``RUN_AS``), in ``/tmp/run``. A python3 program without stdin is forked from the warm
+interpreter the run image's template holds (docs/oneshot.md, "Warm runtimes"); any other
+run starts its program as usual.
 
 The status is the first of these that matches: ``memory_limit``, ``output_limit``,
 ``timeout``, ``runtime_error``, ``ok`` (see :func:`classify`).
@@ -21,19 +26,21 @@ The status is the first of these that matches: ``memory_limit``, ``output_limit`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 import anyio.to_thread
 
 from emberbox import errors
 from emberbox.agent_client.answers import ExecLimits, ExecResult
+from emberbox.agent_client.client import AgentClient, WarmProgram
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service import metrics
@@ -74,6 +81,7 @@ from emberbox.service.oneshot.plan import (
 from emberbox.service.sandboxes.execs import Executor, run_command
 
 log = logging.getLogger(__name__)
+SMALL_FILES = 256 * 1024  # a tar of fewer bytes is packed on the event loop (no thread)
 
 
 class _Record(Protocol):
@@ -149,18 +157,96 @@ async def _run_planned(
         return await _compile_and_run(manager, settings, record.id, plan)
     finally:
         with anyio.CancelScope(shield=True):
+            await _kill(manager, record.id)
+
+
+@runtime_checkable
+class BackgroundTasks(Protocol):
+    """``SandboxManager.in_background``: a task in the manager's own task group."""
+
+    def in_background(
+        self, func: Callable[[str], Coroutine[None, None, None]], arg: str, /
+    ) -> bool: ...
+
+
+@runtime_checkable
+class HandleSource(Protocol):
+    """``SandboxManager.running_handle``: the sandbox's agent, for the ``run`` op."""
+
+    async def running_handle(self, sandbox_id: str, /) -> tuple[object, Any]: ...
+
+
+async def _kill(manager: RunManager, sandbox_id: str) -> None:
+    """Kill the run's sandbox without making the caller wait for it: in the manager's
+    task group, which ends it even if the caller goes away (and at the manager's close);
+    awaited here when the manager has no task group."""
+
+    async def kill(sandbox_id: str) -> None:
+        with anyio.CancelScope(shield=True):  # the manager's close() waits for it
             try:
-                await manager.kill(record.id)
-            except errors.EmberboxError:
-                log.exception("run: killing sandbox %s failed", record.id)
+                await manager.kill(sandbox_id)
+            except Exception:  # a task of the manager's group must not end the group
+                log.exception("run: killing sandbox %s failed", sandbox_id)
+
+    if not (isinstance(manager, BackgroundTasks) and manager.in_background(kill, sandbox_id)):
+        await kill(sandbox_id)
+
+
+async def _agent_of(manager: RunManager, sandbox_id: str) -> AgentClient | None:
+    """The sandbox's agent client when the ``run`` op can be used on it, else None."""
+    if not isinstance(manager, HandleSource):
+        return None
+    _, handle = await manager.running_handle(sandbox_id)
+    agent = getattr(handle, "agent", None)
+    return agent if isinstance(agent, AgentClient) else None
+
+
+class _Steps:
+    """The compile and run steps of one run, over the ``run`` op when the sandbox's agent
+    allows it (the files travel with the first step; python3 runs warm when it fits),
+    else over ``tar_in`` and ``exec``."""
+
+    def __init__(
+        self,
+        manager: RunManager,
+        settings: Settings,
+        sandbox_id: str,
+        agent: AgentClient | None,
+        tar: bytes,
+    ) -> None:
+        self._manager, self._settings, self._sandbox_id = manager, settings, sandbox_id
+        self._agent = agent
+        self._tar: bytes | None = tar  # None once sent
+
+    async def exec(self, spec: ExecSpec, warm: WarmProgram | None = None) -> ExecResult:
+        tar, self._tar = self._tar, None
+        if self._agent is None:
+            if tar is not None:
+                files = self._manager.files
+                await files.tar_in(self._sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
+            self.warm = False
+            return await _exec(self._manager, self._sandbox_id, spec)
+        spec = dataclasses.replace(spec, output_max_bytes=self._settings.exec_output_max_bytes)
+        try:
+            result, self.warm = await self._agent.run(spec, tar=tar, tar_dir=WORK_PARENT, warm=warm)
+        except errors.ExecTimeout:
+            self.warm = False
+            return _timed_out(spec)
+        return result
+
+    warm = False  # whether the last step ran warm
 
 
 async def _compile_and_run(
     manager: RunManager, settings: Settings, sandbox_id: str, plan: RunPlan
 ) -> RunResult:
     cap = settings.run_output_max_bytes
-    tar = await anyio.to_thread.run_sync(pack_files, plan.files)
-    await manager.files.tar_in(sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
+    size = sum(len(data) for data in plan.files.values())
+    if size > SMALL_FILES:
+        tar = await anyio.to_thread.run_sync(pack_files, plan.files)
+    else:
+        tar = pack_files(plan.files)
+    steps = _Steps(manager, settings, sandbox_id, await _agent_of(manager, sandbox_id), tar)
     compile_output = b""
     if plan.language.compile_argv is not None:
         compile_spec = ExecSpec(
@@ -170,7 +256,7 @@ async def _compile_and_run(
             timeout_s=settings.run_compile_timeout_s,
             limits=ExecLimits(memory_mib=plan.vm_memory_mib - AGENT_RESERVE_MIB, pids=PIDS_MAX),
         )
-        built = await _exec(manager, sandbox_id, compile_spec)
+        built = await steps.exec(compile_spec)
         compile_output, _ = clip(built.stdout + built.stderr, cap)
         compile_output += _compiler_stopped(built, settings.run_compile_timeout_s)
         if built.timed_out or built.memory_limited or built.exit_code != 0:
@@ -183,7 +269,7 @@ async def _compile_and_run(
         stdin=plan.stdin,
         limits=ExecLimits(memory_mib=plan.memory_mib, pids=PIDS_MAX),
     )
-    ran = await _exec(manager, sandbox_id, run_spec)
+    ran = await steps.exec(run_spec, warm_program(plan))
     stdout, stdout_over = clip(ran.stdout, cap)
     stderr, stderr_over = clip(ran.stderr, cap)
     return RunResult(
@@ -195,7 +281,17 @@ async def _compile_and_run(
         compile_output=compile_output,
         time_ms=ran.duration_ms if math.isfinite(ran.duration_ms) else None,
         memory_kib=ran.peak_memory_kib,
+        warm=steps.warm,
     )
+
+
+def warm_program(plan: RunPlan) -> WarmProgram | None:
+    """What the guest's warm runtime is asked to run: the program as ``nobody``, when
+    its language has a warm runtime and it reads no stdin (else: the normal start)."""
+    runtime = plan.language.warm_runtime
+    if runtime is None or plan.stdin:
+        return None
+    return WarmProgram(runtime, plan.language.source_file, list(plan.args), NOBODY, NOBODY)
 
 
 def _compiler_stopped(built: ExecResult, timeout_s: float) -> bytes:
@@ -217,9 +313,13 @@ async def _exec(manager: RunManager, sandbox_id: str, spec: ExecSpec) -> ExecRes
     try:
         return await run_command(manager, sandbox_id, spec)
     except errors.ExecTimeout:
-        killed = 128 + signal.SIGKILL
-        duration_ms = (spec.timeout_s or 0.0) * 1000
-        return ExecResult(killed, b"", b"", duration_ms, timed_out=True, signal=signal.SIGKILL)
+        return _timed_out(spec)
+
+
+def _timed_out(spec: ExecSpec) -> ExecResult:
+    killed = 128 + signal.SIGKILL
+    duration_ms = (spec.timeout_s or 0.0) * 1000
+    return ExecResult(killed, b"", b"", duration_ms, timed_out=True, signal=signal.SIGKILL)
 
 
 # -- languages ----------------------------------------------------------------------------

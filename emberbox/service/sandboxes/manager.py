@@ -64,6 +64,8 @@ from emberbox.store import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
     from emberbox.service.guestio.files import SandboxFiles
     from emberbox.service.guestio.ports import SandboxPorts
     from emberbox.service.guestio.processes import Processes
@@ -253,6 +255,17 @@ class SandboxManager:
     def pool_ready(self, image: str | None = None) -> int:
         """How many sandboxes the warm pool holds ready (for ``image``, if given)."""
         return self.pool.ready_count(image)
+
+    def in_background(
+        self, func: Callable[[str], Coroutine[None, None, None]], arg: str, /
+    ) -> bool:
+        """Start ``func(arg)`` in the manager's task group, which close() waits for (a
+        one-shot run's kill: its caller does not wait). ``func`` must not raise. False
+        when the manager is not open (then nothing was started)."""
+        if self._task_group is None or self._core.phase is not Phase.OPEN:
+            return False
+        self._task_group.start_soon(func, arg)
+        return True
 
     # -- exec ----------------------------------------------------------------------------
 

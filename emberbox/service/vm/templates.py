@@ -41,8 +41,33 @@ log = logging.getLogger(__name__)
 LAYOUT = "4"  # bump when a template's files or meaning change: old ones are then ignored
 # 4: every VM has a virtio-net NIC (emberbox.vmm network_args), so restores keep the device set
 META = "meta.json"
-WARM_UP = "true; python3 -c pass"
 CURRENT = "current"
+# What every template runs before its snapshot: the agent's exec path, and python3 (where
+# the image has one) in the page cache.
+WARM_UP = "true; if command -v python3 >/dev/null; then python3 -c pass; fi"
+# The run image's template also reads each language's toolchain into the page cache,
+# and starts the agent's warm runtimes (docs/oneshot.md, "Warm runtimes").
+WARM_UP_RUN = (
+    "if command -v node >/dev/null; then node -e 0; fi; bash -c true; "
+    "cd /tmp && printf 'int main(void){return 0;}\\n' > .warm.c && "
+    "if command -v gcc >/dev/null; then gcc -O2 -std=gnu17 -o .warm .warm.c -lm; fi; "
+    "printf '#include <iostream>\\nint main(){std::cout<<1;}\\n' > .warm.cpp && "
+    "if command -v g++ >/dev/null; then g++ -O2 -std=gnu++17 -o .warm .warm.cpp; fi; "
+    "rm -f .warm .warm.c .warm.cpp"
+)
+WARM_RUNTIMES = ["python3"]
+
+
+def warm_up_plan(info: ImageInfo, run_image: str) -> tuple[str, list[str]]:
+    """The shell line a template of ``info`` runs before its snapshot, and the warm
+    runtimes it starts. An image whose manifest says its userland is "foreign" (no
+    Debian python3 of ours) gets only ``true``."""
+    foreign = info.manifest.get("userland") == "foreign"
+    if foreign:
+        return "true", []
+    if info.name != run_image:
+        return WARM_UP, []
+    return f"{WARM_UP}; {WARM_UP_RUN}", list(WARM_RUNTIMES)
 
 
 def template_key(info: ImageInfo, driver: Driver, vcpus: int, memory_mib: int) -> str:
@@ -148,7 +173,11 @@ class Templates:
             try:
                 # Warm what every sandbox's first command needs (the agent's exec path,
                 # python3 in the page cache), so that clones start with it in their RAM.
-                await ready.agent.exec(ExecSpec(WARM_UP, timeout_s=60))
+                warm_up, runtimes = warm_up_plan(info, settings.run_image)
+                await ready.agent.exec(ExecSpec(warm_up, timeout_s=180))
+                if runtimes:
+                    started = await ready.agent.warm(runtimes)
+                    log.info("template %s: warm runtimes %s", key, started or "none")
                 # Saved with the agent connection open: to the guest nothing happens, and
                 # each clone's host simply connects and says hello.
                 snap = await ready.vm.snapshot(generation / "snap", stop=True)
