@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -22,13 +23,26 @@ import traceback
 from collections.abc import Awaitable
 from pathlib import Path
 
-from bench import create, e2b, exec_rtt, memory, oneshot, ports, snapshots
+from bench import (
+    compare,
+    create,
+    e2b,
+    exec_rtt,
+    firecracker_rows,
+    memory,
+    oneshot,
+    phases,
+    ports,
+    snapshots,
+)
 from bench.harness import MissingAPI, Skip, Variant, foreign_vmms, open_variant, progress, sweep
 from bench.stats import Report
 from emberbox.config import Settings
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("exec", "create", "oneshot", "memory", "snapshot", "e2b", "ports")
+SECTIONS = (
+    "exec", "create", "phases", "oneshot", "memory", "snapshot", "e2b", "ports", "firecracker"
+)  # fmt: skip
 WALL_LIMIT_S = 15 * 60
 
 
@@ -68,8 +82,8 @@ class Run:
 # Which sections use which create path's manager (a manager is opened only if needed).
 NEEDS = {
     "cold boot": {"create", "memory", "snapshot"},
-    "snapshot restore": {"create", "memory"},
-    "warm pool": {"create", "oneshot"},
+    "snapshot restore": {"create", "phases", "memory"},
+    "warm pool": {"create", "phases", "oneshot"},
 }
 
 
@@ -91,6 +105,8 @@ async def measure(args: argparse.Namespace, root: Path, run: Run) -> None:
     if "e2b" in only:
         work = e2b.e2b_front(root, args.samples, args.execs, report)
         await run.section("e2b front", work)
+    if "firecracker" in only:
+        await run.section("firecracker", firecracker_rows.firecracker(args.quick, report))
     async with contextlib.AsyncExitStack() as managers:
         cold = await variant(managers, "cold boot", run, only)
         restore = await variant(managers, "snapshot restore", run, only)
@@ -102,6 +118,9 @@ async def measure(args: argparse.Namespace, root: Path, run: Run) -> None:
             if "create" in only:
                 work = create.create_to_first_exec([cold, restore, pool], args.samples, report)
                 await run.section("create -> first exec", work)
+            if "phases" in only:
+                work = phases.phase_breakdown([restore, pool], args.samples, report)
+                await run.section("phase breakdown", work)
             if "oneshot" in only:
                 await run.section("one-shot", oneshot.one_shot(pool, args.oneshots, report))
         if "memory" in only:
@@ -157,7 +176,11 @@ async def main(args: argparse.Namespace) -> int:
     host_notes(report)
     report.write(args.out)  # first: a closed stdout must not lose the results
     print(report.table())
+    if table := phases.phase_table(report.json_measurements()):
+        print(f"\nwhere create -> first exec goes:\n{table}")
     print(f"\nwritten to {args.out}")
+    if args.compare is not None:
+        print(f"\n{compare.compare_files(args.compare, args.out)}")
     return 1 if run.failed else 0
 
 
@@ -173,7 +196,11 @@ def parse_args() -> argparse.Namespace:
     add("--snapshot-runs", type=int, help="saves per size (default 3; quick 1)")
     add("--only", type=_sections, default=list(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
     add("--out", type=Path, help="default bench/results/latest.json (quick: quick.json)")
+    add("--compare", type=_results, metavar="OLD.json", help="print OLD and this run side by side")
+    add("--against", type=_results, metavar="NEW.json", help="with --compare: no run, OLD vs NEW")
     args = parser.parse_args()
+    if args.against is not None and args.compare is None:
+        parser.error("--against needs --compare OLD.json")
     full = {"samples": 20, "execs": 50, "oneshots": 20, "idle": 4, "snapshot_runs": 3}
     quick = {"samples": 3, "execs": 10, "oneshots": 3, "idle": 2, "snapshot_runs": 1}
     for name, value in (quick if args.quick else full).items():
@@ -184,6 +211,15 @@ def parse_args() -> argparse.Namespace:
     if args.out is None:
         args.out = RESULTS / ("quick.json" if args.quick else "latest.json")
     return args
+
+
+def _results(text: str) -> Path:
+    path = Path(text)
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text}: not a readable results JSON ({exc})") from exc
+    return path
 
 
 def _sizes(text: str) -> list[int]:
@@ -200,5 +236,13 @@ def _sections(text: str) -> list[str]:
     return chosen
 
 
+def entry() -> int:
+    args = parse_args()
+    if args.against is not None:  # only the comparison: no VM starts
+        print(compare.compare_files(args.compare, args.against))
+        return 0
+    return asyncio.run(main(args))
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    sys.exit(entry())

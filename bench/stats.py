@@ -62,6 +62,7 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)  # measurement or section -> why
     checks: dict[str, Check] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # whole sections, e.g. "firecracker"
 
     def add(self, m: Measurement) -> None:
         """Keep ``m`` if it has samples (a section cut short adds what it got)."""
@@ -106,6 +107,10 @@ class Report:
         lines += [f"{'note ' + k:<{w}} {v}" for k, v in self.notes.items()]
         return "\n".join(lines)
 
+    def json_measurements(self) -> dict[str, dict[str, Any]]:
+        """The times as the JSON's ``measurements`` holds them."""
+        return {n: m.summary() for n, m in self.measurements.items() if m.unit == "ms"}
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         by_unit = {"ms": "measurements", "mib": "sizes"}
@@ -117,6 +122,7 @@ class Report:
             name: {"value": c.value, "limit": c.limit, "ok": c.ok}
             for name, c in self.checks.items()
         }
+        doc.update(self.extra)
         doc["skipped"] = self.skipped
         doc["notes"] = self.notes
         path.write_text(json.dumps(doc, indent=2) + "\n")

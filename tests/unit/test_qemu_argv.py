@@ -13,7 +13,7 @@ from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.service.sandboxes.orphans import mentions_path, referenced_children
 from emberbox.vmm.base import BootFiles, VMConfig
-from emberbox.vmm.qemu.argv import DiskLayer, HostFds, build_argv, overlay_argv
+from emberbox.vmm.qemu.argv import LINUXBOOT_ROM, DiskLayer, HostFds, build_argv, overlay_argv
 from emberbox.vmm.qemu.driver import HostLimits, parse_version
 from emberbox.vmm.select import choose_driver
 
@@ -38,8 +38,10 @@ def config(**kw: object) -> VMConfig:
     return VMConfig(vm_id="abc", work_dir=Path("/vms/abc"), guest=GUEST, **kw)  # type: ignore[arg-type]
 
 
-def argv_of(accel: str = "tcg", fds: HostFds = FDS, **kw: object) -> list[str]:
-    return build_argv("qemu-system-x86_64", accel, config(**kw), fds)  # type: ignore[arg-type]
+def argv_of(
+    accel: str = "tcg", fds: HostFds = FDS, *, incoming: bool = False, **kw: object
+) -> list[str]:
+    return build_argv("qemu-system-x86_64", accel, config(**kw), fds, incoming=incoming)  # type: ignore[arg-type]
 
 
 def option(argv: list[str], flag: str) -> list[str]:
@@ -186,3 +188,30 @@ def test_the_work_dir_stays_in_the_argv_for_attach_and_the_orphan_sweep() -> Non
     assert mentions_path(argv, Path("/vms/abc"))
     assert referenced_children(argv, Path("/vms")) == {"abc"}
     assert not mentions_path(argv, Path("/vms/ab"))
+
+
+def test_a_tcg_restore_gets_no_kernel_only_its_option_rom() -> None:
+    """A q35 clone is already booted: no -kernel/-initrd/-append (QEMU would hold the
+    whole kernel image in its heap), but the option ROM -kernel adds, a RAM block of the
+    saved state, is still there under the same name."""
+    clone = argv_of("tcg", incoming=True)
+    assert "-kernel" not in clone and "-initrd" not in clone and "-append" not in clone
+    assert option(clone, "-option-rom") == [LINUXBOOT_ROM] == ["linuxboot_dma.bin"]
+    assert option(clone, "-incoming") == ["defer"]
+
+
+def test_a_boot_and_a_kvm_restore_keep_the_kernel() -> None:
+    """Cold boots boot the kernel; microvm (KVM) adds no option ROM, so its restores
+    keep their usual arguments."""
+    for argv in (argv_of("tcg"), argv_of("kvm", incoming=True), argv_of("kvm")):
+        assert option(argv, "-kernel") == ["/proc/self/fd/13"]
+        assert option(argv, "-initrd") == ["/proc/self/fd/14"]
+        assert "-option-rom" not in argv
+
+
+def test_the_restore_argv_keeps_the_device_set() -> None:
+    """Apart from how it starts, a clone's machine is the booted one's (the saved
+    state must find every device it holds)."""
+    booted, clone = argv_of("tcg"), argv_of("tcg", incoming=True)
+    for flag in ("-machine", "-cpu", "-device", "-smp", "-m", "-netdev", "-chardev"):
+        assert option(clone, flag) == option(booted, flag), flag

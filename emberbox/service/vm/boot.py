@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ class Ready:
     vm: VM
     agent: AgentClient
     hello: HelloInfo
+    boot_ms: float = 0.0  # the successful attempt's start to agent hello
 
 
 async def connect_agent(
@@ -66,11 +68,12 @@ async def boot_until_ready(
     last: VMMError | None = None
     for attempt in range(1, attempts + 1):
         vm = await start()
+        started = time.perf_counter()
         try:
             agent, hello = await connect_agent(
                 vm, timeout_s=timeout_s, hostname=hostname, sandbox_id=sandbox_id
             )
-            return Ready(vm, agent, hello)
+            return Ready(vm, agent, hello, (time.perf_counter() - started) * 1000)
         except (VMMError, AgentError) as exc:
             tail = vm.console_tail()
             last = exc if isinstance(exc, VMMError) else VMMCrashed(str(exc), tail)

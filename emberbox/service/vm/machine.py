@@ -34,6 +34,7 @@ from emberbox.service.vm.boot import boot_until_ready, connect_agent
 from emberbox.service.vm.network import configure_guest, network_down, network_up
 from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
 from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
+from emberbox.vmm.phases import Phases, phases_of
 from emberbox.vmm.select import choose_driver
 
 
@@ -87,6 +88,8 @@ class SandboxVM:
         # Where it came from, for the create metrics: "cold" (booted) until a launcher
         # says otherwise ("template": restored from the image's template snapshot).
         self.origin = "cold"
+        # Where its start went (the driver's phases, then ours); the bench reads it.
+        self.phases = Phases()
 
     @property
     def ip_address(self) -> str | None:
@@ -126,7 +129,9 @@ class SandboxVM:
         sandbox_id = sandbox_id or new_sandbox_id()
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        ns = await network_up(settings, driver, sandbox_id, network)
+        phases = Phases()
+        with phases.timed("network (host)"):
+            ns = await network_up(settings, driver, sandbox_id, network)
         try:
             config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
             ready = await boot_until_ready(
@@ -136,9 +141,12 @@ class SandboxVM:
                 hostname=_hostname(sandbox_id),
                 sandbox_id=sandbox_id,
             )
+            phases.merge(phases_of(ready.vm))
+            phases.add("boot to agent hello", ready.boot_ms)
             if ns is not None:
                 try:
-                    await configure_guest(ready.agent, network)
+                    with phases.timed("network (guest)"):
+                        await configure_guest(ready.agent, network)
                 except BaseException:
                     await ready.agent.aclose()
                     await ready.vm.kill()
@@ -149,7 +157,11 @@ class SandboxVM:
         finally:
             if ns is not None:
                 ns.close_tap()
-        return cls(sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib, ns)
+        sandbox = cls(
+            sandbox_id, info.name, ready.vm, ready.agent, ready.hello, vcpus, memory_mib, ns
+        )
+        sandbox.phases = phases
+        return sandbox
 
     @classmethod
     async def restore(
@@ -185,21 +197,26 @@ class SandboxVM:
         sandbox_id = sandbox_id or new_sandbox_id()
         if driver is None:
             driver = choose_driver(settings, info.files).driver
-        ns = await network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
+        phases = Phases()
+        with phases.timed("network (host)"):
+            ns = await network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
         try:
             config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
             vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
+            phases.merge(phases_of(vm))
             try:
-                agent, hello = await connect_agent(
-                    vm,
-                    timeout_s=timeout_s or min(settings.boot_timeout_s, 15.0),
-                    hostname=_hostname(sandbox_id),
-                    sandbox_id=sandbox_id,
-                )
+                with phases.timed("agent hello"):
+                    agent, hello = await connect_agent(
+                        vm,
+                        timeout_s=timeout_s or min(settings.boot_timeout_s, 15.0),
+                        hostname=_hostname(sandbox_id),
+                        sandbox_id=sandbox_id,
+                    )
                 # A resumed sandbox (adopt_disk) had a network exactly when it gets a
                 # plan back: without one there is nothing of an earlier network to undo.
                 if network is not None or (reset_network and not adopt_disk):
-                    await configure_guest(agent, network)
+                    with phases.timed("network (guest)"):
+                        await configure_guest(agent, network)
             except BaseException:
                 await vm.kill()
                 raise
@@ -210,7 +227,9 @@ class SandboxVM:
         finally:
             if ns is not None:
                 ns.close_tap()
-        return cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib, ns)
+        sandbox = cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib, ns)
+        sandbox.phases = phases
+        return sandbox
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -291,9 +310,10 @@ class SandboxVM:
         out as ``sandbox_id`` (which must be the id it was started with)."""
         if sandbox_id != self.id:
             raise InvalidRequest(f"sandbox {self.id} cannot be renamed to {sandbox_id}")
-        self.hello = await self.agent.handshake(
-            timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id
-        )
+        with self.phases.timed("hand-out hello"):
+            self.hello = await self.agent.handshake(
+                timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id
+            )
         return self.hello
 
     async def _reconnect_if_lost(self) -> None:

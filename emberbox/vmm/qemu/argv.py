@@ -17,6 +17,8 @@ from emberbox.guest.protocol import AGENT_PORT_NAME
 from emberbox.vmm.base import VMConfig
 
 Accel = Literal["kvm", "tcg"]
+# The option ROM QEMU adds for -kernel on q35 (fw_cfg DMA), from its own data directory.
+LINUXBOOT_ROM = "linuxboot_dma.bin"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # Skip hardware the guest would otherwise probe for (slow under emulation).
 BASE_KERNEL_ARGS = (
@@ -110,6 +112,25 @@ def network_args(config: VMConfig, accel: Accel) -> list[str]:
     return ["-netdev", backend, "-device", f"{nic},netdev=net0,mac=52:54:00:eb:00:01"]
 
 
+def boot_args(accel: Accel, config: VMConfig, fds: HostFds, *, incoming: bool) -> list[str]:
+    """How the guest starts: ``-kernel``/``-initrd``/``-append`` for a boot.
+
+    A restore under TCG (q35) gets none of them: the guest is already booted, and QEMU
+    would keep the whole kernel image in its heap for fw_cfg (14 MiB of every idle
+    clone, for a reboot that ``-no-reboot`` never lets happen). Only the option ROM that
+    ``-kernel`` adds is named instead, because it is a RAM block of the saved state (its
+    name, ``/rom@genroms/linuxboot_dma.bin``, must be there for the state to load).
+    microvm (KVM) adds no such ROM and keeps its usual arguments.
+    """
+    if incoming and accel == "tcg":
+        return ["-option-rom", LINUXBOOT_ROM]
+    return [
+        "-kernel", fd_path(fds.kernel),
+        "-initrd", fd_path(fds.initrd),
+        "-append", kernel_cmdline(config.kernel_args),
+    ]  # fmt: skip
+
+
 def kernel_cmdline(extra: tuple[str, ...] = ()) -> str:
     return " ".join((*BASE_KERNEL_ARGS, *extra))
 
@@ -182,9 +203,7 @@ def build_argv(
         "-smp", str(config.vcpus),
         "-m", f"{config.memory_mib}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", fd_path(fds.kernel),
-        "-initrd", fd_path(fds.initrd),
-        "-append", kernel_cmdline(config.kernel_args),
+        *boot_args(accel, config, fds, incoming=incoming),
         "-chardev", f"socket,id=console,fd={fds.console},server=on,wait=off",
         "-serial", "chardev:console",
         *disk_args(fds.disk),

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from emberbox.errors import HostError, SnapshotCorrupt, SnapshotMismatch, VMMCra
 from emberbox.vmm import cgroups, vmm_user
 from emberbox.vmm.base import SnapshotFiles, VMConfig
 from emberbox.vmm.host import read_process
+from emberbox.vmm.phases import Phases
 from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
 from emberbox.vmm.qemu.argv import Accel, QemuPaths, build_argv
@@ -101,10 +103,14 @@ class QemuDriver:
 
     async def start(self, config: VMConfig) -> QemuVM:
         self.check_host()
-        await qemu_files.make_overlay(self.qemu_img, config.work_dir, config.guest.rootfs, "raw")
-        self._check_disk(config)
+        phases = Phases()
+        with phases.timed("disk overlay"):
+            await qemu_files.make_overlay(
+                self.qemu_img, config.work_dir, config.guest.rootfs, "raw"
+            )
+            self._check_disk(config)
         try:
-            return self._spawn(config)
+            return self._spawn(config, phases=phases)
         except BaseException:
             shutil.rmtree(config.work_dir, ignore_errors=True)
             raise
@@ -123,17 +129,19 @@ class QemuDriver:
         for path in (state, disk, *filter(None, [snapshot.memory_file])):
             if not path.is_file():
                 raise SnapshotCorrupt(f"snapshot file {path} is missing", file=str(path))
-        if adopt_disk:
-            qemu_files.make_work_dir(config.work_dir)
-            qemu_files.adopt_disk(disk, QemuPaths(config.work_dir).overlay)  # with its record
-        else:
-            await qemu_files.make_overlay(self.qemu_img, config.work_dir, disk, "qcow2")
-        self._check_disk(config)
+        phases = Phases()
+        with phases.timed("disk overlay"):
+            if adopt_disk:
+                qemu_files.make_work_dir(config.work_dir)
+                qemu_files.adopt_disk(disk, QemuPaths(config.work_dir).overlay)  # + record
+            else:
+                await qemu_files.make_overlay(self.qemu_img, config.work_dir, disk, "qcow2")
+            self._check_disk(config)
         # A clone maps the template's RAM file copy-on-write; the VM itself is no template.
         boot_config = replace(config, memory_file=snapshot.memory_file)
         state_fd = os.open(state, os.O_RDONLY)  # inherited by QEMU under the same number
         try:
-            vm = self._spawn(config, boot=boot_config, pass_fds=(state_fd,))
+            vm = self._spawn(config, boot=boot_config, pass_fds=(state_fd,), phases=phases)
             await self._load(vm, state, state_fd, ignore_shared=snapshot.memory_file is not None)
         except BaseException:
             shutil.rmtree(config.work_dir, ignore_errors=True)
@@ -151,8 +159,10 @@ class QemuDriver:
 
     async def _load(self, vm: QemuVM, state: Path, state_fd: int, *, ignore_shared: bool) -> None:
         try:
-            qmp = await vm.qmp()
-            await migration.load(qmp, state_fd, ignore_shared=ignore_shared, timeout_s=300.0)
+            with vm.phases.timed("QMP connect"):
+                qmp = await vm.qmp()
+            with vm.phases.timed("migrate-incoming"):
+                await migration.load(qmp, state_fd, ignore_shared=ignore_shared, timeout_s=300.0)
         except BaseException as exc:
             if isinstance(exc, VMMError):  # QEMU exits when a stream does not load
                 with contextlib.suppress(TimeoutError):
@@ -166,13 +176,20 @@ class QemuDriver:
             raise
 
     def _spawn(
-        self, config: VMConfig, *, boot: VMConfig | None = None, pass_fds: tuple[int, ...] = ()
+        self,
+        config: VMConfig,
+        *,
+        boot: VMConfig | None = None,
+        pass_fds: tuple[int, ...] = (),
+        phases: Phases | None = None,
     ) -> QemuVM:
         """Open QEMU's files, start it (as the VMM user), put it in its cgroup.
 
         ``boot``: a restore's config, which waits for a saved state and maps a template's
         RAM file copy-on-write; without it, a VM with ``memory_file`` is a new template.
         """
+        phases = phases if phases is not None else Phases()
+        started = time.perf_counter()
         paths = QemuPaths(config.work_dir)
         ephemeral = config.lifetime == "ephemeral"
         user, incoming = self.user, boot is not None
@@ -203,10 +220,15 @@ class QemuDriver:
             raise HostError(f"cannot start {self.binary}{who}: {exc}") from exc
         finally:
             files.close()  # QEMU holds its own copies now
-        cgroup = self._limit(config, popen.pid)
+        phases.add("QEMU spawn", (time.perf_counter() - started) * 1000)
+        with phases.timed("host cgroup"):
+            cgroup = self._limit(config, popen.pid)
         dirs = cgroup.dirs if cgroup is not None else ()
-        janitor = spawn_janitor(popen.pid, config.work_dir, dirs) if ephemeral else None
-        return QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
+        with phases.timed("janitor spawn"):
+            janitor = spawn_janitor(popen.pid, config.work_dir, dirs) if ephemeral else None
+        vm = QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
+        vm.phases = phases
+        return vm
 
     def _limit(self, config: VMConfig, pid: int) -> cgroups.HostCgroup | None:
         """Put QEMU in its own host cgroup (guest RAM + overhead, pids, CPU), if configured."""

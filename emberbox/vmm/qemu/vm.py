@@ -23,6 +23,7 @@ from emberbox.vmm import cgroups
 from emberbox.vmm.base import AgentStream, SnapshotFiles, VMConfig
 from emberbox.vmm.console import ConsoleLog
 from emberbox.vmm.host import read_process
+from emberbox.vmm.phases import Phases
 from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
 from emberbox.vmm.qemu.argv import QemuPaths
@@ -56,6 +57,7 @@ class QemuVM:
         self._janitor = janitor
         self._killed = False
         self._qmp: QMPClient | None = None
+        self.phases = Phases()  # how its start went (the driver's timing points)
         self.save_timeout_s = 300.0
         self.console = ConsoleLog(
             self.paths.console, self.paths.console_log, config.console_log_max_bytes
