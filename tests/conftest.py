@@ -17,6 +17,7 @@ import pytest
 from emberbox.config import Settings
 from emberbox.images.build import ImageBuilder
 from emberbox.images.registry import ImageInfo
+from tests.support.firecracker_bin import firecracker_binary, vm_skip_reason  # ../shared
 from tests.support.paths import qemu_pids_under, short_tmp_dir
 
 
@@ -61,11 +62,10 @@ def vmm(request: pytest.FixtureRequest) -> str:
     """The VMM driver under test: every VM test runs once per driver."""
     name: str = request.param
     if name == "firecracker":
-        from emberbox.vmm.firecracker.driver import firecracker_usable
-
-        usable, why = firecracker_usable()
-        if not usable:
-            pytest.skip(f"Firecracker driver needs a firecracker binary and usable KVM: {why}")
+        image: ImageInfo = request.getfixturevalue("default_image")
+        why = vm_skip_reason(request.getfixturevalue("image_settings"), image.files)
+        if why is not None:
+            pytest.skip(why)
     return name
 
 
@@ -75,7 +75,8 @@ def settings(
 ) -> Settings:
     """Settings with a private data dir, the shared image (and template) cache and the
     driver under test; no warm pool unless a test asks for one."""
-    return image_settings.model_copy(update={"data_dir": data_dir, "vmm": vmm, "pool_size": 0})
+    update = {"data_dir": data_dir, "vmm": vmm, "pool_size": 0}
+    return image_settings.model_copy(update={**update, "firecracker_binary": firecracker_binary()})
 
 
 @pytest.fixture
