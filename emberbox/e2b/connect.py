@@ -27,6 +27,7 @@ from emberbox.e2b.front import (
     connect_code,
     connect_error,
     envd_call,
+    retry_after,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def error_answer(exc: errors.EmberboxError) -> Response:
         return api_error(502, exc.message)
     if isinstance(exc, errors.Unauthorized):
         return connect_error("unauthenticated", exc.message)
-    return connect_error(connect_code(exc), exc.message)
+    return connect_error(connect_code(exc), exc.message, retry_after(exc))
 
 
 async def stream_request(request: Request) -> tuple[EnvdCall, dict[str, Any]]:

@@ -136,7 +136,13 @@ async def _create(request: Request) -> Response:
         for unsupported in ("volumeMounts", "mcp", "iam"):
             if body.get(unsupported):
                 raise errors.InvalidRequest(f"{unsupported} {UNSUPPORTED}")
-        data = E2bData(secrets.token_hex(32), secrets.token_hex(8), template)
+        data = E2bData(
+            secrets.token_hex(32),
+            secrets.token_hex(8),
+            template,
+            principal.tenant_id,
+            principal.key_id,
+        )
         record = await front.manager.create(
             image=TEMPLATES.get(template, template) or None,
             timeout_s=_timeout(body, DEFAULT_TIMEOUT_S),

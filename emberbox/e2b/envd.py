@@ -7,9 +7,10 @@ directory is made as the user; then the file is given to the user (mode 0644).
 
 from __future__ import annotations
 
+import json
 import posixpath
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,13 +21,13 @@ from emberbox import errors
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.e2b import fsops, users
 from emberbox.e2b.connect import error_answer, unary
-from emberbox.e2b.front import EnvdCall, api_error, envd_call
+from emberbox.e2b.front import EnvdCall, api_error, audited, cut, envd_call, retry_after
 
 router = APIRouter(include_in_schema=False)
 fs_router = APIRouter(prefix="/filesystem.Filesystem", include_in_schema=False)
 
 CHUNK = 256 * 1024
-STATUS_ERRORS = {404: 404, 400: 400, 403: 403, 413: 413, 507: 507}
+STATUS_ERRORS = {404: 404, 400: 400, 403: 403, 413: 413, 429: 429, 507: 507}
 
 
 def _files_error(exc: errors.EmberboxError) -> Response:
@@ -35,7 +36,7 @@ def _files_error(exc: errors.EmberboxError) -> Response:
         return api_error(502, exc.message)
     if isinstance(exc, errors.Unauthorized):
         return api_error(401, exc.message)
-    return api_error(STATUS_ERRORS.get(exc.status_code, 500), exc.message)
+    return api_error(STATUS_ERRORS.get(exc.status_code, 500), exc.message, retry_after(exc))
 
 
 @router.get("/health")
@@ -47,19 +48,90 @@ async def health(request: Request) -> Response:
     return Response(status_code=204)
 
 
+# As the user, before a download: is the path (symlinks followed) a readable file?
+READABLE = r"""
+if [ ! -e "$1" ]; then echo missing
+elif [ -d "$1" ]; then echo directory
+elif [ ! -r "$1" ]; then echo denied
+else echo ok
+fi
+"""
+# As the user, before an upload of $2 into $1: make the parent, then may the user write
+# the file (an existing one) or create it (in the parent)?
+WRITABLE = r"""
+[ -d "$1" ] || mkdir -p -- "$1" || exit 3
+if [ -d "$2" ]; then echo "$2 is a directory" >&2; exit 4; fi
+if [ -e "$2" ]; then [ -w "$2" ] || { echo "$2: permission denied" >&2; exit 3; }
+else [ -w "$1" ] || { echo "$1: permission denied" >&2; exit 3; }
+fi
+"""
+# As root, after an upload: the file given to the user and its metadata as user.e2b.*
+# extended attributes (what envd does and reads back in EntryInfo.metadata).
+FINISH = r"""
+import json, os, sys
+path, uid, pairs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+if uid: os.chown(path, uid, uid, follow_symlinks=False)
+for key, value in pairs.items(): os.setxattr(path, "user.e2b." + key, value.encode())
+"""
+METADATA_PREFIX = "x-metadata-"
+TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+GZIP_LEVEL = 1  # downloads: speed over size (the SDK asks for gzip on every read)
+
+
+def _as_user(user: users.User, script: str, *args: str) -> ExecSpec:
+    return ExecSpec(user.wrap(["sh", "-c", script, "sh", *args]), env=user.env(), cwd="/")
+
+
+async def _check_readable(call: EnvdCall, user: users.User, path: str) -> None:
+    """NotFound, InvalidRequest (a directory) or PermissionDenied unless ``user`` may
+    read the file ``path``."""
+    if user.uid == 0:
+        info = await call.front.manager.files.stat(call.sandbox_id, path)
+        if info.type == "dir":
+            raise errors.InvalidRequest(f"{path} is a directory")
+        if info.type != "symlink":
+            return
+    answer = await call.front.manager.exec(call.sandbox_id, _as_user(user, READABLE, path))
+    verdict = answer.stdout.decode(errors="replace").strip()
+    if verdict == "missing":  # missing, or behind a directory the user cannot enter
+        await call.front.manager.files.stat(call.sandbox_id, path)  # NotFound if missing
+        raise fsops.PermissionDenied(f"{path}: permission denied")
+    if verdict == "directory":
+        raise errors.InvalidRequest(f"{path} is a directory")
+    if verdict != "ok":
+        raise fsops.PermissionDenied(f"{path}: permission denied")
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether ``Accept-Encoding`` allows gzip (``gzip``, ``*``; not with ``q=0``)."""
+    for item in (header or "").lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = params.strip().removeprefix("q=").strip() if "q=" in params else "1"
+        try:
+            return float(q) > 0
+        except ValueError:
+            return False
+    return False
+
+
+async def _gzip(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    deflater = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    async for chunk in data:
+        out = deflater.compress(chunk)
+        if out:
+            yield out
+    yield deflater.flush()
+
+
 @router.get("/files")
 async def download(request: Request) -> Response:
     try:
         call = await envd_call(request)
         user = users.named(request.query_params.get("username"))
         path = user.resolve(request.query_params.get("path"))
-        info = await call.front.manager.files.stat(call.sandbox_id, path)
-        if info.type == "dir":
-            raise errors.InvalidRequest(f"{path} is a directory")
-        if info.type == "symlink":
-            answer = await fsops.run(call, user, "stat", path=path)
-            if answer["entry"]["type"] == "FILE_TYPE_DIRECTORY":
-                raise errors.InvalidRequest(f"{path} is a directory")
+        await _check_readable(call, user, path)
         chunks = call.front.manager.files.read(call.sandbox_id, path)
         first = await anext(chunks, b"")
     except errors.EmberboxError as exc:
@@ -70,6 +142,10 @@ async def download(request: Request) -> Response:
         async for chunk in chunks:
             yield chunk
 
+    if accepts_gzip(request.headers.get("accept-encoding")):
+        headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        compressed = _gzip(body())
+        return StreamingResponse(compressed, media_type="application/octet-stream", headers=headers)
     return StreamingResponse(body(), media_type="application/octet-stream")
 
 
@@ -89,25 +165,55 @@ async def _upload_file(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def upload_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    """``X-Metadata-<Key>: value`` headers as ``{key (lower case): value}``; a key that
+    is not an HTTP token or a value that is not printable ASCII is InvalidRequest."""
+    found: dict[str, str] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if not name.startswith(METADATA_PREFIX):
+            continue
+        key = name[len(METADATA_PREFIX) :]
+        if not key or not set(key) <= TOKEN_CHARS or len(key) > 200:
+            raise errors.InvalidRequest(f"invalid metadata key {key!r}")
+        if not value.isascii() or not value.isprintable() or len(value) > 4096:
+            raise errors.InvalidRequest(f"invalid metadata value for key {key!r}")
+        found[key] = value
+    return found
+
+
 async def write_as(
-    call: EnvdCall, user: users.User, path: str, data: AsyncIterator[bytes]
+    call: EnvdCall,
+    user: users.User,
+    path: str,
+    data: AsyncIterator[bytes],
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``data`` to ``path`` as ``user``: parents made by the user, the file the
-    user's with mode 0644. Returns E2B's upload entry."""
+    """Write ``data`` to ``path`` as ``user``: the parents made by the user, refused
+    (PermissionDenied) where the user may not write, the file the user's with mode 0644
+    and ``metadata`` as its ``user.e2b.*`` attributes. Returns E2B's upload entry."""
     manager = call.front.manager
     parent = posixpath.dirname(path) or "/"
-    made = await manager.exec(
-        call.sandbox_id,
-        ExecSpec(user.wrap(["mkdir", "-p", "--", parent]), env=user.env(), cwd="/"),
-    )
+    made = await manager.exec(call.sandbox_id, _as_user(user, WRITABLE, parent, path))
     if made.exit_code != 0:
         message = made.stderr.decode(errors="replace").strip()[-300:]
-        raise fsops.PermissionDenied(message or f"cannot create {parent}")
+        if made.exit_code == 4:
+            raise errors.InvalidRequest(message or f"{path} is a directory")
+        raise fsops.PermissionDenied(message or f"cannot write {path}")
     await manager.files.write(call.sandbox_id, path, data, mode=0o644)
-    if user.uid != 0:
+    if user.uid != 0 and not metadata:
         owner = f"{user.uid}:{user.uid}"
         await manager.exec(call.sandbox_id, ExecSpec(["chown", "-h", owner, "--", path], cwd="/"))
-    return {"name": posixpath.basename(path), "type": "file", "path": path}
+    elif metadata:
+        argv = ["python3", "-I", "-S", "-c", FINISH, path, str(user.uid), json.dumps(metadata)]
+        done = await manager.exec(call.sandbox_id, ExecSpec(argv, cwd="/"))
+        if done.exit_code != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            raise errors.InvalidRequest(f"cannot store the metadata of {path}: {tail}")
+    entry: dict[str, Any] = {"name": posixpath.basename(path), "type": "file", "path": path}
+    if metadata:
+        entry["metadata"] = metadata
+    return entry
 
 
 # A raw upload (BodyGuard gives it only the body deadline; manager.files.write counts
@@ -122,22 +228,29 @@ async def upload(request: Request) -> Response:
         user = users.named(request.query_params.get("username"))
         target = request.query_params.get("path")
         kind = request.headers.get("content-type", "")
+        metadata = upload_metadata(request.headers)
+        size = request.headers.get("content-length")
+        shown = {"user": user.name, "bytes": int(size) if size and size.isdigit() else None}
         written: list[dict[str, Any]] = []
-        if kind.startswith("multipart/form-data"):
-            async with request.form(max_files=10_000) as form:
-                for _, part in form.multi_items():
-                    if not isinstance(part, UploadFile):
-                        continue
-                    name = part.filename or target
-                    path = user.resolve(name if part.filename else target)
-                    written.append(await write_as(call, user, path, _upload_file(part)))
-        else:
-            if not target:
-                raise errors.InvalidRequest("path is required for a raw upload")
-            data: AsyncIterator[bytes] = request.stream()
-            if request.headers.get("content-encoding", "").lower() == "gzip":
-                data = _gunzip(data)
-            written.append(await write_as(call, user, user.resolve(target), data))
+        async with audited(call, "e2b.file.write", **shown) as detail:
+            if kind.startswith("multipart/form-data"):
+                async with request.form(max_files=10_000) as form:
+                    for _, part in form.multi_items():
+                        if not isinstance(part, UploadFile):
+                            continue
+                        name = part.filename or target
+                        path = user.resolve(name if part.filename else target)
+                        detail["paths"] = cut([*detail.get("paths", []), path])
+                        entry = await write_as(call, user, path, _upload_file(part), metadata)
+                        written.append(entry)
+            else:
+                if not target:
+                    raise errors.InvalidRequest("path is required for a raw upload")
+                data: AsyncIterator[bytes] = request.stream()
+                if request.headers.get("content-encoding", "").lower() == "gzip":
+                    data = _gunzip(data)
+                detail["paths"] = [cut(user.resolve(target))]
+                written.append(await write_as(call, user, user.resolve(target), data, metadata))
     except zlib.error as exc:
         return api_error(400, f"the gzip body is corrupt: {exc}")
     except errors.EmberboxError as exc:
@@ -170,24 +283,28 @@ async def _list_dir(call: EnvdCall, body: dict[str, Any], request: Request) -> d
 
 async def _make_dir(call: EnvdCall, body: dict[str, Any], request: Request) -> dict[str, Any]:
     user, path = _path(body, request)
-    answer = await fsops.run(call, user, "mkdir", path=path)
-    if answer.get("exists"):
-        raise errors.Conflict(f"{path} already exists")
+    async with audited(call, "e2b.file.mkdir", path=cut(path), user=user.name):
+        answer = await fsops.run(call, user, "mkdir", path=path)
+        if answer.get("exists"):
+            raise errors.Conflict(f"{path} already exists")
     return {"entry": answer["entry"]}
 
 
 async def _move(call: EnvdCall, body: dict[str, Any], request: Request) -> dict[str, Any]:
     user, source = _path(body, request, "source")
     _, destination = _path(body, request, "destination")
-    answer = await fsops.run(
-        call, user, "move", path=source, source=source, destination=destination
-    )
+    shown = {"path": cut(source), "destination": cut(destination), "user": user.name}
+    async with audited(call, "e2b.file.move", **shown):
+        answer = await fsops.run(
+            call, user, "move", path=source, source=source, destination=destination
+        )
     return {"entry": answer["entry"]}
 
 
 async def _remove(call: EnvdCall, body: dict[str, Any], request: Request) -> dict[str, Any]:
     user, path = _path(body, request)
-    await fsops.run(call, user, "remove", path=path)
+    async with audited(call, "e2b.file.remove", path=cut(path), user=user.name):
+        await fsops.run(call, user, "remove", path=path)
     return {}
 
 

@@ -10,6 +10,9 @@ Errors never leave as emberbox's own body: the control plane answers
 from __future__ import annotations
 
 import hmac
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +27,11 @@ from emberbox.service.sandboxes.state import SandboxState
 from emberbox.service.tenancy.access import AuditEntry, Principal, Tenancy
 from emberbox.service.tenancy.keys import parse_key
 
-ENVD_VERSION = "0.5.7"  # the highest envd whose features are all served (PROTOCOL.md)
+ENVD_VERSION = "0.6.3"  # the highest envd whose features are all served (PROTOCOL.md)
 ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
+ARGV_MAX_CHARS = 1024  # an audited command, code or path is cut to this (as api/auth.py)
+TOKENLESS_BUCKET = "e2b-tokenless:"  # the interpreter's context calls without a token
 
 # Connect error codes by HTTP status, and back (PROTOCOL.md 2.1).
 CONNECT_CODES: dict[int, str] = {
@@ -90,6 +95,40 @@ class EnvdCall:
     def sandbox_id(self) -> str:
         return self.sandbox.id
 
+    async def record(self, action: str, outcome: str, **detail: Any) -> None:
+        """An audit log entry for this call, as the sandbox's tenant and creating key
+        (envd calls carry no API key; the access token is never part of it)."""
+        entry = AuditEntry(
+            self.data.tenant_id,
+            action,
+            outcome,
+            key_id=self.data.key_id,
+            target_id=self.sandbox_id,
+            detail={"via": "envd", **detail},
+        )
+        await self.front.tenancy.audit(entry)
+
+
+@asynccontextmanager
+async def audited(call: EnvdCall, action: str, **detail: Any) -> AsyncIterator[dict[str, Any]]:
+    """Audit what runs inside as ``action``: ``ok``, or the error's class name; the
+    body may add to the detail it is given."""
+    try:
+        yield detail
+    except errors.EmberboxError as exc:
+        await call.record(action, type(exc).__name__, **detail)
+        raise
+    await call.record(action, "ok", **detail)
+
+
+def cut(value: Any) -> Any:
+    """A command, code or path as the audit log keeps it (ARGV_MAX_CHARS)."""
+    if isinstance(value, str):
+        return value[:ARGV_MAX_CHARS]
+    if isinstance(value, list):
+        return [cut(item) for item in value[:32]]
+    return value
+
 
 def get_front(connection: HTTPConnection) -> Front:
     front = connection.app.state.e2b
@@ -116,8 +155,10 @@ def connect_code(exc: errors.EmberboxError) -> str:
     return CONNECT_CODES.get(exc.status_code, "internal")
 
 
-def connect_error(code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, CODE_STATUS.get(code, 500))
+def connect_error(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"code": code, "message": message}, CODE_STATUS.get(code, 500), headers=headers
+    )
 
 
 def gone(sandbox_id: str) -> JSONResponse:
@@ -167,10 +208,43 @@ async def envd_call(connection: HTTPConnection, *, token_optional: bool = False)
         raise SandboxGone(f"The sandbox {sandbox_id} was not found")
     token = connection.headers.get("x-access-token")
     if token is None and token_optional:
+        _limit(front, f"{TOKENLESS_BUCKET}{sandbox_id}")  # never the creator's budget
         return EnvdCall(front, record, data)
     if not hmac.compare_digest((token or "").encode(), data.token.encode()):
+        client = connection.client.host if connection.client is not None else ""
+        wait_s = front.tenancy.failures.take(client)
+        if wait_s > 0:
+            raise errors.RateLimited(
+                f"too many wrong access tokens from {client or 'this client'}; "
+                f"retry in {wait_s:.2f} s",
+                retry_after_s=wait_s,
+                quota="failed_auth",
+            )
         raise errors.Unauthorized("missing or wrong X-Access-Token for this sandbox")
+    if data.key_id is not None:  # the creating key's rate limit (none in local mode)
+        _limit(front, data.key_id)
     return EnvdCall(front, record, data)
+
+
+def _limit(front: Front, bucket: str) -> None:
+    """RateLimited when ``bucket`` (a key id) has no request left: the native API's
+    per-key limit, shared by the control plane and envd calls of the key's sandboxes."""
+    wait_s = front.tenancy.limiter.take(bucket)
+    if wait_s > 0:
+        rate, burst = front.settings.rate_limit_per_s, front.settings.rate_limit_burst
+        raise errors.RateLimited(
+            f"rate limit exceeded for key {bucket}: at most {rate:g} requests/s "
+            f"(bursts of {burst}); retry in {wait_s:.2f} s",
+            retry_after_s=wait_s,
+            quota="rate_limit_per_s",
+        )
+
+
+def retry_after(exc: errors.EmberboxError) -> dict[str, str] | None:
+    """``Retry-After`` for a RateLimited answer."""
+    if isinstance(exc, errors.RateLimited):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return None
 
 
 async def audit(

@@ -18,8 +18,10 @@ from emberbox.e2b.users import User
 
 HELPER_TIMEOUT_S = 60.0
 
-HELPER = r"""
-import datetime, grp, json, os, pwd, shutil, stat, sys
+# EntryInfo of a path (the helper's and the watchers'): the target's type and size for a
+# symlink, owner and group names, and the user.e2b.* extended attributes as metadata.
+ENTRY = r"""
+import datetime, grp, os, pwd, stat
 def name(fn, i):
     try: return fn(i)[0]
     except KeyError: return str(i)
@@ -37,7 +39,18 @@ def entry(p):
          "modifiedTime": datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc)
              .isoformat().replace("+00:00", "Z")}
     if target is not None: e["symlinkTarget"] = target
+    try:
+        md = {a[9:]: os.getxattr(p, a).decode(errors="replace")
+              for a in os.listxattr(p) if a.startswith("user.e2b.")}
+    except OSError: md = {}
+    if md: e["metadata"] = md
     return e
+"""
+
+HELPER = (
+    ENTRY
+    + r"""
+import json, shutil, sys
 def walk(p, depth, out):
     for n in sorted(os.listdir(p)):
         c = os.path.join(p, n); out.append(entry(c))
@@ -70,6 +83,7 @@ except PermissionError as e: fail("permission_denied", e)
 except OSError as e: fail("invalid_argument", e)
 except ValueError as e: print(json.dumps({"error": "invalid_argument", "message": str(e)}))
 """
+)
 
 CODE_ERRORS: dict[str, type[errors.EmberboxError]] = {
     "not_found": errors.NotFound,

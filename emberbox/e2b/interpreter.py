@@ -25,7 +25,7 @@ from emberbox import errors
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 from emberbox.e2b import users
 from emberbox.e2b.connect import Emit, EnvelopeStream
-from emberbox.e2b.front import EnvdCall, api_error, envd_call
+from emberbox.e2b.front import EnvdCall, api_error, audited, cut, envd_call, retry_after
 from emberbox.e2b.kernel import CLIENT, KERNEL, KERNEL_DIR
 
 router = APIRouter(include_in_schema=False)
@@ -129,7 +129,8 @@ async def _body(request: Request) -> dict[str, Any]:
 def _error(exc: errors.EmberboxError) -> Response:
     if exc.status_code == 502 or isinstance(exc, errors.Unauthorized):
         return api_error(exc.status_code, exc.message)
-    return api_error(exc.status_code if exc.status_code < 500 else 500, exc.message)
+    status = exc.status_code if exc.status_code < 500 else 500
+    return api_error(status, exc.message, retry_after(exc))
 
 
 @router.post("/contexts")
@@ -138,7 +139,10 @@ async def create_context(request: Request) -> Response:
         call = await envd_call(request, token_optional=True)  # the SDK sends none
         body = await _body(request)
         cwd = USER.resolve(body.get("cwd"))
-        context = await _start(call, secrets.token_hex(8), _language(body.get("language")), cwd)
+        async with audited(call, "e2b.context.create", cwd=cut(cwd)) as detail:
+            context_id = secrets.token_hex(8)
+            detail["context"] = context_id
+            context = await _start(call, context_id, _language(body.get("language")), cwd)
     except errors.EmberboxError as exc:
         return _error(exc)
     return JSONResponse(_public(context))
@@ -174,10 +178,11 @@ async def _context(call: EnvdCall, context_id: str) -> dict[str, Any]:
 async def delete_context(request: Request, context_id: str) -> Response:
     try:
         call = await envd_call(request, token_optional=True)  # the SDK sends none
-        context = await _context(call, context_id)
-        await _stop(call, context)
-        for path in _paths(context_id):
-            await call.front.manager.files.remove(call.sandbox_id, path)
+        async with audited(call, "e2b.context.delete", context=cut(context_id)):
+            context = await _context(call, context_id)
+            await _stop(call, context)
+            for path in _paths(context_id):
+                await call.front.manager.files.remove(call.sandbox_id, path)
     except errors.EmberboxError as exc:
         return _error(exc)
     return Response(status_code=204)
@@ -187,9 +192,10 @@ async def delete_context(request: Request, context_id: str) -> Response:
 async def restart_context(request: Request, context_id: str) -> Response:
     try:
         call = await envd_call(request, token_optional=True)  # the SDK sends none
-        context = await _context(call, context_id)
-        await _stop(call, context)
-        await _start(call, context_id, context["language"], context["cwd"])
+        async with audited(call, "e2b.context.restart", context=cut(context_id)):
+            context = await _context(call, context_id)
+            await _stop(call, context)
+            await _start(call, context_id, context["language"], context["cwd"])
     except errors.EmberboxError as exc:
         return _error(exc)
     return Response(status_code=204)
@@ -208,10 +214,12 @@ async def execute(request: Request) -> Response:
             if await _read_json(call, _paths(DEFAULT_CONTEXT)[1]) is None:
                 await _start(call, DEFAULT_CONTEXT, _language(body.get("language")), USER.home)
         sock = _paths(str(context_id))[0]
-        request_line = {"code": str(body.get("code") or ""), "env_vars": body.get("env_vars")}
+        code = str(body.get("code") or "")
+        request_line = {"code": code, "env_vars": body.get("env_vars")}
         processes = call.front.manager.processes
         argv = USER.wrap(["python3", "-I", "-S", "-c", CLIENT, sock])
-        pid = await processes.spawn(call.sandbox_id, SpawnSpec(argv, env=USER.env(), cwd="/"))
+        async with audited(call, "e2b.code.run", context=str(context_id), code=cut(code)):
+            pid = await processes.spawn(call.sandbox_id, SpawnSpec(argv, env=USER.env(), cwd="/"))
         await processes.write_stdin(
             call.sandbox_id, pid, json.dumps(request_line).encode(), close=True
         )

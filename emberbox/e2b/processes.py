@@ -28,7 +28,7 @@ from emberbox.e2b.connect import (
     stream_request,
     unary,
 )
-from emberbox.e2b.front import EnvdCall
+from emberbox.e2b.front import EnvdCall, audited, cut
 
 router = APIRouter(prefix="/process.Process", include_in_schema=False)
 
@@ -122,7 +122,11 @@ async def start(request: Request) -> Response:
         user = users.from_authorization(request.headers.get("authorization"))
         spec, config = spawn_spec(body, user, deadline_s(request))
         processes = call.front.manager.processes
-        pid = await processes.spawn(call.sandbox_id, spec)
+        command = cut([config["cmd"], *config["args"]])
+        shown = {"cmd": command, "cwd": config["cwd"], "user": user.name, "pty": bool(spec.pty)}
+        async with audited(call, "e2b.process.start", **shown) as detail:
+            pid = await processes.spawn(call.sandbox_id, spec)
+            detail["pid"] = pid
         if not body.get("stdin") and spec.pty is None:
             await processes.write_stdin(call.sandbox_id, pid, b"", close=True)
     except errors.EmberboxError as exc:
@@ -211,8 +215,9 @@ async def _send_signal(call: EnvdCall, body: dict[str, Any], request: Request) -
     name = SIGNALS.get(str(body.get("signal")))
     if name is None:
         raise errors.InvalidRequest(f"unsupported signal {body.get('signal')!r}")
-    await _running(call, pid)
-    await call.front.manager.processes.signal(call.sandbox_id, pid, name)
+    async with audited(call, "e2b.process.signal", pid=pid, signal=name):
+        await _running(call, pid)
+        await call.front.manager.processes.signal(call.sandbox_id, pid, name)
     return {}
 
 

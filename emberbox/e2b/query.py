@@ -21,6 +21,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from emberbox.service.sandboxes.reserved import RESERVED_PREFIX, public_metadata
+from emberbox.service.tenancy.access import LOCAL_TENANT_ID
 
 __all__ = ["RESERVED_KEY", "RESERVED_PREFIX", "E2bData", "QueryError", "public_metadata"]
 
@@ -35,14 +36,19 @@ class QueryError(ValueError):
 
 @dataclass(frozen=True)
 class E2bData:
-    """What E2B says of a sandbox beyond emberbox's own record."""
+    """What E2B says of a sandbox beyond emberbox's own record, and who made it: envd
+    calls carry only the sandbox's token, so they are rate limited (``key_id``'s bucket)
+    and audited (as ``tenant_id``) on behalf of the creator."""
 
     token: str
     client_id: str
     template_id: str
+    tenant_id: str = LOCAL_TENANT_ID
+    key_id: str | None = None  # the creating key; None in local mode (no rate limit)
 
     def encode(self) -> str:
-        return json.dumps({"t": self.token, "c": self.client_id, "tpl": self.template_id})
+        value = {"t": self.token, "c": self.client_id, "tpl": self.template_id}
+        return json.dumps({**value, "tn": self.tenant_id, "k": self.key_id})
 
     @classmethod
     def decode(cls, metadata: Mapping[str, str]) -> E2bData | None:
@@ -52,8 +58,15 @@ class E2bData:
             return None
         try:
             value = json.loads(raw)
-            return cls(str(value["t"]), str(value["c"]), str(value["tpl"]))
-        except (ValueError, KeyError, TypeError):
+            key = value.get("k")
+            return cls(
+                str(value["t"]),
+                str(value["c"]),
+                str(value["tpl"]),
+                str(value.get("tn") or LOCAL_TENANT_ID),
+                str(key) if key is not None else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 

@@ -34,10 +34,13 @@ READY_WAIT_S = 30.0
 WATCH_DIR = "/tmp"  # where polled watchers write their events (.e2b-watch-<id>.jsonl)
 KEEPALIVE: dict[str, Any] = {"keepalive": {}}
 
-WATCHER = r"""
-import ctypes, json, os, re, struct, sys
+WATCHER = (
+    fsops.ENTRY
+    + r"""
+import ctypes, json, re, struct, sys
 HIDDEN = re.compile(r"\..*\.[0-9a-f]{8}\.upload")  # emberbox's upload temp files
 root, recursive, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+entries = len(sys.argv) > 4 and sys.argv[4] == "1"
 sink = sys.stdout if out == "-" else open(out, "a")
 libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.inotify_init1(0)
@@ -50,7 +53,10 @@ def add(path):
         for name in sorted(os.listdir(path)):
             child = os.path.join(path, name)
             if os.path.isdir(child) and not os.path.islink(child): add(child)
-def emit(event):
+def emit(event):  # (``name`` is ENTRY's owner-name helper: never a variable here)
+    if entries and "name" in event:
+        try: event["entry"] = entry(os.path.join(root, event["name"]))
+        except OSError: pass
     sink.write(json.dumps(event) + "\n"); sink.flush()
 if not os.path.isdir(root): emit({"error": "not_found"}); sys.exit(1)
 add(root); emit({"ready": True})
@@ -60,22 +66,32 @@ while True:
     data = os.read(fd, 65536); at = 0
     while at < len(data):
         wd, mask, _, size = struct.unpack_from("iIII", data, at)
-        name = data[at + 16: at + 16 + size].rstrip(b"\0").decode(errors="replace")
+        leaf = data[at + 16: at + 16 + size].rstrip(b"\0").decode(errors="replace")
         at += 16 + size
         base = dirs.get(wd)
-        if base is None or not name: continue
-        full = os.path.join(base, name)
+        if base is None or not leaf: continue
+        full = os.path.join(base, leaf)
         if mask & 0x40000000 and mask & (0x100 | 0x80) and recursive: add(full)
-        if HIDDEN.fullmatch(name): continue
+        if HIDDEN.fullmatch(leaf): continue
         for bit, kind in KINDS:
             if mask & bit: emit({"name": os.path.relpath(full, root), "type": kind})
         if mask & 0x80: emit({"name": os.path.relpath(full, root), "type": "EVENT_TYPE_WRITE"})
 """
+)
 
 
-def _spec(user: users.User, path: str, recursive: bool, out: str) -> SpawnSpec:
-    argv = ["python3", "-I", "-S", "-u", "-c", WATCHER, path, "1" if recursive else "0", out]
+def _spec(user: users.User, path: str, recursive: bool, out: str, entries: bool) -> SpawnSpec:
+    flags = ["1" if recursive else "0", out, "1" if entries else "0"]
+    argv = ["python3", "-I", "-S", "-u", "-c", WATCHER, path, *flags]
     return SpawnSpec(user.wrap(argv), env=user.env(), cwd="/")
+
+
+def _event(event: dict[str, Any]) -> dict[str, Any]:
+    """A watcher's line as E2B's FilesystemEvent (with its EntryInfo when asked for)."""
+    out = {"name": event["name"], "type": event["type"]}
+    if isinstance(event.get("entry"), dict):
+        out["entry"] = event["entry"]
+    return out
 
 
 async def _directory(call: EnvdCall, user: users.User, path: str) -> None:
@@ -84,22 +100,24 @@ async def _directory(call: EnvdCall, user: users.User, path: str) -> None:
         raise errors.InvalidRequest(f"{path} is not a directory")
 
 
-def _target(body: dict[str, Any], request: Request) -> tuple[users.User, str, bool]:
+def _target(body: dict[str, Any], request: Request) -> tuple[users.User, str, bool, bool]:
+    """Who watches, the directory, recursive, and whether events carry the entry."""
     user = users.from_authorization(request.headers.get("authorization"))
     path = body.get("path")
     if not isinstance(path, str):
         raise errors.InvalidRequest("path is required")
-    return user, user.resolve(path), bool(body.get("recursive"))
+    entries = bool(body.get("includeEntry", body.get("include_entry")))
+    return user, user.resolve(path), bool(body.get("recursive")), entries
 
 
 @router.post("/WatchDir")
 async def watch_dir(request: Request) -> Response:
     try:
         call, body = await stream_request(request)
-        user, path, recursive = _target(body, request)
+        user, path, recursive, entries = _target(body, request)
         await _directory(call, user, path)
         pid = await call.front.manager.processes.spawn(
-            call.sandbox_id, _spec(user, path, recursive, "-")
+            call.sandbox_id, _spec(user, path, recursive, "-", entries)
         )
     except errors.EmberboxError as exc:
         return error_answer(exc)
@@ -117,7 +135,7 @@ async def watch_dir(request: Request) -> Response:
                 if event.get("ready"):
                     await emit({"start": {}})
                 elif "name" in event:
-                    await emit({"filesystem": {"name": event["name"], "type": event["type"]}})
+                    await emit({"filesystem": _event(event)})
 
         try:
             await processes.follow(call.sandbox_id, pid, on_stdout=lines)
@@ -128,12 +146,12 @@ async def watch_dir(request: Request) -> Response:
 
 
 async def _create(call: EnvdCall, body: dict[str, Any], request: Request) -> dict[str, Any]:
-    user, path, recursive = _target(body, request)
+    user, path, recursive, entries = _target(body, request)
     await _directory(call, user, path)
     watcher_id = secrets.token_hex(8)
     out = posixpath.join(WATCH_DIR, f".e2b-watch-{watcher_id}.jsonl")
     pid = await call.front.manager.processes.spawn(
-        call.sandbox_id, _spec(user, path, recursive, out)
+        call.sandbox_id, _spec(user, path, recursive, out, entries)
     )
     call.front.watchers[(call.sandbox_id, watcher_id)] = [pid, out, 0]
     for _ in range(int(READY_WAIT_S / 0.05)):
@@ -168,7 +186,7 @@ async def _events(call: EnvdCall, body: dict[str, Any], request: Request) -> dic
     lines = await _read_lines(call, watcher[1])
     fresh, watcher[2] = lines[watcher[2] :], len(lines)
     events = [json.loads(line) for line in fresh]
-    return {"events": [{"name": e["name"], "type": e["type"]} for e in events if "name" in e]}
+    return {"events": [_event(e) for e in events if "name" in e]}
 
 
 async def _remove(call: EnvdCall, body: dict[str, Any], request: Request) -> dict[str, Any]:

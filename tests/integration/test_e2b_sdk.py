@@ -230,3 +230,93 @@ def _token(sbx: Sandbox) -> str:
     token = sbx._envd_access_token
     assert isinstance(token, str)
     return token
+
+
+def test_files_act_as_the_user(sbx: Sandbox) -> None:
+    """/files reads and writes as the requested user: a root-only file is refused to
+    `user` (403) and read by root; `user` cannot write into /etc, root can."""
+    sbx.commands.run("echo secret > /tmp/root-only && chmod 600 /tmp/root-only", user="root")
+    with pytest.raises(SandboxException, match="403"):
+        sbx.files.read("/tmp/root-only")
+    assert sbx.files.read("/tmp/root-only", user="root") == "secret\n"
+    with pytest.raises(SandboxException, match="403"):
+        sbx.files.write("/etc/by-user.conf", "x")
+    with pytest.raises(SandboxException, match="403"):
+        sbx.files.write("/root/deep/by-user.txt", "x")
+    assert not sbx.files.exists("/etc/by-user.conf", user="root")
+    sbx.files.write("/etc/by-root.conf", "y", user="root")
+    owner = sbx.files.get_info("/etc/by-root.conf").owner
+    mine = sbx.files.write_files([WriteEntry(path="owned/a.txt", data="a")])[0]
+    assert (owner, sbx.files.get_info(mine.path).owner) == ("root", "user")
+    assert sbx.files.get_info("owned").owner == "user"  # parents made as the user
+
+
+def test_metadata_gzip_and_watch_entries(front: E2bServer, sbx: Sandbox) -> None:
+    """envd 0.6.3's features: upload metadata (X-Metadata-*) read back in EntryInfo,
+    gzip both ways through the SDK, and watch events that carry their entry."""
+    assert sbx.get_info().envd_version == "0.6.3"
+    written = sbx.files.write("meta.txt", "m", metadata={"Owner": "alice", "k": "v 1"})
+    assert written.metadata == {"owner": "alice", "k": "v 1"}
+    assert sbx.files.get_info("meta.txt").metadata == {"owner": "alice", "k": "v 1"}
+    assert [e.metadata for e in sbx.files.list(".") if e.name == "meta.txt"] == [
+        {"owner": "alice", "k": "v 1"}
+    ]
+    sbx.files.write("plain.txt", "p")
+    assert sbx.files.get_info("plain.txt").metadata is None
+    text = "zipped both ways " * 1000
+    sbx.files.write("gz.txt", text, gzip=True)
+    assert sbx.files.read("gz.txt", gzip=True) == text
+    headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": _token(sbx)}
+    url, params = f"{front.sandbox_url}/files", {"path": "gz.txt"}
+    with httpx.stream("GET", url, params=params, headers=headers) as zipped:
+        raw = b"".join(zipped.iter_raw())
+    assert zipped.headers["content-encoding"] == "gzip" and gzip.decompress(raw) == text.encode()
+    assert len(raw) < len(text) // 10
+    plain = httpx.get(url, params=params, headers={**headers, "Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.text == text
+
+    sbx.files.make_dir("watched-entries")
+    watcher = sbx.files.watch_dir("watched-entries", include_entry=True)
+    sbx.files.write("watched-entries/e.txt", "12345")
+    time.sleep(1)
+    events = watcher.get_new_events()
+    watcher.stop()
+    writes = [e for e in events if e.name == "e.txt" and e.type == FilesystemEventType.WRITE]
+    assert writes and writes[-1].entry is not None
+    assert (writes[-1].entry.path, writes[-1].entry.size) == ("/home/user/watched-entries/e.txt", 5)
+
+
+def test_envd_calls_are_audited_and_rate_limited(front: E2bServer, sbx: Sandbox) -> None:
+    """envd calls (no API key) are audited as the sandbox's tenant and creating key,
+    never with the access token, and spend that key's rate limit: once envd calls have
+    used it up, the key's control-plane calls get 429 too. (Last: it drains alice's
+    bucket, which refills in seconds.)"""
+    sbx.commands.run("echo audited")
+    sbx.files.write("audited.txt", "a")
+    with front.server.client() as admin:
+        answer = admin.get("/v1/audit", params={"tenant": "alice", "limit": 1000})
+    assert answer.status_code == 200, answer.text
+    assert _token(sbx) not in answer.text
+    entries = answer.json()["entries"]
+    mine = [e for e in entries if e["target_id"] == sbx.sandbox_id and e["outcome"] == "ok"]
+    actions = {e["action"] for e in mine}
+    assert {"e2b.sandbox.create", "e2b.process.start", "e2b.file.write"} <= actions
+    start = next(e for e in mine if e["action"] == "e2b.process.start")
+    assert start["detail"]["cmd"][-1] == "echo audited" and start["detail"]["via"] == "envd"
+    creator = next(e for e in mine if e["action"] == "e2b.sandbox.create")["key_id"]
+    assert creator is not None and start["key_id"] == creator
+
+    headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": _token(sbx)}
+    with httpx.Client(timeout=30) as client:
+        statuses = []
+        for _ in range(2000):
+            status = client.get(f"{front.sandbox_url}/health", headers=headers).status_code
+            statuses.append(status)
+            if status == 429:
+                break
+        assert statuses[-1] == 429 and set(statuses[:-1]) == {204}
+        control = client.get(
+            f"{front.api_url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": front.key}
+        )
+        assert control.status_code == 429, control.text
+    time.sleep(2)  # some of the bucket back for the module's clean-up

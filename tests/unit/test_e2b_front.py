@@ -4,15 +4,25 @@ triple-encoded metadata filter, states, paging), users and the reserved metadata
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
 import urllib.parse
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
+from starlette.requests import Request
 
 from emberbox import errors
-from emberbox.e2b import envelope, query, users
-from emberbox.e2b.front import CODE_STATUS, CONNECT_CODES
+from emberbox.config import Settings
+from emberbox.e2b import envd, envelope, query, users
+from emberbox.e2b.front import CODE_STATUS, CONNECT_CODES, Front, envd_call, retry_after
 from emberbox.images import rootfs
+from emberbox.service.sandboxes.manager import SandboxManager, SandboxRecord
+from emberbox.service.sandboxes.state import SandboxState
+from emberbox.service.tenancy.access import Tenancy
 
 
 def test_envelope_layout() -> None:
@@ -131,3 +141,134 @@ def test_the_user_account_is_added_to_a_root_tree(tmp_path: Path) -> None:
     assert "NOPASSWD" in (etc / "sudoers.d" / "user").read_text()
     assert oct((etc / "sudoers.d" / "user").stat().st_mode & 0o777) == "0o440"
     assert (tmp_path / "home" / "user").is_dir()
+
+
+def test_e2b_data_keeps_who_made_the_sandbox() -> None:
+    """The creator's tenant and key ride along (envd calls are charged to them); data
+    written before they were kept reads as the built-in tenant without a key."""
+    data = query.E2bData("tok", "client", "base", "tenant-a", "key-a")
+    assert query.E2bData.decode({query.RESERVED_KEY: data.encode()}) == data
+    legacy = query.E2bData.decode({query.RESERVED_KEY: '{"t": "x", "c": "c", "tpl": "base"}'})
+    assert legacy is not None and (legacy.tenant_id, legacy.key_id) == ("local", None)
+
+
+@pytest.mark.parametrize(
+    ("header", "wanted"),
+    [
+        ("gzip", True),
+        ("gzip, deflate", True),
+        ("deflate, gzip;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_accepts_gzip(header: str | None, wanted: bool) -> None:
+    """A download is gzipped only when Accept-Encoding allows it."""
+    assert envd.accepts_gzip(header) is wanted
+
+
+def test_upload_metadata_headers() -> None:
+    """X-Metadata-<Key> headers become lower-case keys; bad keys or values are 400s."""
+    headers = {"X-Metadata-Owner": "Alice", "content-type": "x", "x-metadata-a.b": "1 2"}
+    assert envd.upload_metadata(headers) == {"owner": "Alice", "a.b": "1 2"}
+    assert envd.upload_metadata({"accept": "*/*"}) == {}
+    for bad in ({"x-metadata-": "v"}, {"x-metadata-k(": "v"}, {"x-metadata-k": "\x01"}):
+        with pytest.raises(errors.InvalidRequest):
+            envd.upload_metadata(bad)
+
+
+def _envd_request(front: Front, token: str | None) -> Request:
+    headers = [(b"e2b-sandbox-id", b"sbx1")]
+    if token is not None:
+        headers.append((b"x-access-token", token.encode()))
+    app = SimpleNamespace(state=SimpleNamespace(e2b=front))
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/health",
+        "headers": headers,
+        "client": ("192.0.2.9", 5000),
+        "app": app,
+    }
+    return Request(scope)
+
+
+class _OneSandbox:
+    """The manager's ``get`` for one running E2B sandbox made by key ``key-a``."""
+
+    def __init__(self) -> None:
+        data = query.E2bData("secret-token", "c", "base", "tenant-a", "key-a")
+        now = datetime.now(UTC)
+        self.record = SandboxRecord(
+            id="sbx1",
+            state=SandboxState.RUNNING,
+            image="default",
+            vcpus=1,
+            memory_mib=256,
+            metadata={query.RESERVED_KEY: data.encode()},
+            env={},
+            timeout_s=300,
+            created_at=now,
+            expires_at=now,
+            ip_address=None,
+            vmm_pid=None,
+            work_dir=None,
+            error=None,
+        )
+
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        if sandbox_id != self.record.id:
+            raise errors.NotFound(sandbox_id)
+        return self.record
+
+
+@pytest.mark.anyio
+async def test_envd_calls_spend_the_creating_keys_rate_limit() -> None:
+    """envd calls take from the creating key's bucket, shared with its control-plane
+    calls; a wrong token costs the key nothing (the client's address pays); token-less
+    interpreter calls have a bucket of their own."""
+    now = [0.0]
+    settings = Settings(rate_limit_per_s=1.0, rate_limit_burst=3)
+    tenancy = Tenancy(settings, clock=lambda: now[0])
+    front = Front(settings, cast(SandboxManager, _OneSandbox()), tenancy)
+    call = await envd_call(_envd_request(front, "secret-token"))
+    assert (call.data.tenant_id, call.data.key_id) == ("tenant-a", "key-a")
+    assert tenancy.limiter.take("key-a") == 0.0  # a control-plane call of the same key
+    for _ in range(5):
+        with pytest.raises(errors.Unauthorized):
+            await envd_call(_envd_request(front, "wrong"))
+    for _ in range(3):
+        await envd_call(_envd_request(front, None), token_optional=True)
+    await envd_call(_envd_request(front, "secret-token"))  # the third of key-a's burst
+    with pytest.raises(errors.RateLimited) as limited:
+        await envd_call(_envd_request(front, "secret-token"))
+    assert limited.value.status_code == 429 and "key-a" in limited.value.message
+    assert retry_after(limited.value) == {"Retry-After": "1"}
+    now[0] += 1.0
+    await envd_call(_envd_request(front, "secret-token"))  # refilled
+
+
+def test_login_profiles_run_no_command(tmp_path: Path) -> None:
+    """The image's /etc/profile and root's .profile start no process in bash (no `id`,
+    no `mesg`: with an empty PATH they would fail loudly) and set Debian's PATH."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (tmp_path / "root").mkdir()
+    rootfs.add_user(tmp_path)
+    profile, dot_profile = tmp_path / "etc" / "profile", tmp_path / "root" / ".profile"
+    assert profile.read_text() == rootfs.LOGIN_PROFILES["etc/profile"]
+    script = f". {profile}; HOME={tmp_path}/root; . {dot_profile}; echo $PATH"
+    done = subprocess.run(
+        ["/bin/bash", "--noprofile", "--norc", "-c", script],
+        env={"PATH": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.stderr == "" and done.returncode == 0
+    want = "/usr/local/sbin" if os.geteuid() == 0 else "/usr/local/games"
+    assert want in done.stdout
