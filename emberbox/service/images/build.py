@@ -89,8 +89,12 @@ class BuildDeps:
     _held: set[str] = field(default_factory=set)
 
     def get_driver(self, base: ImageInfo) -> Driver:
+        """QEMU: builders need a network, and the disk layout QEMU's overlay gives."""
         if self.driver is None:
-            self.driver = choose_driver(self.settings, base.files).driver
+            settings = self.settings
+            if settings.vmm != "qemu":
+                settings = settings.model_copy(update={"vmm": "qemu"})
+            self.driver = choose_driver(settings, base.files).driver
         return self.driver
 
     @contextlib.asynccontextmanager

@@ -26,11 +26,11 @@ from emberbox.errors import HostError, ImageBuildError
 LAYER_FILE = "rootfs.ext4"
 
 
-async def _run(argv: list[str], what: str) -> None:
+async def _run(argv: list[str], what: str, ok: tuple[int, ...] = (0,)) -> None:
     proc = await asyncio.to_thread(
         subprocess.run, argv, capture_output=True, text=True, check=False
     )
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise ImageBuildError(f"{what} failed ({argv[0]}): {(proc.stderr or proc.stdout).strip()}")
 
 
@@ -50,7 +50,8 @@ async def grown_copy(source: Path, dest: Path, size_mib: int) -> None:
     try:
         await _run(["cp", "--sparse=always", str(source), str(partial)], "copying the base disk")
         os.truncate(partial, size_mib << 20)
-        await _run([_tool("e2fsck"), "-f", "-y", "-q", str(partial)], "checking the base disk")
+        # e2fsck: 1 is "errors corrected"
+        await _run([_tool("e2fsck"), "-f", "-p", str(partial)], "checking the base disk", (0, 1))
         await _run([_tool("resize2fs"), "-f", str(partial)], "growing the base disk")
         partial.chmod(0o644)
         os.replace(partial, dest)
