@@ -71,6 +71,32 @@ def agent_env() -> dict[str, str]:
     return {"PYTHONHOME": RUNTIME_DIR, "PYTHONPATH": f"{RUNTIME_DIR}/{AGENT_SUBDIR}"}
 
 
+# Runs a command as another user in a foreign root, where there may be no ``setpriv``:
+# our python (it finds its standard library from its own path, so ``-I`` keeps the
+# command's environment free of PYTHONHOME), then the image's program. argv after
+# the code: uid, gid, the user's name ("" : no supplementary groups), the command.
+_RUN_AS = """import os, sys
+uid, gid, name, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+os.initgroups(name, gid) if name else os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"{argv[0]}: {exc.strerror}\\n")
+    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+"""
+
+
+def run_as_argv(uid: int, gid: int, name: str | None) -> list[str]:
+    """The prefix that runs a command as ``uid``:``gid`` in a foreign root (what
+    ``setpriv --reuid --regid --init-groups|--clear-groups --`` does in our images)."""
+    return [
+        loader_path(), "--library-path", f"{RUNTIME_DIR}/lib", f"{RUNTIME_DIR}/bin/python3",
+        "-I", "-S", "-c", _RUN_AS, str(uid), str(gid), name or "",
+    ]  # fmt: skip
+
+
 def parse_ldd(output: str) -> dict[str, Path]:
     """``ldd`` output -> {name the binary asks for: host file}, the loader included
     under :data:`LOADER_NAME`; "not found" and the vDSO are left out."""

@@ -129,6 +129,7 @@ async def _import(
         "oci": {"manifest_digest": digest, "rootfs_content_bytes": content, "size_mib": size_mib},
         "layers": oci_config.layers(manifest),
         "config": config.to_dict(),
+        "userland": config.userland,  # also at the top, where templates.py looks
         "created_by": "oci",
         "files": FILE_NAMES,
     }

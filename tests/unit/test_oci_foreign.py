@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from emberbox.images import foreign
 from emberbox.images.initramfs import render_init
 
@@ -46,3 +50,20 @@ def test_the_init_takes_the_foreign_branch_only_when_the_runtime_is_there() -> N
         "exec switch_root /newroot " + " ".join(foreign.agent_argv("emberbox_guest"))
         in foreign_exec
     )
+
+
+def test_run_as_switches_user_then_runs_the_image_program() -> None:
+    """The setpriv stand-in for foreign roots: our loader and python (-I: no PYTHONHOME
+    reaches the command), then uid, gid, name and the command; its code sets the ids and
+    execs the program, 127 when there is none (run here with the host's python as the
+    current user)."""
+    argv = foreign.run_as_argv(1234, 1234, "")
+    assert argv[:4] == foreign.agent_argv("x")[:4]
+    assert argv[4:7] == ["-I", "-S", "-c"] and argv[8:] == ["1234", "1234", ""]
+    code, ids = argv[7], [str(os.getuid()), str(os.getgid()), ""]
+    run = [sys.executable, "-I", "-S", "-c", code, *ids]
+    env = {"PATH": "/usr/bin:/bin"}
+    done = subprocess.run([*run, "sh", "-c", "id -u; exit 7"], env=env, capture_output=True)
+    assert (done.returncode, done.stdout) == (7, f"{os.getuid()}\n".encode())
+    missing = subprocess.run([*run, "no-such-program"], env=env, capture_output=True)
+    assert missing.returncode == 127 and b"no-such-program" in missing.stderr
