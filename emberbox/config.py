@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     templates_max: int = Field(default=16, ge=1)  # shapes with a template on disk; others boot cold
     pool_size: int = Field(default=1, ge=0, le=64)  # restored sandboxes kept ready per image
     pool_memory_budget_mib: int = Field(default=4096, ge=0)  # guest memory the pool may hold
+    # More images to keep warm (image name or ref -> VMs; the default shape), e.g.
+    # EMBERBOX_POOL_IMAGES='{"grader": 1}'; within the same memory budget.
+    pool_images: dict[str, int] = Field(default_factory=dict)
     snapshot_timeout_s: float = Field(default=300.0, gt=0)
 
     # Networking (see docs/networking.md): default deny; a sandbox gets a NIC with
@@ -138,6 +141,8 @@ class Settings(BaseSettings):
     tenant_max_snapshot_bytes: int = Field(default=32 << 30, ge=0)  # snapshots + paused, on disk
     tenant_max_images: int = Field(default=16, ge=0)  # a tenant's own registered images
     tenant_max_image_bytes: int = Field(default=16 << 30, ge=0)  # their blobs, on disk
+    image_gc_grace_s: float = Field(default=60.0, ge=0)  # a blob this young is never collected
+    image_template_after_build: bool = True  # a new image gets its template at once
     rate_limit_per_s: float = Field(default=20.0, gt=0)  # requests per second per key
     rate_limit_burst: int = Field(default=100, ge=1)  # requests a key may send at once
 

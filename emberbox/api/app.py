@@ -21,6 +21,7 @@ from emberbox.api.routes import (
     compat,
     console,
     files,
+    images,
     metrics,
     oneshot,
     ports,
@@ -102,6 +103,7 @@ def create_app(
     app.include_router(compat.router, dependencies=guarded, responses=auth_errors)
     app.include_router(oneshot.router, dependencies=guarded, responses=auth_errors)
     app.include_router(audit.router, dependencies=guarded, responses=auth_errors)
+    app.include_router(images.router, dependencies=guarded, responses=auth_errors)
     # Authenticated by the endpoint itself (a raw ASGI app: no dependencies), then MCP.
     app.router.routes.append(mcp.route())
     app.include_router(system.router)

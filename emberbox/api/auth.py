@@ -56,6 +56,9 @@ ACTIONS: dict[tuple[str, str], str] = {
     ("POST", "/vm/create"): "sandbox.create",
     ("POST", "/exec/command"): "sandbox.exec",
     ("POST", "/v1/run"): "run",
+    ("POST", "/v1/images"): "image.build",
+    ("POST", "/v1/images/import"): "image.import",
+    ("DELETE", "/v1/images/{name}"): "image.delete",
 }
 # Body fields worth keeping, for the actions whose body is JSON (never file contents).
 BODY_FIELDS: dict[str, tuple[str, ...]] = {

@@ -24,12 +24,15 @@ from emberbox.models import (
     SandboxPublic,
     SnapshotPublic,
 )
+from emberbox.models.images import ImageDetail, ImageLayer, ImageUsage
 from emberbox.models.oneshot import LanguagePublic, RunResponse
+from emberbox.service.catalog import display_name
 from emberbox.service.sandboxes.reserved import public_metadata
 
 if TYPE_CHECKING:
     from emberbox.agent_client.client import ExecResult, FileInfo, ProcessInfo, ProcessStatus
     from emberbox.service.catalog import ImageInfo
+    from emberbox.service.images.registry_service import ImageView
     from emberbox.service.oneshot.runner import LanguageInfo, RunResult
     from emberbox.service.sandboxes.manager import ExecLogEntry, SandboxRecord
     from emberbox.service.snapshots.records import SnapshotRecord
@@ -50,7 +53,7 @@ def sandbox_public(record: SandboxRecord) -> SandboxPublic:
     return SandboxPublic(
         id=record.id,
         state=record.state.value,
-        image=record.image,
+        image=display_name(record.image),
         vcpus=record.vcpus,
         memory_mib=record.memory_mib,
         timeout_s=record.timeout_s,
@@ -68,7 +71,7 @@ def snapshot_public(record: SnapshotRecord) -> SnapshotPublic:
     return SnapshotPublic(
         id=record.id,
         sandbox_id=record.sandbox_id,
-        image=record.image,
+        image=display_name(record.image),
         vcpus=record.vcpus,
         memory_mib=record.memory_mib,
         size_bytes=record.size_bytes,
@@ -165,6 +168,43 @@ def image_public(info: ImageInfo, *, default_name: str) -> ImagePublic:
         created_at=info.created_at,
         kernel_release=release if isinstance(release, str) else None,
         default=info.name == default_name,
+    )
+
+
+def image_detail(view: ImageView, *, default_name: str) -> ImageDetail:
+    """A registered image with its config, layers and what uses it (no host paths)."""
+    info, config = view.info, view.info.config
+    public = image_public(info, default_name=default_name)
+    layers = []
+    for layer in info.layers:
+        size = layer.get("size")
+        layers.append(
+            ImageLayer(
+                digest=str(layer.get("digest", "")),
+                size=size if isinstance(size, int) and size >= 0 else 0,
+                step=str(layer.get("step", "")),
+            )
+        )
+    return ImageDetail(
+        name=info.name,
+        shared=view.shared,
+        size_bytes=info.size_bytes,
+        created_at=info.created_at,
+        base=info.base,
+        created_by=info.created_by,
+        image_hash=info.image_hash,
+        layers=layers,
+        env=config.env,
+        workdir=config.workdir,
+        user=config.user,
+        labels=config.labels,
+        cmd=config.cmd,
+        userland=config.userland,
+        kernel_release=public.kernel_release,
+        default=public.default and view.shared,
+        usage=ImageUsage(
+            sandboxes=list(view.usage.sandboxes), snapshots=list(view.usage.snapshots)
+        ),
     )
 
 

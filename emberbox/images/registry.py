@@ -22,11 +22,13 @@ Callers name images; they never pass host paths.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +54,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 HASH_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 USERLANDS = ("emberbox", "foreign")
+LOCK_FILE = ".registry.lock"
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,12 @@ def parse_ref(ref: str) -> tuple[str, str | None] | None:
     ):
         return parts[2], parts[1]
     return None
+
+
+def display_name(ref: str) -> str:
+    """What a caller sees of a ref: the image's own name (``grader``, not the path)."""
+    parsed = parse_ref(ref)
+    return parsed[0] if parsed is not None else ref
 
 
 def guest_files(directory: Path) -> BootFiles:
@@ -401,6 +410,19 @@ def collectable_blobs(
     return sorted(b for b in blobs if b not in keep and not b.startswith("."))
 
 
+@contextmanager
+def registry_lock(images_dir: Path) -> Iterator[None]:
+    """Held while a blob is registered and while blobs are collected: a blob being
+    registered is never collected half-way (between its move and its link)."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(images_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # -- registering -----------------------------------------------------------------------
 
 
@@ -428,6 +450,18 @@ def register_image(
     missing = [p.name for p in (files.kernel, files.initrd, files.rootfs) if not p.is_file()]
     if missing:
         raise errors.ImageBuildError(f"image {name!r} lacks {', '.join(missing)}")
+    with registry_lock(settings.images_dir):
+        return _register_locked(settings, name, source_dir, manifest, image_hash, tenant)
+
+
+def _register_locked(
+    settings: Settings,
+    name: str,
+    source_dir: Path,
+    manifest: dict[str, Any],
+    image_hash: str,
+    tenant: str | None,
+) -> ImageInfo:
     registry = ImageRegistry(settings)
     own = [i for i in registry.list(tenant) if i.tenant == namespace(tenant)]
     check_quota(quota_for(settings, tenant), own, name, image_hash, _disk_usage(source_dir))

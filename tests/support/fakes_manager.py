@@ -214,7 +214,11 @@ class FakeManager:
             raise errors.NotFound(f"no sandbox {sandbox_id!r}") from None
 
     async def list(
-        self, *, state: SandboxState | None = None, metadata: dict[str, str] | None = None
+        self,
+        *,
+        state: SandboxState | None = None,
+        metadata: dict[str, str] | None = None,
+        tenant_id: str | None = None,  # the fake's records have no owner: all
     ) -> builtins.list[SandboxRecord]:
         self.calls.append(("list", {"state": state, "metadata": metadata}))
         return [
@@ -289,7 +293,9 @@ class FakeManager:
         )
         return self.snapshots[snapshot_id]
 
-    async def list_snapshots(self, sandbox_id: str | None = None) -> builtins.list[SnapshotRecord]:
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, *, tenant_id: str | None = None
+    ) -> builtins.list[SnapshotRecord]:
         self.calls.append(("list_snapshots", {"sandbox_id": sandbox_id}))
         found = [s for s in self.snapshots.values() if sandbox_id in (None, s.sandbox_id)]
         return sorted(found, key=lambda s: (s.created_at, s.id))

@@ -1,16 +1,12 @@
-"""``/healthz`` and ``/v1/images``."""
+"""``/healthz`` (``/v1/images``: :mod:`.images`)."""
 
 from __future__ import annotations
 
-import anyio.to_thread
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from emberbox._version import __version__
-from emberbox.api import views
-from emberbox.api.auth import authenticate
-from emberbox.api.deps import ManagerDep, RegistryDep, SettingsDep
-from emberbox.api.errors import error_responses
-from emberbox.models import Health, ImagePublic
+from emberbox.api.deps import ManagerDep
+from emberbox.models import Health
 from emberbox.service.sandboxes.state import LIVE_STATES
 
 router = APIRouter(tags=["system"])
@@ -25,15 +21,3 @@ async def healthz(manager: ManagerDep) -> Health:
     for state in sorted(LIVE_STATES):
         live += len(await manager.list(state=state))
     return Health(version=__version__, sandboxes=live)
-
-
-@router.get(
-    "/v1/images",
-    response_model=list[ImagePublic],
-    dependencies=[Depends(authenticate)],
-    responses=error_responses(401, 429),
-)
-async def list_images(registry: RegistryDep, settings: SettingsDep) -> list[ImagePublic]:
-    """Registered guest images."""
-    infos = await anyio.to_thread.run_sync(registry.list)
-    return [views.image_public(info, default_name=settings.default_image) for info in infos]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 from collections.abc import AsyncIterable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -19,6 +18,7 @@ import anyio
 from emberbox import errors
 from emberbox.agent_client.spec import SpawnSpec
 from emberbox.service.guestio.common import GuestService
+from emberbox.service.images import defaults as image_defaults
 from emberbox.service.sandboxes.manager import OutputCallback
 from emberbox.service.sandboxes.validation import check_frame, validate_command
 
@@ -46,7 +46,8 @@ class Processes(GuestService):
         if spec.pty is not None:
             _check_size(*spec.pty)
         async with self._guest(sandbox_id) as (record, agent):
-            merged = replace(spec, env={**record.env, **spec.env})
+            defaults = image_defaults.for_settings(self._settings)
+            merged = await defaults.apply(record.image, spec, record.env)
             check_frame(merged)  # with the sandbox's env in it
             return await agent.spawn(merged)
 

@@ -18,6 +18,7 @@ from emberbox.agent_client.answers import ExecResult
 from emberbox.agent_client.calls import OutputCallback
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.service import metrics
+from emberbox.service.images import defaults as image_defaults
 from emberbox.service.sandboxes import validation
 from emberbox.service.sandboxes.core import ManagerCore, not_running
 from emberbox.service.sandboxes.state import SandboxState
@@ -70,9 +71,9 @@ async def run_exec(
     validation.validate_command(spec)
     timeout_s = exec_timeout(core, spec.timeout_s)
     row, handle = await core.running(sandbox_id)
+    spec = await image_defaults.for_settings(core.settings).apply(row.image, spec, row.env)
     spec = dataclasses.replace(
         spec,
-        env={**row.env, **spec.env},
         timeout_s=timeout_s,
         output_max_bytes=core.settings.exec_output_max_bytes,
     )

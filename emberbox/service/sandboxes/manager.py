@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -33,6 +34,7 @@ from emberbox import errors
 from emberbox.agent_client.answers import ExecResult
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
+from emberbox.service.catalog import resolve_ref
 from emberbox.service.sandboxes import execs, storage, validation
 from emberbox.service.sandboxes.booting import BootFlows, network_plan
 from emberbox.service.sandboxes.core import ID_BYTES, ManagerCore, Phase
@@ -222,7 +224,8 @@ class SandboxManager:
             self._settings, image, vcpus, memory_mib, timeout_s, metadata, env
         )
         await storage.require_free_space(self._settings, "creating a sandbox")
-        await anyio.to_thread.run_sync(self._images.get, spec.image)
+        ref = await anyio.to_thread.run_sync(resolve_ref, self._images, spec.image, tenant_id)
+        spec = dataclasses.replace(spec, image=ref)  # a tenant's own image: its ref
         shape = PoolShape(spec.image, spec.vcpus, spec.memory_mib)
         # Networked sandboxes never come from the pool (its VMs have no network).
         policy = None
