@@ -24,8 +24,12 @@ E2B_CREATE = "E2B SDK: create -> first run('true')"
 NATIVE_CREATE = "emberbox SDK: create -> first exec('true')"
 E2B_RUN = "E2B SDK: commands.run('true')"
 NATIVE_RUN = "emberbox SDK: exec('true')"
-# What the E2B SDK actually asks for: `/bin/bash -l -c true`, as user (setpriv).
+# The same as root: no setpriv, only bash's own start and its (fork-free) profile.
+E2B_RUN_ROOT = "E2B SDK: commands.run('true', user='root')"
+# What the E2B SDK actually asks for: `/bin/bash -l -c true`, as user (setpriv), with
+# the environment and directory the front gives it.
 NATIVE_LOGIN = "emberbox SDK: exec('bash -l -c true')"
+LOGIN_ENV = {"HOME": "/home/user", "USER": "user", "LOGNAME": "user"}
 RUN_CODE = "E2B code interpreter: run_code('1+1'), warm"
 WARMUP = 2
 LOGIN_SHELL = ["setpriv", "--reuid=1000", "--regid=1000", "--init-groups", "--"]
@@ -40,6 +44,7 @@ async def e2b_front(data_dir: Path, samples: int, runs: int, report: Report) -> 
     report.ratio("e2b_create_over_native", E2B_CREATE, NATIVE_CREATE)
     report.ratio("e2b_run_over_native_exec", E2B_RUN, NATIVE_RUN)
     report.ratio("e2b_run_over_native_login_shell", E2B_RUN, NATIVE_LOGIN)
+    report.ratio("e2b_root_run_over_native_exec", E2B_RUN_ROOT, NATIVE_RUN)
     report.check("e2b_create_over_native", 1.2)
     report.check("e2b_run_over_native_exec", 1.3)
 
@@ -52,9 +57,9 @@ def _measure(url: str, samples: int, runs: int) -> list[Measurement]:
 
     from emberbox.sdk import Sandbox
 
-    names = (E2B_CREATE, NATIVE_CREATE, E2B_RUN, NATIVE_RUN, NATIVE_LOGIN, RUN_CODE)
+    names = (E2B_CREATE, NATIVE_CREATE, E2B_RUN, NATIVE_RUN, NATIVE_LOGIN, RUN_CODE, E2B_RUN_ROOT)
     out = [Measurement(n) for n in names]
-    e2b_create, native_create, e2b_run, native_run, native_login, run_code = out
+    e2b_create, native_create, e2b_run, native_run, native_login, run_code, e2b_root = out
     progress(f"e2b front: {samples} creates each way")
     for _ in range(samples):
         started = time.perf_counter()
@@ -82,8 +87,11 @@ def _measure(url: str, samples: int, runs: int) -> list[Measurement]:
             native.commands.run(["true"])
             native_run.samples.append(ms_since(started))
             started = time.perf_counter()
-            native.commands.run(LOGIN_SHELL)
+            native.commands.run(LOGIN_SHELL, env=LOGIN_ENV, cwd="/home/user")
             native_login.samples.append(ms_since(started))
+            started = time.perf_counter()
+            box.commands.run("true", user="root")
+            e2b_root.samples.append(ms_since(started))
             started = time.perf_counter()
             box.run_code("1+1")
             run_code.samples.append(ms_since(started))

@@ -21,7 +21,15 @@ from emberbox import errors
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.e2b import fsops, users
 from emberbox.e2b.connect import error_answer, unary
-from emberbox.e2b.front import EnvdCall, api_error, audited, cut, envd_call, retry_after
+from emberbox.e2b.front import (
+    HELPER_TIMEOUT_S,
+    EnvdCall,
+    api_error,
+    audited,
+    cut,
+    envd_call,
+    retry_after,
+)
 
 router = APIRouter(include_in_schema=False)
 fs_router = APIRouter(prefix="/filesystem.Filesystem", include_in_schema=False)
@@ -79,7 +87,8 @@ GZIP_LEVEL = 1  # downloads: speed over size (the SDK asks for gzip on every rea
 
 
 def _as_user(user: users.User, script: str, *args: str) -> ExecSpec:
-    return ExecSpec(user.wrap(["sh", "-c", script, "sh", *args]), env=user.env(), cwd="/")
+    argv = user.wrap(["sh", "-c", script, "sh", *args])
+    return ExecSpec(argv, env=user.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S)
 
 
 async def _check_readable(call: EnvdCall, user: users.User, path: str) -> None:
@@ -203,10 +212,13 @@ async def write_as(
     await manager.files.write(call.sandbox_id, path, data, mode=0o644)
     if user.uid != 0 and not metadata:
         owner = f"{user.uid}:{user.uid}"
-        await manager.exec(call.sandbox_id, ExecSpec(["chown", "-h", owner, "--", path], cwd="/"))
+        chown = ["chown", "-h", owner, "--", path]
+        await manager.exec(call.sandbox_id, ExecSpec(chown, cwd="/", timeout_s=HELPER_TIMEOUT_S))
     elif metadata:
         argv = ["python3", "-I", "-S", "-c", FINISH, path, str(user.uid), json.dumps(metadata)]
-        done = await manager.exec(call.sandbox_id, ExecSpec(argv, cwd="/"))
+        done = await manager.exec(
+            call.sandbox_id, ExecSpec(argv, cwd="/", timeout_s=HELPER_TIMEOUT_S)
+        )
         if done.exit_code != 0:
             tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise errors.InvalidRequest(f"cannot store the metadata of {path}: {tail}")

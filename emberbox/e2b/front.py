@@ -30,6 +30,11 @@ from emberbox.service.tenancy.keys import parse_key
 ENVD_VERSION = "0.6.3"  # the highest envd whose features are all served (PROTOCOL.md)
 ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
+# A helper the front runs in the guest (a stat, a mkdir, a chown, the fs helper) gets
+# this explicit bound, not default_exec_timeout_s: that one (60 s, plus the agent client's
+# 15 s grace: an ExecTimeout at 75 s) fired under heavy load on helpers that were only
+# waiting for a CPU. The SDK's own request timeout is what ends a call that takes too long.
+HELPER_TIMEOUT_S = 600.0
 ARGV_MAX_CHARS = 1024  # an audited command, code or path is cut to this (as api/auth.py)
 TOKENLESS_BUCKET = "e2b-tokenless:"  # the interpreter's context calls without a token
 

@@ -13,10 +13,8 @@ from typing import Any
 
 from emberbox import errors
 from emberbox.agent_client.spec import ExecSpec
-from emberbox.e2b.front import EnvdCall
+from emberbox.e2b.front import HELPER_TIMEOUT_S, EnvdCall
 from emberbox.e2b.users import User
-
-HELPER_TIMEOUT_S = 60.0
 
 # EntryInfo of a path (the helper's and the watchers'): the target's type and size for a
 # symlink, owner and group names, and the user.e2b.* extended attributes as metadata.

@@ -25,14 +25,28 @@ from emberbox import errors
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 from emberbox.e2b import users
 from emberbox.e2b.connect import Emit, EnvelopeStream
-from emberbox.e2b.front import EnvdCall, api_error, audited, cut, envd_call, retry_after
-from emberbox.e2b.kernel import CLIENT, KERNEL, KERNEL_DIR
+from emberbox.e2b.front import (
+    HELPER_TIMEOUT_S,
+    EnvdCall,
+    api_error,
+    audited,
+    cut,
+    envd_call,
+    retry_after,
+)
+from emberbox.e2b.kernel import KERNEL, KERNEL_DIR
 
 router = APIRouter(include_in_schema=False)
 
 LANGUAGES = {"python", "python3"}
 DEFAULT_CONTEXT = "default-python"
-START_WAIT_S = 30.0
+NOT_RUNNING = {
+    "type": "error",
+    "name": "ContextNotRunning",
+    "value": "the context's kernel is not running",
+    "traceback": "the context's kernel is not running: restart it",
+}
+START_WAIT_S = 300.0  # while the kernel still runs: slow under load, not stuck
 USER = users.DEFAULT_USER
 
 
@@ -55,7 +69,7 @@ def _paths(context_id: str) -> tuple[str, str]:
     if not context_id.replace("-", "").isalnum() or len(context_id) > 64:
         raise errors.NotFound(f"context {context_id[:64]!r} not found")
     base = posixpath.join(KERNEL_DIR, context_id)
-    return base + ".sock", base + ".json"
+    return base + ".port", base + ".json"
 
 
 async def _read_json(call: EnvdCall, path: str) -> dict[str, Any] | None:
@@ -68,30 +82,44 @@ async def _read_json(call: EnvdCall, path: str) -> dict[str, Any] | None:
 
 
 async def _start(call: EnvdCall, context_id: str, language: str, cwd: str) -> dict[str, Any]:
-    """Start the kernel of a context and wait for its socket."""
+    """Start the kernel of a context, wait for the port it listens on, and describe the
+    context (with that port) in the guest."""
     manager, sandbox_id = call.front.manager, call.sandbox_id
-    sock, desc = _paths(context_id)
+    port_file, desc = _paths(context_id)
+    mkdir = USER.wrap(["mkdir", "-p", KERNEL_DIR])
     made = await manager.exec(
-        sandbox_id, ExecSpec(USER.wrap(["mkdir", "-p", KERNEL_DIR]), env=USER.env(), cwd="/")
+        sandbox_id, ExecSpec(mkdir, env=USER.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S)
     )
     if made.exit_code != 0:
         raise errors.AgentRequestFailed(f"cannot make {KERNEL_DIR}: {made.stderr[-300:]!r}")
-    with contextlib.suppress(errors.NotFound):  # a dead kernel's socket is no sign of life
-        await manager.files.remove(sandbox_id, sock)
-    argv = USER.wrap(["python3", "-I", "-u", "-c", KERNEL, sock])
+    with contextlib.suppress(errors.NotFound):  # a dead kernel's port is no sign of life
+        await manager.files.remove(sandbox_id, port_file)
+    argv = USER.wrap(["python3", "-I", "-u", "-c", KERNEL, port_file])
     pid = await manager.processes.spawn(sandbox_id, SpawnSpec(argv, env=USER.env(), cwd=cwd))
-    context = {"id": context_id, "language": language, "cwd": cwd, "pid": pid}
-    await manager.files.write(sandbox_id, desc, _chunks(json.dumps(context).encode()))
-    for _ in range(int(START_WAIT_S / 0.05)):
-        try:
-            await manager.files.stat(sandbox_id, sock)
-            return context
-        except errors.NotFound:
-            status = await manager.processes.status(sandbox_id, pid)
-            if not status.running:
+    with anyio.move_on_after(START_WAIT_S):
+        pause = 0.02
+        while True:
+            port = await _read_port(call, port_file)
+            if port is not None:
+                context = {"id": context_id, "language": language, "cwd": cwd, "pid": pid}
+                context["port"] = port
+                await manager.files.write(sandbox_id, desc, _chunks(json.dumps(context).encode()))
+                return context
+            if not (await manager.processes.status(sandbox_id, pid)).running:
                 break
-            await anyio.sleep(0.05)
+            await anyio.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+    await manager.processes.end(sandbox_id, pid)
     raise errors.AgentRequestFailed(f"the kernel of context {context_id} did not start")
+
+
+async def _read_port(call: EnvdCall, path: str) -> int | None:
+    try:
+        chunks = [c async for c in call.front.manager.files.read(call.sandbox_id, path)]
+    except errors.NotFound:
+        return None
+    text = b"".join(chunks).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
 
 
 async def _chunks(data: bytes) -> Any:
@@ -206,42 +234,43 @@ async def execute(request: Request) -> Response:
     try:
         call = await envd_call(request)
         body = await _body(request)
-        context_id = body.get("context_id")
+        context_id = str(body.get("context_id") or "")
         if context_id:
-            await _context(call, str(context_id))
+            context = await _context(call, context_id)
         else:
             context_id = DEFAULT_CONTEXT
-            if await _read_json(call, _paths(DEFAULT_CONTEXT)[1]) is None:
-                await _start(call, DEFAULT_CONTEXT, _language(body.get("language")), USER.home)
-        sock = _paths(str(context_id))[0]
+            found = await _read_json(call, _paths(DEFAULT_CONTEXT)[1])
+            language = _language(body.get("language"))
+            context = found or await _start(call, DEFAULT_CONTEXT, language, USER.home)
+        port = context.get("port")
+        if not isinstance(port, int):
+            raise errors.Conflict(f"context {context_id} has no kernel port: restart it")
         code = str(body.get("code") or "")
-        request_line = {"code": code, "env_vars": body.get("env_vars")}
-        processes = call.front.manager.processes
-        argv = USER.wrap(["python3", "-I", "-S", "-c", CLIENT, sock])
-        async with audited(call, "e2b.code.run", context=str(context_id), code=cut(code)):
-            pid = await processes.spawn(call.sandbox_id, SpawnSpec(argv, env=USER.env(), cwd="/"))
-        await processes.write_stdin(
-            call.sandbox_id, pid, json.dumps(request_line).encode(), close=True
-        )
+        request_line = json.dumps({"code": code, "env_vars": body.get("env_vars")}).encode()
+        await call.record("e2b.code.run", "ok", context=context_id, code=cut(code))
     except errors.EmberboxError as exc:
         return _error(exc)
 
     async def produce(emit: Emit) -> None:
+        """The request over a connection to the kernel's port (through the agent: no
+        process per execution), its answer lines streamed as they come."""
         pending = bytearray()
-
-        async def lines(chunk: bytes) -> None:
-            pending.extend(chunk)
-            while b"\n" in pending:
-                line, _, rest = bytes(pending).partition(b"\n")
-                pending[:] = rest
-                message = json.loads(line)
-                if message.get("type") in ("stdout", "stderr"):
-                    message["timestamp"] = int(time.time() * 1e9)
-                await emit(message)
-
-        try:
-            await processes.follow(call.sandbox_id, pid, on_stdout=lines)
-        finally:
-            await processes.end(call.sandbox_id, pid)
+        async with call.front.manager.ports.tunnel(call.sandbox_id, port) as tunnel:
+            await tunnel.send(request_line)
+            await tunnel.send_eof()
+            try:
+                while chunk := await tunnel.receive():
+                    pending.extend(chunk)
+                    while b"\n" in pending:
+                        line, _, rest = bytes(pending).partition(b"\n")
+                        pending[:] = rest
+                        message = json.loads(line)
+                        if message.get("type") in ("stdout", "stderr"):
+                            message["timestamp"] = int(time.time() * 1e9)
+                        await emit(message)
+            except errors.AgentRequestFailed as exc:
+                if "PortUnreachable" not in str(exc.details) + exc.message:
+                    raise
+                await emit(NOT_RUNNING)
 
     return NdjsonStream(produce)

@@ -1,9 +1,11 @@
-"""The code interpreter's kernel: two small standard-library programs run in the guest
-(no Jupyter). :data:`KERNEL` is one context: a process that keeps one Python namespace
-and serves executions one at a time on a unix socket. :data:`CLIENT` is one execution:
-it sends its stdin (the request) to the socket and copies the answer, one JSON line per
-output, to its stdout. A context lives in the guest only: its socket and a small
-description file under :data:`KERNEL_DIR`, named by its id, so no host state is needed.
+"""The code interpreter's kernel: a small standard-library program run in the guest (no
+Jupyter). :data:`KERNEL` is one context: a process that keeps one Python namespace and
+serves executions one at a time on a TCP port of the guest's loopback, which it writes
+to a file once it listens. An execution is one connection (carried by the agent, as
+``manager.ports`` carries any guest port): the request (JSON) until end of file, then
+the answer, one JSON line per output. A context lives in the guest only: its port file
+and a small description file under :data:`KERNEL_DIR`, named by its id, so no host state
+is needed.
 
 Lines of an execution (the code interpreter's NDJSON, without timestamps)::
 
@@ -65,9 +67,9 @@ def run(conn, request):
         os.environ.clear(); os.environ.update(saved)
     send(conn, {"type": "number_of_executions", "execution_count": count})
     send(conn, {"type": "end_of_execution"})
-try: os.unlink(path)
-except FileNotFoundError: pass
-server = socket.socket(socket.AF_UNIX); server.bind(path); server.listen(8)
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(8)
+with open(path + ".tmp", "w") as port_file: port_file.write(str(server.getsockname()[1]))
+os.rename(path + ".tmp", path)
 while True:
     conn, _ = server.accept()
     with conn:
@@ -75,17 +77,4 @@ while True:
         while chunk := conn.recv(65536): data += chunk
         try: run(conn, json.loads(data or b"{}"))
         except OSError: pass
-"""
-
-CLIENT = r"""
-import json, socket, sys
-try:
-    conn = socket.socket(socket.AF_UNIX); conn.connect(sys.argv[1])
-except OSError as exc:
-    print(json.dumps({"type": "error", "name": "ContextNotRunning", "value": str(exc),
-                      "traceback": "the context's kernel is not running: restart it"}))
-    sys.exit(1)
-conn.sendall(sys.stdin.buffer.read()); conn.shutdown(socket.SHUT_WR)
-while chunk := conn.recv(65536):
-    sys.stdout.buffer.write(chunk); sys.stdout.flush()
 """

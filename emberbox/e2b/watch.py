@@ -30,7 +30,7 @@ from emberbox.e2b.front import EnvdCall
 
 router = APIRouter(prefix="/filesystem.Filesystem", include_in_schema=False)
 
-READY_WAIT_S = 30.0
+READY_WAIT_S = 300.0
 WATCH_DIR = "/tmp"  # where polled watchers write their events (.e2b-watch-<id>.jsonl)
 KEEPALIVE: dict[str, Any] = {"keepalive": {}}
 
@@ -154,14 +154,25 @@ async def _create(call: EnvdCall, body: dict[str, Any], request: Request) -> dic
         call.sandbox_id, _spec(user, path, recursive, out, entries)
     )
     call.front.watchers[(call.sandbox_id, watcher_id)] = [pid, out, 0]
-    for _ in range(int(READY_WAIT_S / 0.05)):
-        if await _read_lines(call, out):
-            break
-        await anyio.sleep(0.05)
-    else:
+    if not await _ready(call, pid, out):
         raise errors.AgentRequestFailed(f"the watcher of {path} did not start")
     call.front.watchers[(call.sandbox_id, watcher_id)][2] = 1  # past the ready line
     return {"watcherId": watcher_id}
+
+
+async def _ready(call: EnvdCall, pid: int, out: str) -> bool:
+    """Whether the watcher wrote its ready line: waited for while it runs (slow under
+    load is not stuck), at most READY_WAIT_S."""
+    pause = 0.02
+    with anyio.move_on_after(READY_WAIT_S):
+        while True:
+            if await _read_lines(call, out):
+                return True
+            if not (await call.front.manager.processes.status(call.sandbox_id, pid)).running:
+                return bool(await _read_lines(call, out))
+            await anyio.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+    return False
 
 
 async def _read_lines(call: EnvdCall, out: str) -> list[str]:
