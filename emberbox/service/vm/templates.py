@@ -43,8 +43,13 @@ LAYOUT = "4"  # bump when a template's files or meaning change: old ones are the
 META = "meta.json"
 CURRENT = "current"
 # What every template runs before its snapshot: the agent's exec path, and python3 (where
-# the image has one) in the page cache.
+# the image has one) in the page cache; and E2B's command path (docs/e2b.md: every E2B
+# command is `bash -l -c` as `user` through setpriv), so a clone's first one reads nothing.
 WARM_UP = "true; if command -v python3 >/dev/null; then python3 -c pass; fi"
+WARM_UP += (
+    "; if command -v setpriv >/dev/null && id -u user >/dev/null 2>&1; then HOME=/home/user"
+    " setpriv --reuid=1000 --regid=1000 --init-groups -- bash -l -c true; fi"
+)
 # The run image's template also reads each language's toolchain into the page cache,
 # and starts the agent's warm runtimes (docs/oneshot.md, "Warm runtimes").
 WARM_UP_RUN = (
