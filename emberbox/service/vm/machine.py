@@ -90,6 +90,7 @@ class SandboxVM:
         self.origin = "cold"
         # Where its start went (the driver's phases, then ours); the bench reads it.
         self.phases = Phases()
+        self.prepared_phases: Phases | None = None  # a pooled VM's, before its hand-out
 
     @property
     def ip_address(self) -> str | None:
@@ -310,6 +311,8 @@ class SandboxVM:
         out as ``sandbox_id`` (which must be the id it was started with)."""
         if sandbox_id != self.id:
             raise InvalidRequest(f"sandbox {self.id} cannot be renamed to {sandbox_id}")
+        # From here on its phases are the hand-out's; how it was made stays readable.
+        self.prepared_phases, self.phases = self.phases, Phases()
         with self.phases.timed("hand-out hello"):
             self.hello = await self.agent.handshake(
                 timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id

@@ -32,7 +32,7 @@ from emberbox.vmm.phases import Phases
 from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
 from emberbox.vmm.qemu.argv import Accel, QemuPaths, build_argv
-from emberbox.vmm.qemu.process import die_with_parent, spawn_janitor
+from emberbox.vmm.qemu.process import die_with_parent, spawn_janitor, without_huge_pages
 from emberbox.vmm.qemu.vm import DISK_FILE, NAME, STATE_FILE, QemuVM
 from emberbox.vmm.vmm_user import VmmUser
 
@@ -199,7 +199,9 @@ class QemuDriver:
             argv = build_argv(
                 self.binary, self.accel, boot, fds, incoming=incoming, shared=not incoming
             )
-            with paths.vmm_log.open("wb") as log:
+            clone = incoming and boot.memory_file is not None  # of a template
+            no_thp = without_huge_pages() if clone else contextlib.nullcontext()
+            with paths.vmm_log.open("wb") as log, no_thp:
                 # Popen from the event loop's thread: PDEATHSIG fires when *that thread*
                 # ends (set after the uid change, which would clear it).
                 popen = subprocess.Popen(

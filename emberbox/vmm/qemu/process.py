@@ -4,20 +4,47 @@ that cleans up after an owner killed without warning."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE = 41
+PR_GET_THP_DISABLE = 42
 
 
 def die_with_parent() -> None:
     """In the child before exec: get SIGKILL when the parent thread ends."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def without_huge_pages() -> Iterator[None]:
+    """Processes started inside the block get no transparent huge pages.
+
+    The flag belongs to this process's memory and a child inherits it through fork
+    (or vfork) and exec, so it is set around the spawn and cleared again (unless it
+    was set before). A template clone gains nothing from huge pages (its guest RAM is a
+    file mapping) and loses the rounding up of QEMU's anonymous memory (the TCG
+    translation cache, the heap) to 2 MiB pages: about 2.5 MiB per idle clone.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) != 0:  # already off (or unknown)
+        yield
+        return
+    if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0)
 
 
 def reap_in_background(popen: subprocess.Popen[bytes]) -> None:

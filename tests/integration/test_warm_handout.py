@@ -1,0 +1,91 @@
+"""Hand-outs with nothing left to warm (issue 16), over real VMs: a pooled sandbox ran
+our warm-up before it was handed out, and the user sees nothing of it; a template clone
+starts without the kernel image in QEMU and without huge pages, and its start is timed."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import anyio
+import pytest
+
+from emberbox.agent_client.spec import ExecSpec
+from emberbox.config import Settings
+from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.vmm.phases import phases_of
+
+pytestmark = [pytest.mark.vm, pytest.mark.anyio]
+
+PR_GET_THP_DISABLE = 42
+# Every process of the guest but the agent (PID 1) and this shell and its children,
+# with its state: a leftover of the warm-up (a zombie, a process still running) shows.
+PROCESSES = (
+    'for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = 1 ] || [ "$p" = $$ ] && continue; '
+    "s=$(cut -d' ' -f3 $d/stat 2>/dev/null) || continue; "
+    "[ \"$(cut -d' ' -f4 $d/stat)\" = $$ ] && continue; "
+    'c=$(tr "\\0" " " < $d/cmdline); [ -n "$c" ] && echo "$s $c"; done; true'
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def qemu_argv(pid: int | None) -> list[str]:
+    assert pid is not None
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def thp_enabled(pid: int | None) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("THP_enabled:"):
+            return line.split()[1]
+    return "?"  # a kernel without the field
+
+
+async def test_a_pooled_sandbox_is_warm_and_shows_nothing_of_it(settings: Settings) -> None:
+    async with SandboxManager(settings.model_copy(update={"pool_size": 1})) as manager:
+        with anyio.fail_after(120):
+            while manager.pool_ready() < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        record = await manager.create()
+        handle = manager._core.live[record.id]
+        # Made ahead (restored, greeted) and at the hand-out only greeted again.
+        prepared = getattr(handle, "prepared_phases", None)
+        assert prepared is not None and {"QMP connect", "migrate-incoming", "agent hello"} <= set(
+            prepared.as_dict()
+        )
+        handed_out = phases_of(handle)
+        assert handed_out is not None and list(handed_out.as_dict()) == ["hand-out hello"]
+        # The warm-up exec left no entry the user can read, and no process behind.
+        assert await manager.exec_log(record.id) == []
+        result = await manager.exec(record.id, ExecSpec(["sh", "-c", PROCESSES]))
+        assert result.exit_code == 0, result.stderr
+        leftovers = [line for line in result.stdout.decode().splitlines() if line.strip()]
+        assert leftovers == [], leftovers
+        log = await manager.exec_log(record.id)
+        assert len(log) == 1 and log[0].command[0] == "sh"
+        await manager.kill(record.id)
+
+
+async def test_a_template_clone_has_no_kernel_image_and_no_huge_pages(settings: Settings) -> None:
+    if settings.vmm != "qemu":
+        pytest.skip("QEMU's command line and process")
+    async with SandboxManager(settings.model_copy(update={"templates": True})) as manager:
+        record = await manager.create()
+        argv = qemu_argv(record.vmm_pid)
+        assert "-incoming" in argv  # really a clone of the template
+        assert "-kernel" not in argv and "linuxboot_dma.bin" in argv
+        assert thp_enabled(record.vmm_pid) in {"0", "?"}
+        # The flag is set around the spawn only: this process keeps its huge pages.
+        assert ctypes.CDLL(None).prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 0
+        phases = phases_of(manager._core.live[record.id])
+        assert phases is not None
+        assert {"disk overlay", "QEMU spawn", "QMP connect", "migrate-incoming"} <= set(
+            phases.as_dict()
+        )
+        result = await manager.exec(record.id, ExecSpec(["cat", "/proc/cmdline"]))
+        assert result.exit_code == 0 and b"panic=-1" in result.stdout  # booted as usual
+        await manager.kill(record.id)
