@@ -22,6 +22,11 @@ directories (streamed); ``sb.pty.create(cols, rows)`` opens a :class:`PtySession
 ``sb.ports.url(port)`` (or ``sb.get_host(port)``) reaches a server in the sandbox and
 ``sb.ports.publish(port)`` gives it a public URL.
 
+Images: ``Images.build("./ctx", name="grader", on_event=print)`` builds one from a
+Dockerfile on the server (in microVMs, cached step by step), ``Images.import_(ref,
+name=...)`` imports an OCI image, ``Images.list()`` / ``Images.delete(name)``;
+``AsyncImages`` for asyncio. ``Sandbox.create(image="grader")`` then starts one.
+
 One-shot runs: ``run_code("python3", "print(6*7)")`` compiles and runs a program once in
 a fresh sandbox (``async_run_code`` for asyncio; ``list_languages`` for what it takes).
 """
@@ -35,6 +40,7 @@ from emberbox.errors import (
     EmberboxError,
     ExecTimeout,
     HostError,
+    ImageBuildError,
     ImageNotFound,
     InvalidRequest,
     NotFound,
@@ -46,10 +52,14 @@ from emberbox.errors import (
     Unauthorized,
     VMMError,
 )
+from emberbox.models.images import BuildEvent
 from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
 from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, AsyncPtySession
+from emberbox.sdk._async_images import AsyncImages
 from emberbox.sdk._calls import CommandResult, SandboxInfo, SnapshotInfo
 from emberbox.sdk._guest import FileInfo, ProcessInfo, ProcessStatus
+from emberbox.sdk._image_calls import ImageInfo
+from emberbox.sdk._images import Images
 from emberbox.sdk._oneshot import (
     LanguageInfo,
     RunResult,
@@ -67,12 +77,14 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncImages",
     "AsyncPorts",
     "AsyncPty",
     "AsyncPtySession",
     "AsyncSandbox",
     "AsyncSnapshots",
     "BootTimeout",
+    "BuildEvent",
     "CommandHandle",
     "CommandResult",
     "Commands",
@@ -82,7 +94,10 @@ __all__ = [
     "FileInfo",
     "Files",
     "HostError",
+    "ImageBuildError",
+    "ImageInfo",
     "ImageNotFound",
+    "Images",
     "InvalidRequest",
     "LanguageInfo",
     "NotFound",
