@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.compare import compare_docs, compare_files, compare_table, numeric_keys
+from bench.memory import KIB_PER_MIB, VMMemory, fit_in_budget, fit_shared_once
 from bench.phases import FIRST_EXEC, SERVICE, TOTAL, phase_table, row_name, split_create
 from emberbox.vmm.phases import Phases, phases_of
 
@@ -106,3 +107,21 @@ def test_compare_files_labels_columns_with_the_file_names(tmp_path: Path) -> Non
     lines = compare_files(old, new).splitlines()
     assert lines[0].split() == ["key", "old.json", "new.json", "after/before"]
     assert lines[1].split() == ["pool_over_exec_rtt", "1.73", "1.5", "0.87x"]
+
+
+def test_density_counts_shared_pages_once() -> None:
+    """Two clones, each 10 MiB private and 30 MiB shared (PSS 25 MiB each when both
+    map it): the old estimate charges each its PSS share, the new one only its USS."""
+    mib = KIB_PER_MIB
+    vm = VMMemory(
+        pss=35 * mib,  # 10 private + 50/2 shared
+        guest_rss=20 * mib,
+        guest_pss=12 * mib,
+        guest_private=2 * mib,
+        tcg_buffer=0,
+        private=10 * mib,
+    )
+    assert fit_shared_once([vm, vm], budget_mib=1000) == (1000 - 50) // 10
+    fit, shared = fit_in_budget([vm, vm], budget_mib=1000)
+    assert shared == 20.0  # template pages only: 2 x (12 - 2)
+    assert fit == ((1000 - 20) // (23 + 2))  # overhead 35 - 12, plus 2 private
