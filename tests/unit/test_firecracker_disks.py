@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from emberbox.errors import SnapshotMismatch, VMMError
+from emberbox.errors import HostError, SnapshotMismatch, VMMError
 from emberbox.images import initramfs
 from emberbox.vmm.firecracker import api as fc_api
 from emberbox.vmm.firecracker import driver as fc_driver
@@ -106,7 +106,7 @@ def test_scratch_is_an_empty_sparse_private_ext4(tmp_path: Path) -> None:
 
 
 def test_scratch_without_mkfs_is_a_clear_host_error(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="install the e2fsprogs package"):
+    with pytest.raises(HostError, match="install the e2fsprogs package"):
         make_scratch(tmp_path / "s", 16, mkfs=str(tmp_path / "no-mkfs"))
 
 
