@@ -75,14 +75,12 @@ async def import_oci(
     source = parse_ref(ref)
     check_local(source)
     _check_tools()
-    base = ImageRegistry(settings).get(settings.default_image)
-    _check_base(base)
-    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    base = await asyncio.to_thread(_base_image, settings)
     work = Path(tempfile.mkdtemp(prefix=".oci-import-", dir=settings.images_dir))
     try:
         return await _import(settings, source, name, tenant, base, work, progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # shielded: a cancelled import still removes its (maybe large) tree
+        await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
 
 
 async def _import(
@@ -115,9 +113,9 @@ async def _import(
     )
     out.mkdir()
     await _run(mkfs_argv(rootfs, out / FILE_NAMES["rootfs"], size_mib), timeout, "mkfs.ext4 failed")
-    shutil.rmtree(bundle, ignore_errors=True)
+    await asyncio.to_thread(shutil.rmtree, bundle, True)
     _link_boot_files(base, out)
-    image_hash = import_hash(digest, base.image_hash, files, size_mib)
+    image_hash = await asyncio.to_thread(import_hash, digest, base.image_hash, files, size_mib)
     record = {
         "description": f"imported from {source.source}",
         "image_hash": image_hash,
@@ -221,14 +219,18 @@ def _check_tools() -> None:
             raise HostError(f"{tool} not found: install the {package} package (make setup)")
 
 
-def _check_base(base: ImageInfo) -> None:
-    """The default image's init must know how to start a foreign root's agent."""
+def _base_image(settings: Settings) -> ImageInfo:
+    """The operator's default image, whose kernel and initramfs an import uses; its
+    init must know how to start a foreign root's agent."""
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    base = ImageRegistry(settings).get(settings.default_image)
     marker = f"/newroot{foreign.RUNTIME_DIR}/bin/python3".encode()
     if marker not in base.files.initrd.read_bytes():
         raise ImageBuildError(
             f"image {base.name!r} predates imported images: rebuild it "
             f"(`emberbox image build {base.name}`)"
         )
+    return base
 
 
 async def _run(argv: list[str], timeout_s: float, failure: str) -> None:

@@ -8,6 +8,7 @@ WorkingDir and User.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import socket
@@ -21,7 +22,7 @@ import pytest
 
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
-from emberbox.errors import InvalidRequest
+from emberbox.errors import ImageBuildError, InvalidRequest
 from emberbox.images.oci import import_oci
 from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
@@ -286,3 +287,38 @@ async def test_busybox_image_runs_commands_with_its_defaults(
     ]  # fmt: skip
     root = await manager.exec(record.id, ExecSpec(["id", "-u"], env={}, cwd="/"))
     assert root.stdout == b"1234\n"  # the image's User is the default for argv too
+
+
+def _import_processes(settings: Settings) -> list[int]:
+    """Processes whose command line names an import's work directory."""
+    marker = f"{settings.images_dir}/.oci-import-".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+async def test_a_timed_out_or_cancelled_import_leaves_nothing(
+    oci_settings: Settings, oci_archive: Path, archive_image: ImageInfo
+) -> None:
+    """An import past its time limit fails naming the step; a cancelled one stops: either
+    way no skopeo/umoci/mkfs process, no work directory and no new name remain."""
+    hurried = oci_settings.model_copy(update={"oci_import_timeout_s": 0.001})
+    with pytest.raises(ImageBuildError, match="took over"):
+        await import_oci(hurried, f"oci-archive:{oci_archive}:busy", "late", tenant=None)
+    task = asyncio.ensure_future(
+        import_oci(oci_settings, f"oci-archive:{oci_archive}:busy", "cancelled", tenant=None)
+    )
+    while not _import_processes(oci_settings) and not task.done():  # noqa: ASYNC110 (polls /proc)
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _import_processes(oci_settings) == []
+    assert not [p for p in oci_settings.images_dir.iterdir() if p.name.startswith(".oci-")]
+    assert {"late", "cancelled"}.isdisjoint(ImageRegistry(oci_settings).names())
