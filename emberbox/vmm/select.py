@@ -41,7 +41,7 @@ def firecracker_status(settings: Settings) -> tuple[bool, str]:
 
 
 def firecracker_driver(settings: Settings) -> Driver:
-    from emberbox.vmm.firecracker.driver import FirecrackerDriver
+    from emberbox.vmm.firecracker.driver import SCRATCH_MIB, FirecrackerDriver
     from emberbox.vmm.firecracker.jailer import JailerConfig
 
     jailer = None
@@ -66,6 +66,7 @@ def firecracker_driver(settings: Settings) -> Driver:
         settings.firecracker_binary,
         jailer=jailer,
         api_timeout_s=settings.firecracker_api_timeout_s,
+        scratch_mib=settings.max_disk_mib or SCRATCH_MIB,  # what a guest can write
     )
 
 
