@@ -215,7 +215,7 @@ def _spawn_zygote() -> tuple[subprocess.Popen[bytes], socket.socket]:
             ["python3", ZYGOTE, str(theirs.fileno())],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=None,  # the agent's: its log (the console), for the zygote's own errors
             env=dict(commands.DEFAULT_ENV),
             cwd="/",
             start_new_session=True,

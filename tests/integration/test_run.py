@@ -19,6 +19,7 @@ from tests.support.servers import Server, serve_emberbox
 pytestmark = [pytest.mark.vm]
 
 RUN_WAIT_S = 300.0  # the first run builds the image's template (one boot under TCG)
+KILL_WAIT_S = 60.0  # a run's sandbox is killed after its answer, in the background
 
 PROGRAMS = {
     "python3": "import sys\nprint('hello', sys.stdin.read().strip(), *sys.argv[1:])\n",
@@ -44,6 +45,9 @@ PROGRAMS = {
         "  std::cout << std::endl;\n}\n"
     ),
 }
+# Prints "warm" when the program was forked from the warm runtime (whose start-up
+# imported ctypes, which `python3 main.py` never does by itself), "cold" otherwise.
+WARM_MARK = "import os, sys\nprint('warm' if 'ctypes' in sys.modules else 'cold', flush=True)\n"
 FILES = {"c": [{"name": "greet.h", "content": '#include <string.h>\n#define GREETING "hello"\n'}]}
 
 
@@ -74,9 +78,16 @@ def _run(server: Server, **body: Any) -> dict[str, Any]:
 
 
 def _live_sandboxes(server: Server) -> list[str]:
-    with server.client() as client:
-        sandboxes = client.get("/v1/sandboxes").json()["sandboxes"]
-    return [s["id"] for s in sandboxes if s["state"] not in ("stopped", "error")]
+    """The sandboxes still alive once the runs' kills (in the background, after each
+    answer) had KILL_WAIT_S to end them."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while True:
+        with server.client() as client:
+            sandboxes = client.get("/v1/sandboxes").json()["sandboxes"]
+        live = [s["id"] for s in sandboxes if s["state"] not in ("stopped", "error")]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("language", list(PROGRAMS))
@@ -106,26 +117,99 @@ def test_a_c_compile_error(server: Server) -> None:
 
 
 def test_an_infinite_loop_times_out(server: Server) -> None:
-    """A loop that never ends is timeout, killed at timeout_s."""
-    answer = _run(server, language="python3", code="while True:\n    pass\n", timeout_s=2)
+    """A loop that never ends is timeout, killed at timeout_s (python3: the warm path)."""
+    code = WARM_MARK + "while True:\n    pass\n"
+    answer = _run(server, language="python3", code=code, timeout_s=2)
     assert answer["status"] == "timeout", answer
+    assert answer["stdout"] == "warm\n"
     assert 2000 <= answer["time_ms"] < 10_000
 
 
 def test_allocating_past_the_memory_limit(server: Server) -> None:
-    """Touching 200 MiB under a 64 MiB limit is memory_limit (the guest's cgroup)."""
-    code = "chunks = []\nwhile True:\n    chunks.append(b'x' * (8 << 20))\n"
+    """Touching 200 MiB under a 64 MiB limit is memory_limit (the guest's cgroup), on
+    the warm path too: the forked child joined the run's group."""
+    code = WARM_MARK + "chunks = []\nwhile True:\n    chunks.append(b'x' * (8 << 20))\n"
     answer = _run(server, language="python3", code=code, memory_mib=64, timeout_s=20)
     assert answer["status"] == "memory_limit", answer
+    assert answer["stdout"] == "warm\n"
     assert answer["memory_kib"] is None or answer["memory_kib"] <= 64 * 1024 + 1024
 
 
 def test_printing_100_mib_is_output_limit(server: Server) -> None:
     """100 MiB of output is output_limit; stdout is cut at the server's cap (1 MiB)."""
-    code = "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n"
+    code = WARM_MARK + "for _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n"
     answer = _run(server, language="python3", code=code, timeout_s=60)
     assert answer["status"] == "output_limit", answer
+    assert answer["stdout"].startswith("warm\nxxx")
     assert len(answer["stdout"]) == 1 << 20
+
+
+# -- the warm path (python3 forked from the template's interpreter) ---------------------
+
+IDENTITY = """
+status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+print(status['Uid'].split(), status['Gid'].split(), status['Groups'].strip() or '-')
+print('no_new_privs', status['NoNewPrivs'].strip())
+print(open('/proc/self/cgroup').read().strip().rsplit('/', 1)[0])
+print(os.getcwd(), os.getpgid(0) == os.getpid() == os.getsid(0), sorted(os.environ))
+print(sys.argv, __name__, __file__)
+sys.exit(7)
+"""
+
+
+def test_a_warm_run_is_nobody_without_privileges_in_its_cgroup(server: Server) -> None:
+    """The forked program runs as nobody (uid and gid 65534, no groups), with
+    no_new_privs, in the run's cgroup, in its own session, in /tmp/run with the run's
+    environment and argv; its exit code is the run's."""
+    answer = _run(server, language="python3", code=WARM_MARK + IDENTITY, args=["x y"])
+    assert answer["status"] == "runtime_error", answer
+    assert answer["exit_code"] == 7 and answer["signal"] is None
+    assert answer["stdout"].splitlines() == [
+        "warm",
+        str(["65534"] * 4) + " " + str(["65534"] * 4) + " -",
+        "no_new_privs 1",
+        "0::/emberbox",
+        "/tmp/run True ['HOME', 'LANG', 'PATH', 'TERM']",
+        "['main.py', 'x y'] __main__ /tmp/run/main.py",
+    ]
+    assert answer["stderr"] == ""
+
+
+def test_a_warm_runtime_error_prints_the_programs_traceback(server: Server) -> None:
+    """An uncaught exception is runtime_error, exit 1, with the traceback python3 would
+    print (the program's frames only)."""
+    code = WARM_MARK + "def f():\n    return 1 / 0\nf()\n"
+    answer = _run(server, language="python3", code=code)
+    assert answer["status"] == "runtime_error", answer
+    assert answer["exit_code"] == 1 and answer["stdout"] == "warm\n"
+    lines = answer["stderr"].splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[1] == '  File "/tmp/run/main.py", line 5, in <module>'
+    assert lines[-1] == "ZeroDivisionError: division by zero"
+    assert "warm_zygote" not in answer["stderr"]
+
+
+def test_nothing_leaks_from_one_warm_run_to_the_next(server: Server) -> None:
+    """A file written and a global set by one run are absent in the next (every run has
+    a fresh sandbox; the zygote's state is the template's)."""
+    code = WARM_MARK + (
+        "import builtins\n"
+        "print(os.path.exists('/tmp/leak'), hasattr(builtins, 'LEAK'))\n"
+        "open('/tmp/leak', 'w').write('x')\nbuiltins.LEAK = 1\n"
+    )
+    first = _run(server, language="python3", code=code)
+    second = _run(server, language="python3", code=code)
+    assert first["stdout"] == second["stdout"] == "warm\nFalse False\n", (first, second)
+    assert first["status"] == second["status"] == "ok"
+    assert _live_sandboxes(server) == []
+
+
+def test_a_run_with_stdin_falls_back_to_a_normal_start(server: Server) -> None:
+    """stdin is more than the warm runtime gives: python3 starts as usual, correctly."""
+    code = WARM_MARK + "print(sys.stdin.read().upper(), end='')\nsys.exit(2)\n"
+    answer = _run(server, language="python3", code=code, stdin="abc\n")
+    assert answer["status"] == "runtime_error", answer
+    assert (answer["exit_code"], answer["stdout"]) == (2, "cold\nABC\n")
 
 
 @pytest.mark.parametrize(
@@ -160,3 +244,13 @@ def test_the_program_runs_as_nobody_in_a_writable_directory(server: Server) -> N
     answer = _run(server, language="bash", code=code)
     assert answer["status"] == "ok", answer
     assert answer["stdout"] == "data\n65534\nsurvived\n"
+
+
+def test_files_too_big_for_one_agent_frame_still_arrive(server: Server) -> None:
+    """600 kB of extra files (more than the run request may carry inline) go by tar_in
+    first; the program, warm, reads them."""
+    code = WARM_MARK + "print(len(open('data.txt').read()))\n"
+    files = [{"name": "data.txt", "content": "x" * 600_000}]
+    answer = _run(server, language="python3", code=code, files=files)
+    assert answer["status"] == "ok", answer
+    assert answer["stdout"] == "warm\n600000\n"

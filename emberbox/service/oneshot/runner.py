@@ -82,6 +82,7 @@ from emberbox.service.sandboxes.execs import Executor, run_command
 
 log = logging.getLogger(__name__)
 SMALL_FILES = 256 * 1024  # a tar of fewer bytes is packed on the event loop (no thread)
+INLINE_MAX = 384 * 1024  # tar + stdin sent in the run request itself (base64: 512 KiB)
 
 
 class _Record(Protocol):
@@ -226,6 +227,11 @@ class _Steps:
                 await files.tar_in(self._sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
             self.warm = False
             return await _exec(self._manager, self._sandbox_id, spec)
+        if tar is not None and len(tar) + len(spec.stdin or b"") > INLINE_MAX:
+            # base64 in one frame would not fit the agent's 1 MiB: a tar_in of its own
+            files = self._manager.files
+            await files.tar_in(self._sandbox_id, WORK_PARENT, _once(tar), size=len(tar))
+            tar = None
         spec = dataclasses.replace(spec, output_max_bytes=self._settings.exec_output_max_bytes)
         try:
             result, self.warm = await self._agent.run(spec, tar=tar, tar_dir=WORK_PARENT, warm=warm)
