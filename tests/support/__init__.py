@@ -12,6 +12,8 @@ Test modules import from here, never from each other; fixtures stay in conftest.
 - ``fakes_vmm``: a VMM process that never ends
 - ``fakes_firecracker``, ``firecracker_spec``: a fake ``firecracker`` and ``jailer`` that
   record their requests, and Firecracker's API spec as a validator
+- ``firecracker_bin``: the Firecracker the tests run (../shared/firecracker/bin, else
+  PATH) and why Firecracker VM tests skip on a host where no guest boots
 - ``sandbox_manager``: the real SandboxManager over ``fakes_sandbox``, stale rows
 - ``api_calls``: the unit tests' calls to the app in-process (errors, NDJSON, processes)
 - ``server_calls``: the integration tests' calls to a real server, and the CLI's argv
