@@ -30,11 +30,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from emberbox._version import __version__
 from emberbox.config import Settings
-from emberbox.errors import HostError, ImageBuildError, InvalidRequest
+from emberbox.errors import HostError, ImageBuildError, InvalidRequest, StorageFull
 from emberbox.images import foreign, initramfs, oci_config
 from emberbox.images.build import agent_files
 from emberbox.images.oci_ref import OciRef, check_local, parse_ref
@@ -53,6 +54,7 @@ TOOLS = {"skopeo": "skopeo", "umoci": "umoci", "mkfs.ext4": "e2fsprogs"}
 # Directories the init and the agent mount on or write to; an image may lack them.
 GUEST_DIRS = ("dev", "proc", "sys", "tmp", "run", "etc", "root")
 _EXT4_OVERHEAD = 1.10  # inode tables, directories, journal: over the files' own bytes
+GUARD_INTERVAL_S = 0.25
 Progress = Callable[[str], None]
 
 
@@ -94,12 +96,17 @@ async def _import(
 ) -> ImageInfo:
     layout, bundle, out = work / "layout", work / "bundle", work / "out"
     timeout = settings.oci_import_timeout_s
+    guard = partial(check_free_space, settings)
     progress(f"fetching {source.source}")
-    await _run(skopeo_copy_argv(source, layout), timeout, f"cannot fetch {source.source}")
+    fetch = f"cannot fetch {source.source}"
+    await _run(skopeo_copy_argv(source, layout), timeout, fetch, guard)
     digest, manifest, config_blob = oci_config.read_layout(layout, LAYOUT_TAG)
     config = oci_config.image_config(config_blob)
-    progress(f"unpacking {len(manifest.get('layers') or [])} layers (umoci)")
-    await _run(umoci_unpack_argv(layout, bundle), timeout, "umoci could not unpack the image")
+    layers = oci_config.layers(manifest)
+    rootfs_size_mib(sum(x["size"] for x in layers), 0, settings.oci_max_rootfs_mib)
+    progress(f"unpacking {len(layers)} layers (umoci)")
+    unpack = "umoci could not unpack the image"
+    await _run(umoci_unpack_argv(layout, bundle), timeout, unpack, guard)
     rootfs = bundle / "rootfs"
     progress("adding the agent's runtime under /.emberbox")
     files = agent_files()
@@ -112,7 +119,8 @@ async def _import(
         f"writing the ext4 root filesystem ({content >> 20} MiB of files, {size_mib} MiB disk)"
     )
     out.mkdir()
-    await _run(mkfs_argv(rootfs, out / FILE_NAMES["rootfs"], size_mib), timeout, "mkfs.ext4 failed")
+    mkfs = mkfs_argv(rootfs, out / FILE_NAMES["rootfs"], size_mib)
+    await _run(mkfs, timeout, "mkfs.ext4 failed", guard)
     await asyncio.to_thread(shutil.rmtree, bundle, True)
     _link_boot_files(base, out)
     image_hash = await asyncio.to_thread(import_hash, digest, base.image_hash, files, size_mib)
@@ -125,7 +133,7 @@ async def _import(
         "modules": base.manifest.get("modules", []),
         "base": source.source,
         "oci": {"manifest_digest": digest, "rootfs_content_bytes": content, "size_mib": size_mib},
-        "layers": oci_config.layers(manifest),
+        "layers": layers,
         "config": config.to_dict(),
         "userland": config.userland,  # also at the top, where templates.py looks
         "created_by": "oci",
@@ -213,6 +221,19 @@ def _link_boot_files(base: ImageInfo, out: Path) -> None:
             shutil.copyfile(src, dest)
 
 
+def check_free_space(settings: Settings) -> None:
+    """StorageFull when the registry's file system has less than min_free_disk_mib free:
+    a layer that unpacks to far more than it weighs must not fill the host."""
+    free = shutil.disk_usage(settings.images_dir).free >> 20
+    if free < settings.min_free_disk_mib:
+        raise StorageFull(
+            f"import stopped: {settings.images_dir} has {free} MiB free, less than "
+            f"min_free_disk_mib={settings.min_free_disk_mib}",
+            free_mib=free,
+            min_free_disk_mib=settings.min_free_disk_mib,
+        )
+
+
 def _check_tools() -> None:
     for tool, package in TOOLS.items():
         if shutil.which(tool) is None:
@@ -233,17 +254,32 @@ def _base_image(settings: Settings) -> ImageInfo:
     return base
 
 
-async def _run(argv: list[str], timeout_s: float, failure: str) -> None:
-    """Run ``argv``; on failure raise with its stderr's tail, on timeout or cancellation
-    kill it (and wait for it) first."""
+async def _run(
+    argv: list[str], timeout_s: float, failure: str, guard: Callable[[], None] | None = None
+) -> None:
+    """Run ``argv``; on failure raise with its stderr's tail. ``guard`` is called every
+    GUARD_INTERVAL_S while it runs and may raise (the host's disk filling up). On a
+    timeout, a guard's error or cancellation the process is killed (and waited for)."""
+    if guard is not None:
+        guard()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            talk = asyncio.ensure_future(proc.communicate())
+            try:
+                while not talk.done():
+                    await asyncio.wait([talk], timeout=GUARD_INTERVAL_S)
+                    if guard is not None and not talk.done():
+                        guard()
+            finally:
+                if not talk.done():
+                    talk.cancel()
+            out, err = talk.result()
     except TimeoutError:
-        raise ImageBuildError(f"{failure}: `{argv[0]}` took over {timeout_s:.0f} s") from None
+        raise ImageBuildError(f"{failure}: `{argv[0]}` took over {timeout_s:g} s") from None
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -22,7 +22,7 @@ import pytest
 
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
-from emberbox.errors import ImageBuildError, InvalidRequest
+from emberbox.errors import ImageBuildError, InvalidRequest, StorageFull
 from emberbox.images.oci import import_oci
 from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
@@ -306,11 +306,15 @@ def _import_processes(settings: Settings) -> list[int]:
 async def test_a_timed_out_or_cancelled_import_leaves_nothing(
     oci_settings: Settings, oci_archive: Path, archive_image: ImageInfo
 ) -> None:
-    """An import past its time limit fails naming the step; a cancelled one stops: either
-    way no skopeo/umoci/mkfs process, no work directory and no new name remain."""
+    """An import past its time limit fails naming the step, one on a (nearly) full disk
+    stops with StorageFull, a cancelled one stops: no skopeo/umoci/mkfs process, no work
+    directory and no new name remain."""
     hurried = oci_settings.model_copy(update={"oci_import_timeout_s": 0.001})
     with pytest.raises(ImageBuildError, match="took over"):
         await import_oci(hurried, f"oci-archive:{oci_archive}:busy", "late", tenant=None)
+    full = oci_settings.model_copy(update={"min_free_disk_mib": 1 << 40})  # "the disk is full"
+    with pytest.raises(StorageFull, match="import stopped"):
+        await import_oci(full, f"oci-archive:{oci_archive}:busy", "late", tenant=None)
     task = asyncio.ensure_future(
         import_oci(oci_settings, f"oci-archive:{oci_archive}:busy", "cancelled", tenant=None)
     )
