@@ -50,6 +50,9 @@ STDLIB_SKIP = frozenset(
 _SKIP_PREFIXES = ("config-",)
 # Extension modules left out: test modules, terminals, old databases.
 _DYNLOAD_SKIP = re.compile(r"^(_test|xx|_ctypes_test|_curses|readline|nis|_dbm|ossaudiodev)")
+# glibc dlopens libgcc_s for unwinding (pthread_exit, cancellation): ship ours, so the
+# image's (or its absence) never matters.
+DLOPENED = ("libgcc_s.so.1",)
 _LDD_LINE = re.compile(r"^\s*(\S+)\s+=>\s+(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 _LDD_LOADER = re.compile(r"^\s*(/\S*ld-linux\S*)\s+\(0x[0-9a-f]+\)\s*$")
 
@@ -171,6 +174,10 @@ def _needed(binaries: Iterable[Path]) -> dict[str, Path]:
         needed.update(_ldd(binary))
     if LOADER_NAME not in needed:
         raise ImageBuildError(f"no dynamic loader found for {sys.platform} python3 (ldd)")
+    libc = needed.get("libc.so.6")
+    for name in DLOPENED:  # not in any ldd output: the C library loads them when needed
+        if libc is not None and (libc.parent / name).is_file():
+            needed.setdefault(name, libc.parent / name)
     return needed
 
 
