@@ -16,6 +16,7 @@ the status fd and waits for the next message; end of file on its socket ends it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -151,12 +152,49 @@ def child_main(request: Request, fds: list[int]) -> None:
     except BaseException as exc:
         os.write(2, f"emberbox: the warm runtime could not start the program: {exc}\n".encode())
         os._exit(SETUP_FAILED)
-    run_script(os.path.abspath(request["script"]))
+    try:
+        run_script(os.path.abspath(request["script"]))
+        code = 0
+    except SystemExit as exc:
+        code = exit_code(exc)
+    os._exit(finish(code))
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The exit code the interpreter makes of an uncaught SystemExit (printing a
+    non-integer code to stderr, as it does)."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def finish(code: int) -> int:
+    """What the interpreter's exit does that a program can see: wait for its non-daemon
+    threads, run its atexit functions, flush stdout and stderr (120 if that fails). The
+    rest (freeing every object, which would copy the zygote's whole heap page by page)
+    is skipped: the process ends with ``os._exit``."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            if code == 0:
+                code = 120
+    return code
 
 
 def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[1]))
     preload()
+    gc.freeze()  # children's collections leave the zygote's objects (and pages) alone
     sock.send(b"ready")
     request, fds = serve(sock)
     child_main(request, fds)

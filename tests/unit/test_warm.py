@@ -170,3 +170,28 @@ def test_the_zygote_preloads_only_standard_modules() -> None:
     """Its preload list imports (on the host's Python too) without error."""
     warm_zygote.preload()
     assert all(name in __import__("sys").modules for name in warm_zygote.PRELOAD)
+
+
+async def test_the_forked_program_exits_as_the_interpreter_would(
+    client: AgentClient, tmp_path: os.PathLike[str]
+) -> None:
+    """Its non-daemon threads are waited for, atexit functions run, buffered output is
+    flushed; a string SystemExit is printed and exits 1."""
+    await client.warm(["python3"])
+    tmp = str(tmp_path)
+    code = (
+        b"import atexit, sys, threading, time\n"
+        b"atexit.register(lambda: print('atexit'))\n"
+        b"threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\n"
+        b"sys.stdout.write('main\\n')\n"
+        b"raise SystemExit('bye')\n"
+    )
+    result, warmed = await client.run(
+        _spec(tmp), tar=_tar({"main.py": code}), tar_dir=tmp, warm=_program()
+    )
+    assert warmed
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1,
+        b"main\nthread\natexit\n",
+        b"bye\n",
+    )
