@@ -233,6 +233,22 @@ async def test_registry_pull_gives_the_same_image(
     assert ImageRegistry(oci_settings).get("pulled").directory == archive_image.directory
 
 
+async def test_layout_directory_and_docker_archive_imports(
+    oci_settings: Settings, work: Path, archive_image: ImageInfo
+) -> None:
+    """The OCI layout directory itself imports to the same blob; a docker-archive (Docker's
+    manifest format) keeps the same layers and defaults."""
+    layout = await import_oci(oci_settings, f"oci:{work / 'layout'}:busy", "dir", tenant=None)
+    assert layout.directory == archive_image.directory
+    saved = work / "saved.tar"
+    _run("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{work / 'layout'}:busy",
+         f"docker-archive:{saved}:emberbox/busy:v1")  # fmt: skip
+    docker = await import_oci(oci_settings, f"docker-archive:{saved}", "docker", tenant=None)
+    assert docker.config == archive_image.config
+    assert len(docker.layers) == 2 and docker.manifest["created_by"] == "oci"
+    assert "gone" not in _debugfs(docker.files.rootfs, "ls /etc").split()
+
+
 async def test_bad_references_register_nothing_and_leave_nothing(
     oci_settings: Settings, work: Path, archive_image: ImageInfo
 ) -> None:
