@@ -8,7 +8,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from e2b import AsyncSandbox, CommandExitException
+from e2b import AsyncSandbox, CommandExitException, FilesystemEvent, PtySize
+from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox
 
 from emberbox.images.registry import ImageInfo
@@ -92,3 +93,41 @@ async def test_async_sdk(front: E2bServer, sbx: Sandbox) -> None:
     background = await box.commands.run("sleep 30", background=True)
     assert await box.commands.kill(background.pid) is True
     assert await box.is_running()
+
+
+@pytest.mark.anyio
+async def test_async_pty_stdin_and_envd_063(front: E2bServer, sbx: Sandbox) -> None:
+    """The async SDK: a PTY (resize reaches the terminal), stdin to a background
+    command, /files as the user (403 for a root-only file), upload metadata, gzip
+    reads and watch events with their entry (envd 0.6.3)."""
+    del front
+    box = await AsyncSandbox.connect(sbx.sandbox_id)
+    seen = bytearray()
+    terminal = await box.pty.create(PtySize(rows=24, cols=80), on_data=seen.extend)
+    await box.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+    await box.pty.send_stdin(terminal.pid, b"stty size; exit\n")
+    await terminal.wait()
+    assert b"30 100" in seen
+
+    cat = await box.commands.run("cat", background=True, stdin=True)
+    await box.commands.send_stdin(cat.pid, "hey\n")
+    await box.commands.close_stdin(cat.pid)
+    assert (await cat.wait()).stdout == "hey\n"
+
+    await box.commands.run("echo s > /tmp/a-root && chmod 600 /tmp/a-root", user="root")
+    with pytest.raises(SandboxException, match="403"):
+        await box.files.read("/tmp/a-root")
+    assert await box.files.read("/tmp/a-root", user="root") == "s\n"
+    written = await box.files.write("am.txt", "x" * 100, metadata={"Tag": "t1"})
+    assert written.metadata == {"tag": "t1"}
+    assert (await box.files.get_info("am.txt")).metadata == {"tag": "t1"}
+    assert await box.files.read("am.txt", gzip=True) == "x" * 100
+
+    events: list[FilesystemEvent] = []
+    await box.files.make_dir("a-watched")
+    handle = await box.files.watch_dir("a-watched", on_event=events.append, include_entry=True)
+    await box.files.write("a-watched/ent.txt", "123")
+    await box.commands.run("sleep 1")
+    await handle.stop()
+    entries = [e.entry for e in events if e.name == "ent.txt" and e.entry is not None]
+    assert entries and entries[-1].size == 3 and entries[-1].owner == "user"
