@@ -13,8 +13,15 @@ from emberbox.config import Settings
 from emberbox.errors import HostError
 from emberbox.service.sandboxes.orphans import mentions_path, referenced_children
 from emberbox.vmm.base import BootFiles, VMConfig
-from emberbox.vmm.qemu.argv import LINUXBOOT_ROM, DiskLayer, HostFds, build_argv, overlay_argv
-from emberbox.vmm.qemu.driver import HostLimits, parse_version
+from emberbox.vmm.qemu.argv import (
+    LINUXBOOT_ROM,
+    MACHINE_REVISION,
+    DiskLayer,
+    HostFds,
+    build_argv,
+    overlay_argv,
+)
+from emberbox.vmm.qemu.driver import HostLimits, QemuDriver, parse_version
 from emberbox.vmm.select import choose_driver
 
 GUEST = BootFiles(
@@ -51,7 +58,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 def test_tcg_uses_q35_with_pci_devices() -> None:
     """Under TCG the machine is q35 with virtio-pci devices (microvm hangs there)."""
     argv = argv_of("tcg")
-    assert option(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem"]
+    assert option(argv, "-machine") == ["q35,accel=tcg,sata=off,smbus=off,memory-backend=mem"]
     assert "virtio-blk-pci,drive=root,werror=report,rerror=report" in option(argv, "-device")
     assert "virtio-serial-pci,id=vser" in option(argv, "-device")
 
@@ -215,3 +222,12 @@ def test_the_restore_argv_keeps_the_device_set() -> None:
     booted, clone = argv_of("tcg"), argv_of("tcg", incoming=True)
     for flag in ("-machine", "-cpu", "-device", "-smp", "-m", "-netdev", "-chardev"):
         assert option(clone, flag) == option(booted, flag), flag
+
+
+def test_saved_states_name_the_machine_revision() -> None:
+    """Snapshots and template keys carry the device set's revision with QEMU's version:
+    a state saved by another device set is refused or rebuilt, never loaded."""
+    driver = QemuDriver("tcg")
+    driver._version = "7.2.22"
+    assert driver.state_version() == f"7.2.22+m{MACHINE_REVISION}"
+    assert driver.snapshot_key() == f"qemu-7.2.22+m{MACHINE_REVISION}-tcg"

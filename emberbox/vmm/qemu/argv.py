@@ -17,6 +17,12 @@ from emberbox.guest.protocol import AGENT_PORT_NAME
 from emberbox.vmm.base import VMConfig
 
 Accel = Literal["kvm", "tcg"]
+# The machine's device set: bump it whenever an argv change alters the devices (and so
+# the saved state). Snapshots and templates record it with QEMU's version
+# (QemuDriver.state_version), so one made for another device set is refused
+# (SnapshotMismatch) or rebuilt, never loaded into the wrong machine.
+# 2: q35 without SATA and SMBus.
+MACHINE_REVISION = "2"
 # The option ROM QEMU adds for -kernel on q35 (fw_cfg DMA), from its own data directory.
 LINUXBOOT_ROM = "linuxboot_dma.bin"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -89,7 +95,8 @@ def machine_args(accel: Accel) -> list[str]:
     if accel == "kvm":
         machine = "microvm,accel=kvm,acpi=on,x-option-roms=off,pit=off,pic=off,rtc=on"
         return [machine, "-cpu", "host"]
-    return ["q35,accel=tcg", "-cpu", "max"]
+    # No AHCI (SATA) or SMBus controller: nothing uses them, and QEMU starts ~12 ms faster.
+    return ["q35,accel=tcg,sata=off,smbus=off", "-cpu", "max"]
 
 
 def device_args(accel: Accel) -> tuple[str, str]:

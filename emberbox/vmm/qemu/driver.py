@@ -31,7 +31,7 @@ from emberbox.vmm.host import read_process
 from emberbox.vmm.phases import Phases
 from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
-from emberbox.vmm.qemu.argv import Accel, QemuPaths, build_argv
+from emberbox.vmm.qemu.argv import MACHINE_REVISION, Accel, QemuPaths, build_argv
 from emberbox.vmm.qemu.process import die_with_parent, spawn_janitor, without_huge_pages
 from emberbox.vmm.qemu.vm import DISK_FILE, NAME, STATE_FILE, QemuVM
 from emberbox.vmm.vmm_user import VmmUser
@@ -92,8 +92,13 @@ class QemuDriver:
             self._version = parse_version(out.stdout)
         return self._version
 
+    def state_version(self) -> str:
+        """What a saved state needs of the VMM that loads it: QEMU's version and the
+        machine's device set (recorded as snapshots' ``vmm_version``)."""
+        return f"{self.version()}+m{MACHINE_REVISION}"
+
     def snapshot_key(self) -> str:
-        return f"{NAME}-{self.version()}-{self.accel}"
+        return f"{NAME}-{self.state_version()}-{self.accel}"
 
     def check_host(self) -> None:
         """A clear HostError when QEMU is missing or its user cannot use KVM."""
@@ -119,10 +124,10 @@ class QemuDriver:
         self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
     ) -> QemuVM:
         self.check_host()
-        if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.version()):
+        if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.state_version()):
             raise SnapshotMismatch(
                 f"snapshot {snapshot.directory} was written by {snapshot.vmm} "
-                f"{snapshot.vmm_version}; this is {NAME} {self.version()}",
+                f"{snapshot.vmm_version}; this is {NAME} {self.state_version()}",
                 snapshot=str(snapshot.directory),
             )
         state, disk = snapshot.directory / STATE_FILE, snapshot.directory / DISK_FILE
@@ -228,7 +233,7 @@ class QemuDriver:
         dirs = cgroup.dirs if cgroup is not None else ()
         with phases.timed("janitor spawn"):
             janitor = spawn_janitor(popen.pid, config.work_dir, dirs) if ephemeral else None
-        vm = QemuVM(config, popen.pid, popen, janitor, self.version(), cgroup)
+        vm = QemuVM(config, popen.pid, popen, janitor, self.state_version(), cgroup)
         vm.phases = phases
         return vm
 
@@ -254,4 +259,5 @@ class QemuDriver:
         info = read_process(pid)
         if info is None or str(config.work_dir) not in " ".join(info.args):
             raise VMMCrashed(f"no QEMU process {pid} for {config.work_dir}")
-        return QemuVM(config, pid, None, None, self.version(), cgroups.existing(config.vm_id))
+        existing = cgroups.existing(config.vm_id)
+        return QemuVM(config, pid, None, None, self.state_version(), existing)
