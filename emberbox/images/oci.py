@@ -32,30 +32,31 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from emberbox._version import __version__
 from emberbox.config import Settings
 from emberbox.errors import HostError, ImageBuildError, InvalidRequest, StorageFull
-from emberbox.images import foreign, initramfs, oci_config
+from emberbox.images import foreign, initramfs, oci_config, oci_disk
 from emberbox.images.build import agent_files
 from emberbox.images.oci_ref import OciRef, check_local, parse_ref
 from emberbox.images.registry import (
     FILE_NAMES,
+    ImageConfig,
     ImageInfo,
     ImageRegistry,
     check_name,
     register_image,
 )
-from emberbox.images.rootfs import mkfs_argv
 
 IMPORTER_VERSION = 1
 LAYOUT_TAG = "image"
 TOOLS = {"skopeo": "skopeo", "umoci": "umoci", "mkfs.ext4": "e2fsprogs"}
 # Directories the init and the agent mount on or write to; an image may lack them.
 GUEST_DIRS = ("dev", "proc", "sys", "tmp", "run", "etc", "root")
-_EXT4_OVERHEAD = 1.10  # inode tables, directories, journal: over the files' own bytes
 GUARD_INTERVAL_S = 0.25
 Progress = Callable[[str], None]
+Guard = Callable[[], None]
 
 
 async def import_oci(
@@ -95,32 +96,17 @@ async def _import(
     progress: Progress,
 ) -> ImageInfo:
     layout, bundle, out = work / "layout", work / "bundle", work / "out"
-    timeout = settings.oci_import_timeout_s
     guard = partial(check_free_space, settings)
-    progress(f"fetching {source.source}")
-    fetch = f"cannot fetch {source.source}"
-    await _run(skopeo_copy_argv(source, layout), timeout, fetch, guard)
-    digest, manifest, config_blob = oci_config.read_layout(layout, LAYOUT_TAG)
-    config = oci_config.image_config(config_blob)
+    digest, manifest, config = await _fetch(settings, source, layout, guard, progress)
     layers = oci_config.layers(manifest)
-    rootfs_size_mib(sum(x["size"] for x in layers), 0, settings.oci_max_rootfs_mib)
+    oci_disk.check_compressed_size(sum(x["size"] for x in layers), settings.oci_max_rootfs_mib)
     progress(f"unpacking {len(layers)} layers (umoci)")
     unpack = "umoci could not unpack the image"
-    await _run(umoci_unpack_argv(layout, bundle), timeout, unpack, guard)
-    rootfs = bundle / "rootfs"
+    await _run(umoci_unpack_argv(layout, bundle), settings.oci_import_timeout_s, unpack, guard)
     progress("adding the agent's runtime under /.emberbox")
     files = agent_files()
-    await asyncio.to_thread(_prepare_rootfs, rootfs, files)
-    content = await asyncio.to_thread(tree_bytes, rootfs)
-    size_mib = rootfs_size_mib(
-        content, settings.oci_rootfs_headroom_mib, settings.oci_max_rootfs_mib
-    )
-    progress(
-        f"writing the ext4 root filesystem ({content >> 20} MiB of files, {size_mib} MiB disk)"
-    )
-    out.mkdir()
-    mkfs = mkfs_argv(rootfs, out / FILE_NAMES["rootfs"], size_mib)
-    await _run(mkfs, timeout, "mkfs.ext4 failed", guard)
+    usage = await asyncio.to_thread(_prepare_rootfs, bundle / "rootfs", files)
+    size_mib = await _write_disk(settings, bundle / "rootfs", out, usage, guard, progress)
     await asyncio.to_thread(shutil.rmtree, bundle, True)
     _link_boot_files(base, out)
     image_hash = await asyncio.to_thread(import_hash, digest, base.image_hash, files, size_mib)
@@ -132,7 +118,11 @@ async def _import(
         "kernel": base.manifest.get("kernel", {}),
         "modules": base.manifest.get("modules", []),
         "base": source.source,
-        "oci": {"manifest_digest": digest, "rootfs_content_bytes": content, "size_mib": size_mib},
+        "oci": {
+            "manifest_digest": digest,
+            "rootfs_content_bytes": usage.file_bytes,
+            "size_mib": size_mib,
+        },
         "layers": layers,
         "config": config.to_dict(),
         "userland": config.userland,  # also at the top, where templates.py looks
@@ -141,6 +131,39 @@ async def _import(
     }
     progress(f"registering {name}")
     return await asyncio.to_thread(register_image, settings, name, out, record, tenant=tenant)
+
+
+async def _fetch(
+    settings: Settings, source: OciRef, layout: Path, guard: Guard, progress: Progress
+) -> tuple[str, dict[str, Any], ImageConfig]:
+    """skopeo copies ``source`` into ``layout``; its manifest digest, manifest, config."""
+    progress(f"fetching {source.source}")
+    failure = f"cannot fetch {source.source}"
+    await _run(skopeo_copy_argv(source, layout), settings.oci_import_timeout_s, failure, guard)
+    digest, manifest, config_blob = oci_config.read_layout(layout, LAYOUT_TAG)
+    return digest, manifest, oci_config.image_config(config_blob)
+
+
+async def _write_disk(
+    settings: Settings,
+    rootfs: Path,
+    out: Path,
+    usage: oci_disk.TreeUsage,
+    guard: Guard,
+    progress: Progress,
+) -> int:
+    """mkfs.ext4 -d of ``rootfs`` into ``out``; the disk's size in MiB."""
+    size_mib, inodes = oci_disk.disk_plan(
+        usage, settings.oci_rootfs_headroom_mib, settings.oci_max_rootfs_mib
+    )
+    progress(
+        f"writing the ext4 root filesystem ({usage.file_bytes >> 20} MiB of files, "
+        f"{size_mib} MiB disk)"
+    )
+    await asyncio.to_thread(out.mkdir)
+    argv = oci_disk.ext4_argv(rootfs, out / FILE_NAMES["rootfs"], size_mib, inodes)
+    await _run(argv, settings.oci_import_timeout_s, "mkfs.ext4 failed", guard)
+    return size_mib
 
 
 def skopeo_copy_argv(source: OciRef, layout: Path) -> list[str]:
@@ -161,18 +184,6 @@ def umoci_unpack_argv(layout: Path, bundle: Path) -> list[str]:
     return ["umoci", "unpack", *rootless, "--image", f"{layout}:{LAYOUT_TAG}", str(bundle)]
 
 
-def rootfs_size_mib(content_bytes: int, headroom_mib: int, max_mib: int) -> int:
-    """The disk's size: the files plus ext4's overhead plus headroom, at most ``max_mib``
-    (InvalidRequest when the files alone do not fit)."""
-    needed = int(content_bytes * _EXT4_OVERHEAD) // (1 << 20) + 64
-    if needed > max_mib:
-        raise InvalidRequest(
-            f"the image needs about {needed} MiB, over the {max_mib} MiB limit "
-            "(EMBERBOX_OCI_MAX_ROOTFS_MIB)"
-        )
-    return min(needed + headroom_mib, max_mib)
-
-
 def import_hash(digest: str, base_hash: str, files: dict[str, bytes], size_mib: int) -> str:
     """The image's content hash: the OCI manifest, the boot files, the agent, the size."""
     runtime = foreign.host_python()[0]
@@ -187,25 +198,14 @@ def import_hash(digest: str, base_hash: str, files: dict[str, bytes], size_mib: 
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (hard links once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, _dirs, names in os.walk(root):
-        for entry in names:
-            st = os.lstat(os.path.join(dirpath, entry))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
-def _prepare_rootfs(rootfs: Path, files: dict[str, bytes]) -> None:
+def _prepare_rootfs(rootfs: Path, files: dict[str, bytes]) -> oci_disk.TreeUsage:
+    """The directories the guest needs and the agent's runtime; what the tree takes."""
     for rel in GUEST_DIRS:
         path = rootfs / rel
         if not path.exists() and not path.is_symlink():
             path.mkdir(mode=0o1777 if rel == "tmp" else 0o755)
     foreign.install_runtime(rootfs, files, initramfs.AGENT_PACKAGE)
+    return oci_disk.tree_usage(rootfs)
 
 
 def _link_boot_files(base: ImageInfo, out: Path) -> None:
@@ -254,9 +254,7 @@ def _base_image(settings: Settings) -> ImageInfo:
     return base
 
 
-async def _run(
-    argv: list[str], timeout_s: float, failure: str, guard: Callable[[], None] | None = None
-) -> None:
+async def _run(argv: list[str], timeout_s: float, failure: str, guard: Guard | None = None) -> None:
     """Run ``argv``; on failure raise with its stderr's tail. ``guard`` is called every
     GUARD_INTERVAL_S while it runs and may raise (the host's disk filling up). On a
     timeout, a guard's error or cancellation the process is killed (and waited for)."""

@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from emberbox.errors import InvalidRequest
 from emberbox.images import oci_config
-from emberbox.images.oci import rootfs_size_mib, tree_bytes
 
 CONFIG: dict[str, Any] = {
     "architecture": "amd64",
@@ -83,21 +81,3 @@ def test_untagged_single_manifest_and_bad_digests(tmp_path: Path) -> None:
         oci_config.manifest_descriptor({"manifests": [{"digest": "a"}, {"digest": "b"}]}, "x")
     with pytest.raises(Exception, match="unexpected digest"):
         oci_config.blob_path(tmp_path, "sha256:../../etc/passwd")
-
-
-def test_disk_size_is_content_plus_headroom_capped() -> None:
-    """The ext4 holds the files with overhead plus headroom, never over the cap; files
-    that alone exceed the cap are refused."""
-    assert rootfs_size_mib(100 << 20, 1024, 16384) == 110 + 64 + 1024
-    assert rootfs_size_mib(100 << 20, 1024, 512) == 512
-    with pytest.raises(InvalidRequest, match="over the 128 MiB limit"):
-        rootfs_size_mib(200 << 20, 0, 128)
-
-
-def test_tree_bytes_counts_hard_links_once(tmp_path: Path) -> None:
-    """A hard-linked file's bytes count once."""
-    (tmp_path / "a").write_bytes(b"x" * 1000)
-    (tmp_path / "b").hardlink_to(tmp_path / "a")
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "c").write_bytes(b"y" * 10)
-    assert tree_bytes(tmp_path) == 1010
