@@ -34,7 +34,7 @@ from emberbox import errors
 from emberbox.agent_client.answers import ExecResult
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
-from emberbox.service.catalog import resolve_ref
+from emberbox.service.catalog import image_pool_settings, resolve_ref
 from emberbox.service.sandboxes import execs, storage, validation
 from emberbox.service.sandboxes.booting import BootFlows, network_plan
 from emberbox.service.sandboxes.core import ID_BYTES, ManagerCore, Phase
@@ -97,6 +97,9 @@ class SandboxManager:
             self._core, sandbox_factory or factory, restorer, sandbox_attacher or attacher
         )
         self.pool: WarmPool[SandboxHandle] = WarmPool(settings, self._boots.fill_pool, ID_BYTES)
+        self.image_pools: list[WarmPool[SandboxHandle]] = [  # Settings.pool_images
+            WarmPool(s, self._boots.fill_pool, ID_BYTES) for s in image_pool_settings(settings)
+        ]
         self._images = image_registry or default_registry(settings)
         self._snapshots = SnapshotFlows(self._core, self._boots, restorer, self._images)
         self._stack = contextlib.AsyncExitStack()
@@ -123,6 +126,8 @@ class SandboxManager:
             self._task_group = await self._stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self.reaper.run)
             await self._task_group.start(self.pool.run)
+            for pool in self.image_pools:
+                await self._task_group.start(pool.run)
         except BaseException:
             await self.close()
             raise
@@ -145,6 +150,8 @@ class SandboxManager:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.pool.close()  # its filler task has ended with the task group
+                for pool in self.image_pools:
+                    await pool.close()
                 await core.detach_all()
                 if core.store is not None:
                     await core.store.close()
@@ -231,7 +238,9 @@ class SandboxManager:
         policy = None
         if network is not None:
             policy = await validation.resolve_network(self._settings, network)
-        pooled = None if source is not None or policy else self.pool.take(shape, refill=False)
+        pools = [self.pool, *self.image_pools]
+        pool = next((p for p in pools if p.shape == shape), self.pool)
+        pooled = None if source is not None or policy else pool.take(shape, refill=False)
         try:
             try:
                 row = await self._boots.admit(
@@ -253,11 +262,11 @@ class SandboxManager:
             return await self._boots.boot_locked(row, starter)
         finally:
             if pooled is not None:
-                self.pool.refill()  # only now: starting a VM would hold up this hand-out
+                pool.refill()  # only now: starting a VM would hold up this hand-out
 
     def pool_ready(self, image: str | None = None) -> int:
         """How many sandboxes the warm pool holds ready (for ``image``, if given)."""
-        return self.pool.ready_count(image)
+        return sum(p.ready_count(image) for p in [self.pool, *self.image_pools])
 
     def in_background(
         self, func: Callable[[str], Coroutine[None, None, None]], arg: str, /
