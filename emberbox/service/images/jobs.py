@@ -203,14 +203,19 @@ class ImageJobs:
                 async for line in receive:
                     await on_event(BuildEvent("progress", message=line))
 
+        failure: errors.EmberboxError | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(relay)
             try:
                 info = await oci.import_oci(
                     self._settings, ref, name, tenant=namespace(tenant_id), on_progress=progress
                 )
+            except errors.EmberboxError as exc:  # raised below: not wrapped in a group
+                failure = exc
             finally:
                 send.close()
+        if failure is not None:
+            raise failure
         await self.after_register(info, on_event)
         return info
 
