@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -55,6 +56,7 @@ TOOLS = {"skopeo": "skopeo", "umoci": "umoci", "mkfs.ext4": "e2fsprogs"}
 # Directories the init and the agent mount on or write to; an image may lack them.
 GUEST_DIRS = ("dev", "proc", "sys", "tmp", "run", "etc", "root")
 GUARD_INTERVAL_S = 0.25
+_LOGRUS_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 Progress = Callable[[str], None]
 Guard = Callable[[], None]
 
@@ -221,6 +223,15 @@ def _link_boot_files(base: ImageInfo, out: Path) -> None:
             shutil.copyfile(src, dest)
 
 
+def tool_message(output: str) -> str:
+    """What a failed tool said: skopeo's and umoci's logrus lines (``time=… level=fatal
+    msg="…"``) reduced to the last message, anything else to its tail."""
+    found = _LOGRUS_MSG.findall(output)
+    if found:
+        return str(found[-1]).replace('\\"', '"')[-1500:]
+    return output.strip()[-1500:]
+
+
 def check_free_space(settings: Settings) -> None:
     """StorageFull when the registry's file system has less than min_free_disk_mib free:
     a layer that unpacks to far more than it weighs must not fill the host."""
@@ -284,6 +295,6 @@ async def _run(argv: list[str], timeout_s: float, failure: str, guard: Guard | N
                 proc.kill()
             await asyncio.shield(proc.wait())
     if proc.returncode != 0:
-        tail = (err or out).decode(errors="replace").strip()[-1500:]
+        tail = tool_message((err or out).decode(errors="replace"))
         error = InvalidRequest if argv[0] == "skopeo" else ImageBuildError
         raise error(f"{failure}: {tail or f'exit {proc.returncode}'}")

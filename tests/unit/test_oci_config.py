@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from emberbox.images import oci_config
+from emberbox.images.oci import tool_message
 
 CONFIG: dict[str, Any] = {
     "architecture": "amd64",
@@ -81,3 +82,16 @@ def test_untagged_single_manifest_and_bad_digests(tmp_path: Path) -> None:
         oci_config.manifest_descriptor({"manifests": [{"digest": "a"}, {"digest": "b"}]}, "x")
     with pytest.raises(Exception, match="unexpected digest"):
         oci_config.blob_path(tmp_path, "sha256:../../etc/passwd")
+
+
+def test_tool_errors_are_reduced_to_their_message() -> None:
+    """skopeo's logrus line becomes its msg (quotes unescaped); other output its tail."""
+    line = (
+        'time="2026-12-04T22:17:59Z" level=fatal msg="initializing source docker://h/x:y: '
+        'Get \\"http://h/v2/\\": dial tcp: connect: connection refused"\n'
+    )
+    assert tool_message(line) == (
+        'initializing source docker://h/x:y: Get "http://h/v2/": dial tcp: connect: '
+        "connection refused"
+    )
+    assert tool_message("  plain failure\n") == "plain failure"
