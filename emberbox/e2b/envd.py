@@ -103,7 +103,9 @@ async def _check_readable(call: EnvdCall, user: users.User, path: str) -> None:
     answer = await call.front.manager.exec(call.sandbox_id, _as_user(user, READABLE, path))
     verdict = answer.stdout.decode(errors="replace").strip()
     if verdict == "missing":  # missing, or behind a directory the user cannot enter
-        await call.front.manager.files.stat(call.sandbox_id, path)  # NotFound if missing
+        info = await call.front.manager.files.stat(call.sandbox_id, path)  # NotFound
+        if info.type == "symlink" or user.uid == 0:  # a dangling link
+            raise errors.NotFound(f"{path}: the link's target does not exist")
         raise fsops.PermissionDenied(f"{path}: permission denied")
     if verdict == "directory":
         raise errors.InvalidRequest(f"{path} is a directory")

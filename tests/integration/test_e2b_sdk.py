@@ -239,6 +239,11 @@ def test_files_act_as_the_user(sbx: Sandbox) -> None:
     with pytest.raises(SandboxException, match="403"):
         sbx.files.read("/tmp/root-only")
     assert sbx.files.read("/tmp/root-only", user="root") == "secret\n"
+    sbx.commands.run("ln -sfn /tmp/root-only link-to-secret && ln -sfn /nope dangling")
+    with pytest.raises(SandboxException, match="403"):
+        sbx.files.read("link-to-secret")
+    with pytest.raises(NotFoundException):
+        sbx.files.read("dangling")
     with pytest.raises(SandboxException, match="403"):
         sbx.files.write("/etc/by-user.conf", "x")
     with pytest.raises(SandboxException, match="403"):
