@@ -31,11 +31,13 @@ from tests.support.paths import short_tmp_dir
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 
 BUSYBOX = Path("/bin/busybox")
+MUSL_LOADER = Path("/lib/ld-musl-x86_64.so.1")  # musl's libc.so (Debian's musl package)
+HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from musl"); return 0; }\n'
 APPLETS = ("sh", "echo", "cat", "ls", "stat", "id", "pwd", "env", "test", "readlink")
 ENV = ["PATH=/bin", "GREETING=from-the-image"]
 WORKDIR = "/srv/app"
 USER = "1234:1234"
-TOOLS = ("skopeo", "umoci", "docker-registry", "mkfs.ext4", "debugfs")
+TOOLS = ("skopeo", "umoci", "docker-registry", "mkfs.ext4", "debugfs", "musl-gcc")
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +55,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, **fields: o
     tar.addfile(info, io.BytesIO(data) if data is not None else None)
 
 
-def _lower_layer(path: Path) -> None:
-    """busybox and its applets, files to hide later, a hard link, an owned 0640 file
-    with an xattr, a symlink."""
+def _lower_layer(path: Path, hello_musl: Path) -> None:
+    """busybox and its applets, musl's loader and a program linked against it (the only
+    C library in the image), files to hide later, a hard link, an owned 0640 file with
+    an xattr, a symlink."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for d in ("bin", "etc", "srv", "srv/app", "opaque"):
+        for d in ("bin", "lib", "etc", "srv", "srv/app", "opaque"):
             _add(tar, d, type=tarfile.DIRTYPE, mode=0o755)
         _add(tar, "bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+        _add(tar, f"lib/{MUSL_LOADER.name}", MUSL_LOADER.resolve().read_bytes(), mode=0o755)
+        _add(tar, "bin/hello-musl", hello_musl.read_bytes(), mode=0o755)
         for applet in APPLETS:
             _add(tar, f"bin/{applet}", type=tarfile.SYMTYPE, linkname="busybox")
         _add(tar, "etc/gone", b"whited out\n")
@@ -101,7 +106,9 @@ def work() -> Iterator[Path]:
 def oci_archive(work: Path) -> Path:
     """The two-layer image as an OCI layout (umoci) and as an oci-archive (skopeo)."""
     layout = work / "layout"
-    _lower_layer(work / "lower.tar")
+    (work / "hello.c").write_text(HELLO_C)
+    _run("musl-gcc", "-O2", "-o", str(work / "hello-musl"), str(work / "hello.c"))
+    _lower_layer(work / "lower.tar", work / "hello-musl")
     _upper_layer(work / "upper.tar")
     _run("umoci", "init", "--layout", str(layout))
     _run("umoci", "new", "--image", f"{layout}:busy")
@@ -280,9 +287,10 @@ async def manager(
 async def test_busybox_image_runs_commands_with_its_defaults(
     manager: SandboxManager,
 ) -> None:
-    """A sandbox of the busybox-only image (no python): `echo hi` and `sh -c 'exit 3'`
-    give the right output and code; commands run as the image's User in its WorkingDir
-    with its Env; the layers' result is what the guest sees; no PYTHONHOME leaks."""
+    """A sandbox of the busybox-only image (no python, musl as its only C library):
+    `echo hi` and `sh -c 'exit 3'` give the right output and code, a musl program runs;
+    commands run as the image's User in its WorkingDir with its Env; the layers' result
+    is what the guest sees; no PYTHONHOME leaks."""
     record = await manager.create(image="busy", timeout_s=600)
     hi = await manager.exec(record.id, ExecSpec(["echo", "hi"]))
     assert (hi.exit_code, hi.stdout, hi.stderr) == (0, b"hi\n", b"")
@@ -303,6 +311,10 @@ async def test_busybox_image_runs_commands_with_its_defaults(
     ]  # fmt: skip
     root = await manager.exec(record.id, ExecSpec(["id", "-u"], env={}, cwd="/"))
     assert root.stdout == b"1234\n"  # the image's User is the default for argv too
+    musl = await manager.exec(record.id, ExecSpec(["hello-musl"]))
+    assert (musl.exit_code, musl.stdout) == (0, b"hello from musl\n")
+    glibc = await manager.exec(record.id, ExecSpec("ls /lib; test -e /lib64 || echo none"))
+    assert glibc.stdout.decode().split() == [MUSL_LOADER.name, "none"]  # musl's is the only libc
 
 
 def _import_processes(settings: Settings) -> list[int]:
