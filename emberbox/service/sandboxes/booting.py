@@ -36,6 +36,7 @@ from emberbox.service.sandboxes.handles import (
 from emberbox.service.sandboxes.state import LIVE_STATES, SandboxState
 from emberbox.service.snapshots import records as snapshots
 from emberbox.service.tenancy import quotas
+from emberbox.service.vm import templates
 from emberbox.service.vm.pool import PoolShape
 from emberbox.store import LOCAL_TENANT_ID, SandboxRow, SnapshotRow, Store, tenants, utcnow
 
@@ -175,6 +176,8 @@ class BootFlows:
         )
         try:
             await handle.agent.exec(ExecSpec(["true"], timeout_s=30))
+            if shape.image == self._settings.run_image:  # and the one-shot run path
+                await templates.rehearse(handle.agent)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await handle.kill()

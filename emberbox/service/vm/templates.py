@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import secrets
 import shutil
+import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import anyio
 import anyio.to_thread
 
 from emberbox import errors
+from emberbox.agent_client.client import AgentClient, ExecLimits, WarmProgram
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo
@@ -60,7 +64,9 @@ WARM_UP_RUN = (
     "if command -v g++ >/dev/null; then g++ -O2 -std=gnu++17 -o .warm .warm.cpp; fi; "
     "rm -f .warm .warm.c .warm.cpp"
 )
-WARM_RUNTIMES = ["python3"]
+WARM_RUNTIMES = ("python3",)
+REHEARSAL_DIR = ".emberbox-warm"
+NOBODY = 65534
 
 
 def warm_up_plan(info: ImageInfo, run_image: str) -> tuple[str, list[str]]:
@@ -183,6 +189,7 @@ class Templates:
                 if runtimes:
                     started = await ready.agent.warm(runtimes)
                     log.info("template %s: warm runtimes %s", key, started or "none")
+                    await rehearse(ready.agent, started)
                 # Saved with the agent connection open: to the guest nothing happens, and
                 # each clone's host simply connects and says hello.
                 snap = await ready.vm.snapshot(generation / "snap", stop=True)
@@ -208,6 +215,42 @@ class Templates:
         found = await anyio.to_thread.run_sync(self.current, key)
         assert found is not None
         return found
+
+
+async def rehearse(agent: object, runtimes: Sequence[str] = WARM_RUNTIMES) -> None:
+    """One run of each warm runtime the way a one-shot run makes it (a tar, a cgroup,
+    nobody), its files removed afterwards: in the template, so that what a first run
+    sets up once (the cgroup controllers) is done; in a pooled sandbox of the run image,
+    so that its QEMU has translated the run path and mapped the zygote's memory before
+    a caller's run needs them. Our own ``pass``, never a caller's program."""
+    if not isinstance(agent, AgentClient):
+        return
+    tar = _rehearsal_tar()
+    for runtime in runtimes:
+        spec = ExecSpec(
+            ["true"],
+            cwd=f"/tmp/{REHEARSAL_DIR}",
+            timeout_s=60,
+            limits=ExecLimits(memory_mib=64, pids=16),
+        )
+        program = WarmProgram(runtime, "main.py", [], NOBODY, NOBODY)
+        result, warm = await agent.run(spec, tar=tar, tar_dir="/tmp", warm=program)
+        if result.exit_code != 0 or not warm:
+            log.warning("warm runtime %s: rehearsal failed: %s", runtime, result)
+    await agent.exec(ExecSpec(["rm", "-rf", f"/tmp/{REHEARSAL_DIR}"], timeout_s=60))
+
+
+def _rehearsal_tar() -> bytes:
+    """``REHEARSAL_DIR/main.py`` (``pass``), the directory writable by all."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        directory = tarfile.TarInfo(REHEARSAL_DIR)
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o777
+        tar.addfile(directory)
+        source = tarfile.TarInfo(f"{REHEARSAL_DIR}/main.py")
+        source.size, source.mode = 5, 0o644
+        tar.addfile(source, io.BytesIO(b"pass\n"))
+    return buffer.getvalue()
 
 
 def _layout_keys(root: Path) -> list[str]:
