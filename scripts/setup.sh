@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # debugfs (e2fsprogs), qemu-img (qemu-utils), pgrep (procps), ip (iproute2), nft;
 # chromium (+ a font) for the web console's browser tests (tests/integration/test_console.py).
 # OCI imports: skopeo (fetch), umoci (unpack), python3 (the agent's own runtime in imported
-# images, docs/images.md); docker-registry: the local registry the OCI tests push to.
+# images, docs/images.md); docker-registry: the local registry the OCI tests push to, and
+# musl-tools (musl-gcc) for their image's program of another C library.
 APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio chromium fonts-dejavu-core)
-APT_PACKAGES+=(skopeo umoci python3 docker-registry)
+APT_PACKAGES+=(skopeo umoci python3 docker-registry musl-tools)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
