@@ -17,7 +17,7 @@ from emberbox.sdk import _calls
 from emberbox.sdk import _image_calls as calls
 from emberbox.sdk._calls import Call, ClientConfig
 from emberbox.sdk._image_calls import ImageInfo
-from emberbox.sdk._images import _outcome
+from emberbox.sdk._images import _outcome, keep
 
 AsyncEventHandler = Callable[[BuildEvent], Awaitable[None] | None]
 
@@ -102,7 +102,7 @@ async def _stream_events(
                 event = calls.parse_event(line)
                 if event is None:
                     continue
-                last = event
+                last = keep(last, event)
                 if on_event is not None:
                     result = on_event(event)
                     if inspect.isawaitable(result):

@@ -101,7 +101,7 @@ def _stream_events(
                 event = calls.parse_event(line)
                 if event is None:
                     continue
-                last = event
+                last = keep(last, event)
                 if on_event is not None:
                     on_event(event)
     except httpx.TransportError as exc:
@@ -110,11 +110,22 @@ def _stream_events(
 
 
 def _outcome(last: BuildEvent | None) -> BuildEvent:
+    """The stream's result (see :func:`keep`): its ``done`` event, or its error raised."""
     if last is None or last.kind not in ("done", "error"):
         raise errors.EmberboxError("the server ended the build's stream without a result")
     if last.kind == "error":
         raise calls.failure(last)
     return last
+
+
+def keep(result: BuildEvent | None, event: BuildEvent) -> BuildEvent:
+    """What decides a stream's outcome so far: the first ``error``, else the newest
+    ``done``, else the newest event."""
+    if result is not None and result.kind == "error":
+        return result
+    if result is not None and result.kind == "done" and event.kind != "error":
+        return result
+    return event
 
 
 def _send_once(call: Call, url: str | None, api_key: str | None) -> httpx.Response:

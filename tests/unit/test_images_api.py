@@ -20,6 +20,7 @@ from emberbox.config import Settings
 from emberbox.images.registry import FILE_NAMES, ImageConfig, ImageRegistry, register_image
 from emberbox.models.images import BuildEvent
 from emberbox.service.images import build as engine
+from emberbox.service.images import jobs
 from tests.support.fakes_manager import FakeManager
 
 pytestmark = pytest.mark.anyio
@@ -152,3 +153,22 @@ async def test_build_streams_events_then_the_error(
 
 def _is_file(path: Path | None) -> bool:
     return path is not None and path.is_file()
+
+
+async def test_a_build_ends_with_done_after_everything_else(
+    client: httpx.AsyncClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fake_build(deps: Any, request: engine.BuildRequest, on_event: Any) -> Any:
+        await on_event(BuildEvent("step", step=1, total=1, instruction="RUN x", state="done"))
+        await on_event(BuildEvent("done", image=request.name, total=1))
+        return ImageRegistry(settings).get("app")
+
+    async def after(self: Any, info: Any, on_event: Any) -> None:
+        await on_event(BuildEvent("progress", message="making the template"))
+
+    monkeypatch.setattr(engine, "build_image", fake_build)
+    monkeypatch.setattr(jobs.ImageJobs, "after_register", after)
+    body = context_tar({"Dockerfile": "FROM default\nRUN x\n"})
+    answer = await client.post("/v1/images?name=app", content=body)
+    kinds = [json.loads(line)["kind"] for line in answer.text.splitlines()]
+    assert kinds == ["step", "progress", "done"]

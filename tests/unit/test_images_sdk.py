@@ -14,7 +14,7 @@ import pytest
 from emberbox import errors
 from emberbox.models.images import BuildEvent
 from emberbox.sdk import _image_calls as calls
-from emberbox.sdk._images import _outcome
+from emberbox.sdk._images import _outcome, keep
 
 
 def names(context: Path, dockerfile: str = "Dockerfile") -> tuple[list[str], str]:
@@ -110,3 +110,15 @@ def test_build_call_params() -> None:
     ]
     with pytest.raises(errors.InvalidRequest):
         calls.get_call("a/b")
+
+
+def test_the_outcome_is_the_first_error_else_the_last_done() -> None:
+    def outcome(*kinds: str) -> str | None:
+        result = None
+        for kind in kinds:
+            result = keep(result, BuildEvent(kind))  # type: ignore[arg-type]
+        return None if result is None else result.kind
+
+    assert outcome("step", "done", "progress") == "done"
+    assert outcome("step", "error", "done") == "error"
+    assert outcome("step", "log") == "log"

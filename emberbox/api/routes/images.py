@@ -172,8 +172,6 @@ async def import_image(
             )
         except errors.EmberboxError as exc:
             await write(_line(BuildEvent("error", message=exc.message)))
-            return
-        await write(_line(BuildEvent("done", image=body.name)))
 
     return ndjson_response(produce)
 

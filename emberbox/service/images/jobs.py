@@ -164,8 +164,18 @@ class ImageJobs:
         )
         if self._deps is None:
             self._deps = engine.BuildDeps(self._settings, addresses=self._address)
-        info = await engine.build_image(self._deps, request, on_event)
+        held: list[BuildEvent] = []
+
+        async def relay(event: BuildEvent) -> None:  # "done" goes last, after the template
+            if event.kind == "done":
+                held.append(event)
+            else:
+                await on_event(event)
+
+        info = await engine.build_image(self._deps, request, relay)
         await self.after_register(info, on_event)
+        for event in held or [BuildEvent("done", image=info.name)]:
+            await on_event(event)
         return info
 
     async def import_(
@@ -217,6 +227,7 @@ class ImageJobs:
         if failure is not None:
             raise failure
         await self.after_register(info, on_event)
+        await on_event(BuildEvent("done", image=info.name))
         return info
 
     async def after_register(self, info: ImageInfo, on_event: OnEvent) -> None:
