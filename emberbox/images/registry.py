@@ -343,7 +343,12 @@ class ImageRegistry:
         blob = self.blobs / image_hash
         if not blob.is_dir():
             return 0
-        freed = _disk_usage(blob)
+        # Files hard-linked elsewhere too (a base's kernel) free nothing.
+        freed = sum(
+            st.st_blocks * 512
+            for st in (p.stat() for p in blob.iterdir() if p.is_file())
+            if st.st_nlink == 1
+        )
         trash = self.blobs / f".trash.{image_hash}.{os.getpid()}"
         os.replace(blob, trash)
         shutil.rmtree(trash, ignore_errors=True)

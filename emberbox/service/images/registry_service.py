@@ -8,7 +8,9 @@ name that links to it, any snapshot made from it (``image_hash``), any sandbox w
 image was first registered as it (the blob's manifest ``ref``), any process with a file
 of it (or of a template made from it) open or mapped — running VMs restored from a
 template hold its disk chain, which ends in the blob. Only blobs none of these need
-are deleted, with their templates.
+are deleted, with their templates; and only blobs registered as images
+(:func:`~emberbox.images.registry.register_image`: builds and imports), never a
+recipe's old builds.
 """
 
 from __future__ import annotations
@@ -196,7 +198,10 @@ class ImageCatalogService:
             refs = {s.image for s in users.sandboxes} | {s.image for s in users.snapshots}
             blobs = registry.blob_hashes()
             for image_hash in blobs:
-                if registry.blob_manifest(image_hash).get("ref", "") in refs:
+                manifest = registry.blob_manifest(image_hash)
+                # Only blobs registered as images (builds, imports) are collected: a
+                # recipe's old builds are the operator's (`emberbox image build`).
+                if "ref" not in manifest or manifest["ref"] in refs:
                     in_use.add(image_hash)
             for ref in refs:  # what the names in use link to now
                 with contextlib.suppress(errors.ImageNotFound):
