@@ -8,7 +8,14 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from e2b import AsyncSandbox, CommandExitException, FilesystemEvent, PtySize
+from e2b import (
+    AsyncSandbox,
+    CommandExitException,
+    FilesystemEvent,
+    PtySize,
+    SandboxQuery,
+    SandboxState,
+)
 from e2b.exceptions import SandboxException
 from e2b_code_interpreter import Sandbox
 
@@ -131,3 +138,23 @@ async def test_async_pty_stdin_and_envd_063(front: E2bServer, sbx: Sandbox) -> N
     await handle.stop()
     entries = [e.entry for e in events if e.name == "ent.txt" and e.entry is not None]
     assert entries and entries[-1].size == 3 and entries[-1].owner == "user"
+
+
+@pytest.mark.anyio
+async def test_async_control_plane(front: E2bServer) -> None:
+    """AsyncSandbox's control plane: create with metadata, get_info, list by metadata,
+    set_timeout moves endAt, kill; a killed sandbox is not running."""
+    del front
+    box = await AsyncSandbox.create(metadata={"suite": "async"}, timeout=60)
+    try:
+        info = await box.get_info()
+        assert info.metadata == {"suite": "async"} and info.state == SandboxState.RUNNING
+        pages = AsyncSandbox.list(query=SandboxQuery(metadata={"suite": "async"}))
+        assert [s.sandbox_id for s in await pages.next_items()] == [box.sandbox_id]
+        await box.set_timeout(600)
+        assert (await box.get_info()).end_at > info.end_at
+        assert (await box.commands.run("id -un")).stdout == "user\n"
+    finally:
+        assert await box.kill() is True
+    assert not await box.is_running()
+    assert await AsyncSandbox.kill(box.sandbox_id) is False
