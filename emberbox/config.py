@@ -127,6 +127,7 @@ class Settings(BaseSettings):
     build_timeout_s: float = Field(default=3600.0, gt=0)  # the whole build
     build_context_max_bytes: int = Field(default=1 << 30, ge=1)  # file bytes in the context
     build_context_max_entries: int = Field(default=100_000, ge=1)
+    build_cache_max_mib: int = Field(default=20480, ge=0)  # the layer cache; LRU beyond
 
     # Host disk (hostile suite): create and uploads are refused (HTTP 507, StorageFull)
     # while the data dir's file system has less than this free.

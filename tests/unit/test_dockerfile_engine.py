@@ -4,6 +4,7 @@ overlay flattening command, the user prefix of a RUN, and the image config a ste
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,19 @@ def test_config_steps_build_the_image_config() -> None:
     assert config.env == {"A": "1", "B": "b"}
     assert config.labels == {"x": "1", "y": "2"}
     assert (config.workdir, config.user, config.cmd) == ("/w", "user", ["app"])
+
+
+def test_prune_removes_least_recently_used_layers_but_not_kept_ones(tmp_path: Path) -> None:
+    """Over the cap, the oldest-used entries go first; a kept key and a just-used one stay."""
+    cache = LayerCache(Settings(cache_dir=tmp_path))
+    for index, key in enumerate(["old", "mid", "new"]):
+        disk = tmp_path / f"{key}.ext4"
+        disk.write_bytes(b"x" * 8192)
+        cache.publish(key, disk, {})
+        os.utime(cache.layers / key / "meta.json", (1000 + index, 1000 + index))
+    assert cache.layer("old") is not None  # used now: the most recent
+    removed = cache.prune(max_bytes=2 * 8192 + 2 * 4096, keep={"mid"})
+    assert removed == ["new"]
+    assert cache.layer("old") is not None and cache.layer("mid") is not None
+    assert cache.prune(max_bytes=0, keep={"mid"}) == ["old"]
+    assert cache.prune(max_bytes=1 << 30) == []

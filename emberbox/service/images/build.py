@@ -192,8 +192,15 @@ async def _build(deps: BuildDeps, request: BuildRequest, emit: _Emitter) -> Imag
                 finally:
                     with anyio.CancelScope(shield=True):
                         await run.cleanup()
+        await anyio.to_thread.run_sync(_prune, settings, {s.key for s in steps})
     await emit(BuildEvent("done", image=request.name, total=emit.total))
     return info
+
+
+def _prune(settings: Settings, keep: set[str]) -> None:
+    removed = LayerCache(settings).prune(settings.build_cache_max_mib << 20, keep)
+    if removed:
+        log.info("build cache: removed %d least recently used layers", len(removed))
 
 
 def _open_context(settings: Settings, path: Path | None) -> ctxmod.BuildContext:

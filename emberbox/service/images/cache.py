@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,42 @@ class LayerCache:
         return self.root / "work"
 
     def layer(self, key: str) -> Path | None:
-        """The disk of step ``key``, if it is cached."""
+        """The disk of step ``key``, if it is cached (marked used now, for :meth:`prune`)."""
         disk = self.layers / key / LAYER_FILE
-        return disk if (self.layers / key / META_FILE).is_file() and disk.is_file() else None
+        meta = self.layers / key / META_FILE
+        if not (meta.is_file() and disk.is_file()):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(meta)
+        return disk
+
+    def prune(self, max_bytes: int, keep: Collection[str] = ()) -> list[str]:
+        """Remove the least recently used entries (not those in ``keep``) until the
+        layers take at most ``max_bytes`` on disk; the keys removed. Registered images
+        hold their own link to their rootfs, so an image never loses its disk."""
+        if not self.layers.is_dir():
+            return []
+        entries = []
+        for entry in self.layers.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                used = (entry / META_FILE).stat().st_mtime
+                size = sum(p.stat().st_blocks * 512 for p in entry.iterdir())
+            except OSError:
+                continue
+            entries.append((used, entry.name, size))
+        total = sum(size for _, _, size in entries)
+        removed = []
+        for _, key, size in sorted(entries):
+            if total <= max_bytes:
+                break
+            if key in keep:
+                continue
+            shutil.rmtree(self.layers / key, ignore_errors=True)
+            total -= size
+            removed.append(key)
+        return removed
 
     def publish(self, key: str, disk: Path, meta: dict[str, Any]) -> Path:
         """Move ``disk`` into the entry of ``key`` (kept if another build wrote it first)."""
