@@ -235,6 +235,12 @@ class _Steps:
         spec = dataclasses.replace(spec, output_max_bytes=self._settings.exec_output_max_bytes)
         try:
             result, self.warm = await self._agent.run(spec, tar=tar, tar_dir=WORK_PARENT, warm=warm)
+        except errors.InvalidRequest as exc:
+            if "unknown op" not in str(exc):
+                raise
+            # An image built before the run op: its agent did nothing; tar_in and exec.
+            self._agent, self._tar = None, tar
+            return await self.exec(spec, warm)
         except errors.ExecTimeout:
             self.warm = False
             return _timed_out(spec)
