@@ -81,11 +81,14 @@ def parse_ref(ref: str) -> OciRef:
 
 
 def _local(transport: str, rest: str, ref: str) -> OciRef:
-    path_text, sep, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    if sep and (transport == "docker-archive" or _TAG.match(tag)) and path_text:
-        path = path_text
+    """``PATH[:TAG]`` (a tag has no ``:`` or ``/``); docker-archive's suffix is a whole
+    reference (``name:tag``), so there the path ends at the first ``:``."""
+    if transport == "docker-archive":
+        path, _, tag = rest.partition(":")
     else:
-        path, tag = rest, ""
+        path, sep, tag = rest.rpartition(":")
+        if not (sep and path and _TAG.match(tag)):
+            path, tag = rest, ""
     if not path or not path.startswith("/"):
         raise InvalidRequest(f"{ref!r}: {transport}: needs an absolute path")
     if ".." in Path(path).parts:

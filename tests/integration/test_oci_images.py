@@ -250,7 +250,9 @@ async def test_layout_directory_and_docker_archive_imports(
     saved = work / "saved.tar"
     _run("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{work / 'layout'}:busy",
          f"docker-archive:{saved}:emberbox/busy:v1")  # fmt: skip
-    docker = await import_oci(oci_settings, f"docker-archive:{saved}", "docker", tenant=None)
+    docker = await import_oci(
+        oci_settings, f"docker-archive:{saved}:emberbox/busy:v1", "docker", tenant=None
+    )
     assert docker.config == archive_image.config
     assert len(docker.layers) == 2 and docker.manifest["created_by"] == "oci"
     assert "gone" not in _debugfs(docker.files.rootfs, "ls /etc").split()

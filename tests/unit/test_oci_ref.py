@@ -17,6 +17,7 @@ from emberbox.images.oci_ref import check_local, parse_ref
         ("oci:/srv/layout", "oci", "oci:/srv/layout"),
         ("oci-archive:/tmp/img.tar:latest", "oci-archive", "oci-archive:/tmp/img.tar:latest"),
         ("docker-archive:/tmp/saved.tar", "docker-archive", "docker-archive:/tmp/saved.tar"),
+        ("docker-archive:/t/s.tar:app/x:v1", "docker-archive", "docker-archive:/t/s.tar:app/x:v1"),
         ("docker://127.0.0.1:5000/busy/box:t", "docker", "docker://127.0.0.1:5000/busy/box:t"),
         ("127.0.0.1:5000/busy:t", "docker", "docker://127.0.0.1:5000/busy:t"),
         ("localhost:5000/x", "docker", "docker://localhost:5000/x:latest"),
@@ -75,3 +76,11 @@ def test_local_sources_must_exist(tmp_path: Path) -> None:
     (tmp_path / "index.json").write_text("{}")
     check_local(parse_ref(f"oci:{tmp_path}:v1"))
     check_local(parse_ref("docker://127.0.0.1:5000/a:b"))  # nothing local to check
+
+
+def test_the_path_and_tag_of_local_references() -> None:
+    """A layout's tag follows the last ':'; a docker-archive's reference (itself with a
+    ':') follows the first; a path with no tag is the whole rest."""
+    assert parse_ref("oci:/srv/layout:v1").path == Path("/srv/layout")
+    assert parse_ref("oci-archive:/a/b.tar").path == Path("/a/b.tar")
+    assert parse_ref("docker-archive:/t/s.tar:app/x:v1").path == Path("/t/s.tar")
