@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tarfile
@@ -26,7 +28,7 @@ from emberbox.errors import ImageBuildError, InvalidRequest, StorageFull
 from emberbox.images.oci import import_oci
 from emberbox.images.registry import ImageInfo, ImageRegistry
 from emberbox.service.sandboxes.manager import SandboxManager
-from tests.support.paths import short_tmp_dir
+from tests.support.paths import qemu_pids_under, short_tmp_dir
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 
@@ -99,7 +101,11 @@ def work() -> Iterator[Path]:
         pytest.fail(f"missing {missing}: run make setup")
     path = short_tmp_dir("eb-oci-")
     yield path
+    leftovers = qemu_pids_under(path)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
     shutil.rmtree(path, ignore_errors=True)
+    assert not leftovers, f"the OCI tests left QEMU processes running: {leftovers}"
 
 
 @pytest.fixture(scope="module")
