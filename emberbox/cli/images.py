@@ -63,6 +63,8 @@ def build(
 ) -> None:
     """Build an image from a Dockerfile (on the server), or a built-in recipe (here)."""
     if context is None:
+        if tag or build_arg or no_cache or file != "Dockerfile":
+            raise typer.BadParameter("a Dockerfile build needs its CONTEXT directory")
         _build_recipe(recipe or name or "default", force=force)
         return
     if recipe or name:
