@@ -86,3 +86,24 @@ async def test_a_failing_filler_is_retried_not_fatal(
         tg.cancel_scope.cancel()
     await pool.close()
     assert calls == 3
+
+
+async def test_a_refill_waits_for_the_hand_out_delay(tmp_path: Path) -> None:
+    """The replacement is not started while the sandbox just handed out has its first
+    calls (a restore would share the CPU with them)."""
+    made: list[Thing] = []
+
+    async def fill(shape: PoolShape, sandbox_id: str) -> Thing:
+        made.append(Thing(sandbox_id))
+        return made[-1]
+
+    pool = WarmPool(settings(tmp_path, pool_size=1), fill, refill_delay_s=3600)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await wait_ready(pool, 1)  # the first fill does not wait: nothing was taken
+        assert pool.take(pool.shape) is made[0]
+        for _ in range(20):
+            await anyio.sleep(0.005)
+        assert len(made) == 1 and pool.ready_count() == 0
+        tg.cancel_scope.cancel()
+    await pool.close()
