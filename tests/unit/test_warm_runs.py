@@ -6,19 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import TaskGroup
 
-from emberbox.agent_client.client import WarmProgram
+from emberbox import errors
+from emberbox.agent_client.client import AgentClient, ExecResult, ExecSpec, WarmProgram
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo, guest_files
 from emberbox.service.oneshot.plan import NOBODY, RunSpec, plan_run
 from emberbox.service.oneshot.runner import run_code, warm_program
 from emberbox.service.vm.templates import WARM_UP, warm_up_plan
-from tests.support.fakes_run import ScriptedManager
+from tests.support.fakes_run import ScriptedManager, exec_result
 
 
 def _image(name: str, **manifest: Any) -> ImageInfo:
@@ -85,3 +87,36 @@ async def test_without_a_task_group_the_kill_is_awaited() -> None:
     manager = ScriptedManager()
     await run_code(manager, Settings(), RunSpec("bash", "echo 1"))
     assert manager.calls[-1] == ("kill", "sb-1")
+
+
+class _OldAgent(AgentClient):
+    """An agent from before the run op: it answers ``run`` with "unknown op"."""
+
+    def __init__(self) -> None:  # no stream: only ``run`` is called
+        self.asked = 0
+
+    async def run(self, spec: ExecSpec, **kwargs: Any) -> tuple[ExecResult, bool]:
+        self.asked += 1
+        raise errors.InvalidRequest("unknown op 'run'")
+
+
+class _HandleManager(ScriptedManager):
+    """A ScriptedManager that hands out ``agent`` as the sandbox's agent."""
+
+    def __init__(self, agent: AgentClient) -> None:
+        super().__init__(lambda argv: exec_result(stdout=b"1\n"))
+        self.agent = agent
+
+    async def running_handle(self, sandbox_id: str, /) -> tuple[object, Any]:
+        return None, SimpleNamespace(agent=self.agent)
+
+
+@pytest.mark.anyio
+async def test_an_agent_without_the_run_op_gets_tar_in_and_exec() -> None:
+    """An image built before the run op still runs: the files by tar_in, then exec."""
+    agent = _OldAgent()
+    manager = _HandleManager(agent)
+    result = await run_code(manager, Settings(), RunSpec("python3", "print(1)"))
+    assert result.status == "ok" and result.stdout == b"1\n" and not result.warm
+    assert agent.asked == 1
+    assert [name for name, _ in manager.calls] == ["create", "tar_in", "exec", "kill"]
