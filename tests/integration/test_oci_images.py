@@ -288,8 +288,13 @@ async def test_bad_references_register_nothing_and_leave_nothing(
 async def manager(
     oci_settings: Settings, archive_image: ImageInfo
 ) -> AsyncIterator[SandboxManager]:
+    """A manager whose sandboxes are killed at the end (closing it only detaches)."""
     async with SandboxManager(oci_settings) as opened:
-        yield opened
+        try:
+            yield opened
+        finally:
+            for record in await opened.list():
+                await opened.kill(record.id)
 
 
 async def test_busybox_image_runs_commands_with_its_defaults(
