@@ -225,6 +225,8 @@ class SandboxManager:
         source: SnapshotRow | None = None
         if snapshot_id is not None:
             source = await self._snapshots.snapshot_row(snapshot_id)
+            if image is not None:  # the name as the tenant sees it: the ref the row has
+                image = await anyio.to_thread.run_sync(resolve_ref, self._images, image, tenant_id)
             image, vcpus, memory_mib = snapshots.fork_shape(source, image, vcpus, memory_mib)
             await self._snapshots.check_image_unchanged(source)
         spec = validation.validate_spec(
