@@ -84,6 +84,7 @@ for key, value in pairs.items(): os.setxattr(path, "user.e2b." + key, value.enco
 METADATA_PREFIX = "x-metadata-"
 TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
 GZIP_LEVEL = 1  # downloads: speed over size (the SDK asks for gzip on every read)
+GZIP_SAMPLE = 64 * 1024  # the first bytes tried: gzip only a file they show compressible
 
 
 def _as_user(user: users.User, script: str, *args: str) -> ExecSpec:
@@ -127,6 +128,13 @@ def accepts_gzip(header: str | None) -> bool:
     return False
 
 
+def compressible(sample: bytes) -> bool:
+    """Whether gzip pays for a file that starts with ``sample``: the SDK's client offers
+    gzip on every download, and random or already compressed bytes only cost CPU."""
+    head = sample[:GZIP_SAMPLE]
+    return bool(head) and len(zlib.compress(head, GZIP_LEVEL)) < 0.9 * len(head)
+
+
 async def _gzip(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     deflater = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     async for chunk in data:
@@ -153,7 +161,7 @@ async def download(request: Request) -> Response:
         async for chunk in chunks:
             yield chunk
 
-    if accepts_gzip(request.headers.get("accept-encoding")):
+    if accepts_gzip(request.headers.get("accept-encoding")) and compressible(first):
         headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
         compressed = _gzip(body())
         return StreamingResponse(compressed, media_type="application/octet-stream", headers=headers)

@@ -279,6 +279,10 @@ def test_metadata_gzip_and_watch_entries(front: E2bServer, sbx: Sandbox) -> None
     assert len(raw) < len(text) // 10
     plain = httpx.get(url, params=params, headers={**headers, "Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers and plain.text == text
+    noise = os.urandom(100_000)  # incompressible: sent as it is, though gzip is offered
+    sbx.files.write("noise.bin", noise)
+    raw_noise = httpx.get(url, params={"path": "noise.bin"}, headers=headers)
+    assert "content-encoding" not in raw_noise.headers and raw_noise.content == noise
 
     sbx.files.make_dir("watched-entries")
     watcher = sbx.files.watch_dir("watched-entries", include_entry=True)

@@ -272,3 +272,10 @@ def test_login_profiles_run_no_command(tmp_path: Path) -> None:
     assert done.stderr == "" and done.returncode == 0
     want = "/usr/local/sbin" if os.geteuid() == 0 else "/usr/local/games"
     assert want in done.stdout
+
+
+def test_only_compressible_downloads_are_gzipped() -> None:
+    """Text is worth gzip; random bytes and an empty file are sent as they are."""
+    assert envd.compressible(b"the same line again\n" * 500)
+    assert not envd.compressible(os.urandom(100_000))
+    assert not envd.compressible(b"")
