@@ -63,6 +63,7 @@ ACTIONS: dict[tuple[str, str], str] = {
 # Body fields worth keeping, for the actions whose body is JSON (never file contents).
 BODY_FIELDS: dict[str, tuple[str, ...]] = {
     "sandbox.create": ("image", "vcpus", "memory_mib", "snapshot_id", "name"),
+    "image.import": ("ref", "name"),
     "sandbox.exec": ("cmd", "command", "cwd"),
     "port.update": ("public",),
     "process.start": ("cmd", "cwd", "pty"),

@@ -98,6 +98,9 @@ async def test_list_get_and_delete_with_usage(
     assert deleted.status_code == 200 and deleted.json()["freed_bytes"] > 0
     assert not (settings.images_dir / "blobs" / "h-app").exists()
     assert (settings.images_dir / "blobs" / "h-default").is_dir()
+    entries = (await client.get("/v1/audit")).json()["entries"]
+    deletes = [(e["target_id"], e["outcome"]) for e in entries if e["action"] == "image.delete"]
+    assert sorted(deletes) == [("app", "Conflict"), ("app", "ok"), ("default", "Conflict")]
 
 
 async def test_build_refusals_come_before_the_stream(client: httpx.AsyncClient) -> None:

@@ -108,6 +108,7 @@ async def build_image(
     build's events (NDJSON): each step's state and time, RUN output, then `done` or
     `error` (with the failed step's exit code and log tail; nothing is registered).
     A Dockerfile or context refused up front is a plain 400."""
+    request.state.audit_target = name
     args = _build_args(build_arg or [])
     jobs = _jobs(request, manager)
     context = await receive_context(settings, request.stream(), content_length(request))
@@ -156,6 +157,7 @@ async def import_image(
     """Import an OCI image (`docker://host/repo:tag`, `host:port/repo:tag`; the operator
     also `oci:DIR[:tag]`, `oci-archive:FILE`, `docker-archive:FILE` of the server's
     files) as `name`; streams `progress` events, then `done` or `error`."""
+    request.state.audit_target = body.name
     jobs = _jobs(request, manager)
 
     async def produce(write: Write) -> None:
@@ -201,9 +203,10 @@ async def get_image(
     "/v1/images/{name}", response_model=ImageDeleted, responses=error_responses(404, 409, 422)
 )
 async def delete_image(
-    name: ImageNamePath, principal: PrincipalDep, catalog: CatalogDep
+    name: ImageNamePath, request: Request, principal: PrincipalDep, catalog: CatalogDep
 ) -> ImageDeleted:
     """Delete your image (the operator: a shared one); 409 while a sandbox or snapshot
     uses it. Blobs nothing uses any more are collected."""
+    request.state.audit_target = name
     freed = await catalog.delete(name, principal.tenant_id, admin=principal.admin)
     return ImageDeleted(name=name, freed_bytes=freed)
