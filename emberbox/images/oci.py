@@ -43,6 +43,7 @@ from emberbox.images.build import agent_files
 from emberbox.images.oci_ref import OciRef, check_local, parse_ref
 from emberbox.images.registry import (
     FILE_NAMES,
+    MANIFEST,
     ImageConfig,
     ImageInfo,
     ImageRegistry,
@@ -101,17 +102,21 @@ async def _import(
     guard = partial(check_free_space, settings)
     digest, manifest, config = await _fetch(settings, source, layout, guard, progress)
     layers = oci_config.layers(manifest)
+    files = agent_files()
+    image_hash = await asyncio.to_thread(import_hash, settings, digest, base.image_hash, files)
+    known = await asyncio.to_thread(_reuse_blob, settings, image_hash, out)
+    if known is not None:  # imported before (another name, archive or registry): its disk
+        progress(f"already imported as blob {image_hash}: registering {name}")
+        return await asyncio.to_thread(register_image, settings, name, out, known, tenant=tenant)
     oci_disk.check_compressed_size(sum(x["size"] for x in layers), settings.oci_max_rootfs_mib)
     progress(f"unpacking {len(layers)} layers (umoci)")
     unpack = "umoci could not unpack the image"
     await _run(umoci_unpack_argv(layout, bundle), settings.oci_import_timeout_s, unpack, guard)
     progress("adding the agent's runtime under /.emberbox")
-    files = agent_files()
     usage = await asyncio.to_thread(_prepare_rootfs, bundle / "rootfs", files)
     size_mib = await _write_disk(settings, bundle / "rootfs", out, usage, guard, progress)
     await asyncio.to_thread(shutil.rmtree, bundle, True)
     _link_boot_files(base, out)
-    image_hash = await asyncio.to_thread(import_hash, digest, base.image_hash, files, size_mib)
     record = {
         "description": f"imported from {source.source}",
         "image_hash": image_hash,
@@ -186,8 +191,9 @@ def umoci_unpack_argv(layout: Path, bundle: Path) -> list[str]:
     return ["umoci", "unpack", *rootless, "--image", f"{layout}:{LAYOUT_TAG}", str(bundle)]
 
 
-def import_hash(digest: str, base_hash: str, files: dict[str, bytes], size_mib: int) -> str:
-    """The image's content hash: the OCI manifest, the boot files, the agent, the size."""
+def import_hash(settings: Settings, digest: str, base_hash: str, files: dict[str, bytes]) -> str:
+    """The image's content hash, known before unpacking: the OCI manifest, the boot
+    files, the agent and its runtime, and the settings that size the disk."""
     runtime = foreign.host_python()[0]
     inputs = {
         "importer_version": IMPORTER_VERSION,
@@ -195,9 +201,27 @@ def import_hash(digest: str, base_hash: str, files: dict[str, bytes], size_mib: 
         "base": base_hash,
         "python": [str(runtime), runtime.stat().st_size, runtime.stat().st_mtime_ns],
         "agent": {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())},
-        "size_mib": size_mib,
+        "disk": [settings.oci_rootfs_headroom_mib, settings.oci_max_rootfs_mib],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reuse_blob(settings: Settings, image_hash: str, out: Path) -> dict[str, Any] | None:
+    """The manifest of blob ``image_hash`` when it is there, its files hard-linked into
+    ``out`` for register_image (which then only links the name); None otherwise."""
+    blob = ImageRegistry(settings).blobs / image_hash
+    try:
+        manifest = json.loads((blob / MANIFEST).read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a manifest")
+        out.mkdir()
+        for file_name in FILE_NAMES.values():
+            if (blob / file_name).is_file():
+                os.link(blob / file_name, out / file_name)
+    except (OSError, ValueError):  # none, or collected meanwhile: import it afresh
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    return manifest
 
 
 def _prepare_rootfs(rootfs: Path, files: dict[str, bytes]) -> oci_disk.TreeUsage:

@@ -229,7 +229,8 @@ async def test_registry_pull_gives_the_same_image(
     oci_settings: Settings, oci_archive: Path, registry: str, archive_image: ImageInfo
 ) -> None:
     """Pushed to a local registry with skopeo and pulled by reference over http: the
-    same manifest, layers and config as the archive's import, so the same blob."""
+    same manifest, layers and config as the archive's import, so the same blob, reused
+    without unpacking again."""
     _run("skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
          f"oci-archive:{oci_archive}:busy", f"docker://{registry}/emberbox/busy:v1")  # fmt: skip
     steps: list[str] = []
@@ -240,7 +241,10 @@ async def test_registry_pull_gives_the_same_image(
     assert steps[0] == f"fetching docker://{registry}/emberbox/busy:v1"
     assert [x["digest"] for x in pulled.layers] == [x["digest"] for x in archive_image.layers]
     assert pulled.config == archive_image.config
-    # The same manifest over the same base: the same content hash, so one blob for both.
+    # The same manifest over the same base: the same content hash, known before
+    # unpacking, so the pull reuses the archive's disk (one blob for both names).
+    assert any(s.startswith("already imported as blob") for s in steps)
+    assert not any("umoci" in s or "ext4" in s for s in steps)
     assert pulled.image_hash == archive_image.image_hash
     assert pulled.directory == archive_image.directory
     assert ImageRegistry(oci_settings).get("pulled").directory == archive_image.directory
