@@ -5,12 +5,14 @@ Steps (each reported through ``on_progress``):
 1. ``skopeo copy <ref> oci:<work>/layout:image`` — from an OCI layout, an
    ``oci-archive:``/``docker-archive:`` tarball or a registry (oci_ref.py);
 2. the layout's manifest and config are read (oci_config.py): layers, Env, WorkingDir,
-   User, Labels, Entrypoint/Cmd;
+   User, Labels, Entrypoint/Cmd; the image's hash is known now, and a blob of it
+   already registered (an earlier import) is reused: steps 3 to 5 are skipped;
 3. ``umoci unpack`` applies the layers in order as root — whiteouts and opaque
    directories, hard links, symlinks, modes, owners and xattrs — into a rootfs tree;
 4. the agent's own runtime goes under ``/.emberbox`` (foreign.py: the image's userland
    is never needed), with the few directories the init needs (``/dev`` …);
-5. ``mkfs.ext4 -d`` writes a sparse ext4 of it: content plus headroom, capped;
+5. ``mkfs.ext4 -d`` writes a sparse ext4 of it (oci_disk.py: blocks and inodes plus
+   headroom, capped);
 6. with the kernel and initramfs of the operator's default image, the build is
    registered (``created_by="oci"``, userland ``foreign``).
 
