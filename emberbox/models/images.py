@@ -24,8 +24,8 @@ class BuildEvent:
     - ``log``: output of the running step (``log`` text)
     - ``progress``: a free-form line (imports, template making)
     - ``done``: the image is registered (``image`` name)
-    - ``error``: the build failed (``message``; ``exit_code`` and ``log`` tail of the
-      failing step when it was a RUN); nothing was registered
+    - ``error``: the build failed (``message``, ``error``: the error's type; ``exit_code``
+      and ``log`` tail of the failing step when it was a RUN); nothing was registered
     """
 
     kind: BuildEventKind
@@ -38,6 +38,7 @@ class BuildEvent:
     exit_code: int | None = None
     image: str | None = None
     message: str | None = None
+    error: str | None = None  # an error event's type (ImageBuildError, QuotaExceeded ...)
 
     def to_dict(self) -> dict[str, Any]:
         """Only the fields that are set (a compact NDJSON line)."""
@@ -63,6 +64,7 @@ class BuildEventLine(PublicModel):
     exit_code: int | None = None
     image: str | None = None
     message: str | None = None
+    error: str | None = None
 
 
 class ImageLayer(PublicModel):

@@ -24,7 +24,7 @@ import httpx
 
 from emberbox import errors
 from emberbox.models.images import BuildEvent, ImageDeleted, ImageDetail
-from emberbox.sdk._calls import Call, parse, raise_for_error
+from emberbox.sdk._calls import Call, error_from_body, parse, raise_for_error
 
 BUILD_WAIT_S = 4 * 3600.0  # between two events a RUN may be silent for long
 IMPORT_WAIT_S = 3600.0
@@ -255,13 +255,13 @@ def parse_event(line: str) -> BuildEvent | None:
 
 
 def failure(event: BuildEvent) -> errors.EmberboxError:
-    """The error a build's ``error`` event stands for (an ImageBuildError)."""
-    return errors.ImageBuildError(
-        event.message or "the build failed",
-        step=event.step,
-        exit_code=event.exit_code,
-        log=event.log,
-    )
+    """The error a build's ``error`` event stands for: the class its ``error`` names
+    (QuotaExceeded, InvalidRequest ...), ImageBuildError by default; ``details`` carry
+    the failed ``step``, its ``exit_code`` and ``log`` tail."""
+    detail = {"type": event.error or "ImageBuildError", "message": event.message}
+    exc = error_from_body(detail)
+    exc.details.update(step=event.step, exit_code=event.exit_code, log=event.log)
+    return exc
 
 
 def parse_image(response: httpx.Response) -> ImageInfo:

@@ -142,7 +142,7 @@ async def test_build_streams_events_then_the_error(
     assert answer.headers["content-type"].startswith("application/x-ndjson")
     events = [json.loads(line) for line in answer.text.splitlines()]
     assert [e["kind"] for e in events] == ["step", "log", "error"]  # one error event
-    assert events[-1]["exit_code"] == 3
+    assert (events[-1]["exit_code"], events[-1]["error"]) == (3, "ImageBuildError")
     request = seen["request"]
     assert (request.name, request.tenant, dict(request.build_args), request.no_cache) == (
         "new",

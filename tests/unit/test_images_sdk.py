@@ -95,7 +95,14 @@ def test_events_and_outcome() -> None:
     failed = BuildEvent("error", step=2, exit_code=3, log="boom\n", message="RUN failed")
     with pytest.raises(errors.ImageBuildError) as caught:
         _outcome(failed)
-    assert caught.value.details == {"step": 2, "exit_code": 3, "log": "boom\n"}
+    assert {k: caught.value.details[k] for k in ("step", "exit_code", "log")} == {
+        "step": 2,
+        "exit_code": 3,
+        "log": "boom\n",
+    }
+    quota = BuildEvent("error", message="image quota", error="QuotaExceeded")
+    with pytest.raises(errors.QuotaExceeded, match="image quota"):
+        _outcome(quota)
     with pytest.raises(errors.EmberboxError, match="without a result"):
         _outcome(BuildEvent("log", log="x"))
 

@@ -138,7 +138,8 @@ async def build_image(
             )
         except errors.EmberboxError as exc:
             if not failed:
-                await write(_line(BuildEvent("error", message=exc.message)))
+                error = type(exc).__name__
+                await write(_line(BuildEvent("error", message=exc.message, error=error)))
         finally:
             remove_context(context)
 
@@ -173,7 +174,8 @@ async def import_image(
                 on_event=on_event,
             )
         except errors.EmberboxError as exc:
-            await write(_line(BuildEvent("error", message=exc.message)))
+            error = type(exc).__name__
+            await write(_line(BuildEvent("error", message=exc.message, error=error)))
 
     return ndjson_response(produce)
 

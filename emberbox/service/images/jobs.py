@@ -9,6 +9,7 @@ A tenant's build or import lands in its own namespace (the built-in tenant's: sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -165,14 +166,22 @@ class ImageJobs:
         if self._deps is None:
             self._deps = engine.BuildDeps(self._settings, addresses=self._address)
         held: list[BuildEvent] = []
+        failed: list[BuildEvent] = []
 
         async def relay(event: BuildEvent) -> None:  # "done" goes last, after the template
             if event.kind == "done":
                 held.append(event)
+            elif event.kind == "error":
+                failed.append(event)  # sent with its error's type, below
             else:
                 await on_event(event)
 
-        info = await engine.build_image(self._deps, request, relay)
+        try:
+            info = await engine.build_image(self._deps, request, relay)
+        except errors.EmberboxError as exc:
+            event = failed[0] if failed else BuildEvent("error", message=exc.message)
+            await on_event(dataclasses.replace(event, error=type(exc).__name__))
+            raise
         await self.after_register(info, on_event)
         for event in held or [BuildEvent("done", image=info.name)]:
             await on_event(event)
