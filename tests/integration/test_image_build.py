@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from emberbox import errors
@@ -258,6 +259,35 @@ async def test_editing_the_last_line_reruns_only_that_step(env: Env, built: Imag
         layer["digest"] for layer in built.layers[:-1]
     ]
     assert info.layers[-1]["digest"] != built.layers[-1]["digest"]
+    assert env.leftovers() == []
+
+
+@pytest.mark.anyio
+async def test_concurrent_builds_of_one_dockerfile_do_the_work_once(env: Env) -> None:
+    """Two builds at once: one builder VM; the second finds every step cached."""
+    text = "FROM default\nRUN echo concurrent > /made\n"
+    starts = env.driver.starts
+    states: list[list[str]] = [[], []]
+
+    async def build(index: int) -> ImageInfo:
+        def sink(event: BuildEvent) -> None:
+            if event.kind == "step" and event.state != "running":
+                states[index].append(str(event.state))
+
+        request = BuildRequest(f"twin{index}", None, text)
+        return await build_image(env.deps, request, sink)
+
+    results: list[ImageInfo] = []
+
+    async def run(index: int) -> None:
+        results.append(await build(index))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, 0)
+        tg.start_soon(run, 1)
+    assert env.driver.starts == starts + 1
+    assert sorted(states) == [["cached"], ["done"]]
+    assert results[0].manifest["build_key"] == results[1].manifest["build_key"]
     assert env.leftovers() == []
 
 
