@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from emberbox.config import Settings
+from emberbox.errors import ImageNotFound, InvalidRequest
 from emberbox.images.dockerfile import ConfigStep, plan
 from emberbox.images.registry import ImageConfig
-from emberbox.service.images.build import apply_config
+from emberbox.models.images import BuildEvent
+from emberbox.service.images.build import BuildDeps, BuildRequest, apply_config, build_image
 from emberbox.service.images.builder import user_argv
 from emberbox.service.images.cache import KeyLocks, LayerCache, step_key
 from emberbox.service.images.layers import convert_argv
@@ -132,3 +134,26 @@ def test_prune_removes_least_recently_used_layers_but_not_kept_ones(tmp_path: Pa
     assert cache.layer("old") is not None and cache.layer("mid") is not None
     assert cache.prune(max_bytes=0, keep={"mid"}) == ["old"]
     assert cache.prune(max_bytes=1 << 30) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "ref", ["oci:/srv/layout:1", "oci-archive:/etc/x.tar", "docker-archive:/x"]
+)
+async def test_a_tenants_build_may_not_import_the_servers_files(tmp_path: Path, ref: str) -> None:
+    """FROM oci:/path (a server file) is the operator's to import, never a tenant's;
+    refused before anything is read or booted, with an error event."""
+    events: list[BuildEvent] = []
+    deps = BuildDeps(Settings(cache_dir=tmp_path, data_dir=tmp_path / "data"))
+    request = BuildRequest("app", "tenant-1", f"FROM {ref}\nRUN true\n")
+    with pytest.raises(InvalidRequest, match="not the server's files"):
+        await build_image(deps, request, events.append)
+    assert [e.kind for e in events] == ["error"]
+
+
+@pytest.mark.anyio
+async def test_an_unknown_plain_base_is_an_unknown_image(tmp_path: Path) -> None:
+    """FROM nosuch (no registry syntax): ImageNotFound, no import tried."""
+    deps = BuildDeps(Settings(cache_dir=tmp_path, data_dir=tmp_path / "data"))
+    with pytest.raises(ImageNotFound):
+        await build_image(deps, BuildRequest("app", None, "FROM nosuch\n"), lambda _e: None)

@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[BuildEvent], Awaitable[None] | None]
 Addresses = Callable[[], AbstractAsyncContextManager[str]]
-LOG_TAIL_BYTES = 4096
 # Manifest keys of the base image that describe the base, not the new image.
 _NOT_INHERITED = ("name", "tenant", "ref", "registered_at", "layers", "config", "base")
+_LOCAL_REFS = ("oci:", "oci-archive:", "docker-archive:")
 _OCI_REF = re.compile(r"^(oci:|oci-archive:|docker-archive:|docker://)|[:/@]")
 
 
@@ -236,6 +236,11 @@ async def _base_image(deps: BuildDeps, name: str, tenant: str | None) -> ImageIn
     except errors.ImageNotFound:
         if not _OCI_REF.search(name):
             raise
+    if tenant is not None and name.startswith(_LOCAL_REFS):
+        # Files and directories on the server: the operator's to import, never a tenant's.
+        raise errors.InvalidRequest(
+            f"FROM {name}: a tenant's build may name a registry image, not the server's files"
+        )
     try:
         oci = importlib.import_module("emberbox.images.oci")
     except ImportError:
@@ -328,10 +333,15 @@ class _Run:
     async def _execute(self, s: _Step, disk: Path, config: ImageConfig) -> Path:
         vm = self.vm or await self._start_vm(disk)
         if isinstance(s.step, dockerfile.RunStep):
-            await self._run_step(vm, s, s.step, config)
+
+            async def on_log(text: str) -> None:
+                await self.emit(BuildEvent("log", step=s.index, log=text))
+
+            await vm.run_step(s.index, s.step, config, self.settings, on_log)
         else:
             assert s.selection is not None and isinstance(s.step, dockerfile.CopyStep)
-            await self._copy_step(vm, s, s.step, s.selection)
+            scratch = self.work / "copy.tar"
+            await vm.copy_step(s.index, s.step, s.selection, self.context, scratch)
         partial = self.work / f"{s.key}.ext4"
         size = await vm.capture(partial)
         meta = {"key": s.key, "step": s.step.text, "size": size}
@@ -352,80 +362,6 @@ class _Run:
         held, self._address = self._address, None
         if held is not None:
             await held.__aexit__(None, None, None)
-
-    async def _run_step(
-        self, vm: BuilderVM, s: _Step, step: dockerfile.RunStep, config: ImageConfig
-    ) -> None:
-        tail = bytearray()
-
-        async def output(chunk: bytes) -> None:
-            tail.extend(chunk)
-            del tail[:-LOG_TAIL_BYTES]
-            await self.emit(BuildEvent("log", step=s.index, log=chunk.decode("utf-8", "replace")))
-
-        env = {**dict(step.build_args), **config.env}
-        timeout = self.settings.build_step_timeout_s
-        result = await vm.run(
-            step.command,
-            env=env,
-            cwd=config.workdir,
-            user=config.user,
-            timeout_s=timeout,
-            on_output=output,
-        )
-        if result.timed_out or result.exit_code != 0:
-            text = tail.decode("utf-8", "replace")
-            if result.timed_out:
-                why = f"timed out after {timeout:g} s (EMBERBOX_BUILD_STEP_TIMEOUT_S)"
-            else:
-                why = f"exited with code {result.exit_code}"
-                if "No space left on device" in text:
-                    why += (
-                        f"; the image is limited to {self.settings.build_disk_mib} MiB "
-                        "(EMBERBOX_BUILD_DISK_MIB)"
-                    )
-            raise errors.ImageBuildError(
-                f"step {s.index} ({step.text}, line {step.line}) {why}",
-                step=s.index,
-                line=step.line,
-                exit_code=result.exit_code,
-                log=text,
-                timed_out=result.timed_out,
-            )
-
-    async def _copy_step(
-        self, vm: BuilderVM, s: _Step, step: dockerfile.CopyStep, selection: ctxmod.Selection
-    ) -> None:
-        tar_path = self.work / "copy.tar"
-
-        def write() -> None:
-            with tar_path.open("wb") as out:
-                self.context.copy_tar(selection, out, chmod=step.chmod)
-
-        await anyio.to_thread.run_sync(write)
-        try:
-            await vm.tar_in(selection.directory, tar_path)
-        finally:
-            tar_path.unlink(missing_ok=True)
-        if step.chown:
-            tops = sorted({name.split("/")[0] for name, _ in selection.members})
-            paths = [f"{selection.directory.rstrip('/')}/{top}" for top in tops]
-            result = await vm.run(
-                ("chown", "-R", step.chown, *paths),
-                env={},
-                cwd="/",
-                user="",
-                timeout_s=300,
-                on_output=lambda _chunk: None,
-            )
-            if result.exit_code != 0:
-                raise errors.ImageBuildError(
-                    f"step {s.index} ({step.text}, line {step.line}): --chown={step.chown} "
-                    f"failed: {result.stderr.decode('utf-8', 'replace').strip()[-400:]}",
-                    step=s.index,
-                    line=step.line,
-                    exit_code=result.exit_code,
-                )
 
     async def register(
         self,

@@ -21,7 +21,10 @@ import anyio
 from emberbox.agent_client.answers import ExecResult
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
-from emberbox.errors import AgentError
+from emberbox.errors import AgentError, ImageBuildError
+from emberbox.images import dockerfile, foreign
+from emberbox.images.context import BuildContext, Selection
+from emberbox.images.registry import ImageConfig
 from emberbox.net import plan as netplan
 from emberbox.net.policy import EgressPolicy
 from emberbox.service.images import layers
@@ -33,6 +36,11 @@ from emberbox.vmm.qemu.argv import QemuPaths
 
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 _CHUNK = 256 * 1024
+LOG_TAIL_BYTES = 4096  # of a failed step's output, in its error
+
+
+def _discard(_chunk: bytes) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,87 @@ class BuilderVM:
         spec = ExecSpec([*user_argv(user), *argv], env=env, cwd=cwd or "/", timeout_s=timeout_s)
         return await self.sandbox.agent.exec(spec, on_stdout=on_output, on_stderr=on_output)
 
+    async def run_step(
+        self,
+        index: int,
+        step: dockerfile.RunStep,
+        config: ImageConfig,
+        settings: Settings,
+        on_log: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Step ``index``, a RUN, with the image's ENV (over the ARGs in scope), WORKDIR
+        and USER; its output to ``on_log``. ImageBuildError (exit code, log tail) when
+        it fails or times out."""
+        tail = bytearray()
+
+        async def output(chunk: bytes) -> None:
+            tail.extend(chunk)
+            del tail[:-LOG_TAIL_BYTES]
+            await on_log(chunk.decode("utf-8", "replace"))
+
+        timeout = settings.build_step_timeout_s
+        result = await self.run(
+            step.command,
+            env={**dict(step.build_args), **config.env},
+            cwd=config.workdir,
+            user=config.user,
+            timeout_s=timeout,
+            on_output=output,
+        )
+        if not result.timed_out and result.exit_code == 0:
+            return
+        text = tail.decode("utf-8", "replace")
+        if result.timed_out:
+            why = f"timed out after {timeout:g} s (EMBERBOX_BUILD_STEP_TIMEOUT_S)"
+        else:
+            why = f"exited with code {result.exit_code}"
+            if "No space left on device" in text:
+                limit = settings.build_disk_mib
+                why += f"; the image is limited to {limit} MiB (EMBERBOX_BUILD_DISK_MIB)"
+        raise ImageBuildError(
+            f"step {index} ({step.text}, line {step.line}) {why}",
+            step=index,
+            line=step.line,
+            exit_code=result.exit_code,
+            log=text,
+            timed_out=result.timed_out,
+        )
+
+    async def copy_step(
+        self,
+        index: int,
+        step: dockerfile.CopyStep,
+        selection: Selection,
+        context: BuildContext,
+        scratch: Path,
+    ) -> None:
+        """Step ``index``, a COPY: ``selection`` as a tar (written to ``scratch``, then
+        removed) through the agent's tar-in; ``--chown`` by ``chown -R`` in the guest."""
+
+        def write() -> None:
+            with scratch.open("wb") as out:
+                context.copy_tar(selection, out, chmod=step.chmod)
+
+        await anyio.to_thread.run_sync(write)
+        try:
+            await self.tar_in(selection.directory, scratch)
+        finally:
+            await anyio.Path(scratch).unlink(missing_ok=True)
+        if not step.chown:
+            return
+        tops = sorted({name.split("/")[0] for name, _ in selection.members})
+        paths = [f"{selection.directory.rstrip('/')}/{top}" for top in tops]
+        argv = ("chown", "-R", step.chown, *paths)
+        result = await self.run(argv, env={}, cwd="/", user="", timeout_s=300, on_output=_discard)
+        if result.exit_code != 0:
+            raise ImageBuildError(
+                f"step {index} ({step.text}, line {step.line}): --chown={step.chown} "
+                f"failed: {result.stderr.decode('utf-8', 'replace').strip()[-400:]}",
+                step=index,
+                line=step.line,
+                exit_code=result.exit_code,
+            )
+
     async def tar_in(self, directory: str, tar_file: Path) -> int:
         """Extract the tar ``tar_file`` (host) into ``directory`` (guest)."""
 
@@ -149,6 +238,9 @@ class BuilderVM:
         """Flush the guest's disk, pause it, write its disk as the layer ``dest``
         (bytes on disk), and resume it."""
         result = await self.sandbox.agent.exec(ExecSpec(["sync"], timeout_s=120))
+        if result.exit_code == 127:  # a foreign userland without sync: the agent's python
+            sync = foreign.python_argv("-c", "import os; os.sync()")
+            result = await self.sandbox.agent.exec(ExecSpec(sync, timeout_s=120))
         if result.exit_code != 0:
             raise AgentError(f"sync in the builder failed: {result.stderr.decode()[-400:]}")
         overlay = QemuPaths(self.sandbox.work_dir).overlay
