@@ -51,7 +51,7 @@ async def receive_context(
     if size is not None and size > limit:
         raise errors.PayloadTooLarge(f"a build context is at most {limit} bytes", limit=limit)
     directory = settings.data_dir / "uploads"
-    await anyio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+    await anyio.to_thread.run_sync(_sweep_uploads, directory, 2 * settings.build_timeout_s)
     fd, name = tempfile.mkstemp(prefix="context-", suffix=".tar", dir=directory)
     path = Path(name)
     try:
@@ -68,6 +68,17 @@ async def receive_context(
         remove_context(path)
         raise
     return path
+
+
+def _sweep_uploads(directory: Path, older_than_s: float) -> None:
+    """Make the uploads dir; remove contexts a crashed server left (older than any
+    build can be)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - older_than_s
+    for stale in directory.glob("context-*.tar"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
 
 
 def remove_context(path: Path) -> None:
