@@ -14,7 +14,13 @@ from emberbox.errors import ImageNotFound, InvalidRequest
 from emberbox.images.dockerfile import ConfigStep, plan
 from emberbox.images.registry import ImageConfig
 from emberbox.models.images import BuildEvent
-from emberbox.service.images.build import BuildDeps, BuildRequest, apply_config, build_image
+from emberbox.service.images.build import (
+    BuildDeps,
+    BuildRequest,
+    apply_config,
+    build_image,
+    command_of,
+)
 from emberbox.service.images.builder import user_argv
 from emberbox.service.images.cache import KeyLocks, LayerCache, step_key
 from emberbox.service.images.layers import convert_argv
@@ -107,17 +113,31 @@ def test_user_prefix(user: str, prefix: list[str]) -> None:
 
 
 def test_config_steps_build_the_image_config() -> None:
-    """ENV and LABEL merge, WORKDIR/USER replace, CMD recorded (ENTRYPOINT before it)."""
+    """ENV and LABEL merge, WORKDIR/USER replace."""
     config = ImageConfig(env={"A": "base", "B": "b"}, labels={"x": "1"})
-    steps = plan(
-        'FROM d\nENV A=1\nLABEL y=2\nWORKDIR /w\nUSER user\nENTRYPOINT ["tini"]\nCMD ["app"]\n'
-    ).steps
+    steps = plan("FROM d\nENV A=1\nLABEL y=2\nWORKDIR /w\nUSER user\n").steps
     for step in steps:
         assert isinstance(step, ConfigStep)
         config = apply_config(config, step)
     assert config.env == {"A": "1", "B": "b"}
     assert config.labels == {"x": "1", "y": "2"}
-    assert (config.workdir, config.user, config.cmd) == ("/w", "user", ["app"])
+    assert (config.workdir, config.user) == ("/w", "user")
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("", ["base"]),
+        ('CMD ["app"]', ["app"]),
+        ('ENTRYPOINT ["tini"]\nCMD ["app"]', ["tini", "app"]),
+        ('CMD ["app"]\nENTRYPOINT ["tini"]', ["tini"]),
+        ("CMD echo hi", ["/bin/sh", "-c", "echo hi"]),
+    ],
+)
+def test_entrypoint_and_cmd_join_as_in_docker(lines: str, expected: list[str]) -> None:
+    """ENTRYPOINT + CMD; an ENTRYPOINT resets an earlier CMD; the base's otherwise."""
+    steps = plan(f"FROM d\n{lines}\n").steps
+    assert command_of(["base"], steps) == expected
 
 
 def test_prune_removes_least_recently_used_layers_but_not_kept_ones(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,11 +261,20 @@ def apply_config(config: ImageConfig, step: dockerfile.ConfigStep) -> ImageConfi
         changes["workdir"] = step.workdir
     if step.user is not None:
         changes["user"] = step.user
-    if step.entrypoint is not None:
-        changes["cmd"] = list(step.entrypoint) + (config.cmd or [])
-    if step.cmd is not None:
-        changes["cmd"] = list(step.cmd)
     return dataclasses.replace(config, **changes)
+
+
+def command_of(base: list[str] | None, steps: Iterable[dockerfile.Step]) -> list[str] | None:
+    """The recorded command: ENTRYPOINT + CMD as Docker joins them (an ENTRYPOINT
+    resets an earlier CMD); the base image's when the Dockerfile sets neither."""
+    entry: list[str] = []
+    cmd, touched = base, False
+    for step in steps:
+        if isinstance(step, dockerfile.ConfigStep) and step.entrypoint is not None:
+            entry, cmd, touched = list(step.entrypoint), None, True
+        if isinstance(step, dockerfile.ConfigStep) and step.cmd is not None:
+            cmd, touched = list(step.cmd), True
+    return ((entry + (cmd or [])) or None) if touched else base
 
 
 class _Run:
@@ -314,6 +323,9 @@ class _Run:
                 await self.emit.step(s, "done", time.monotonic() - t0)
             size = self.cache.meta(s.key).get("size", 0)
             made.append({"digest": f"sha256:{s.key}", "size": size, "step": s.step.text})
+        config = dataclasses.replace(
+            config, cmd=command_of(self.base.config.cmd, [s.step for s in steps])
+        )
         return disk, config, made
 
     async def _base_disk(self) -> Path:
