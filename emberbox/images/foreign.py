@@ -94,9 +94,15 @@ except OSError as exc:
 def run_as_argv(uid: int, gid: int, name: str | None) -> list[str]:
     """The prefix that runs a command as ``uid``:``gid`` in a foreign root (what
     ``setpriv --reuid --regid --init-groups|--clear-groups --`` does in our images)."""
+    return python_argv("-c", _RUN_AS, str(uid), str(gid), name or "")
+
+
+def python_argv(*args: str) -> list[str]:
+    """Our runtime's python with ``args`` in a foreign root (``-I``: it finds its
+    standard library from its own path, and takes nothing from the environment)."""
     return [
         loader_path(), "--library-path", f"{RUNTIME_DIR}/lib", f"{RUNTIME_DIR}/bin/python3",
-        "-I", "-S", "-c", _RUN_AS, str(uid), str(gid), name or "",
+        "-I", "-S", *args,
     ]  # fmt: skip
 
 
