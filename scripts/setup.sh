@@ -30,6 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# docker-registry is only for the OCI tests, which start their own on 127.0.0.1: Debian's
+# package enables a service open on every address (:5000); keep it off.
+if [ -d /run/systemd/system ] && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    echo "setup: disabling the docker-registry service (the OCI tests run their own)"
+    $SUDO systemctl disable --now docker-registry
+fi
+
 # QEMU drops to this unprivileged user when the server runs as root (EMBERBOX_VMM_USER).
 id -u emberbox-vmm >/dev/null 2>&1 || $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin emberbox-vmm
 
