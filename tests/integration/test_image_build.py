@@ -356,3 +356,22 @@ async def test_a_step_that_never_ends_hits_the_step_timeout(env: Env) -> None:
     assert caught.value.details["log"] == "started\n"
     assert events[-1].kind == "error"
     _refused(env, "sleepy")
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_build_leaves_nothing(env: Env) -> None:
+    """Cancelled while a RUN runs: the builder VM, its network and the scratch dir go."""
+    started = anyio.Event()
+
+    def sink(event: BuildEvent) -> None:
+        if event.kind == "log":
+            started.set()
+
+    request = BuildRequest("cancelled", None, "FROM default\nRUN echo started; sleep 1000\n")
+    with anyio.fail_after(300):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(build_image, env.deps, request, sink)
+            await started.wait()
+            assert env.leftovers() != []  # the builder is there while it runs
+            tg.cancel_scope.cancel()
+    _refused(env, "cancelled")
