@@ -27,7 +27,7 @@ from emberbox import errors
 from emberbox.config import Settings
 from emberbox.images.registry import ImageInfo, check_name, namespace
 from emberbox.models.images import BuildEvent
-from emberbox.service.images.registry_service import USING_STATES, UsageSource
+from emberbox.service.images.registry_service import UsageSource
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +121,13 @@ class ImageJobs:
         self._settings = settings
         self._manager = manager
         self._deps: Any = None  # one BuildDeps per app: builds share its locks
-        self._held: set[str] = set()  # guest addresses of builder VMs
 
     @contextlib.asynccontextmanager
     async def _address(self) -> AsyncIterator[str]:
-        """A guest address for a builder VM: none a live sandbox or another build has."""
-        from emberbox.net import plan as netplan
-
-        used: list[str | None] = list(self._held)
-        for state in sorted(USING_STATES):
-            used.extend(r.ip_address for r in await self._manager.list(state=state))
-        address = netplan.allocate_address(self._settings, used)
-        self._held.add(address)
-        try:
+        """A guest address for a builder VM, reserved in the manager: no live sandbox,
+        no sandbox created while the build runs and no other build gets it."""
+        async with self._manager.reserve_address() as address:
             yield address
-        finally:
-            self._held.discard(address)
 
     async def check_build(
         self, name: str, context: Path, dockerfile: str, build_args: dict[str, str]

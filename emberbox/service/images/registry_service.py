@@ -67,6 +67,8 @@ class UsageSource(Protocol):
         self, sandbox_id: str | None = None, *, tenant_id: str | None = None
     ) -> builtins.list[SnapshotRecord]: ...
 
+    def reserve_address(self) -> contextlib.AbstractAsyncContextManager[str]: ...
+
 
 @dataclass(frozen=True)
 class ImageUsage:

@@ -90,7 +90,11 @@ class BootFlows:
             await self.check_quota(store, tenant_id, spec.vcpus, spec.memory_mib)
             # Under admission, from the store: unique among live sandboxes, and what
             # a restarted server sees too.
-            ip_address = await _allocate_address(self._settings, store) if networked else None
+            ip_address = (
+                await allocate_address(self._settings, store, self._core.reserved_addresses)
+                if networked
+                else None
+            )
             for _ in range(5):
                 chosen = sandbox_id or secrets.token_hex(ID_BYTES)
                 row = _new_row(self._settings, spec, chosen, snapshot_id, tenant_id, ip_address)
@@ -348,10 +352,11 @@ _NETWORK_STATES = frozenset(
 )
 
 
-async def _allocate_address(settings: Settings, store: Store) -> str:
-    """A free guest address of ``network_cidr``. Call holding ``admission``."""
+async def allocate_address(settings: Settings, store: Store, reserved: set[str]) -> str:
+    """A free guest address of ``network_cidr``: none a live row or ``reserved`` holds.
+    Call holding ``admission``."""
     rows = await store.list(states=_NETWORK_STATES)
-    return netplan.allocate_address(settings, [row.ip_address for row in rows])
+    return netplan.allocate_address(settings, [*reserved, *(row.ip_address for row in rows)])
 
 
 def network_plan(

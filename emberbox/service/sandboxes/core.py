@@ -64,6 +64,9 @@ class ManagerCore:
         self.locks: dict[str, anyio.Lock] = {}
         self.boots: dict[str, Boot] = {}
         self.admission = anyio.Lock()  # makes "count live, then insert" atomic
+        # Guest addresses held by VMs that have no sandbox row (image builders): the
+        # allocator skips them as it skips live rows'. Changed under ``admission``.
+        self.reserved_addresses: set[str] = set()
 
     def open_store(self) -> Store:
         """The store, for a public call: refused unless the manager is open."""

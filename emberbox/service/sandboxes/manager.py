@@ -22,7 +22,7 @@ import builtins
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,7 @@ from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.catalog import image_pool_settings, resolve_ref
 from emberbox.service.sandboxes import execs, storage, validation
-from emberbox.service.sandboxes.booting import BootFlows, network_plan
+from emberbox.service.sandboxes.booting import BootFlows, allocate_address, network_plan
 from emberbox.service.sandboxes.core import ID_BYTES, ManagerCore, Phase
 from emberbox.service.sandboxes.handles import (
     ImageCatalog,
@@ -182,6 +182,21 @@ class SandboxManager:
             states=None if state is None else {state}, metadata=metadata, tenant_id=tenant_id
         )
         return [SandboxRecord.from_row(row) for row in rows]
+
+    @contextlib.asynccontextmanager
+    async def reserve_address(self) -> AsyncIterator[str]:
+        """A guest address for a VM that has no sandbox row (an image builder), held
+        until the block ends: sandbox admission skips it as it skips live sandboxes'."""
+        core = self._core
+        async with core.admission:
+            address = await allocate_address(
+                self._settings, core.open_store(), core.reserved_addresses
+            )
+            core.reserved_addresses.add(address)
+        try:
+            yield address
+        finally:
+            core.reserved_addresses.discard(address)
 
     async def image_names(self) -> builtins.list[str]:
         return await anyio.to_thread.run_sync(self._images.names)
