@@ -271,18 +271,29 @@ class BuildPlan:
     unused_args: tuple[str, ...] = field(default=())  # build args no ARG declared
 
 
-def plan(text: str, build_args: Mapping[str, str] | None = None) -> BuildPlan:
+def plan(
+    text: str,
+    build_args: Mapping[str, str] | None = None,
+    *,
+    base_env: Mapping[str, str] | None = None,
+    base_workdir: str = "",
+) -> BuildPlan:
     """The steps of ``text`` with ``build_args`` applied; DockerfileError for anything
-    unsupported (with the line and the instruction named)."""
-    return _Planner(dict(build_args or {})).run(parse(text))
+    unsupported (with the line and the instruction named).
+
+    ``base_env`` and ``base_workdir`` are the FROM image's own (known once the first
+    plan named it): ``ENV PATH=/opt/bin:$PATH`` expands the base's PATH, as in Docker.
+    """
+    planner = _Planner(dict(build_args or {}), dict(base_env or {}), base_workdir or "/")
+    return planner.run(parse(text))
 
 
 class _Planner:
-    def __init__(self, build_args: dict[str, str]) -> None:
+    def __init__(self, build_args: dict[str, str], env: dict[str, str], workdir: str) -> None:
         self.given = build_args
         self.args: dict[str, str] = {}  # declared ARGs with a value, in scope
-        self.env: dict[str, str] = {}
-        self.workdir = "/"
+        self.env: dict[str, str] = env  # the base image's, then each ENV's
+        self.workdir = workdir
         self.base: str | None = None
         self.steps: list[Step] = []
         self.used: set[str] = set()

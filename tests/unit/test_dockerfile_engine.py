@@ -15,9 +15,11 @@ from emberbox.images.dockerfile import ConfigStep, plan
 from emberbox.images.registry import ImageConfig
 from emberbox.models.images import BuildEvent
 from emberbox.service.images.build import (
+    DEFAULT_PATH,
     BuildDeps,
     BuildRequest,
     apply_config,
+    base_variables,
     build_image,
     command_of,
 )
@@ -122,6 +124,29 @@ def test_config_steps_build_the_image_config() -> None:
     assert config.env == {"A": "1", "B": "b"}
     assert config.labels == {"x": "1", "y": "2"}
     assert (config.workdir, config.user) == ("/w", "user")
+
+
+def test_env_expands_the_base_images_variables() -> None:
+    """``ENV PATH=/opt/bin:$PATH`` keeps the base's PATH (the agent's when the image
+    sets none, the image's own otherwise), and a relative WORKDIR starts at the base's."""
+    text = "FROM d\nENV PATH=/opt/bin:$PATH HOME2=$HOME\nWORKDIR app\n"
+    ours = plan(text, base_env=base_variables(ImageConfig()), base_workdir="")
+    env_step, workdir_step = ours.steps
+    assert isinstance(env_step, ConfigStep) and isinstance(workdir_step, ConfigStep)
+    assert dict(env_step.env) == {"PATH": f"/opt/bin:{DEFAULT_PATH}", "HOME2": ""}
+    assert workdir_step.workdir == "/app"
+    foreign = ImageConfig(env={"PATH": "/bin", "HOME": "/home/x"}, workdir="/srv")
+    theirs = plan(text, base_env=base_variables(foreign), base_workdir=foreign.workdir)
+    env_step, workdir_step = theirs.steps
+    assert isinstance(env_step, ConfigStep) and isinstance(workdir_step, ConfigStep)
+    assert dict(env_step.env) == {"PATH": "/opt/bin:/bin", "HOME2": "/home/x"}
+    assert workdir_step.workdir == "/srv/app"
+
+
+def test_default_path_is_the_agents() -> None:
+    from emberbox.guest.commands import DEFAULT_ENV
+
+    assert DEFAULT_ENV["PATH"] == DEFAULT_PATH
 
 
 @pytest.mark.parametrize(

@@ -171,8 +171,14 @@ async def build_image(deps: BuildDeps, request: BuildRequest, on_event: EventSin
 async def _build(deps: BuildDeps, request: BuildRequest, emit: _Emitter) -> ImageInfo:
     settings = deps.settings
     check_name(request.name)
-    plan = dockerfile.plan(request.dockerfile, request.build_args)
-    base = await _base_image(deps, plan.base, request.tenant)
+    named = dockerfile.plan(request.dockerfile, request.build_args)
+    base = await _base_image(deps, named.base, request.tenant)
+    plan = dockerfile.plan(
+        request.dockerfile,
+        request.build_args,
+        base_env=base_variables(base.config),
+        base_workdir=base.config.workdir,
+    )
     with await anyio.to_thread.run_sync(_open_context, settings, request.context) as context:
         root = step_key("", ["FROM", base.image_hash, settings.build_disk_mib])
         steps = await anyio.to_thread.run_sync(_keyed, plan, context, root)
@@ -195,6 +201,17 @@ async def _build(deps: BuildDeps, request: BuildRequest, emit: _Emitter) -> Imag
         await anyio.to_thread.run_sync(_prune, settings, {s.key for s in steps})
     await emit(BuildEvent("done", image=request.name, total=emit.total))
     return info
+
+
+# The PATH every command gets when its image sets none (the agent's, DEFAULT_ENV in
+# emberbox/guest/commands.py; a unit test keeps the two equal).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def base_variables(config: ImageConfig) -> dict[str, str]:
+    """What ``$NAME`` means in a Dockerfile before its first ENV: the base image's env,
+    with the PATH its commands really get when the image sets none."""
+    return {"PATH": DEFAULT_PATH, **config.env}
 
 
 def _prune(settings: Settings, keep: set[str]) -> None:
