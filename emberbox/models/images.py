@@ -50,23 +50,6 @@ class BuildEvent:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-class BuildEventLine(PublicModel):
-    """One NDJSON line of a build or import (:class:`BuildEvent`; unset fields are left
-    out)."""
-
-    kind: BuildEventKind
-    step: int | None = None
-    total: int | None = None
-    instruction: str | None = None
-    state: StepState | None = None
-    seconds: float | None = None
-    log: str | None = None
-    exit_code: int | None = None
-    image: str | None = None
-    message: str | None = None
-    error: str | None = None
-
-
 class ImageLayer(PublicModel):
     digest: str
     size: int = Field(ge=0)

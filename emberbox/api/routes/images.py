@@ -31,7 +31,6 @@ from emberbox.api.streams import (
 from emberbox.models.common import ImageName
 from emberbox.models.images import (
     BuildEvent,
-    BuildEventLine,
     ImageDeleted,
     ImageDetail,
     ImageImportRequest,
@@ -47,7 +46,7 @@ from emberbox.service.images.registry_service import ImageCatalogService
 router = APIRouter(tags=["images"])
 
 ImageNamePath = Annotated[ImageName, Path(description="Image name")]
-BUILD_EVENTS = streamed_content(NDJSON, {"$ref": "#/components/schemas/BuildEventLine"})
+BUILD_EVENTS = streamed_content(NDJSON, {"$ref": "#/components/schemas/BuildEvent"})
 MAX_BUILD_ARGS = 256
 
 
@@ -89,7 +88,7 @@ def _line(event: BuildEvent) -> bytes:
     "/v1/images",
     responses={**BUILD_EVENTS, **error_responses(400, 409, 413, 422)},
     openapi_extra=RAW_BODY,
-    response_model=BuildEventLine,
+    response_model=BuildEvent,
     response_class=StreamedResponse,
 )
 async def build_image(
@@ -149,7 +148,7 @@ async def build_image(
 @router.post(
     "/v1/images/import",
     responses={**BUILD_EVENTS, **error_responses(400, 409, 422)},
-    response_model=BuildEventLine,
+    response_model=BuildEvent,
     response_class=StreamedResponse,
 )
 async def import_image(
