@@ -324,8 +324,16 @@ def test_envd_calls_are_audited_and_rate_limited(front: E2bServer, sbx: Sandbox)
             if status == 429:
                 break
         assert statuses[-1] == 429 and set(statuses[:-1]) == {204}
-        control = client.get(
-            f"{front.api_url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": front.key}
-        )
-        assert control.status_code == 429, control.text
+        # The bucket refills at 20/s, so a slow host may let a call or two through
+        # before the next refusal; a separate control-plane bucket (burst 100) would
+        # let all 50 through.
+        control = []
+        for _ in range(50):
+            answer = client.get(
+                f"{front.api_url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": front.key}
+            )
+            control.append(answer.status_code)
+            if answer.status_code == 429:
+                break
+        assert control[-1] == 429 and set(control[:-1]) <= {200}, control
     time.sleep(2)  # some of the bucket back for the module's clean-up
