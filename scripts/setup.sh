@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 # musl-tools (musl-gcc) for their image's program of another C library.
 APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs procps nftables iproute2 cpio chromium fonts-dejavu-core)
 APT_PACKAGES+=(skopeo umoci python3 docker-registry musl-tools)
+APT_PACKAGES+=(postgresql)  # tests/cluster: a real PostgreSQL, initialised per test run
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -48,7 +49,7 @@ stamp=.venv/.emberbox-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing emberbox into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -U pip
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[server,dev]'
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[server,dev,cluster]'
     touch "$stamp"
 fi
 
