@@ -14,7 +14,9 @@ Every error the library, the server, the SDK or the CLI raises on purpose is one
     │   └── RateLimited         a key sent requests faster than its rate (HTTP 429)
     ├── ImageBuildError         building a guest image failed (a step and its output)
     ├── HostError               the host lacks something (QEMU, KVM, space) (HTTP 503)
-    │   └── StorageFull         the data dir's disk is (nearly) full (HTTP 507)
+    │   ├── StorageFull         the data dir's disk is (nearly) full (HTTP 507)
+    │   ├── NoCapacity          cluster: every host full or draining (HTTP 503, Retry-After)
+    │   └── HostDown            cluster: the sandbox's host is unreachable (HTTP 503)
     ├── VMMError                the virtual machine monitor misbehaved (HTTP 502)
     │   ├── BootTimeout         no agent handshake within the boot timeout
     │   ├── VMMCrashed          the VMM process ended unexpectedly
@@ -108,6 +110,23 @@ class StorageFull(HostError):
     """The server's data dir has no room (ENOSPC, SQLITE_FULL, or under min_free_disk_mib)."""
 
     status_code = 507
+
+
+class NoCapacity(HostError):
+    """Cluster: no host can take the sandbox now; ``retry_after_s`` says when to try again."""
+
+    status_code = 503
+    retry_after_s = 5.0  # (an instance rebuilt by the SDK has only this)
+
+    def __init__(self, message: str, retry_after_s: float = 5.0, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+
+class HostDown(HostError):
+    """Cluster: the host that holds the sandbox (or snapshot) does not answer."""
+
+    status_code = 503
 
 
 class VMMError(EmberboxError):
