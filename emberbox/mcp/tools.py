@@ -66,7 +66,7 @@ Timeout = Annotated[
     Field(gt=0, description="Seconds before it is killed; null: the server's default."),
 ]
 Encoding = Literal["utf-8", "base64"]
-StateName = Literal["creating", "running", "paused", "stopping", "stopped", "error"]
+StateName = Literal["creating", "running", "paused", "stopping", "stopped", "error", "lost"]
 
 
 @dataclass(frozen=True)

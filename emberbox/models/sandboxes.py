@@ -17,8 +17,9 @@ from emberbox.models.common import (
     RequestModel,
 )
 
-# The values of emberbox.service.sandboxes.state.SandboxState, as they travel on the wire.
-SandboxStateName = Literal["creating", "running", "paused", "stopping", "stopped", "error"]
+# The values of emberbox.service.sandboxes.state.SandboxState, as they travel on the wire
+# ("lost": cluster mode only, the sandbox's host does not answer; docs/cluster.md).
+SandboxStateName = Literal["creating", "running", "paused", "stopping", "stopped", "error", "lost"]
 
 AllowEntry = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 

@@ -30,6 +30,14 @@ ALLOWED = {
     (S.STOPPING, S.ERROR),
     (S.ERROR, S.STOPPING),
     (S.ERROR, S.STOPPED),
+    # cluster mode: a host that stops answering, and comes back (or not)
+    (S.CREATING, S.LOST),
+    (S.RUNNING, S.LOST),
+    (S.PAUSED, S.LOST),
+    (S.STOPPING, S.LOST),
+    (S.LOST, S.RUNNING),
+    (S.LOST, S.PAUSED),
+    (S.LOST, S.STOPPED),
 }
 
 
@@ -59,12 +67,20 @@ def test_stopped_is_final() -> None:
 
 def test_sources_inverts_the_table() -> None:
     """sources(dst) lists exactly the states that may move to dst."""
-    assert sources(S.STOPPED) == {S.STOPPING, S.ERROR}
+    assert sources(S.STOPPED) == {S.STOPPING, S.ERROR, S.LOST}
     assert sources(S.CREATING) == frozenset()
 
 
 def test_values_are_the_wire_names() -> None:
     """States are strings equal to their wire names, and only creating/running are live."""
-    assert [s.value for s in S] == ["creating", "running", "paused", "stopping", "stopped", "error"]
+    assert [s.value for s in S] == [
+        "creating",
+        "running",
+        "paused",
+        "stopping",
+        "stopped",
+        "error",
+        "lost",
+    ]
     assert str(S.RUNNING) == "running"
     assert {S.CREATING, S.RUNNING} == LIVE_STATES

@@ -8,6 +8,12 @@
     stopping ──► stopped | error
     error    ──► stopping | stopped      (cleanup of a failed sandbox)
     stopped      final
+    lost     ──► running | paused | stopped   (cluster only, see below)
+
+``lost`` is the cluster's (docs/cluster.md): the API replica's index marks a sandbox
+lost when its host stops answering (from creating, running, paused or stopping), and
+back to running or paused when the host returns with it, or stopped when it returns
+without it or the sandbox is killed meanwhile. A single-host server never produces it.
 
 The state is stored in SQLite (``sandboxes.state``); every change goes through
 :func:`check_transition` and a compare-and-set in the store, so two tasks can never both
@@ -30,21 +36,23 @@ class SandboxState(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     ERROR = "error"
+    LOST = "lost"  # cluster mode only: its host does not answer
 
 
 _ALLOWED: dict[SandboxState, frozenset[SandboxState]] = {
     SandboxState.CREATING: frozenset(
-        {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING}
+        {SandboxState.RUNNING, SandboxState.ERROR, SandboxState.STOPPING, SandboxState.LOST}
     ),
     SandboxState.RUNNING: frozenset(
-        {SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR}
+        {SandboxState.PAUSED, SandboxState.STOPPING, SandboxState.ERROR, SandboxState.LOST}
     ),
     SandboxState.PAUSED: frozenset(
-        {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR}
+        {SandboxState.RUNNING, SandboxState.STOPPING, SandboxState.ERROR, SandboxState.LOST}
     ),
-    SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR}),
+    SandboxState.STOPPING: frozenset({SandboxState.STOPPED, SandboxState.ERROR, SandboxState.LOST}),
     SandboxState.ERROR: frozenset({SandboxState.STOPPING, SandboxState.STOPPED}),
     SandboxState.STOPPED: frozenset(),
+    SandboxState.LOST: frozenset({SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.STOPPED}),
 }
 
 #: States in which a sandbox holds (or may soon hold) a VMM; they count against the cap.
