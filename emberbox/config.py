@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     pool_images: dict[str, int] = Field(default_factory=dict)
     snapshot_timeout_s: float = Field(default=300.0, gt=0)
 
+    # Cluster mode (docs/cluster.md): `emberbox serve --cluster ADDRESS` serves the API
+    # replica of the Ray cluster at this address (host:port of its head, or "auto").
+    cluster_address: str = ""
+
     # Networking (see docs/networking.md): default deny; a sandbox gets a NIC with
     # egress only when its create request asks for it.
     network_cidr: str = "10.213.0.0/16"  # one /29 per networked sandbox; one server per CIDR
