@@ -1,0 +1,143 @@
+"""HostAgent: the Ray actor on each host (``hosts.start_host`` makes it one).
+
+It starts the host's ``emberbox serve`` (server.py) on the node's cluster address with a
+fresh random admin key, answers once that server is ready, and reports the host's
+capacity. If the server dies on its own, the actor's process exits so that Ray restarts
+the actor (``max_restarts=-1``): the new server re-adopts the VMs on the same data dir.
+
+The draining flag is kept in the data dir (``cluster.json``): a restarted host stays
+drained. The admin key is never logged; it leaves the actor only through
+:meth:`HostAgent.endpoint`, to API replicas of the same Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from emberbox.cluster import server
+from emberbox.config import Settings
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = frozenset({"creating", "running"})  # what counts against max_sandboxes
+STATUS_HTTP_TIMEOUT_S = 1.5
+STATE_FILE = "cluster.json"
+
+
+def node_ip() -> str:
+    import ray  # only inside cluster mode
+
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
+def node_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def free_memory_mib(meminfo: str) -> int:
+    """``MemAvailable`` of a ``/proc/meminfo`` text, in MiB (0 when absent)."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def settings_of(env: Mapping[str, str]) -> Settings:
+    """The child's Settings, as it will read them from ``env``."""
+    saved = dict(os.environ)
+    try:  # pydantic-settings reads os.environ; this worker process is the actor's own
+        os.environ.clear()
+        os.environ.update(env)
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class HostAgent:
+    """One host: its server child, its draining flag, its status."""
+
+    def __init__(self, name: str, data_dir: str, env: Mapping[str, str], port: int = 0) -> None:
+        self._name = name
+        self._data_dir = Path(data_dir)
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        host = node_ip()
+        port = port or server.free_port(host)
+        self._key = secrets.token_hex(32)
+        self._url = f"http://{host}:{port}"
+        child_env = server.server_env(
+            os.environ, env, data_dir=self._data_dir, host=host, port=port, key=self._key
+        )
+        self._settings = settings_of(child_env)
+        self._draining = bool(self._read_state().get("draining", False))
+        self._server = server.ServerProcess(
+            child_env, self._data_dir / "host-server.log", on_exit=self._server_died
+        )
+        self._server.start(self._url)
+        log.info("host %s serves on %s (data in %s)", name, self._url, self._data_dir)
+
+    @staticmethod
+    def _server_died(code: int) -> None:
+        os._exit(1)  # Ray restarts the actor, which starts a new server
+
+    def ping(self) -> str:
+        return self._name
+
+    def endpoint(self) -> tuple[str, str]:
+        """The server's base URL and its admin key."""
+        return self._url, self._key
+
+    def drain(self, on: bool) -> None:
+        self._draining = on
+        self._write_state({"draining": on})
+
+    def status(self) -> dict[str, Any]:
+        """What placement needs (see hosts.HostStatus); raises when the server does not
+        answer (the caller then counts the host as not alive)."""
+        headers = {"Authorization": f"Bearer {self._key}"}
+        with httpx.Client(
+            base_url=self._url, headers=headers, timeout=STATUS_HTTP_TIMEOUT_S
+        ) as client:
+            sandboxes = client.get("/v1/sandboxes").raise_for_status().json()["sandboxes"]
+            images = client.get("/v1/images").raise_for_status().json()
+        meminfo = Path("/proc/meminfo").read_text()
+        return {
+            "name": self._name,
+            "url": self._url,
+            "draining": self._draining,
+            "sandboxes": sum(1 for s in sandboxes if s["state"] in LIVE_STATES),
+            "max_sandboxes": self._settings.max_sandboxes,
+            "free_memory_mib": free_memory_mib(meminfo),
+            "images": sorted(image["name"] for image in images),
+            "node_id": node_id(),
+        }
+
+    def shutdown(self) -> None:
+        """Stop the server (its VMs keep running; a new start re-adopts them)."""
+        self._server.stop()
+
+    def __ray_shutdown__(self) -> None:
+        self.shutdown()
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads((self._data_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        path = self._data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
