@@ -53,6 +53,7 @@ class HelloInfo:
     boot_time: float
     kernel: str
     warnings: tuple[str, ...] = ()  # what the agent could not do (clock, entropy, ...)
+    features: frozenset[str] = frozenset()  # protocol.FEATURES the agent offers
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def hello_info_from(answer: dict[str, Any]) -> HelloInfo:
             boot_time=float(answer["boot_time"]),
             kernel=str(answer["kernel"]),
             warnings=tuple(str(w) for w in answer.get("warnings") or ()),
+            features=frozenset(str(f) for f in answer.get("features") or ()),
         ),
     )
 

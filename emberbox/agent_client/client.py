@@ -95,6 +95,9 @@ class AgentClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._link = AgentLink(reader, writer)
         self.ready = self._link.ready  # set by the agent's "ready" event
+        # What the agent's last hello listed (protocol.FEATURES); none until one is
+        # answered, so a spec's user is then switched by a wrapper (CommandSpec.for_agent).
+        self.features: frozenset[str] = frozenset()
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -154,7 +157,7 @@ class AgentClient:
                 f"agent speaks protocol {answer.get('protocol')!r}, "
                 f"we speak {protocol.PROTOCOL_VERSION}"
             )
-        return hello_info_from(answer)
+        return self._greeted(hello_info_from(answer))
 
     async def configure_network(
         self, network: dict[str, Any] | None, *, timeout_s: float = 20.0
@@ -163,7 +166,16 @@ class AgentClient:
         or takes it down (None). Raises AgentRequestFailed when the guest cannot."""
         hello = {"protocol": protocol.PROTOCOL_VERSION, "network": network}
         answer = await asyncio.wait_for(self.request(Op.HELLO, **hello), timeout_s)
-        return hello_info_from(answer)
+        return self._greeted(hello_info_from(answer))
+
+    def _greeted(self, info: HelloInfo) -> HelloInfo:
+        self.features = info.features
+        return info
+
+    @property
+    def switches_user(self) -> bool:
+        """Whether the agent runs a spec's ``user`` itself (else the spec is wrapped)."""
+        return protocol.FEATURE_USER in self.features
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Any request; returns the agent's answer, raises on an error answer."""
@@ -212,6 +224,8 @@ class AgentClient:
         """:meth:`exec` in one call with what a one-shot run needs: ``tar`` extracted into
         ``tar_dir`` first, and ``warm``: run by the guest's warm runtime when it can
         (docs/protocol.md, ``run``). Returns the result and whether it ran warm."""
+        if warm is not None and spec.user is not None:
+            raise errors.InvalidRequest("a warm run takes its uid and gid in `warm`, not `user`")
         extra: dict[str, Any] = {"op": Op.RUN}
         if tar is not None:
             extra.update(tar=base64.b64encode(tar).decode("ascii"), tar_dir=tar_dir)
@@ -235,7 +249,7 @@ class AgentClient:
             spec = dataclasses.replace(spec, output_max_bytes=EXEC_OUTPUT_MAX_BYTES)
         cap = spec.output_max_bytes
         output = _Output(on_stdout, on_stderr)
-        body = {**spec.wire(), **extra}
+        body = {**spec.for_agent(self.switches_user).wire(), **extra}
         deadline = None if spec.timeout_s is None else spec.timeout_s + EXEC_GRACE_S
         request = self._link.request(body, output.feed, data_limit=cap)
         try:
@@ -252,10 +266,13 @@ class AgentClient:
     async def spawn(self, spec: SpawnSpec) -> int:
         """Start ``spec.cmd`` in the background, in its own session; returns its guest pid.
 
-        ``spec.pty=(cols, rows)`` runs it on a terminal. Its output is kept in a buffer of
-        ``spec.output_max_bytes`` (default 1 MiB, oldest bytes dropped) for :meth:`attach`.
+        ``spec.pty=(cols, rows)`` runs it on a terminal; ``spec.user`` as that user (by
+        the agent, or by a ``setpriv`` wrapper for agents that cannot). Its output is
+        kept in a buffer of ``spec.output_max_bytes`` (default 1 MiB, oldest bytes
+        dropped) for :meth:`attach`.
         """
-        return int((await self._link.request({**spec.wire(), "op": Op.SPAWN}))["pid"])
+        body = {**spec.for_agent(self.switches_user).wire(), "op": Op.SPAWN}
+        return int((await self._link.request(body))["pid"])
 
     async def attach(
         self,

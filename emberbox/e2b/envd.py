@@ -88,8 +88,8 @@ GZIP_SAMPLE = 64 * 1024  # the first bytes tried: gzip only a file they show com
 
 
 def _as_user(user: users.User, script: str, *args: str) -> ExecSpec:
-    argv = user.wrap(["sh", "-c", script, "sh", *args])
-    return ExecSpec(argv, env=user.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S)
+    argv = ["sh", "-c", script, "sh", *args]
+    return ExecSpec(argv, env=user.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S, user=user.run_as())
 
 
 async def _check_readable(call: EnvdCall, user: users.User, path: str) -> None:

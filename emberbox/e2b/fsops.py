@@ -1,9 +1,9 @@
 """envd's filesystem operations, run in the guest as the calling user.
 
 Stat, ListDir, MakeDir, Move and Remove run one small standard-library Python program
-(:data:`HELPER`) in the guest through ``manager.exec``, wrapped with the user's
-``setpriv``: it answers E2B's EntryInfo (owner and group names, permission string,
-symlink target) and the guest's own permission checks apply, as they do in envd.
+(:data:`HELPER`) in the guest through ``manager.exec``, as the calling user (the
+spec's ``user``, see users.py): it answers E2B's EntryInfo (owner and group names,
+permission string, symlink target) and the guest's own permission checks apply, as they do in envd.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ async def run(call: EnvdCall, user: User, op: str, **args: Any) -> dict[str, Any
     """One helper operation as ``user``; its errors as emberbox errors (NotFound,
     Conflict for an existing directory, PermissionDenied, InvalidRequest)."""
     request = json.dumps({"op": op, **args})
-    argv = user.wrap(["python3", "-I", "-S", "-c", HELPER, request])
-    spec = ExecSpec(argv, env=user.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S)
+    argv = ["python3", "-I", "-S", "-c", HELPER, request]
+    spec = ExecSpec(argv, env=user.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S, user=user.run_as())
     result = await call.front.manager.exec(call.sandbox_id, spec)
     try:
         answer = json.loads(result.stdout.decode().strip().splitlines()[-1])

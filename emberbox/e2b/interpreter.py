@@ -86,16 +86,21 @@ async def _start(call: EnvdCall, context_id: str, language: str, cwd: str) -> di
     context (with that port) in the guest."""
     manager, sandbox_id = call.front.manager, call.sandbox_id
     port_file, desc = _paths(context_id)
-    mkdir = USER.wrap(["mkdir", "-p", KERNEL_DIR])
-    made = await manager.exec(
-        sandbox_id, ExecSpec(mkdir, env=USER.env(), cwd="/", timeout_s=HELPER_TIMEOUT_S)
+    mkdir = ExecSpec(
+        ["mkdir", "-p", KERNEL_DIR],
+        env=USER.env(),
+        cwd="/",
+        timeout_s=HELPER_TIMEOUT_S,
+        user=USER.run_as(),
     )
+    made = await manager.exec(sandbox_id, mkdir)
     if made.exit_code != 0:
         raise errors.AgentRequestFailed(f"cannot make {KERNEL_DIR}: {made.stderr[-300:]!r}")
     with contextlib.suppress(errors.NotFound):  # a dead kernel's port is no sign of life
         await manager.files.remove(sandbox_id, port_file)
-    argv = USER.wrap(["python3", "-I", "-u", "-c", KERNEL, port_file])
-    pid = await manager.processes.spawn(sandbox_id, SpawnSpec(argv, env=USER.env(), cwd=cwd))
+    argv = ["python3", "-I", "-u", "-c", KERNEL, port_file]
+    kernel = SpawnSpec(argv, env=USER.env(), cwd=cwd, user=USER.run_as())
+    pid = await manager.processes.spawn(sandbox_id, kernel)
     with anyio.move_on_after(START_WAIT_S):
         pause = 0.02
         while True:

@@ -74,11 +74,12 @@ def spawn_spec(
     cwd = user.resolve(process.get("cwd"))
     pty = body.get("pty")
     spec = SpawnSpec(
-        user.wrap([process["cmd"], *args]),
+        [process["cmd"], *args],
         env={**user.env(), **envs},
         cwd=cwd,
         timeout_s=deadline,
         pty=_size(pty) if pty else None,
+        user=user.run_as(),
     )
     config = {"cmd": process["cmd"], "args": args, "envs": envs, "cwd": cwd}
     return spec, config

@@ -2,9 +2,11 @@
 ``/home/user``) unless the call asks for ``root`` (``Authorization: Basic
 base64("root:")`` on RPCs, ``?username=root`` on ``/files``).
 
-The guest agent runs everything as root; a command for ``user`` is wrapped with
-``setpriv`` (as the one-shot runner wraps with ``RUN_AS``), with ``HOME``, ``USER`` and
-``LOGNAME`` set, so no new agent feature is needed.
+The guest agent runs as root; a command for ``user`` carries ``RunAs(1000, 1000,
+"user")`` (``user=`` of its spec) and the agent's child switches to it before its exec
+(guest/runas.py: uid, gid and the user's groups, as ``setpriv --init-groups``), with
+``HOME``, ``USER`` and ``LOGNAME`` set here. Agents of images built before that get the
+command wrapped with ``setpriv`` instead (``CommandSpec.for_agent``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import posixpath
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emberbox import errors
+from emberbox.agent_client.spec import RunAs
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -26,12 +28,9 @@ class User:
     uid: int
     home: str
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` run as this user."""
-        if self.uid == 0:
-            return list(argv)
-        ids = [f"--reuid={self.uid}", f"--regid={self.uid}", "--init-groups"]
-        return ["setpriv", *ids, "--", *argv]
+    def run_as(self) -> RunAs | None:
+        """A spec's ``user`` for this user (None: root, the agent's own)."""
+        return None if self.uid == 0 else RunAs(self.uid, self.uid, self.name)
 
     def env(self) -> dict[str, str]:
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "PATH": PATH}

@@ -83,7 +83,7 @@ while True:
 def _spec(user: users.User, path: str, recursive: bool, out: str, entries: bool) -> SpawnSpec:
     flags = ["1" if recursive else "0", out, "1" if entries else "0"]
     argv = ["python3", "-I", "-S", "-u", "-c", WATCHER, path, *flags]
-    return SpawnSpec(user.wrap(argv), env=user.env(), cwd="/")
+    return SpawnSpec(argv, env=user.env(), cwd="/", user=user.run_as())
 
 
 def _event(event: dict[str, Any]) -> dict[str, Any]:

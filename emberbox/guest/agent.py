@@ -125,6 +125,7 @@ class Agent:
             "ok": True,
             "protocol": PROTOCOL,
             "agent_version": AGENT_VERSION,
+            "features": list(protocol.FEATURES),
             # From the monotonic clock, so that it follows the clock we may just have set.
             "boot_time": time.time() - (time.monotonic() - self._started),
             "kernel": platform.release(),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from . import cgroups, common, fdio, protocol
+from . import cgroups, common, fdio, protocol, runas
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -81,6 +81,7 @@ class Command:
     timeout_s: float | None
     output_max_bytes: int | None
     limits: cgroups.Limits | None
+    user: runas.RunAs | None = None  # None: root (the agent's own user)
 
     @property
     def display(self) -> str:
@@ -105,6 +106,7 @@ def parse_command(req: dict[str, Any]) -> Command:
         timeout_s=common.opt_number(req, "timeout_s"),
         output_max_bytes=common.opt_count(req, "output_max_bytes"),
         limits=cgroups.parse_limits(req),
+        user=runas.parse_user(req),
     )
 
 
@@ -128,8 +130,10 @@ def launch(
     """Starts `cmd` in a new session; returns it and, with `pty`, the PTY's master fd.
 
     Without a PTY, stdout and stderr are pipes and `stdin` is PIPE or DEVNULL. With one,
-    the child's stdio is the PTY, which becomes its controlling terminal. Raises OSError
-    if the program cannot be run, BadRequest for a bad cwd or argument.
+    the child's stdio is the PTY, which becomes its controlling terminal. With
+    ``cmd.user`` the child takes that identity last, just before its exec. Raises OSError
+    if the program cannot be run, BadRequest for a bad cwd or argument, RequestError if
+    the child could not take its user's identity.
     """
     if cmd.cwd is not None and not os.path.isdir(cmd.cwd):
         raise common.BadRequest(f"cwd {cmd.cwd!r} does not exist or is not a directory")
@@ -148,11 +152,14 @@ def launch(
             cwd=cmd.cwd,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=_child_setup(group, slave is not None),
+            preexec_fn=_child_setup(group, slave is not None, cmd.user),
         )
     except ValueError as exc:  # e.g. an embedded NUL byte
         _close(master)
         raise common.BadRequest(f"cannot run the command: {exc}") from exc
+    except subprocess.SubprocessError as exc:  # the set-up in the child failed
+        _close(master)
+        raise common.RequestError(f"cannot start the command as {_who(cmd.user)}: {exc}") from exc
     except OSError:
         _close(master)
         raise
@@ -161,18 +168,28 @@ def launch(
     return popen, master
 
 
-def _child_setup(group: cgroups.Group | None, ctty: bool) -> Callable[[], None] | None:
-    """What the child does between fork and exec (after setsid and the dup2s)."""
-    if group is None and not ctty:
+def _child_setup(
+    group: cgroups.Group | None, ctty: bool, user: runas.RunAs | None
+) -> Callable[[], None] | None:
+    """What the child does between fork and exec (after setsid and the dup2s): join its
+    cgroup and take its terminal while still root, then become its user."""
+    if group is None and not ctty and user is None:
         return None  # no preexec_fn: Popen may then use vfork
+    prctl = runas.prctl() if user is not None and user.no_new_privs else None
 
     def setup() -> None:
         if group is not None:
             group.join()
         if ctty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if user is not None:
+            user.become(prctl)
 
     return setup
+
+
+def _who(user: runas.RunAs | None) -> str:
+    return "root" if user is None else f"uid {user.uid} gid {user.gid}"
 
 
 def _close(fd: int | None) -> None:

@@ -32,6 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 PROTOCOL_VERSION = 3
+# What an agent offers beyond PROTOCOL_VERSION, listed in its hello answer ("features"),
+# so that a newer host still drives an older agent (images built before a feature):
+# FEATURE_USER: exec, spawn and run take "user" {uid, gid, name, no_new_privs} and the
+# agent switches to it itself (guest/runas.py); without it the host wraps the command.
+FEATURE_USER = "user"
+FEATURES = (FEATURE_USER,)
 AGENT_PORT_NAME = "org.emberbox.agent"  # virtio-serial port name
 AGENT_VSOCK_PORT = 1024
 MAGIC = b"EB"

@@ -348,6 +348,7 @@ async def test_specs_go_out_as_one_request_each(pair: tuple[AgentClient, FakeAge
         "timeout_s": 5,
         "output_max_bytes": 10,
         "limits": {"memory_mib": 64, "pids": None},
+        "user": None,
         "stdin": base64.b64encode(b"hi").decode(),
     }
     await fake.answer(request.rid, {"ok": True, "exit_code": 0, "duration_ms": 1.0})

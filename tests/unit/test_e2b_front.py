@@ -16,8 +16,9 @@ import pytest
 from starlette.requests import Request
 
 from emberbox import errors
+from emberbox.agent_client.spec import RunAs
 from emberbox.config import Settings
-from emberbox.e2b import envd, envelope, query, users
+from emberbox.e2b import envd, envelope, processes, query, users
 from emberbox.e2b.front import CODE_STATUS, CONNECT_CODES, Front, envd_call, retry_after
 from emberbox.images import rootfs
 from emberbox.service.sandboxes.manager import SandboxManager, SandboxRecord
@@ -109,16 +110,29 @@ def test_reserved_metadata_never_shows() -> None:
 
 
 def test_users() -> None:
-    """user by default, root on request; setpriv wraps user's commands; paths resolve."""
+    """user by default, root on request; user's commands carry uid 1000 with user's
+    groups (root's none: the agent's own user); paths resolve."""
     root = base64.b64encode(b"root:").decode()
     assert users.from_authorization(f"Basic {root}").name == "root"
     assert users.from_authorization(None) is users.DEFAULT_USER
     with pytest.raises(errors.InvalidRequest):
         users.named("mallory")
     user = users.DEFAULT_USER
-    assert user.wrap(["id"])[0] == "setpriv" and users.USERS["root"].wrap(["id"]) == ["id"]
+    assert user.run_as() == RunAs(1000, 1000, "user") and users.USERS["root"].run_as() is None
     assert user.resolve("a/../b") == "/home/user/b" and user.resolve("/etc") == "/etc"
     assert user.resolve(None) == "/home/user"
+
+
+def test_start_runs_the_sdks_command_as_its_user() -> None:
+    """Start's spec: the SDK's argv untouched (no wrapper: the agent switches), the
+    user's identity, env and home; root's has no user (the agent's own)."""
+    body = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "id"], "envs": {"A": "1"}}}
+    spec, config = processes.spawn_spec(body, users.DEFAULT_USER, 5.0)
+    assert spec.cmd == ("/bin/bash", "-l", "-c", "id") and spec.user == RunAs(1000, 1000, "user")
+    assert spec.env["HOME"] == "/home/user" and spec.env["A"] == "1"
+    assert (spec.cwd, spec.timeout_s, config["cwd"]) == ("/home/user", 5.0, "/home/user")
+    as_root, _ = processes.spawn_spec(body, users.USERS["root"], None)
+    assert as_root.user is None and as_root.cmd == spec.cmd and as_root.cwd == "/root"
 
 
 def test_connect_codes_round_trip() -> None:

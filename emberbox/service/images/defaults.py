@@ -49,7 +49,7 @@ class RunDefaults:
     def apply(self, spec: S, sandbox_env: dict[str, str]) -> S:
         env = {**self.env, **sandbox_env, **spec.env}
         cmd = spec.cmd
-        if self.wrap and not _chose_user(cmd):
+        if self.wrap and spec.user is None and not _chose_user(cmd):
             cmd = [*self.wrap, *(["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd)]
         return dataclasses.replace(spec, env=env, cwd=spec.cwd or self.cwd, cmd=cmd)
 

@@ -1,0 +1,132 @@
+"""Who a command runs as: the ``user`` field of ``exec``, ``spawn`` and ``run``
+(standard library only).
+
+The agent runs as root. A command with ``"user": {"uid", "gid", "name", "no_new_privs"}``
+is switched by the agent's own child between fork and exec (after it joined its cgroup
+and took its terminal): ``setgroups``, ``setgid``, ``setuid``, then
+``PR_SET_NO_NEW_PRIVS`` when asked — what ``setpriv --reuid --regid --init-groups``
+did, without a ``setpriv`` process (an exec and its dynamic linking: ~50 ms under TCG)
+and in images that have no ``setpriv`` (foreign userlands). The supplementary groups
+are ``gid`` and every group of ``/etc/group`` that lists ``name`` (initgroups); none
+without a name (``--clear-groups``). ``/etc/group`` is read once and again only when it
+changes. The environment is the caller's to set (``HOME``, ``USER``, ``LOGNAME``).
+
+The host sends ``user`` only to an agent whose hello lists ``protocol.FEATURE_USER``;
+for older agents it wraps the command itself (``agent_client/spec.py``), so a command
+is never run as root by an agent that ignored the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import common
+
+GROUP_FILE = "/etc/group"
+PR_SET_NO_NEW_PRIVS = 38
+MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to the kernel
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The identity a command takes before its exec."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    no_new_privs: bool
+
+    def become(self, prctl: Callable[..., int] | None) -> None:
+        """In the child (root): take this identity; raises OSError if the kernel refuses."""
+        os.setgroups(list(self.groups))
+        os.setgid(self.gid)
+        os.setuid(self.uid)
+        if self.no_new_privs:
+            assert prctl is not None
+            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def parse_user(req: dict[str, Any]) -> RunAs | None:
+    """The request's ``user`` (None: run as the agent's own user, root)."""
+    value = req.get("user")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise common.BadRequest("'user' must be an object {uid, gid, name, no_new_privs}")
+    uid, gid = _id(value, "uid"), _id(value, "gid")
+    name = common.opt(value, "name", str)
+    if name is not None and (not name or any(c in name for c in ":\n\0")):
+        raise common.BadRequest(f"'user.name' {name!r} is not a user name")
+    groups = GROUPS.of(name, gid) if name else ()
+    return RunAs(uid, gid, groups, common.opt_bool(value, "no_new_privs", False))
+
+
+def _id(value: dict[str, Any], name: str) -> int:
+    found = common.count(value, name)
+    if found > MAX_ID:
+        raise common.BadRequest(f"'user.{name}' must be at most {MAX_ID}")
+    return found
+
+
+def parse_group_members(text: str) -> dict[str, list[int]]:
+    """user name -> the gids of the groups that list it, from ``/etc/group`` text."""
+    members: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) < 4 or not parts[2].isdigit():
+            continue
+        for member in filter(None, (m.strip() for m in parts[3].split(","))):
+            members.setdefault(member, []).append(int(parts[2]))
+    return members
+
+
+class GroupFile:
+    """``/etc/group``'s memberships, re-read only when the file changes (one stat)."""
+
+    def __init__(self, path: str = GROUP_FILE) -> None:
+        self._path = path
+        self._key: tuple[int, int, int] | None = None
+        self._members: dict[str, list[int]] = {}
+
+    def of(self, name: str, gid: int) -> tuple[int, ...]:
+        """``gid`` and the groups that list ``name``, as initgroups(3) gives them."""
+        self._refresh()
+        found = [gid]
+        for other in self._members.get(name, []):
+            if other not in found:
+                found.append(other)
+        return tuple(found)
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            self._key, self._members = None, {}
+            return
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._key:
+            return
+        try:
+            with open(self._path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        self._key, self._members = key, parse_group_members(text)
+
+
+GROUPS = GroupFile()
+_prctl: Callable[..., int] | None = None
+
+
+def prctl() -> Callable[..., int]:
+    """libc's prctl, looked up in the agent (not in a forked child) and kept."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
