@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     # Service.
     api_key: SecretStr | None = None  # when set, every API call needs "Bearer <key>"
+    # A cluster's shared PostgreSQL (postgresql://user:password@host:port/db) for the API
+    # replicas and `emberbox keys`/`audit`; empty: the SQLite file in data_dir.
+    database_url: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     # Server log lines: "text" for people, "json" (one object per line) for log shippers.

@@ -1,5 +1,6 @@
 """``emberbox keys create|list|revoke`` and ``emberbox audit``: tenants, API keys and the
-audit log, straight in the data dir's database (``EMBERBOX_DATA_DIR``).
+audit log, straight in the data dir's database (``EMBERBOX_DATA_DIR``), or a cluster's
+PostgreSQL when ``EMBERBOX_DATABASE_URL`` is set.
 
 They work while the server runs: it looks keys up on every request, so a new key works
 and a revoked one fails from the next request on.
@@ -8,7 +9,6 @@ and a revoked one fails from the next request on.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,11 +19,10 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from emberbox.cli.common import Json, clean_errors, err_console, load_settings, print_json
-from emberbox.errors import HostError
 from emberbox.service.tenancy import keys
 from emberbox.service.tenancy.access import read_audit
-from emberbox.store import tenants
-from emberbox.store.db import connect
+from emberbox.store import open_database, tenants
+from emberbox.store.connection import Connection
 
 app = typer.Typer(help="Create, list and revoke API keys (tenants)", no_args_is_help=True)
 
@@ -33,19 +32,10 @@ Quota = Annotated[int | None, typer.Option(min=0, show_default=False)]
 
 
 @contextmanager
-def _database() -> Iterator[sqlite3.Connection]:
+def _database() -> Iterator[Connection]:
     settings = load_settings()
-    with clean_errors():
-        try:
-            conn = connect(settings.db_path)
-        except (sqlite3.Error, OSError) as exc:
-            raise HostError(f"cannot open the database {settings.db_path}: {exc}") from exc
-        try:
-            yield conn
-        except sqlite3.Error as exc:
-            raise HostError(f"database {settings.db_path}: {exc}") from exc
-        finally:
-            conn.close()
+    with clean_errors(), open_database(settings) as conn:
+        yield conn
 
 
 @app.command()

@@ -6,6 +6,7 @@ schema. :func:`transaction` makes a read-then-write atomic against other process
 (``BEGIN IMMEDIATE``). :func:`storage_full_errors` turns a full disk into StorageFull.
 The server uses the connection through :class:`~emberbox.store.store.Store`; the CLI
 (``emberbox keys``, ``emberbox audit``) opens its own while the server runs.
+:func:`transaction` also takes a PostgreSQL connection (:mod:`emberbox.store.postgres`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from emberbox import errors
-from emberbox.store import migrations
+from emberbox.store import migrations, postgres
+from emberbox.store.connection import Connection
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -85,9 +87,17 @@ def storage_full_errors(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any error) on an autocommit
-    connection: atomic against other processes too."""
+    connection: atomic against other processes too. On PostgreSQL: ``BEGIN`` and the
+    store's advisory lock (:func:`emberbox.store.postgres.transaction`), atomic against
+    other API replicas."""
+    if isinstance(conn, postgres.PgConnection):
+        with postgres.transaction(conn):
+            yield
+        return
+    if not isinstance(conn, sqlite3.Connection):
+        raise TypeError(f"not a store connection: {conn!r}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -96,3 +106,28 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
             conn.execute("ROLLBACK")
         raise
+
+
+def integrity_errors(conn: Connection) -> tuple[type[Exception], ...]:
+    """What a constraint violation (unique, foreign key, check) raises on ``conn``'s
+    backend: ``except integrity_errors(conn):``."""
+    if isinstance(conn, postgres.PgConnection):
+        return postgres.integrity_errors()
+    return (sqlite3.IntegrityError,)
+
+
+class SqliteBackend:
+    """How a :class:`~emberbox.store.store.Store` opens a SQLite database (one host)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def connect(self) -> Connection:
+        return connect(self.path)
+
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return storage_full_errors(self.path)
+
+    def broken(self, conn: Connection) -> bool:
+        return False

@@ -1,6 +1,7 @@
 """Schema migrations, versioned in code.
 
-``MIGRATIONS[i]`` moves a database from ``PRAGMA user_version`` ``i`` to ``i + 1``. Each
+``MIGRATIONS[i]`` moves a SQLite database from ``PRAGMA user_version`` ``i`` to ``i + 1``
+(PostgreSQL: the same versions in :mod:`emberbox.store.pg_migrations`). Each
 script runs in its own ``BEGIN IMMEDIATE`` transaction together with the version bump,
 so a crash leaves the database at a whole version. Never edit a released script: append
 a new one.
@@ -11,6 +12,9 @@ from __future__ import annotations
 import sqlite3
 
 from emberbox import errors
+from emberbox.store import pg_migrations
+from emberbox.store.connection import Connection
+from emberbox.store.postgres import PgConnection
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: sandboxes and the commands they ran.
@@ -107,12 +111,30 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX sandboxes_tenant ON sandboxes (tenant_id, state);
     CREATE INDEX snapshots_tenant ON snapshots (tenant_id);
     """,
+    # 4: the cluster (docs/cluster.md): which host holds a sandbox or a snapshot, and
+    # the hosts. A single host leaves ``host`` NULL and ``hosts`` empty.
+    """
+    ALTER TABLE sandboxes ADD COLUMN host TEXT;
+    ALTER TABLE snapshots ADD COLUMN host TEXT;
+    CREATE INDEX sandboxes_host ON sandboxes (host, state);
+    CREATE TABLE hosts (
+        name       TEXT PRIMARY KEY,
+        url        TEXT,
+        node_id    TEXT,
+        state      TEXT NOT NULL DEFAULT 'down' CHECK (state IN ('up', 'down')),
+        draining   INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
+        updated_at TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
+def schema_version(conn: Connection) -> int:
+    """The version a database is at, on either backend."""
+    if isinstance(conn, PgConnection):
+        return pg_migrations.schema_version(conn)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     return int(version)
 

@@ -1,4 +1,5 @@
-"""Typed rows in and out of the store, and their SQLite encoding.
+"""Typed rows in and out of the store, and their encoding (the same on SQLite and
+PostgreSQL).
 
 The store knows nothing of the sandbox state machine: ``state`` is plain text here and
 the service layer (:mod:`emberbox.service.sandboxes.state`) decides which moves are legal.
@@ -46,6 +47,7 @@ class SandboxRow:
     snapshot_id: str | None = None  # forked from this snapshot
     paused_dir: Path | None = None  # while paused: the saved VM
     tenant_id: str = LOCAL_TENANT_ID  # the owner
+    host: str | None = None  # cluster: the host that runs it (None on a single host)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class SnapshotRow:
     path: Path
     image_hash: str = ""  # the image build it was made from
     tenant_id: str = LOCAL_TENANT_ID  # the owner (the sandbox's)
+    host: str | None = None  # cluster: the host that holds its files
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class SandboxFields(TypedDict, total=False):
     ip_address: str | None
     error: str | None
     paused_dir: Path | None
+    host: str | None
 
 
 UPDATABLE_COLUMNS = frozenset(SandboxFields.__annotations__)
@@ -114,6 +118,7 @@ SANDBOX_COLUMNS = (
     "snapshot_id",
     "paused_dir",
     "tenant_id",
+    "host",
 )
 SNAPSHOT_COLUMNS = (
     "id",
@@ -128,6 +133,7 @@ SNAPSHOT_COLUMNS = (
     "path",
     "image_hash",
     "tenant_id",
+    "host",
 )
 
 
@@ -143,7 +149,7 @@ def decode_time(text: str) -> datetime:
 
 
 def encode_value(value: Any) -> Any:
-    """A Python value as SQLite stores it (JSON for mappings, text for paths and times)."""
+    """A Python value as the store keeps it (JSON for mappings, text for paths and times)."""
     if isinstance(value, datetime):
         return encode_time(value)
     if isinstance(value, enum.Enum):
@@ -181,6 +187,7 @@ def sandbox_from_db(values: tuple[Any, ...]) -> SandboxRow:
         snapshot_id=raw["snapshot_id"],
         paused_dir=Path(raw["paused_dir"]) if raw["paused_dir"] is not None else None,
         tenant_id=raw["tenant_id"],
+        host=raw["host"],
     )
 
 

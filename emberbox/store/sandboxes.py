@@ -1,21 +1,22 @@
 """Sandboxes and the commands they ran: blocking SQL on a connection.
 
 :class:`~emberbox.store.store.Store` runs these in its worker thread, one at a time.
-Writes that read first (update, transition) run in one ``BEGIN IMMEDIATE`` transaction,
-so they are atomic against other processes too. Deleting a sandbox deletes its exec log
+Writes that read first (update, transition) run in one
+:func:`~emberbox.store.db.transaction`, so they are atomic against other processes (and,
+on PostgreSQL, other API replicas) too. Deleting a sandbox deletes its exec log
 (a foreign key with ``ON DELETE CASCADE``).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
 from emberbox import errors
-from emberbox.store.db import transaction
+from emberbox.store.connection import Connection, is_postgres
+from emberbox.store.db import integrity_errors, transaction
 from emberbox.store.records import (
     SANDBOX_COLUMNS,
     UPDATABLE_COLUMNS,
@@ -34,6 +35,13 @@ _COLUMNS = ", ".join(SANDBOX_COLUMNS)
 _MARKS = ", ".join("?" for _ in SANDBOX_COLUMNS)
 _SELECT_SANDBOX = f"SELECT {_COLUMNS} FROM sandboxes"  # noqa: S608
 _INSERT_SANDBOX = f"INSERT INTO sandboxes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
+# One metadata pair (key, value as a JSON string) must match. SQLite: json_each rather
+# than json_extract (any key works, no JSON-path quoting); PostgreSQL: jsonb containment.
+_METADATA_SQLITE = (
+    "EXISTS (SELECT 1 FROM json_each(sandboxes.metadata)"
+    " WHERE json_each.key = ? AND json_each.type = 'text' AND json_each.value = ?)"
+)
+_METADATA_PG = "sandboxes.metadata::jsonb @> CAST(? AS jsonb)"
 _SELECT_EXEC = (
     "SELECT id, sandbox_id, command, exit_code, duration_ms, timed_out, started_at FROM exec_log"
 )
@@ -42,43 +50,42 @@ _SELECT_EXEC = (
 # --- sandboxes ------------------------------------------------------------------------
 
 
-def insert_sandbox(conn: sqlite3.Connection, row: SandboxRow) -> SandboxRow:
+def insert_sandbox(conn: Connection, row: SandboxRow) -> SandboxRow:
     try:
         conn.execute(_INSERT_SANDBOX, row_to_params(row))
-    except sqlite3.IntegrityError as exc:
+    except integrity_errors(conn) as exc:
         if get_sandbox(conn, row.id) is not None:
             raise errors.Conflict(f"sandbox {row.id} already exists") from exc
         raise
     return _require(conn, row.id)
 
 
-def get_sandbox(conn: sqlite3.Connection, sandbox_id: str) -> SandboxRow | None:
+def get_sandbox(conn: Connection, sandbox_id: str) -> SandboxRow | None:
     values = conn.execute(f"{_SELECT_SANDBOX} WHERE id = ?", (sandbox_id,)).fetchone()
     return sandbox_from_db(values) if values is not None else None
 
 
 def list_sandboxes(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     states: Collection[str] | None,
     metadata: Mapping[str, str] | None,
     expires_before: datetime | None,
     tenant_id: str | None,
+    host: str | None = None,
 ) -> list[SandboxRow]:
-    where, params = _filters(states, metadata, expires_before, tenant_id)
+    where, params = _filters(conn, states, metadata, expires_before, tenant_id, host)
     sql = f"{_SELECT_SANDBOX}{where} ORDER BY created_at, id"
     return [sandbox_from_db(values) for values in conn.execute(sql, params)]
 
 
-def count_sandboxes(conn: sqlite3.Connection, *, states: Collection[str] | None) -> int:
-    where, params = _filters(states, None, None, None)
+def count_sandboxes(conn: Connection, *, states: Collection[str] | None) -> int:
+    where, params = _filters(conn, states, None, None, None, None)
     cursor = conn.execute(f"SELECT count(*) FROM sandboxes{where}", params)  # noqa: S608
     return int(cursor.fetchone()[0])
 
 
-def update_sandbox(
-    conn: sqlite3.Connection, sandbox_id: str, fields: Mapping[str, Any]
-) -> SandboxRow:
+def update_sandbox(conn: Connection, sandbox_id: str, fields: Mapping[str, Any]) -> SandboxRow:
     with transaction(conn):
         _require(conn, sandbox_id)
         _set(conn, sandbox_id, fields)
@@ -86,7 +93,7 @@ def update_sandbox(
 
 
 def transition(
-    conn: sqlite3.Connection,
+    conn: Connection,
     sandbox_id: str,
     from_states: Collection[str],
     to_state: str,
@@ -107,19 +114,19 @@ def transition(
         return _require(conn, sandbox_id)
 
 
-def delete_sandbox(conn: sqlite3.Connection, sandbox_id: str) -> bool:
+def delete_sandbox(conn: Connection, sandbox_id: str) -> bool:
     cursor = conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
     return cursor.rowcount > 0
 
 
-def _require(conn: sqlite3.Connection, sandbox_id: str) -> SandboxRow:
+def _require(conn: Connection, sandbox_id: str) -> SandboxRow:
     row = get_sandbox(conn, sandbox_id)
     if row is None:
         raise errors.NotFound(f"no sandbox {sandbox_id}", sandbox_id=sandbox_id)
     return row
 
 
-def _set(conn: sqlite3.Connection, sandbox_id: str, fields: Mapping[str, Any]) -> None:
+def _set(conn: Connection, sandbox_id: str, fields: Mapping[str, Any]) -> None:
     unknown = set(fields) - UPDATABLE_COLUMNS
     if unknown:
         raise ValueError(f"cannot update sandbox columns {sorted(unknown)}")
@@ -133,42 +140,49 @@ def _set(conn: sqlite3.Connection, sandbox_id: str, fields: Mapping[str, Any]) -
 
 
 def _filters(
+    conn: Connection,
     states: Collection[str] | None,
     metadata: Mapping[str, str] | None,
     expires_before: datetime | None,
     tenant_id: str | None,
+    host: str | None,
 ) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if states is not None:
         wanted = sorted({encode_value(s) for s in states})
         if not wanted:
-            return " WHERE 0", []
+            return " WHERE 1 = 0", []
         clauses.append(f"state IN ({', '.join('?' for _ in wanted)})")
         params.extend(wanted)
     for key, value in sorted((metadata or {}).items()):
-        # json_each rather than json_extract: any key works, no JSON-path quoting.
-        clauses.append(
-            "EXISTS (SELECT 1 FROM json_each(sandboxes.metadata)"
-            " WHERE json_each.key = ? AND json_each.type = 'text' AND json_each.value = ?)"
-        )
-        params.extend((key, value))
+        clauses.append(_METADATA_PG if is_postgres(conn) else _METADATA_SQLITE)
+        params.extend(_metadata_params(conn, key, value))
     if expires_before is not None:
         clauses.append("expires_at < ?")
         params.append(encode_time(expires_before))
     if tenant_id is not None:
         clauses.append("tenant_id = ?")
         params.append(tenant_id)
+    if host is not None:
+        clauses.append("host = ?")
+        params.append(host)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _metadata_params(conn: Connection, key: str, value: str) -> tuple[Any, ...]:
+    if is_postgres(conn):
+        return (json.dumps({key: value}),)
+    return (key, value)
 
 
 # --- the exec log ---------------------------------------------------------------------
 
 
-def insert_exec(conn: sqlite3.Connection, entry: ExecLogEntry) -> ExecLogEntry:
+def insert_exec(conn: Connection, entry: ExecLogEntry) -> ExecLogEntry:
     cursor = conn.execute(
         "INSERT INTO exec_log (sandbox_id, command, exit_code, duration_ms, timed_out,"
-        " started_at) VALUES (?, ?, ?, ?, ?, ?)",
+        " started_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (
             entry.sandbox_id,
             json.dumps(entry.command),  # a list is argv, a string a shell line
@@ -178,11 +192,12 @@ def insert_exec(conn: sqlite3.Connection, entry: ExecLogEntry) -> ExecLogEntry:
             encode_time(entry.started_at),
         ),
     )
-    values = conn.execute(f"{_SELECT_EXEC} WHERE id = ?", (cursor.lastrowid,)).fetchone()
+    new_id = cursor.fetchall()[0][0]  # to the end: SQLite commits the insert then
+    values = conn.execute(f"{_SELECT_EXEC} WHERE id = ?", (new_id,)).fetchone()
     return exec_from_db(values)
 
 
-def list_execs(conn: sqlite3.Connection, sandbox_id: str) -> list[ExecLogEntry]:
+def list_execs(conn: Connection, sandbox_id: str) -> list[ExecLogEntry]:
     sql = f"{_SELECT_EXEC} WHERE sandbox_id = ? ORDER BY id"
     return [exec_from_db(values) for values in conn.execute(sql, (sandbox_id,))]
 
@@ -191,7 +206,7 @@ def list_execs(conn: sqlite3.Connection, sandbox_id: str) -> list[ExecLogEntry]:
 
 
 def prune_history(
-    conn: sqlite3.Connection, *, ended_before: datetime, execs_before: datetime, max_execs: int
+    conn: Connection, *, ended_before: datetime, execs_before: datetime, max_execs: int
 ) -> tuple[int, int]:
     """Forget sandboxes that ended (stopped or error) before ``ended_before`` and that no
     snapshot names, with their exec logs; exec log entries started before

@@ -2,17 +2,17 @@
 
 :class:`~emberbox.store.store.Store` runs these in its worker thread, one at a time.
 The checks that guard a write (the tenant's quota, the sandboxes and snapshots that
-still depend on a snapshot) run in the same ``BEGIN IMMEDIATE`` transaction as the
-write, so no other process slips in between.
+still depend on a snapshot) run in the same :func:`~emberbox.store.db.transaction` as
+the write, so no other process (or API replica) slips in between.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection
 
 from emberbox import errors
 from emberbox.store import tenants
+from emberbox.store.connection import Connection
 from emberbox.store.db import transaction
 from emberbox.store.records import (
     SNAPSHOT_COLUMNS,
@@ -34,9 +34,7 @@ _CHILDREN = (
 )
 
 
-def insert_snapshot(
-    conn: sqlite3.Connection, row: SnapshotRow, tenant_max: int | None
-) -> SnapshotRow:
+def insert_snapshot(conn: Connection, row: SnapshotRow, tenant_max: int | None) -> SnapshotRow:
     with transaction(conn):
         if tenant_max is not None:
             held = tenants.snapshot_count(conn, row.tenant_id)
@@ -52,13 +50,13 @@ def insert_snapshot(
     return row
 
 
-def get_snapshot(conn: sqlite3.Connection, snapshot_id: str) -> SnapshotRow | None:
+def get_snapshot(conn: Connection, snapshot_id: str) -> SnapshotRow | None:
     values = conn.execute(f"{_SELECT_SNAPSHOT} WHERE id = ?", (snapshot_id,)).fetchone()
     return snapshot_from_db(values) if values is not None else None
 
 
 def list_snapshots(
-    conn: sqlite3.Connection, sandbox_id: str | None, tenant_id: str | None
+    conn: Connection, sandbox_id: str | None, tenant_id: str | None
 ) -> list[SnapshotRow]:
     wanted = {"sandbox_id": sandbox_id, "tenant_id": tenant_id}
     clauses = [f"{name} = ?" for name, value in wanted.items() if value]  # fixed names
@@ -68,9 +66,7 @@ def list_snapshots(
     return [snapshot_from_db(values) for values in conn.execute(sql, params)]
 
 
-def delete_snapshot(
-    conn: sqlite3.Connection, snapshot_id: str, unless_used_in: Collection[str]
-) -> None:
+def delete_snapshot(conn: Connection, snapshot_id: str, unless_used_in: Collection[str]) -> None:
     states = sorted({encode_value(s) for s in unless_used_in})
     marks = ", ".join("?" for _ in states)
     in_use_sql = f"SELECT id FROM sandboxes WHERE snapshot_id = ? AND state IN ({marks})"  # noqa: S608

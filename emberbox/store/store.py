@@ -1,46 +1,75 @@
 """The sandbox database as the server uses it: :class:`Store`, asynchronous.
 
-One connection (:func:`emberbox.store.db.connect`). Every call runs in a worker thread
-(``anyio.to_thread``) behind an :class:`anyio.Lock`, so the connection is used by one
-thread at a time and the event loop never blocks on disk. The SQL itself is in
-:mod:`~emberbox.store.sandboxes` (with the exec log), :mod:`~emberbox.store.snapshots`
-and :mod:`~emberbox.store.tenants`.
+One connection: SQLite (:func:`emberbox.store.db.connect`, a single host) or, for a
+``postgresql://`` URL, PostgreSQL (:func:`emberbox.store.postgres.connect`, a cluster's
+API replicas). Every call runs in a worker thread (``anyio.to_thread``) behind an
+:class:`anyio.Lock`, so the connection is used by one thread at a time and the event
+loop never blocks on I/O; a PostgreSQL connection that broke is opened again on the
+next call. The SQL itself is in :mod:`~emberbox.store.sandboxes` (with the exec log),
+:mod:`~emberbox.store.snapshots`, :mod:`~emberbox.store.tenants` and
+:mod:`~emberbox.store.hosts`, the same for both backends.
 """
 
 from __future__ import annotations
 
 import builtins
-import sqlite3
+import contextlib
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar, Unpack
+from typing import Protocol, TypeVar, Unpack
 
 import anyio
 import anyio.to_thread
 
 from emberbox import errors
-from emberbox.store import migrations, sandboxes, snapshots
-from emberbox.store.db import connect, storage_full_errors
+from emberbox.store import hosts, migrations, sandboxes, snapshots
+from emberbox.store.connection import Connection
+from emberbox.store.db import SqliteBackend
+from emberbox.store.hosts import HostRow
+from emberbox.store.postgres import PgBackend, is_postgres_url
 from emberbox.store.records import ExecLogEntry, SandboxFields, SandboxRow, SnapshotRow
 
 T = TypeVar("T")
 
 
+class Backend(Protocol):
+    """How a store opens its database, names it in messages and maps its errors."""
+
+    where: str  # the path, or the URL without its password
+
+    def connect(self) -> Connection: ...
+
+    def errors(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def broken(self, conn: Connection) -> bool: ...
+
+
+def backend_for(target: Path | str) -> Backend:
+    """PostgreSQL for a ``postgresql://`` URL, else SQLite at the path ``target``."""
+    if is_postgres_url(target):
+        return PgBackend(str(target))
+    return SqliteBackend(Path(target))
+
+
 class Store:
     """The sandbox database. Open with :meth:`open`; :meth:`close` is idempotent."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
-        self.path = path
-        self._conn: sqlite3.Connection | None = conn
+    def __init__(self, backend: Backend, conn: Connection) -> None:
+        self.backend = backend
+        self.where = backend.where
+        self._conn: Connection | None = conn
         self._lock = anyio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        """Create (0700 dir, 0600 file) or open the database and bring its schema up to date."""
-        with storage_full_errors(path):
-            conn = await anyio.to_thread.run_sync(connect, path)
-        return cls(path, conn)
+    async def open(cls, target: Path | str) -> Store:
+        """Open the database and bring its schema up to date: a ``postgresql://`` URL is
+        PostgreSQL (HostError when unreachable), anything else a SQLite file (created
+        0600 in a 0700 dir)."""
+        backend = backend_for(target)
+        with backend.errors():
+            conn = await anyio.to_thread.run_sync(backend.connect)
+        return cls(backend, conn)
 
     async def close(self) -> None:
         async with self._lock:
@@ -74,9 +103,10 @@ class Store:
         metadata: Mapping[str, str] | None = None,
         expires_before: datetime | None = None,
         tenant_id: str | None = None,
+        host: str | None = None,
     ) -> builtins.list[SandboxRow]:
         """Sandboxes, oldest first, filtered by state, metadata ``key=value`` pairs
-        (all must match), expiry and owner."""
+        (all must match), expiry, owner and (cluster) host."""
         return await self._call(
             lambda conn: sandboxes.list_sandboxes(
                 conn,
@@ -84,6 +114,7 @@ class Store:
                 metadata=metadata,
                 expires_before=expires_before,
                 tenant_id=tenant_id,
+                host=host,
             )
         )
 
@@ -152,20 +183,58 @@ class Store:
         snapshot was taken of such a fork."""
         await self._call(lambda conn: snapshots.delete_snapshot(conn, snapshot_id, unless_used_in))
 
+    # -- hosts (cluster) -----------------------------------------------------------------
+
+    async def upsert_host(self, row: HostRow) -> HostRow:
+        """Insert a host or overwrite every column of the one with its name."""
+        return await self._call(lambda conn: hosts.upsert_host(conn, row))
+
+    async def list_hosts(self) -> builtins.list[HostRow]:
+        """Every known host, by name."""
+        return await self._call(hosts.list_hosts)
+
+    async def get_host(self, name: str) -> HostRow | None:
+        return await self._call(lambda conn: hosts.get_host(conn, name))
+
+    async def set_host(
+        self, name: str, *, state: str | None = None, draining: bool | None = None
+    ) -> HostRow:
+        """Change a host's ``state`` ("up"/"down") and/or ``draining``;
+        :class:`errors.NotFound` for an unknown host."""
+        return await self._call(
+            lambda conn: hosts.set_host(conn, name, state=state, draining=draining)
+        )
+
+    async def mark_lost(self, host: str, from_states: Collection[str]) -> builtins.list[str]:
+        """Move ``host``'s sandboxes in ``from_states`` to ``lost``; the ids moved."""
+        return await self._call(lambda conn: hosts.mark_lost(conn, host, from_states))
+
     async def schema_version(self) -> int:
         return await self._call(migrations.schema_version)
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[Connection], T]) -> T:
         """Run a blocking function of :mod:`emberbox.store.tenants` on the connection."""
         return await self._call(fn)
 
     # -- plumbing ----------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[Connection], T]) -> T:
         async with self._lock:
             if self._conn is None:
-                raise errors.EmberboxError(f"the store {self.path} is closed")
+                raise errors.EmberboxError(f"the store {self.where} is closed")
             # Not abandoned on cancellation: the lock is held until the thread is done
             # with the connection.
-            with storage_full_errors(self.path):
+            with self.backend.errors():
+                if self.backend.broken(self._conn):
+                    await anyio.to_thread.run_sync(self._reconnect)
                 return await anyio.to_thread.run_sync(fn, self._conn)
+
+    def _reconnect(self) -> None:
+        """(Blocking) a fresh connection for one that broke (PostgreSQL restarted, the
+        network dropped): the call that broke it failed (HostError), the next one runs
+        on a new connection."""
+        fresh = self.backend.connect()
+        old, self._conn = self._conn, fresh
+        if old is not None:
+            with contextlib.suppress(Exception):  # it is broken: closing may fail too
+                old.close()

@@ -8,13 +8,14 @@ row holds the SHA-256 of the key's secret, never the secret.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from emberbox import errors
+from emberbox.store.connection import Connection
+from emberbox.store.db import integrity_errors
 from emberbox.store.records import LOCAL_TENANT_ID, decode_time, encode_time, utcnow
 
 QUOTA_NAMES = ("max_sandboxes", "max_vcpus", "max_memory_mib", "max_snapshots")
@@ -68,7 +69,7 @@ class AuditEntry:
     key_id: str | None = None
     target_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
-    id: int | None = None  # assigned by SQLite
+    id: int | None = None  # assigned by the database
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Usage:
 # -- tenants ---------------------------------------------------------------------------------
 
 
-def insert_tenant(conn: sqlite3.Connection, row: TenantRow) -> TenantRow:
+def insert_tenant(conn: Connection, row: TenantRow) -> TenantRow:
     """Add a tenant; :class:`errors.Conflict` when the name is taken."""
     values = (row.id, row.name, int(row.admin), *(getattr(row, n) for n in QUOTA_NAMES))
     try:
@@ -93,13 +94,13 @@ def insert_tenant(conn: sqlite3.Connection, row: TenantRow) -> TenantRow:
             f"VALUES ({', '.join('?' for _ in _TENANT_COLUMNS)})",
             (*values, encode_time(row.created_at)),
         )
-    except sqlite3.IntegrityError as exc:
+    except integrity_errors(conn) as exc:
         raise errors.Conflict(f"a tenant named {row.name!r} exists already") from exc
     return row
 
 
 def update_tenant(
-    conn: sqlite3.Connection, tenant_id: str, *, admin: bool | None, quotas: dict[str, int]
+    conn: Connection, tenant_id: str, *, admin: bool | None, quotas: dict[str, int]
 ) -> None:
     """Set the admin flag (when not None) and the given quota overrides."""
     changes: dict[str, Any] = {name: quotas[name] for name in QUOTA_NAMES if name in quotas}
@@ -113,21 +114,21 @@ def update_tenant(
         )
 
 
-def get_tenant(conn: sqlite3.Connection, tenant_id: str) -> TenantRow | None:
+def get_tenant(conn: Connection, tenant_id: str) -> TenantRow | None:
     values = conn.execute(f"{_SELECT_TENANT} WHERE id = ?", (tenant_id,)).fetchone()
     return _tenant(values) if values is not None else None
 
 
-def tenant_by_name(conn: sqlite3.Connection, name: str) -> TenantRow | None:
+def tenant_by_name(conn: Connection, name: str) -> TenantRow | None:
     values = conn.execute(f"{_SELECT_TENANT} WHERE name = ?", (name,)).fetchone()
     return _tenant(values) if values is not None else None
 
 
-def list_tenants(conn: sqlite3.Connection) -> list[TenantRow]:
+def list_tenants(conn: Connection) -> list[TenantRow]:
     return [_tenant(values) for values in conn.execute(f"{_SELECT_TENANT} ORDER BY name")]
 
 
-def usage(conn: sqlite3.Connection, tenant_id: str, live_states: Iterable[str]) -> Usage:
+def usage(conn: Connection, tenant_id: str, live_states: Iterable[str]) -> Usage:
     """A tenant's live sandboxes (count, vCPUs, memory) and snapshots."""
     states = sorted(live_states)
     marks = ", ".join("?" for _ in states)
@@ -140,7 +141,7 @@ def usage(conn: sqlite3.Connection, tenant_id: str, live_states: Iterable[str]) 
     return Usage(int(sandboxes), int(vcpus), int(memory), snapshots)
 
 
-def snapshot_count(conn: sqlite3.Connection, tenant_id: str) -> int:
+def snapshot_count(conn: Connection, tenant_id: str) -> int:
     """A tenant's saved VMs: its snapshots and its paused sandboxes (each holds a RAM
     dump and a disk on the host)."""
     cursor = conn.execute(
@@ -151,7 +152,7 @@ def snapshot_count(conn: sqlite3.Connection, tenant_id: str) -> int:
     return int(cursor.fetchone()[0])
 
 
-def owner_of(conn: sqlite3.Connection, table: str, object_id: str) -> str | None:
+def owner_of(conn: Connection, table: str, object_id: str) -> str | None:
     """The tenant of a sandbox (``table="sandboxes"``) or a snapshot; None if unknown."""
     if table not in ("sandboxes", "snapshots"):
         raise ValueError(f"no owned table {table!r}")
@@ -165,7 +166,7 @@ def owner_of(conn: sqlite3.Connection, table: str, object_id: str) -> str | None
 # -- keys ------------------------------------------------------------------------------------
 
 
-def insert_key(conn: sqlite3.Connection, row: KeyRow) -> KeyRow:
+def insert_key(conn: Connection, row: KeyRow) -> KeyRow:
     conn.execute(
         "INSERT INTO api_keys (id, tenant_id, key_hash, created_at) VALUES (?, ?, ?, ?)",
         (row.id, row.tenant_id, row.key_hash, encode_time(row.created_at)),
@@ -173,7 +174,7 @@ def insert_key(conn: sqlite3.Connection, row: KeyRow) -> KeyRow:
     return row
 
 
-def key_with_tenant(conn: sqlite3.Connection, key_id: str) -> tuple[KeyRow, TenantRow] | None:
+def key_with_tenant(conn: Connection, key_id: str) -> tuple[KeyRow, TenantRow] | None:
     """A key and its tenant, in one read."""
     key = conn.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)).fetchone()
     if key is None:
@@ -182,17 +183,17 @@ def key_with_tenant(conn: sqlite3.Connection, key_id: str) -> tuple[KeyRow, Tena
     return (_key(key), tenant) if tenant is not None else None
 
 
-def list_keys(conn: sqlite3.Connection) -> list[KeyRow]:
+def list_keys(conn: Connection) -> list[KeyRow]:
     return [_key(values) for values in conn.execute(f"{_SELECT_KEY} ORDER BY created_at, id")]
 
 
-def any_active_key(conn: sqlite3.Connection) -> bool:
+def any_active_key(conn: Connection) -> bool:
     """Whether any key is still valid (then a request without one is refused)."""
     found = conn.execute("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1").fetchone()
     return found is not None
 
 
-def revoke_keys(conn: sqlite3.Connection, key_ids: Iterable[str], at: datetime) -> list[str]:
+def revoke_keys(conn: Connection, key_ids: Iterable[str], at: datetime) -> list[str]:
     """Revoke the still active keys among ``key_ids``; returns those revoked now."""
     revoked = []
     for key_id in key_ids:
@@ -205,14 +206,14 @@ def revoke_keys(conn: sqlite3.Connection, key_ids: Iterable[str], at: datetime) 
     return revoked
 
 
-def touch_key(conn: sqlite3.Connection, key_id: str, at: datetime) -> None:
+def touch_key(conn: Connection, key_id: str, at: datetime) -> None:
     conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (encode_time(at), key_id))
 
 
 # -- audit log -------------------------------------------------------------------------------
 
 
-def insert_audit(conn: sqlite3.Connection, entry: AuditEntry) -> None:
+def insert_audit(conn: Connection, entry: AuditEntry) -> None:
     conn.execute(
         "INSERT INTO audit_log (at, tenant_id, key_id, action, target_id, detail, outcome)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -241,7 +242,7 @@ def bounded_detail(detail: dict[str, Any]) -> str:
     return json.dumps({"cut": head, "bytes": len(text.encode("utf-8"))}, separators=(",", ":"))
 
 
-def prune_audit(conn: sqlite3.Connection, *, before: datetime, keep_rows: int) -> int:
+def prune_audit(conn: Connection, *, before: datetime, keep_rows: int) -> int:
     """Delete entries older than ``before`` and all but the newest ``keep_rows``;
     how many went."""
     gone = conn.execute("DELETE FROM audit_log WHERE at < ?", (encode_time(before),)).rowcount
@@ -254,7 +255,7 @@ def prune_audit(conn: sqlite3.Connection, *, before: datetime, keep_rows: int) -
 
 
 def list_audit(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     tenant_id: str | None = None,
     action: str | None = None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from emberbox.service.tenancy.sockets import SocketSlots
 from emberbox.service.tenancy.tickets import TicketBook
 from emberbox.store import LOCAL_TENANT_ID as LOCAL_TENANT_ID  # the built-in tenant
 from emberbox.store import Store, sandboxes, tenants, utcnow
+from emberbox.store.connection import Connection
 from emberbox.store.tenants import AuditEntry as AuditEntry  # the API builds them
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class Tenancy:
         self._pruned_at = now
         settings, at = self._settings, utcnow()
 
-        def prune(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        def prune(conn: Connection) -> tuple[int, int, int]:
             audit = tenants.prune_audit(
                 conn,
                 before=at - timedelta(days=settings.audit_retention_days),
@@ -261,7 +261,7 @@ class Tenancy:
 
 
 def read_audit(
-    conn: sqlite3.Connection, tenant: str | None, action: str | None, limit: int
+    conn: Connection, tenant: str | None, action: str | None, limit: int
 ) -> list[tuple[AuditEntry, str]]:
     """(Blocking; the server and ``emberbox audit``) audit entries with tenant names."""
     names = {row.id: row.name for row in tenants.list_tenants(conn)}

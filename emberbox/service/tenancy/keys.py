@@ -12,11 +12,11 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
 from emberbox import errors
 from emberbox.store import tenants
+from emberbox.store.connection import Connection
 from emberbox.store.db import transaction
 from emberbox.store.records import LOCAL_TENANT_ID, utcnow
 from emberbox.store.tenants import AuditEntry, KeyRow, TenantRow
@@ -80,7 +80,7 @@ def check_tenant_name(name: str) -> None:
 
 
 def create_key(
-    conn: sqlite3.Connection,
+    conn: Connection,
     name: str,
     *,
     admin: bool = False,
@@ -118,7 +118,7 @@ def create_key(
     return NewKey(key, key_id, tenant, created)
 
 
-def revoke(conn: sqlite3.Connection, key_id_or_name: str) -> list[str]:
+def revoke(conn: Connection, key_id_or_name: str) -> list[str]:
     """Revoke one key (by id) or every key of a tenant (by name); returns the key ids
     revoked now. NotFound when the argument names neither. Audited."""
     now = utcnow()
