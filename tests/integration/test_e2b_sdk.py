@@ -27,6 +27,7 @@ from e2b.exceptions import AuthenticationException, SandboxException
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 from emberbox.images.registry import ImageInfo
+from emberbox.sdk import Sandbox as EmberboxSandbox
 from tests.support.e2b import E2bServer, e2b_server
 from tests.support.paths import short_tmp_dir
 
@@ -62,6 +63,31 @@ def test_commands_run(sbx: Sandbox) -> None:
     assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
     assert sbx.commands.run("cat", stdin=False).stdout == ""
+
+
+def test_the_agent_switches_to_user(front: E2bServer, sbx: Sandbox) -> None:
+    """`user`'s commands run as uid 1000 with user's own group only, cannot read root's
+    files, and are the SDK's bash itself, switched by the guest agent (no setpriv
+    wrapper in the process's command line); user="root" stays root."""
+    ids = sbx.commands.run("id -u; id -g; id -G; id -Gn; grep NoNewPrivs /proc/self/status")
+    assert ids.stdout.split("\n")[:5] == ["1000", "1000", "1000", "user", "NoNewPrivs:\t0"]
+    sbx.commands.run("echo s > /tmp/runas-secret && chmod 600 /tmp/runas-secret", user="root")
+    with pytest.raises(CommandExitException) as raised:
+        sbx.commands.run("cat /tmp/runas-secret")
+    assert raised.value.exit_code == 1 and "Permission denied" in raised.value.stderr
+    assert sbx.commands.run("id -u; cat /tmp/runas-secret", user="root").stdout == "0\ns\n"
+    handle = sbx.commands.run("sleep 60", background=True)
+    try:
+        native = EmberboxSandbox.connect(sbx.sandbox_id, url=front.server.url, api_key=front.key)
+        try:  # (not `with`: that would kill the sandbox)
+            shown = {p.pid: p.cmd for p in native.commands.list()}
+        finally:
+            native.close()
+        assert shown[handle.pid] == "/bin/bash -l -c 'sleep 60'"
+        owner = sbx.commands.run(f"stat -c %u /proc/{handle.pid}", user="root").stdout
+        assert owner == "1000\n"
+    finally:
+        handle.kill()
 
 
 def test_command_timeout(sbx: Sandbox) -> None:
