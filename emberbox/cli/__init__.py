@@ -38,6 +38,7 @@ SERVER_VERBS: dict[str, tuple[str, str]] = {
     "keys": ("emberbox.cli.keys", "app"),
     "audit": ("emberbox.cli.keys", "audit"),
     "doctor": ("emberbox.cli.doctor", "doctor"),
+    "cluster": ("emberbox.cli.cluster", "app"),
 }
 _SETTINGS: dict[str, dict[str, Any]] = {"run": {"allow_interspersed_args": False}}
 SERVER_PANEL = "Server commands (they need 'emberbox\\[server]')"

@@ -100,6 +100,12 @@ def start_host(
 
     from emberbox.cluster.agent import HostAgent
 
+    resource = resource_name(name)
+    if not any(resource in node.get("Resources", {}) for node in _ray_nodes() if node["Alive"]):
+        raise HostError(
+            f"no node of the Ray cluster has the resource {resource}: on the host's machine, "
+            f"ray start ... --resources '{{\"{resource}\": 1}}'"
+        )
     remote = ray.remote(HostAgent).options(**actor_options(name))
     actor: Any = remote.remote(name, str(data_dir), dict(env or {}), port)
     try:
@@ -111,6 +117,25 @@ def start_host(
         ) from exc
     except ray.exceptions.RayActorError as exc:
         raise HostError(f"host {name} could not start: {exc}") from exc
+
+
+def connect_driver(address: str) -> None:
+    """Connect this process to the Ray cluster at ``address`` ("auto": the local one)."""
+    try:
+        _init_ray(address)
+    except ConnectionError as exc:
+        raise HostError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+
+
+def host_url(name: str) -> str:
+    """Host ``name``'s server URL (not its key), from its actor."""
+    import ray
+
+    actor = _get_actor(name)
+    if actor is None:
+        raise NotFound(f"no host named {name!r}", host=name)
+    url, _key = ray.get(actor.endpoint.remote(), timeout=CALL_TIMEOUT_S)
+    return str(url)
 
 
 def stop_host(name: str) -> None:
