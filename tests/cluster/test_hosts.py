@@ -1,0 +1,160 @@
+"""The Ray host side on a real 2-node Ray cluster: host agents start their servers, report
+status, guard them with a key, and survive their node's death (issue 18).
+
+No VM boots here (tests/cluster's other modules boot them); each host runs a real
+``emberbox serve`` on its own data dir, network block and port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from emberbox.cluster.hosts import Cluster, HostStatus, start_host, stop_host
+from emberbox.config import Settings
+from tests.support.paths import short_tmp_dir
+from tests.support.raycluster import RayCluster, running_ray_cluster
+
+pytestmark = pytest.mark.anyio
+HOSTS = ("h1", "h2")
+NETWORKS = {"h1": "10.223.0.0/16", "h2": "10.224.0.0/16"}  # one block per host server
+DEATH_WAIT_S = 30.0  # the issue's bound: lost within 30 s of a node's death
+BACK_WAIT_S = 120.0
+
+
+def pids_with_env(text: str) -> list[int]:
+    """Processes whose environment contains ``text`` (the host servers of a data dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def data_root() -> Iterator[Path]:
+    root = short_tmp_dir("ebhosts-")
+    try:
+        yield root
+    finally:
+        for pid in pids_with_env(f"EMBERBOX_DATA_DIR={root}"):  # a server that outlived all
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(data_root: Path) -> Iterator[RayCluster]:
+    """Two host nodes, each with its host agent and server; stopped at the end."""
+    images = Settings().images_dir  # the shared image cache, as the other suites use it
+    with running_ray_cluster(HOSTS) as cluster:
+        cluster.connect()
+        try:
+            for name in HOSTS:
+                env = {
+                    "EMBERBOX_IMAGES_DIR": str(images),
+                    "EMBERBOX_CACHE_DIR": str(data_root / name / "cache"),
+                    "EMBERBOX_NETWORK_CIDR": NETWORKS[name],
+                    "EMBERBOX_POOL_SIZE": "0",
+                    "EMBERBOX_MAX_SANDBOXES": "3",
+                }
+                start_host(name, data_root / name, env=env)
+            yield cluster
+        finally:
+            for name in HOSTS:
+                with contextlib.suppress(Exception):
+                    stop_host(name)
+
+
+@pytest.fixture
+async def hosts(ray_cluster: RayCluster) -> AsyncIterator[Cluster]:
+    cluster = await Cluster.connect(Settings(cluster_address=ray_cluster.address))
+    yield cluster  # (close() would disconnect the module's driver)
+
+
+async def by_name(cluster: Cluster) -> dict[str, HostStatus]:
+    return {status.name: status for status in await cluster.hosts()}
+
+
+async def test_both_hosts_report_status(hosts: Cluster, ray_cluster: RayCluster) -> None:
+    """Each host is alive on its own node's address, with its settings' limit and images."""
+    statuses = await by_name(hosts)
+    assert sorted(statuses) == list(HOSTS)
+    for name, status in statuses.items():
+        assert status.alive and not status.draining
+        assert status.url is not None and status.url.startswith(
+            f"http://{ray_cluster.node_ip(name)}:"
+        )
+        assert status.node_id == ray_cluster.node_id(name)
+        assert (status.sandboxes, status.max_sandboxes) == (0, 3)
+        assert status.free_memory_mib > 0
+        assert "default" in status.images
+    assert statuses["h1"].url != statuses["h2"].url
+
+
+async def test_endpoint_needs_its_key(hosts: Cluster, data_root: Path) -> None:
+    """The host server answers its admin key and refuses a call without it or with another's."""
+    one, two = await hosts.endpoint("h1"), await hosts.endpoint("h2")
+    assert one.key != two.key
+    async with httpx.AsyncClient(base_url=one.url, timeout=10) as client:
+        good = await client.get("/v1/sandboxes", headers={"Authorization": f"Bearer {one.key}"})
+        assert good.status_code == 200 and good.json()["sandboxes"] == []
+        assert (await client.get("/v1/sandboxes")).status_code == 401
+        wrong = await client.get("/v1/sandboxes", headers={"Authorization": f"Bearer {two.key}"})
+        assert wrong.status_code == 401
+    log = (data_root / "h1" / "host-server.log").read_text(errors="replace")
+    assert one.key not in log
+
+
+async def test_drain_is_reported_and_kept(hosts: Cluster) -> None:
+    """Draining a host shows in its status; undoing it too."""
+    await hosts.drain("h2", True)
+    assert (await hosts.status("h2")).draining
+    await hosts.drain("h2", False)
+    assert not (await hosts.status("h2")).draining
+
+
+async def test_node_death_and_return(hosts: Cluster, ray_cluster: RayCluster) -> None:
+    """Kill h1's node: h1 is not alive (its node dead) within 30 s and its server is gone,
+    h2 unaffected; a new node for h1: the actor restarts and serves again, key and all."""
+    before = await hosts.endpoint("h1")
+    old_node = ray_cluster.node_id("h1")
+    killed_at = ray_cluster.kill_node("h1")
+    while True:
+        statuses = await by_name(hosts)
+        dead = await hosts.dead_nodes()
+        if not statuses["h1"].alive and old_node in dead:
+            break
+        assert time.monotonic() - killed_at < DEATH_WAIT_S, "h1 still counted alive"
+        await anyio.sleep(0.5)
+    print(f"h1 not alive and its node dead {time.monotonic() - killed_at:.1f} s after the kill")
+    assert statuses["h1"].node_id == old_node
+    assert statuses["h2"].alive
+    async with httpx.AsyncClient(timeout=5) as client:
+        with pytest.raises(httpx.TransportError):  # PR_SET_PDEATHSIG took the server down
+            await client.get(f"{before.url}/healthz")
+
+    ray_cluster.restart_node("h1")
+    restarted_at = time.monotonic()
+    while not (status := await hosts.status("h1")).alive:
+        assert time.monotonic() - restarted_at < BACK_WAIT_S, "h1 did not come back"
+        await anyio.sleep(0.5)
+    print(f"h1 serving again {time.monotonic() - restarted_at:.1f} s after its node came back")
+    assert status.node_id == ray_cluster.node_id("h1") != old_node
+    hosts.forget("h1")
+    after = await hosts.endpoint("h1")
+    assert after.key != before.key
+    headers = {"Authorization": f"Bearer {after.key}"}
+    async with httpx.AsyncClient(base_url=after.url, headers=headers, timeout=10) as client:
+        assert (await client.get("/v1/sandboxes")).status_code == 200
