@@ -95,9 +95,21 @@ def connect(url: str) -> PgConnection:
     HostError, with the reason and without the password, when the URL is bad or the
     database cannot be reached or refuses us.
     """
-    import psycopg
-
     from emberbox.store import pg_migrations
+
+    conn = connect_unmigrated(url)
+    try:
+        with database_errors(conn.where, url):
+            pg_migrations.migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_unmigrated(url: str) -> PgConnection:
+    """Connect (autocommit) and nothing else: :func:`connect` without the migrations."""
+    import psycopg
 
     where = redact(url)
     try:
@@ -115,14 +127,7 @@ def connect(url: str) -> PgConnection:
     except (psycopg.Error, ValueError) as exc:
         reason = scrub(str(exc).strip(), url)
         raise errors.HostError(f"cannot connect to the database {where}: {reason}") from None
-    conn = PgConnection(raw, where)
-    try:
-        with database_errors(where, url):
-            pg_migrations.migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return PgConnection(raw, where)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ creates a database and yields its ``postgresql://`` URL; on exit it stops the se
 Auth: the unix socket is ``trust`` for the superuser (only this test process can reach
 the temp dir, and it is how we create the role), TCP is ``scram-sha-256`` with a random
 password for the ``emberbox`` role: the product reads its password from the URL, so the
-tests exercise exactly that path (and can check the password is never printed).
+tests exercise exactly that path (and can check the password is never printed). The role
+may create databases, so a test can take a fresh one (:func:`fresh_database`).
 
 As root (the test VMs and CI run as root) PostgreSQL refuses to run, so the server runs
 as the ``postgres`` OS user (``setpriv``) in a temp dir chowned to it. Debian's
@@ -118,7 +119,7 @@ def _create_database(sockdir: Path, port: int, password: str) -> None:
         host=str(sockdir), port=port, user="postgres", dbname="postgres", autocommit=True
     ) as conn:
         conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
                 sql.Identifier(ROLE), sql.Literal(password)
             )
         )
@@ -183,3 +184,13 @@ def running_postgres() -> Iterator[str]:
             _stop(proc)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fresh_database(url: str, name: str) -> str:
+    """A new empty database ``name`` on the server of ``url`` (as its role); its URL."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return url.rsplit("/", 1)[0] + "/" + name
