@@ -130,6 +130,9 @@ async def test_list_filters_by_metadata_state_host_and_tenant(store: Store) -> N
     later = make_row().expires_at + timedelta(seconds=1)
     assert len(await store.list(expires_before=later)) == 3
     assert await store.count(states={"running"}) == 2
+    usage = await store.call(lambda conn: tenants.usage(conn, "t", {"running"}))
+    assert usage == tenants.Usage(1, 1, 512, 0)
+    assert all(isinstance(value, int) for value in vars(usage).values())
 
 
 async def test_transition_is_compare_and_set(store: Store) -> None:
