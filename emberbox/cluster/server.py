@@ -42,6 +42,8 @@ DROPPED_ENV = (
     "EMBERBOX_PORT",
     "EMBERBOX_API_KEY",
 )
+# Ray's own settings, its auth token among them: the server has no use for them.
+DROPPED_PREFIXES = ("RAY_",)
 SERVE_ARGV = ("-c", "import sys; from emberbox.cli import main; sys.exit(main())", "serve")
 
 
@@ -54,9 +56,14 @@ def server_env(
     port: int,
     key: str,
 ) -> dict[str, str]:
-    """The child's environment: ``base`` (the worker's) without cluster settings,
-    ``extra`` (what ``start_host`` was given) over it, then what the agent decides."""
-    env = {name: value for name, value in base.items() if name not in DROPPED_ENV}
+    """The child's environment: ``base`` (the worker's) without cluster or Ray settings
+    (the Ray token stays out of the server and its VMs' reach), ``extra`` (what
+    ``start_host`` was given) over it, then what the agent decides."""
+    env = {
+        name: value
+        for name, value in base.items()
+        if name not in DROPPED_ENV and not name.startswith(DROPPED_PREFIXES)
+    }
     env.update(extra)
     env.update(
         EMBERBOX_DATA_DIR=str(data_dir),
