@@ -1,0 +1,149 @@
+"""Two API replicas on one PostgreSQL (issue 18): they agree on every sandbox, tenancy
+holds across them, and restarting one in the middle of a workload loses nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from emberbox import errors
+from emberbox.sdk import Sandbox
+from tests.support.cluster_rig import Rig
+
+pytestmark = [pytest.mark.vm]
+WORKLOAD_AFTER_RESTART = 10  # exec rounds on each replica once the restarted one is back
+
+
+@pytest.fixture
+def made(rig: Rig) -> Iterator[list[Sandbox]]:
+    """Sandboxes a test makes (append them); killed afterwards through replica 1."""
+    sandboxes: list[Sandbox] = []
+    try:
+        yield sandboxes
+    finally:
+        for sb in sandboxes:
+            again = Sandbox(sb.id, url=rig.replicas[1].url, api_key=rig.keys["alice"])
+            again.kill()
+            again.close()
+            sb.close()
+
+
+def test_replicas_agree(rig: Rig, made: list[Sandbox]) -> None:
+    """Made on replica 0, it runs commands and is killed through replica 1; both list it
+    with the same state all along."""
+    key = rig.keys["alice"]
+    sb = Sandbox.create(url=rig.replicas[0].url, api_key=key, metadata={"suite": "agree"})
+    made.append(sb)
+    other = Sandbox.connect(sb.id, url=rig.replicas[1].url, api_key=key)
+    try:
+        assert other.commands.run("echo from-1").stdout == "from-1\n"
+        for url in (rig.replicas[0].url, rig.replicas[1].url):
+            listed = Sandbox.list(metadata={"suite": "agree"}, url=url, api_key=key)
+            assert [(s.id, s.state) for s in listed] == [(sb.id, "running")]
+        other.kill()
+        assert sb.info().state == "stopped"  # replica 0 sees replica 1's kill
+        assert rig.host_of(sb.id)[1] == "stopped"
+        with pytest.raises(errors.Conflict):
+            sb.commands.run("true")
+    finally:
+        other.close()
+
+
+def test_tenancy_holds_across_replicas(rig: Rig, made: list[Sandbox]) -> None:
+    """alice's sandbox from replica 0 is an unknown id to bob on replica 1 (get, exec,
+    files, delete: 404), bob's list does not show it, and it keeps running."""
+    sb = Sandbox.create(url=rig.replicas[0].url, api_key=rig.keys["alice"])
+    made.append(sb)
+    with rig.client(rig.keys["bob"], replica=1) as bob:
+        for method, path in (
+            ("GET", ""),
+            ("POST", "/exec"),
+            ("GET", "/files?path=/etc/hostname"),
+            ("DELETE", ""),
+        ):
+            body = {"cmd": ["true"]} if path == "/exec" else None
+            answer = bob.request(method, f"/v1/sandboxes/{sb.id}{path}", json=body)
+            assert answer.status_code == 404, (method, path, answer.text)
+        assert sb.id not in {s["id"] for s in bob.get("/v1/sandboxes").json()["sandboxes"]}
+    with rig.admin(replica=1) as admin:  # the admin sees it, on the other replica too
+        assert admin.get(f"/v1/sandboxes/{sb.id}").json()["state"] == "running"
+    assert sb.commands.run("echo still").stdout == "still\n"
+
+
+def test_replica_restart_mid_workload(rig: Rig, made: list[Sandbox]) -> None:
+    """Two threads exec in a loop, one per replica, while replica 0 is killed (SIGKILL)
+    and started again on its port: no sandbox is lost, replica 1 never answers 5xx, and
+    replica 0's only failures are the calls in flight at the kill and refused connections
+    while it is down; afterwards both replicas serve every sandbox again."""
+    key = rig.keys["alice"]
+    for _ in range(2):
+        made.append(Sandbox.create(url=rig.replicas[0].url, api_key=key))
+    outcomes: dict[int, Counter[str]] = {0: Counter(), 1: Counter()}
+    in_flight_at_kill: dict[int, int] = {0: 0, 1: 0}
+    busy = {0: threading.Event(), 1: threading.Event()}
+    stop = threading.Event()
+
+    def workload(replica: int) -> None:
+        with rig.client(key, replica) as client:
+            round_ = 0
+            while not stop.is_set():
+                sandbox_id = made[round_ % len(made)].id
+                round_ += 1
+                busy[replica].set()
+                try:
+                    answer = client.post(
+                        f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": ["echo", "ok"]}
+                    )
+                    ok = answer.status_code == 200 and answer.json()["stdout"] == "ok\n"
+                    outcomes[replica][("ok" if ok else str(answer.status_code))] += 1
+                except httpx.ConnectError:
+                    outcomes[replica]["refused"] += 1
+                    time.sleep(0.05)
+                except httpx.TransportError as exc:  # cut mid-call by the kill
+                    outcomes[replica][f"cut:{type(exc).__name__}"] += 1
+                finally:
+                    busy[replica].clear()
+
+    threads = [threading.Thread(target=workload, args=(r,), daemon=True) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_for(lambda: outcomes[0]["ok"] >= 3 and outcomes[1]["ok"] >= 3, 120)
+        in_flight_at_kill = {r: int(busy[r].is_set()) for r in (0, 1)}
+        rig.replicas[0].kill()
+        _wait_for(lambda: outcomes[0]["refused"] >= 1, 60)
+        rig.replicas[0].start()
+        base = {r: outcomes[r]["ok"] for r in (0, 1)}
+        _wait_for(
+            lambda: all(outcomes[r]["ok"] >= base[r] + WORKLOAD_AFTER_RESTART for r in (0, 1)),
+            180,
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    print(f"workload outcomes {dict(outcomes)}; in flight at the kill {in_flight_at_kill}")
+    assert set(outcomes[1]) == {"ok"}, outcomes[1]
+    failed_mid_call = sum(n for what, n in outcomes[0].items() if what not in ("ok", "refused"))
+    assert failed_mid_call <= in_flight_at_kill[0], outcomes[0]
+    assert not any(what.startswith("5") for what in outcomes[0]), outcomes[0]
+    for url in (rig.replicas[0].url, rig.replicas[1].url):
+        for sb in made:
+            seen = Sandbox(sb.id, url=url, api_key=key)
+            try:
+                assert seen.info().state == "running"
+            finally:
+                seen.close()
+    assert all(rig.host_of(sb.id)[1] == "running" for sb in made)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the workload"
+        time.sleep(0.1)
