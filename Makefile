@@ -15,7 +15,7 @@ run: setup
 # network block or the two cores); the 15 slowest are listed at the end.
 test: setup lint typecheck
 	.venv/bin/pytest -p no:cacheprovider -n 2 tests/unit
-	.venv/bin/pytest -p no:cacheprovider --durations=15 tests/integration tests/hostile
+	.venv/bin/pytest -p no:cacheprovider --durations=15 tests/integration tests/hostile tests/cluster
 
 unit: setup
 	.venv/bin/pytest -p no:cacheprovider tests/unit
