@@ -158,3 +158,24 @@ async def test_node_death_and_return(hosts: Cluster, ray_cluster: RayCluster) ->
     headers = {"Authorization": f"Bearer {after.key}"}
     async with httpx.AsyncClient(base_url=after.url, headers=headers, timeout=10) as client:
         assert (await client.get("/v1/sandboxes")).status_code == 200
+
+
+async def test_a_dead_server_is_restarted(hosts: Cluster, data_root: Path) -> None:
+    """h2's server is killed on its own: the actor ends, Ray restarts it with a new server
+    (new URL and key) on the same data dir."""
+    before = await hosts.endpoint("h2")
+    servers = pids_with_env(f"EMBERBOX_DATA_DIR={data_root / 'h2'}")
+    assert len(servers) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while True:
+        status = await hosts.status("h2")
+        if status.alive and status.url != before.url:
+            break
+        assert time.monotonic() - killed_at < BACK_WAIT_S, "h2 did not come back"
+        await anyio.sleep(0.5)
+    print(f"h2 serving again {time.monotonic() - killed_at:.1f} s after its server was killed")
+    hosts.forget("h2")
+    after = await hosts.endpoint("h2")
+    assert after.key != before.key
+    assert pids_with_env(f"EMBERBOX_DATA_DIR={data_root / 'h2'}") != servers
