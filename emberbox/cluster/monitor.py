@@ -121,8 +121,8 @@ class HostMonitor:
         while True:
             try:
                 await self.run_once()
-            except (EmberboxError, httpx.HTTPError, OSError) as exc:
-                log.warning("host monitor round failed: %s", exc)
+            except Exception:  # the store or Ray failed this round; the next one retries
+                log.exception("host monitor round failed")
             await anyio.sleep(interval_s)
 
     async def run_once(self) -> None:
@@ -134,12 +134,19 @@ class HostMonitor:
             statuses.setdefault(known.name, dead_status(known.name, known.node_id))
         dead_nodes = await self._dead_nodes(statuses.values())
         for name, status in sorted(statuses.items()):
-            row: HostRow | None = rows.get(name)
-            if status.alive:
-                self._unreachable_since.pop(name, None)
-                await self._host_up(status, row, sync_all)
-            elif self._is_down(status, dead_nodes):
-                await self._host_down(status, row)
+            try:
+                await self._check(status, rows.get(name), dead_nodes, sync_all)
+            except (EmberboxError, httpx.HTTPError, OSError) as exc:  # the others still count
+                log.warning("host monitor: host %s: %s", name, exc)
+
+    async def _check(
+        self, status: HostStatus, row: HostRow | None, dead_nodes: set[str], sync_all: bool
+    ) -> None:
+        if status.alive:
+            self._unreachable_since.pop(status.name, None)
+            await self._host_up(status, row, sync_all)
+        elif self._is_down(status, dead_nodes):
+            await self._host_down(status, row)
 
     async def _dead_nodes(self, statuses: Collection[HostStatus]) -> set[str]:
         if all(status.alive for status in statuses):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from emberbox.cluster.hosts import HostEndpoint, HostStatus, dead_status
@@ -205,3 +206,24 @@ async def test_host_only_in_the_table_goes_down(store: Store) -> None:
     clock.now += 5
     await monitor.run_once()
     assert await states(store) == {"a1": "lost"}
+
+
+async def test_one_failing_host_does_not_stop_the_round(store: Store) -> None:
+    """Host a's server cannot list its sandboxes: host b's death is still handled."""
+
+    class Broken(ScriptedServers):
+        async def sandboxes(self, endpoint: HostEndpoint) -> list[RemoteSandbox]:
+            if endpoint.name == "a":
+                raise httpx.ConnectError("refused")
+            return await super().sandboxes(endpoint)
+
+    servers = Broken()
+    cluster = ScriptedCluster({"a": up("a", "n1"), "b": up("b", "n2")})
+    monitor = HostMonitor(store, cluster, servers=servers, clock=Clock())
+    await seed(store, servers, "b", b1="running")
+    await monitor.run_once()
+    cluster.statuses["b"] = dead_status("b", "n2")
+    cluster.dead = {"n2"}
+    await monitor.run_once()
+    assert await states(store) == {"b1": "lost"}
+    assert await store.get_host("a") is None  # not reconciled: not marked up either
