@@ -224,6 +224,21 @@ async def test_tenants_keys_and_audit(store: Store) -> None:
     ]
     local = await store.call(lambda conn: tenants.get_tenant(conn, LOCAL_TENANT_ID))
     assert local is not None and local.admin and local.created_at.tzinfo is not None
+    at = utcnow()
+    await store.call(lambda conn: tenants.touch_key(conn, key_id, at))
+    found = await store.call(lambda conn: tenants.key_with_tenant(conn, key_id))
+    assert found is not None and found[0].last_used_at == at
+    entry = tenants.AuditEntry(tenant.id, "sandbox.exec", "ok", detail={"cmd": "50%?"})
+    await store.call(lambda conn: tenants.insert_audit(conn, entry))
+    newest = await store.call(lambda conn: tenants.list_audit(conn, tenant_id=tenant.id))
+    assert [(e.action, e.detail) for e in newest] == [("sandbox.exec", {"cmd": "50%?"})]
+    pruned = await store.call(
+        lambda conn: tenants.prune_audit(conn, before=at - timedelta(days=1), keep_rows=1)
+    )
+    assert pruned == 2
+    await store.insert(make_row("mine", tenant_id=tenant.id))
+    owner = await store.call(lambda conn: tenants.owner_of(conn, "sandboxes", "mine"))
+    assert owner == tenant.id
 
 
 async def test_hosts(store: Store) -> None:
