@@ -20,9 +20,12 @@ import httpx
 import pytest
 
 from emberbox.cluster.hosts import Cluster, HostStatus, start_host, stop_host
+from emberbox.cluster.monitor import HostMonitor
 from emberbox.config import Settings
+from emberbox.store import Store
 from tests.support.paths import short_tmp_dir
 from tests.support.raycluster import RayCluster, running_ray_cluster
+from tests.support.rows import make_row
 
 pytestmark = pytest.mark.anyio
 HOSTS = ("h1", "h2")
@@ -83,6 +86,12 @@ async def hosts(ray_cluster: RayCluster) -> AsyncIterator[Cluster]:
     yield cluster  # (close() would disconnect the module's driver)
 
 
+async def state_of(store: Store, sandbox_id: str) -> str:
+    row = await store.get(sandbox_id)
+    assert row is not None
+    return row.state
+
+
 async def by_name(cluster: Cluster) -> dict[str, HostStatus]:
     return {status.name: status for status in await cluster.hosts()}
 
@@ -125,39 +134,58 @@ async def test_drain_is_reported_and_kept(hosts: Cluster) -> None:
     assert not (await hosts.status("h2")).draining
 
 
-async def test_node_death_and_return(hosts: Cluster, ray_cluster: RayCluster) -> None:
-    """Kill h1's node: h1 is not alive (its node dead) within 30 s and its server is gone,
-    h2 unaffected; a new node for h1: the actor restarts and serves again, key and all."""
-    before = await hosts.endpoint("h1")
-    old_node = ray_cluster.node_id("h1")
-    killed_at = ray_cluster.kill_node("h1")
-    while True:
+async def test_node_death_and_return(
+    hosts: Cluster, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Kill h1's node: within 30 s the monitor has h1 down and its sandbox lost (h2's
+    untouched), Ray has its node dead and its server is gone; a new node for h1: the actor
+    restarts, serves again with a new key, and the monitor marks it up."""
+    async with await Store.open(tmp_path / "index.db") as store:
+        monitor = HostMonitor(store, hosts, sync_every=1000)  # no periodic sync here
+        await monitor.run_once()  # both hosts known and up
+        for sandbox_id, host in (("x1", "h1"), ("x2", "h2")):
+            await store.insert(make_row(sandbox_id, state="running", host=host))
+        before = await hosts.endpoint("h1")
+        old_node = ray_cluster.node_id("h1")
+        killed_at = ray_cluster.kill_node("h1")
+        while await state_of(store, "x1") != "lost":
+            assert time.monotonic() - killed_at < DEATH_WAIT_S, "h1's sandbox not lost"
+            await monitor.run_once()
+            await anyio.sleep(0.5)
+        print(f"h1's sandbox lost {time.monotonic() - killed_at:.1f} s after the kill")
+        assert await state_of(store, "x2") == "running"
+        assert [(h.name, h.state) for h in await store.list_hosts()] == [
+            ("h1", "down"),
+            ("h2", "up"),
+        ]
         statuses = await by_name(hosts)
-        dead = await hosts.dead_nodes()
-        if not statuses["h1"].alive and old_node in dead:
-            break
-        assert time.monotonic() - killed_at < DEATH_WAIT_S, "h1 still counted alive"
-        await anyio.sleep(0.5)
-    print(f"h1 not alive and its node dead {time.monotonic() - killed_at:.1f} s after the kill")
-    assert statuses["h1"].node_id == old_node
-    assert statuses["h2"].alive
-    async with httpx.AsyncClient(timeout=5) as client:
-        with pytest.raises(httpx.TransportError):  # PR_SET_PDEATHSIG took the server down
-            await client.get(f"{before.url}/healthz")
+        assert not statuses["h1"].alive and statuses["h1"].node_id == old_node
+        assert statuses["h2"].alive
+        while old_node not in await hosts.dead_nodes():
+            assert time.monotonic() - killed_at < DEATH_WAIT_S, "Ray has h1's node alive"
+            await anyio.sleep(0.5)
+        print(f"h1's node dead for Ray {time.monotonic() - killed_at:.1f} s after the kill")
+        async with httpx.AsyncClient(timeout=5) as client:
+            with pytest.raises(httpx.TransportError):  # PR_SET_PDEATHSIG took the server down
+                await client.get(f"{before.url}/healthz")
 
-    ray_cluster.restart_node("h1")
-    restarted_at = time.monotonic()
-    while not (status := await hosts.status("h1")).alive:
-        assert time.monotonic() - restarted_at < BACK_WAIT_S, "h1 did not come back"
-        await anyio.sleep(0.5)
-    print(f"h1 serving again {time.monotonic() - restarted_at:.1f} s after its node came back")
-    assert status.node_id == ray_cluster.node_id("h1") != old_node
-    hosts.forget("h1")
-    after = await hosts.endpoint("h1")
-    assert after.key != before.key
-    headers = {"Authorization": f"Bearer {after.key}"}
-    async with httpx.AsyncClient(base_url=after.url, headers=headers, timeout=10) as client:
-        assert (await client.get("/v1/sandboxes")).status_code == 200
+        ray_cluster.restart_node("h1")
+        restarted_at = time.monotonic()
+        while not (status := await hosts.status("h1")).alive:
+            assert time.monotonic() - restarted_at < BACK_WAIT_S, "h1 did not come back"
+            await anyio.sleep(0.5)
+        print(f"h1 serving again {time.monotonic() - restarted_at:.1f} s after its node came back")
+        assert status.node_id == ray_cluster.node_id("h1") != old_node
+        hosts.forget("h1")
+        after = await hosts.endpoint("h1")
+        assert after.key != before.key
+        headers = {"Authorization": f"Bearer {after.key}"}
+        async with httpx.AsyncClient(base_url=after.url, headers=headers, timeout=10) as client:
+            assert (await client.get("/v1/sandboxes")).status_code == 200
+        await monitor.run_once()
+        row = await store.get_host("h1")
+        assert row is not None and (row.state, row.url) == ("up", after.url)
+        assert await state_of(store, "x1") == "lost"  # h1 does not know it: it stays lost
 
 
 async def test_a_dead_server_is_restarted(hosts: Cluster, data_root: Path) -> None:
