@@ -6,7 +6,8 @@
 - :func:`transaction` is ``BEGIN`` + ``pg_advisory_xact_lock(STORE_LOCK_KEY)``: every
   read-then-write of the store (and every migration) holds the one lock, as SQLite's
   ``BEGIN IMMEDIATE`` holds its one write lock, so two API replicas never interleave
-  a check and its write. Plain one-statement writes take no lock (they are atomic).
+  a check and its write. One-statement writes that no check depends on (the audit log,
+  a key's last use, a delete) take no lock: they are atomic on their own.
 - :func:`database_errors`: disk full (SQLSTATE 53100) becomes StorageFull; a database
   that is unreachable or went away becomes HostError (503). Messages never carry the
   URL's password (:func:`redact`).

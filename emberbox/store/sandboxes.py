@@ -52,7 +52,11 @@ _SELECT_EXEC = (
 
 def insert_sandbox(conn: Connection, row: SandboxRow) -> SandboxRow:
     try:
-        conn.execute(_INSERT_SANDBOX, row_to_params(row))
+        # In a transaction: a fork's insert never slips between delete_snapshot's check
+        # and its delete (on SQLite every write is serialized anyway; on PostgreSQL only
+        # what holds the store's lock is).
+        with transaction(conn):
+            conn.execute(_INSERT_SANDBOX, row_to_params(row))
     except integrity_errors(conn) as exc:
         if get_sandbox(conn, row.id) is not None:
             raise errors.Conflict(f"sandbox {row.id} already exists") from exc
