@@ -29,7 +29,9 @@ RESOURCE_PREFIX = "emberbox_host_"
 STATUS_TIMEOUT_S = 2.0  # a host that does not answer in this is reported not alive
 CALL_TIMEOUT_S = 5.0  # endpoint, drain
 CONNECT_TIMEOUT_S = 30.0
-ENDPOINT_TTL_S = 5.0  # an endpoint is asked again after this (a restarted host has a new key)
+# An endpoint is asked again after this; a status call that finds the host down or at
+# another URL drops it at once (a restarted host has a new key).
+ENDPOINT_TTL_S = 5.0
 START_TIMEOUT_S = 180.0  # the host's server answers /healthz (a first start is slow)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
@@ -217,9 +219,14 @@ class Cluster:
             actor = await self._actor(name)
             raw, node_id = await self._call(_status_call(actor), STATUS_TIMEOUT_S)
         except (HostError, NotFound):
+            self.forget(name)  # it may come back with a new URL and key
             return dead_status(name, self._nodes.get(name))
         self._nodes[name] = node_id
-        return status_of(raw, node_id)
+        status = status_of(raw, node_id)
+        cached = self._endpoints.get(name)
+        if cached and cached[1].url != status.url:
+            self.forget(name)  # restarted: a new server, a new key
+        return status
 
     async def endpoint(self, name: str) -> HostEndpoint:
         """Host ``name``'s server URL and admin key; :class:`HostDown` if it does not answer."""
