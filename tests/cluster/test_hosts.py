@@ -11,6 +11,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from emberbox.cluster.hosts import Cluster, HostStatus, start_host, stop_host
 from emberbox.cluster.monitor import HostMonitor
 from emberbox.config import Settings
 from emberbox.store import Store
-from tests.support.paths import short_tmp_dir
+from tests.support.paths import REPO, short_tmp_dir
 from tests.support.raycluster import RayCluster, running_ray_cluster
 from tests.support.rows import make_row
 
@@ -206,3 +208,27 @@ async def test_a_dead_server_is_restarted(hosts: Cluster, data_root: Path) -> No
     after = await hosts.endpoint("h2")
     assert after.key != before.key
     assert pids_with_env(f"EMBERBOX_DATA_DIR={data_root / 'h2'}") != servers
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", "import sys; from emberbox.cli import main; sys.exit(main())"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=120, cwd=REPO, check=False
+    )
+
+
+async def test_cli_host_start(hosts: Cluster, ray_cluster: RayCluster, data_root: Path) -> None:
+    """`emberbox cluster host start` finds a running host (idempotent, prints its URL, not its
+    key) and refuses, in one line, a host whose resource no node offers."""
+    address = ["--address", ray_cluster.address]
+    again = run_cli(
+        "cluster", "host", "start", "--name", "h2", "--data-dir", str(data_root / "h2"), *address
+    )
+    assert again.returncode == 0, again.stderr
+    endpoint = await hosts.endpoint("h2")
+    assert endpoint.url in again.stdout and endpoint.key not in again.stdout + again.stderr
+    nowhere = run_cli(
+        "cluster", "host", "start", "--name", "h9", "--data-dir", str(data_root / "h9"), *address
+    )
+    assert nowhere.returncode != 0
+    assert "emberbox_host_h9" in nowhere.stderr and "Traceback" not in nowhere.stderr
