@@ -215,9 +215,11 @@ def _set_env(values: Mapping[str, str | None]) -> dict[str, str | None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    from ray._raylet import Config  # type: ignore[attr-defined]
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")  # Ray reads RAY_AUTH_MODE once per process otherwise
+    # and caches the token: a second cluster in this process has another one
+    AuthenticationTokenLoader.instance().reset_cache()
     return saved
 
 
