@@ -24,12 +24,16 @@ E2B_CREATE = "E2B SDK: create -> first run('true')"
 NATIVE_CREATE = "emberbox SDK: create -> first exec('true')"
 E2B_RUN = "E2B SDK: commands.run('true')"
 NATIVE_RUN = "emberbox SDK: exec('true')"
-# The same as root: no setpriv, only bash's own start and its (fork-free) profile.
+# The same as root: no user switch, only bash's own start and its (fork-free) profile.
 E2B_RUN_ROOT = "E2B SDK: commands.run('true', user='root')"
-# What the E2B SDK actually asks for: `/bin/bash -l -c true`, as user (setpriv), with
-# the environment and directory the front gives it.
+# What the E2B SDK actually asks for: `/bin/bash -l -c true`, as user, with the
+# environment and directory the front gives it. The native API has no user field, so
+# natively the switch is a `setpriv` exec (the E2B front has the agent switch itself).
 NATIVE_LOGIN = "emberbox SDK: exec('bash -l -c true')"
 LOGIN_ENV = {"HOME": "/home/user", "USER": "user", "LOGNAME": "user"}
+# The same login shell natively as root: the E2B command's cost without any switch.
+NATIVE_LOGIN_ROOT = "emberbox SDK: exec('bash -l -c true'), root"
+ROOT_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root"}
 RUN_CODE = "E2B code interpreter: run_code('1+1'), warm"
 WARMUP = 2
 LOGIN_SHELL = ["setpriv", "--reuid=1000", "--regid=1000", "--init-groups", "--"]
@@ -45,6 +49,10 @@ async def e2b_front(data_dir: Path, samples: int, runs: int, report: Report) -> 
     report.ratio("e2b_run_over_native_exec", E2B_RUN, NATIVE_RUN)
     report.ratio("e2b_run_over_native_login_shell", E2B_RUN, NATIVE_LOGIN)
     report.ratio("e2b_root_run_over_native_exec", E2B_RUN_ROOT, NATIVE_RUN)
+    # the front alone: the same login shell, no user switch on either side
+    report.ratio("e2b_root_run_over_native_root_login_shell", E2B_RUN_ROOT, NATIVE_LOGIN_ROOT)
+    # what running as `user` costs over root (the agent's own switch)
+    report.ratio("e2b_run_over_native_root_login_shell", E2B_RUN, NATIVE_LOGIN_ROOT)
     report.check("e2b_create_over_native", 1.2)
     report.check("e2b_run_over_native_exec", 1.3)
 
@@ -58,8 +66,9 @@ def _measure(url: str, samples: int, runs: int) -> list[Measurement]:
     from emberbox.sdk import Sandbox
 
     names = (E2B_CREATE, NATIVE_CREATE, E2B_RUN, NATIVE_RUN, NATIVE_LOGIN, RUN_CODE, E2B_RUN_ROOT)
-    out = [Measurement(n) for n in names]
-    e2b_create, native_create, e2b_run, native_run, native_login, run_code, e2b_root = out
+    out = [Measurement(n) for n in (*names, NATIVE_LOGIN_ROOT)]
+    e2b_create, native_create, e2b_run, native_run, native_login, run_code, e2b_root = out[:7]
+    native_login_root = out[7]
     progress(f"e2b front: {samples} creates each way")
     for _ in range(samples):
         started = time.perf_counter()
@@ -89,6 +98,9 @@ def _measure(url: str, samples: int, runs: int) -> list[Measurement]:
             started = time.perf_counter()
             native.commands.run(LOGIN_SHELL, env=LOGIN_ENV, cwd="/home/user")
             native_login.samples.append(ms_since(started))
+            started = time.perf_counter()
+            native.commands.run(LOGIN_SHELL[5:], env=ROOT_ENV, cwd="/root")
+            native_login_root.samples.append(ms_since(started))
             started = time.perf_counter()
             box.commands.run("true", user="root")
             e2b_root.samples.append(ms_since(started))

@@ -153,6 +153,7 @@ def launch(
             start_new_session=True,
             close_fds=True,
             preexec_fn=_child_setup(group, slave is not None, cmd.user),
+            **({} if cmd.user is None or group is not None else cmd.user.popen_ids()),
         )
     except ValueError as exc:  # e.g. an embedded NUL byte
         _close(master)
@@ -171,19 +172,25 @@ def launch(
 def _child_setup(
     group: cgroups.Group | None, ctty: bool, user: runas.RunAs | None
 ) -> Callable[[], None] | None:
-    """What the child does between fork and exec (after setsid and the dup2s): join its
-    cgroup and take its terminal while still root, then become its user."""
-    if group is None and not ctty and user is None:
-        return None  # no preexec_fn: Popen may then use vfork
+    """What the child does between fork and exec (after setsid and the dup2s). Popen
+    switches the user before this runs, except with a cgroup: joining it needs root, so
+    then the switch comes here, after the join. A terminal needs no privilege to become
+    the controlling one (it is new), nor does no_new_privs."""
+    switch = user is not None and group is not None
     prctl = runas.prctl() if user is not None and user.no_new_privs else None
+    if group is None and not ctty and prctl is None:
+        return None  # no Python in the child (and, without a user, Popen may use vfork)
 
     def setup() -> None:
         if group is not None:
             group.join()
         if ctty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        if user is not None:
-            user.become(prctl)
+        if switch:
+            assert user is not None
+            user.become()
+        if prctl is not None:
+            runas.forbid_new_privs(prctl)
 
     return setup
 

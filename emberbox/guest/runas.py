@@ -2,11 +2,12 @@
 (standard library only).
 
 The agent runs as root. A command with ``"user": {"uid", "gid", "name", "no_new_privs"}``
-is switched by the agent's own child between fork and exec (after it joined its cgroup
-and took its terminal): ``setgroups``, ``setgid``, ``setuid``, then
-``PR_SET_NO_NEW_PRIVS`` when asked — what ``setpriv --reuid --regid --init-groups``
-did, without a ``setpriv`` process (an exec and its dynamic linking: ~50 ms under TCG)
-and in images that have no ``setpriv`` (foreign userlands). The supplementary groups
+is switched by the agent's own child between fork and exec: ``setgroups``, ``setgid``,
+``setuid`` (by Popen itself, in C; in the preexec_fn, after the cgroup join that needs
+root, when the command has a cgroup), then ``PR_SET_NO_NEW_PRIVS`` when asked — what
+``setpriv --reuid --regid --init-groups`` did, without a ``setpriv`` process (an exec
+and its dynamic linking: ~50 ms under TCG) and in images that have no ``setpriv``
+(foreign userlands). The price is a fork of the agent instead of a vfork. The supplementary groups
 are ``gid`` and every group of ``/etc/group`` that lists ``name`` (initgroups); none
 without a name (``--clear-groups``). ``/etc/group`` is read once and again only when it
 changes. The environment is the caller's to set (``HOME``, ``USER``, ``LOGNAME``).
@@ -39,15 +40,27 @@ class RunAs:
     groups: tuple[int, ...]
     no_new_privs: bool
 
-    def become(self, prctl: Callable[..., int] | None) -> None:
-        """In the child (root): take this identity; raises OSError if the kernel refuses."""
-        os.setgroups(list(self.groups))
+    @property
+    def supplementary(self) -> list[int]:
+        """The groups to set: never empty, so that no version of Popen's
+        ``extra_groups`` can mistake "none" for "keep root's" (the gid adds no access)."""
+        return list(self.groups) or [self.gid]
+
+    def popen_ids(self) -> dict[str, Any]:
+        """Popen's own switch (done in C between fork and exec, before any preexec_fn)."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.supplementary}
+
+    def become(self) -> None:
+        """The same switch in a preexec_fn (after joining a cgroup, which needs root)."""
+        os.setgroups(self.supplementary)
         os.setgid(self.gid)
         os.setuid(self.uid)
-        if self.no_new_privs:
-            assert prctl is not None
-            if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def forbid_new_privs(prctl: Callable[..., int]) -> None:
+    """PR_SET_NO_NEW_PRIVS on the calling process (in the child: it needs no privilege)."""
+    if prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def parse_user(req: dict[str, Any]) -> RunAs | None:

@@ -9,17 +9,18 @@ import dataclasses
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from emberbox import errors
 from emberbox.agent_client.client import AgentClient, ExecSpec, SpawnSpec
 from emberbox.agent_client.spec import RunAs
-from emberbox.guest import protocol, runas
+from emberbox.guest import cgroups, commands, protocol, runas
 from tests.support.agent import RunningAgent, running_agent
 
 pytestmark = pytest.mark.anyio
@@ -127,6 +128,34 @@ async def test_a_program_the_user_may_not_run_is_126(client: AgentClient, files:
     ran = await client.exec(private)
     assert denied.exit_code == 126 and b"ran" not in denied.stdout
     assert (ran.exit_code, ran.stdout) == (0, b"ran\n")
+
+
+class JoinRecorder:
+    """Stands for a cgroup: records, in the child, who joins it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def join(self) -> None:
+        self.path.write_text(f"{os.geteuid()} {os.getegid()}")
+
+
+@as_root
+@pytest.mark.parametrize("no_new_privs", [False, True])
+def test_a_command_with_a_cgroup_joins_it_as_root(files: Path, no_new_privs: bool) -> None:
+    """Joining a cgroup needs root: with one, the switch comes after the join (in the
+    preexec_fn, not Popen's own, which would come first)."""
+    recorder = JoinRecorder(files / "joined")
+    request: dict[str, Any] = {
+        "argv": ["sh", "-c", "id -u; id -G; grep NoNewPrivs /proc/self/status"],
+        "user": {"uid": NOBODY, "gid": NOBODY, "no_new_privs": no_new_privs},
+    }
+    cmd = commands.parse_command(request)
+    group = cast(cgroups.Group, recorder)
+    popen, _ = commands.launch(cmd, stdin=subprocess.DEVNULL, group=group)
+    out, _ = popen.communicate(timeout=30)
+    assert recorder.path.read_text() == "0 0"
+    assert out.decode().split() == [str(NOBODY), str(NOBODY), "NoNewPrivs:", str(int(no_new_privs))]
 
 
 @pytest.mark.parametrize(
