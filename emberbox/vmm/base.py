@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 AgentStream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Lifetime = Literal["ephemeral", "detached"]
@@ -166,4 +166,28 @@ class Driver(Protocol):
 
     async def attach(self, config: VMConfig, pid: int) -> VM:
         """Re-adopt a VMM left running by an earlier server process."""
+        ...
+
+
+@runtime_checkable
+class Prelaunching(Driver, Protocol):
+    """A driver that can start a VMM ahead of a restore (QEMU: ``-incoming defer``), so
+    that a later restore only loads the saved state into it."""
+
+    async def prelaunch(
+        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+    ) -> VM:
+        """The VMM for ``config``, started and waiting for ``snapshot``'s state."""
+        ...
+
+    async def restore(
+        self,
+        config: VMConfig,
+        snapshot: SnapshotFiles,
+        *,
+        adopt_disk: bool = False,
+        prelaunched: Any = None,
+    ) -> VM:
+        """As :meth:`Driver.restore`; with ``prelaunched`` (from :meth:`prelaunch` for
+        this config and snapshot) only the state is loaded into it."""
         ...

@@ -37,7 +37,9 @@ from emberbox.service.sandboxes.state import LIVE_STATES, SandboxState
 from emberbox.service.snapshots import records as snapshots
 from emberbox.service.tenancy import quotas
 from emberbox.service.vm import templates
+from emberbox.service.vm.launch import spares_of
 from emberbox.service.vm.pool import PoolShape
+from emberbox.service.vm.spares import SpareShape
 from emberbox.store import LOCAL_TENANT_ID, SandboxRow, SnapshotRow, Store, tenants, utcnow
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,25 @@ class BootFlows:
         self._factory = factory
         self._restorer = restorer
         self._attacher = attacher
+        # The launcher's spare VMMs (none with a fake factory): a create without a
+        # network or snapshot takes a spare's id at admission, and so its VMM.
+        self._spares = spares_of(factory)
+        if self._spares is not None:
+            self._spares.id_bytes = ID_BYTES
+
+    async def close(self) -> None:
+        """Kill the spare VMMs (the manager's close, shielded)."""
+        if self._spares is not None:
+            await self._spares.close()
+
+    def _claim_spare(self, image: str, vcpus: int, memory_mib: int) -> str | None:
+        if self._spares is None:
+            return None
+        return self._spares.claim(SpareShape(image, vcpus, memory_mib))
+
+    def _release_spare(self, sandbox_id: str | None) -> None:
+        if self._spares is not None and sandbox_id is not None:
+            self._spares.release(sandbox_id)
 
     async def attach(self, row: SandboxRow) -> SandboxHandle:
         """(Reconcile) re-adopt ``row``'s VMM, left running by an earlier server."""
@@ -95,14 +116,23 @@ class BootFlows:
                 if networked
                 else None
             )
-            for _ in range(5):
-                chosen = sandbox_id or secrets.token_hex(ID_BYTES)
-                row = _new_row(self._settings, spec, chosen, snapshot_id, tenant_id, ip_address)
-                try:
-                    return await store.insert(row)
-                except errors.Conflict:
-                    if sandbox_id is not None:  # a pooled VM's id: it cannot change
-                        raise
+            plain = sandbox_id is None and snapshot_id is None and not networked
+            shape = (spec.image, spec.vcpus, spec.memory_mib)
+            spare = self._claim_spare(*shape) if plain else None
+            try:
+                for _ in range(5):
+                    chosen = sandbox_id or spare or secrets.token_hex(ID_BYTES)
+                    row = _new_row(self._settings, spec, chosen, snapshot_id, tenant_id, ip_address)
+                    try:
+                        return await store.insert(row)
+                    except errors.Conflict:
+                        if sandbox_id is not None:  # a pooled VM's id: it cannot change
+                            raise
+                        self._release_spare(spare)
+                        spare = None
+            except BaseException:
+                self._release_spare(spare)
+                raise
         raise errors.EmberboxError("could not allocate a unique sandbox id")
 
     async def check_quota(
@@ -169,15 +199,21 @@ class BootFlows:
     async def fill_pool(self, shape: PoolShape, sandbox_id: str) -> SandboxHandle:
         """(Pool) one sandbox of ``shape`` restored from its template. It runs only our
         own ``true`` (which warms the VMM's translation of the exec path), never a
-        caller's command."""
-        handle = await self._factory(
-            self._settings,
-            image=shape.image,
-            vcpus=shape.vcpus,
-            memory_mib=shape.memory_mib,
-            sandbox_id=sandbox_id,
-            lifetime="detached",
-        )
+        caller's command. A spare VMM of the shape, if there is one, becomes it (the
+        pool's id for it is then the spare's)."""
+        spare = self._claim_spare(shape.image, shape.vcpus, shape.memory_mib)
+        try:
+            handle = await self._factory(
+                self._settings,
+                image=shape.image,
+                vcpus=shape.vcpus,
+                memory_mib=shape.memory_mib,
+                sandbox_id=spare or sandbox_id,
+                lifetime="detached",
+            )
+        except BaseException:
+            self._release_spare(spare)  # no-op once the launcher took it
+            raise
         try:
             await handle.agent.exec(ExecSpec(["true"], timeout_s=30))
             if shape.image == self._settings.run_image:  # and the one-shot run path
@@ -246,6 +282,7 @@ class BootFlows:
         """Leave nothing of a boot that did not finish. A row still ``creating`` ends
         ``error`` (with the reason) or, when it was killed, ``stopped``. Call shielded."""
         core = self._core
+        self._release_spare(row.id)  # claimed at admission, never started
         try:
             await core.teardown(row, handle)
         except Exception:

@@ -152,6 +152,7 @@ class SandboxManager:
                 await self.pool.close()  # its filler task has ended with the task group
                 for pool in self.image_pools:
                     await pool.close()
+                await self._boots.close()  # the spare VMMs
                 await core.detach_all()
                 if core.store is not None:
                     await core.store.close()

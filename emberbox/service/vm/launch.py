@@ -1,8 +1,11 @@
 """How the service gets real VMs: restore the image's template snapshot, and boot cold
-only when no template can be had (logged). Shares one driver, chosen once."""
+only when no template can be had (logged). Shares one driver, chosen once, and the
+spare VMMs that restores without a network load their state into
+(:mod:`~emberbox.service.vm.spares`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -10,7 +13,8 @@ from emberbox import errors
 from emberbox.config import Settings
 from emberbox.images.registry import ImageRegistry
 from emberbox.net.plan import NetworkPlan
-from emberbox.service.vm.machine import SandboxVM
+from emberbox.service.vm.machine import SandboxVM, vm_config
+from emberbox.service.vm.spares import SpareShape, SpareVMMs
 from emberbox.service.vm.templates import Templates
 from emberbox.vmm.base import Driver, Lifetime, SnapshotFiles
 from emberbox.vmm.select import DriverCache
@@ -28,6 +32,11 @@ class Launcher:
     def __init__(self) -> None:
         self._drivers = DriverCache()
         self._templates: Templates | None = None
+        self.spares = SpareVMMs()
+
+    async def close(self) -> None:
+        """Kill the spare VMMs (the sandboxes started are the manager's)."""
+        await self.spares.close()
 
     def _driver(self, settings: Settings, image: str | None) -> Driver:
         """The one driver; the first call probes KVM with ``image``'s boot files."""
@@ -52,19 +61,44 @@ class Launcher:
         if settings.templates:
             template = await self._template(settings, driver, **shape)
             if template is not None:
+                # A spare serves (and is made for) restores without a network only.
+                spare_shape = SpareShape(image, vcpus, memory_mib)
+                spare = self.spares.take(sandbox_id, template)
+                if spare is not None and (network is not None or lifetime != "detached"):
+                    await spare.kill()  # made for neither
+                    spare = None
+                restore = functools.partial(
+                    SandboxVM.restore,
+                    settings,
+                    template,
+                    **shape,
+                    sandbox_id=sandbox_id,
+                    lifetime=lifetime,
+                    driver=driver,
+                    timeout_s=RESTORE_TIMEOUT_S,
+                    network=network,
+                    reset_network=False,  # a template's NIC was never up
+                )
                 try:
-                    vm = await SandboxVM.restore(
-                        settings,
-                        template,
-                        **shape,
-                        sandbox_id=sandbox_id,
-                        lifetime=lifetime,
-                        driver=driver,
-                        timeout_s=RESTORE_TIMEOUT_S,
-                        network=network,
-                        reset_network=False,  # a template's NIC was never up
-                    )
+                    try:
+                        vm = await restore(prelaunched=spare)
+                    except (errors.VMMError, errors.AgentError) as exc:
+                        if spare is None:
+                            raise
+                        # The spare's fault (it is gone now), not the template's.
+                        log.warning("sandbox %s: spare VMM failed (%s)", sandbox_id, exc.message)
+                        vm = await restore()
                     vm.origin = "template"
+                    if network is None and lifetime == "detached":
+                        info = ImageRegistry(settings).get(image)
+                        self.spares.refill(
+                            driver,
+                            template,
+                            spare_shape,
+                            lambda new_id: vm_config(
+                                settings, info, new_id, vcpus, memory_mib, "detached"
+                            ),
+                        )
                     return vm
                 except (errors.VMMError, errors.AgentError, errors.SnapshotMismatch) as exc:
                     log.warning(
@@ -109,3 +143,10 @@ class Launcher:
         except errors.EmberboxError as exc:
             log.warning("no template for image %s (%s); booting cold", image, exc.message)
             return None
+
+
+def spares_of(factory: object) -> SpareVMMs | None:
+    """The spare VMMs behind ``factory`` when it is a :class:`Launcher`'s ``start``
+    (None for another factory, such as a test's fake): admission claims them."""
+    owner = getattr(factory, "__self__", None)
+    return owner.spares if isinstance(owner, Launcher) else None

@@ -32,7 +32,7 @@ from emberbox.net import plan as netplan
 from emberbox.net.plan import NetworkPlan
 from emberbox.service.vm.boot import boot_until_ready, connect_agent
 from emberbox.service.vm.network import configure_guest, network_down, network_up
-from emberbox.vmm.base import VM, Driver, Lifetime, SnapshotFiles, VMConfig
+from emberbox.vmm.base import VM, Driver, Lifetime, Prelaunching, SnapshotFiles, VMConfig
 from emberbox.vmm.host import UNIX_PATH_MAX, socket_path_fits
 from emberbox.vmm.phases import Phases, phases_of
 from emberbox.vmm.select import choose_driver
@@ -134,7 +134,7 @@ class SandboxVM:
         with phases.timed("network (host)"):
             ns = await network_up(settings, driver, sandbox_id, network)
         try:
-            config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
+            config = vm_config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
             ready = await boot_until_ready(
                 lambda: driver.start(config),
                 timeout_s=settings.boot_timeout_s,
@@ -180,6 +180,7 @@ class SandboxVM:
         timeout_s: float | None = None,
         network: NetworkPlan | None = None,
         reset_network: bool = True,
+        prelaunched: VM | None = None,
     ) -> SandboxVM:
         """Start a sandbox from ``snapshot`` (made by a VM of this image and shape) and
         return once its agent answered a fresh hello: new entropy (RNG reseeded), the
@@ -192,6 +193,9 @@ class SandboxVM:
         snapshot may be of a sandbox that had a network; ``reset_network=False`` skips
         that for a template, whose NIC was never up, and a resumed sandbox without a
         network never had one).
+
+        ``prelaunched``: a VMM the driver started ahead for exactly this sandbox
+        (:mod:`~emberbox.service.vm.spares`, no network), which only loads the state.
         """
         check_shape(settings, vcpus, memory_mib)
         info = ImageRegistry(settings).get(image)
@@ -202,8 +206,13 @@ class SandboxVM:
         with phases.timed("network (host)"):
             ns = await network_up(settings, driver, sandbox_id, network, keep_record=adopt_disk)
         try:
-            config = _config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
-            vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
+            config = vm_config(settings, info, sandbox_id, vcpus, memory_mib, lifetime, ns)
+            if prelaunched is not None and isinstance(driver, Prelaunching):
+                vm = await driver.restore(
+                    config, snapshot, adopt_disk=adopt_disk, prelaunched=prelaunched
+                )
+            else:
+                vm = await driver.restore(config, snapshot, adopt_disk=adopt_disk)
             phases.merge(phases_of(vm))
             try:
                 with phases.timed("agent hello"):
@@ -222,6 +231,8 @@ class SandboxVM:
                 await vm.kill()
                 raise
         except BaseException:
+            if prelaunched is not None:  # idempotent: also when the restore killed it
+                await prelaunched.kill()
             # A paused sandbox (adopt_disk) keeps its record for the next resume.
             await network_down(ns, keep_record=adopt_disk)
             raise
@@ -230,6 +241,8 @@ class SandboxVM:
                 ns.close_tap()
         sandbox = cls(sandbox_id, info.name, vm, agent, hello, vcpus, memory_mib, ns)
         sandbox.phases = phases
+        if prelaunched is not None:  # its start, before the create: the bench shows it apart
+            sandbox.prepared_phases = phases_of(_Prepared(vm))
         return sandbox
 
     @classmethod
@@ -265,7 +278,7 @@ class SandboxVM:
     ) -> SandboxVM:
         """Adopt a detached VM left running by an earlier process and reconnect its agent."""
         info = ImageRegistry(settings).get(image)
-        config = _config(settings, info, sandbox_id, vcpus, memory_mib, "detached")
+        config = vm_config(settings, info, sandbox_id, vcpus, memory_mib, "detached")
         if driver is None:
             driver = choose_driver(settings, info.files).driver
         vm = await driver.attach(config, pid)
@@ -348,11 +361,18 @@ class SandboxVM:
             await self.vm.release()
 
 
+class _Prepared:
+    """A VM's ``prepared_phases`` (a prelaunched VMM's start) seen as ``phases``."""
+
+    def __init__(self, vm: object) -> None:
+        self.phases = getattr(vm, "prepared_phases", None)
+
+
 def _hostname(sandbox_id: str) -> str:
     return f"emberbox-{sandbox_id[:12]}"
 
 
-def _config(
+def vm_config(
     settings: Settings,
     info: ImageInfo,
     sandbox_id: str,
@@ -380,4 +400,4 @@ def disk_roots(settings: Settings) -> tuple[Path, ...]:
     return tuple(Path(os.path.realpath(d)) for d in dirs)
 
 
-__all__ = ["SandboxVM", "check_shape", "new_sandbox_id", "work_dir_for"]
+__all__ = ["SandboxVM", "check_shape", "new_sandbox_id", "vm_config", "work_dir_for"]

@@ -33,7 +33,7 @@ from emberbox.vmm.qemu import files as qemu_files
 from emberbox.vmm.qemu import migration
 from emberbox.vmm.qemu.argv import MACHINE_REVISION, Accel, QemuPaths, build_argv
 from emberbox.vmm.qemu.process import die_with_parent, spawn_janitor, without_huge_pages
-from emberbox.vmm.qemu.vm import DISK_FILE, NAME, STATE_FILE, QemuVM
+from emberbox.vmm.qemu.vm import DISK_FILE, NAME, STATE_FILE, Incoming, QemuVM
 from emberbox.vmm.vmm_user import VmmUser
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,35 @@ class QemuDriver:
             raise
 
     async def restore(
+        self,
+        config: VMConfig,
+        snapshot: SnapshotFiles,
+        *,
+        adopt_disk: bool = False,
+        prelaunched: QemuVM | None = None,
+    ) -> QemuVM:
+        """(See :meth:`Driver.restore`.) With ``prelaunched`` (made by :meth:`prelaunch`
+        for this ``config`` and ``snapshot``), only the state is loaded into it."""
+        if prelaunched is None:
+            vm = await self.prelaunch(config, snapshot, adopt_disk=adopt_disk)
+        else:
+            vm = prelaunched
+            if vm.incoming is None or vm.config != config:
+                await vm.kill()
+                raise VMMError(f"VM {vm.vm_id} is not a prelaunched VM for {config.vm_id}")
+            # Its start was before this restore: its phases are kept apart.
+            vm.prepared_phases, vm.phases = vm.phases, Phases()
+        assert vm.incoming is not None
+        await self._load(vm, vm.incoming)
+        return vm
+
+    async def prelaunch(
         self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
     ) -> QemuVM:
+        """A QEMU for ``config`` that waits for ``snapshot``'s state (``-incoming
+        defer``): its disk overlay made, the process started in its cgroup, QMP
+        connected. The guest does not exist yet; :meth:`restore` with ``prelaunched``
+        loads it. Kill it when it is not used."""
         self.check_host()
         if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.state_version()):
             raise SnapshotMismatch(
@@ -144,15 +171,23 @@ class QemuDriver:
             self._check_disk(config)
         # A clone maps the template's RAM file copy-on-write; the VM itself is no template.
         boot_config = replace(config, memory_file=snapshot.memory_file)
-        state_fd = os.open(state, os.O_RDONLY)  # inherited by QEMU under the same number
+        # QEMU inherits the state file under the same number; our copy closes at once.
+        state_fd = os.open(state, os.O_RDONLY)
         try:
             vm = self._spawn(config, boot=boot_config, pass_fds=(state_fd,), phases=phases)
-            await self._load(vm, state, state_fd, ignore_shared=snapshot.memory_file is not None)
         except BaseException:
             shutil.rmtree(config.work_dir, ignore_errors=True)
             raise
         finally:
             os.close(state_fd)
+        vm.incoming = Incoming(state, state_fd, ignore_shared=snapshot.memory_file is not None)
+        try:
+            with vm.phases.timed("QMP connect"):
+                qmp = await vm.qmp()
+            await migration.set_ignore_shared(qmp, vm.incoming.ignore_shared)
+        except BaseException as exc:
+            await self._fail_load(vm, state, exc)
+            raise
         return vm
 
     def _check_disk(self, config: VMConfig) -> None:
@@ -162,23 +197,27 @@ class QemuDriver:
             shutil.rmtree(config.work_dir, ignore_errors=True)
             raise
 
-    async def _load(self, vm: QemuVM, state: Path, state_fd: int, *, ignore_shared: bool) -> None:
+    async def _load(self, vm: QemuVM, incoming: Incoming) -> None:
         try:
-            with vm.phases.timed("QMP connect"):
-                qmp = await vm.qmp()
             with vm.phases.timed("migrate-incoming"):
-                await migration.load(qmp, state_fd, ignore_shared=ignore_shared, timeout_s=300.0)
+                await migration.load(await vm.qmp(), incoming.fd_number, timeout_s=300.0)
         except BaseException as exc:
-            if isinstance(exc, VMMError):  # QEMU exits when a stream does not load
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(vm.wait(), 2.0)
-            alive, description = vm.is_running(), vm.exit_description()
-            await vm.kill()
-            if isinstance(exc, VMMError) and not alive:
-                raise SnapshotCorrupt(
-                    f"could not load snapshot {state}: {description}", file=str(state)
-                ) from exc
+            await self._fail_load(vm, incoming.state, exc)
             raise
+        vm.incoming = None
+
+    async def _fail_load(self, vm: QemuVM, state: Path, exc: BaseException) -> None:
+        """Kill ``vm`` after its start or load failed; SnapshotCorrupt when QEMU itself
+        gave up on the stream (it exits when a state does not load)."""
+        if isinstance(exc, VMMError):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(vm.wait(), 2.0)
+        alive, description = vm.is_running(), vm.exit_description()
+        await vm.kill()
+        if isinstance(exc, VMMError) and not alive:
+            raise SnapshotCorrupt(
+                f"could not load snapshot {state}: {description}", file=str(state)
+            ) from exc
 
     def _spawn(
         self,

@@ -23,6 +23,8 @@ from emberbox.vmm.qemu.qmp import QMPClient
 # QEMU throttles migration to 32 MiB/s by default; to a local file we want all of it.
 MAX_BANDWIDTH = 1 << 40
 POLL_S = 0.005
+# A clone's device state loads in ~4 ms: polled at POLL_S, the wait rounded up to 10.
+LOAD_POLL_S = 0.0005
 _ENDED = {"completed", "failed", "cancelled"}
 
 
@@ -58,19 +60,19 @@ async def save(qmp: QMPClient, dest: Path, *, ignore_shared: bool, timeout_s: fl
         raise
 
 
-async def load(qmp: QMPClient, fd_number: int, *, ignore_shared: bool, timeout_s: float) -> None:
-    """Feed the state on QEMU's inherited ``fd_number`` to a ``-incoming defer`` QEMU,
+async def load(qmp: QMPClient, fd_number: int, *, timeout_s: float) -> None:
+    """Feed the state on QEMU's inherited ``fd_number`` to a ``-incoming defer`` QEMU
+    (``x-ignore-shared`` already set as its snapshot needs: :func:`set_ignore_shared`),
     wait until it is loaded, and run the guest (saved stopped, it would stay paused)."""
-    await set_ignore_shared(qmp, ignore_shared)
     await qmp.execute("migrate-incoming", uri=f"fd:{fd_number}")
-    status = await _wait_done(qmp, timeout_s)
+    status = await _wait_done(qmp, timeout_s, LOAD_POLL_S)
     if status.get("status") != "completed":
         raise VMMError(f"loading VM state failed: {status.get('error-desc', status)}")
     if not (await qmp.execute("query-status")).get("running"):
         await qmp.execute("cont")
 
 
-async def _wait_done(qmp: QMPClient, timeout_s: float) -> dict[str, Any]:
+async def _wait_done(qmp: QMPClient, timeout_s: float, poll_s: float = POLL_S) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -80,7 +82,7 @@ async def _wait_done(qmp: QMPClient, timeout_s: float) -> dict[str, Any]:
         if loop.time() > deadline:
             await qmp.execute("migrate_cancel")
             raise VMMError(f"VM state transfer did not finish within {timeout_s:g} s")
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(poll_s)
 
 
 def _fsync(path: Path) -> int:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from emberbox.errors import VMMCrashed, VMMError
@@ -34,6 +35,16 @@ NAME = "qemu"  # the backend, as snapshots record it
 STATE_FILE = "state"  # in a snapshot directory: device state (+ RAM unless a template)
 DISK_FILE = "disk.qcow2"  # in a snapshot directory: the disk as it was
 QMP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """The saved state a ``-incoming defer`` QEMU waits for: the file (for messages),
+    the number QEMU inherited it under, and whether its RAM stays in a shared file."""
+
+    state: Path
+    fd_number: int
+    ignore_shared: bool
 
 
 class QemuVM:
@@ -58,6 +69,8 @@ class QemuVM:
         self._killed = False
         self._qmp: QMPClient | None = None
         self.phases = Phases()  # how its start went (the driver's timing points)
+        self.incoming: Incoming | None = None  # prelaunched: the state it waits for
+        self.prepared_phases: Phases | None = None  # a prelaunched VM's start, once used
         self.save_timeout_s = 300.0
         self.console = ConsoleLog(
             self.paths.console, self.paths.console_log, config.console_log_max_bytes

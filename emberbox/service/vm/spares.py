@@ -1,0 +1,189 @@
+"""Spare VMMs: for each template shape in use, one VMM started ahead of the next create,
+waiting for the template's saved state (QEMU ``-incoming defer``).
+
+A template restore is QEMU's start (fork/exec, its cgroup, device set-up until its
+monitor answers: ~35 ms under TCG), then loading the device state, resuming the guest,
+the hello and the guest's first translated code. A spare does the first part before
+anyone asks: its disk overlay is made, the process runs in its cgroup, QMP is connected.
+The guest does not exist in it yet: no state is loaded, nothing of the template runs,
+no sandbox's data reaches it. What the create still does, and the bench still times, is
+the restore itself (load, resume, hello, first exec).
+
+That is what sets it apart from the warm pool (:mod:`~emberbox.service.vm.pool`),
+which holds whole running sandboxes of the default shape that have already been
+greeted and have run ``true`` (their translation warm). A spare is one idle QEMU per
+shape that has been restored since start (any image, vCPUs, memory): a few MiB of the
+host's memory (no guest RAM is mapped in until the state loads), and it serves only
+restores without a network (a TAP is given to QEMU when it starts).
+
+A spare's directory is named for the sandbox it will become (its id appears in QEMU's
+command line, where the orphan sweep and a restarted server's attach look for it), so
+the create claims it at admission (:meth:`SpareVMMs.claim`) and the row gets its id.
+Spares have no row: :meth:`SpareVMMs.close` kills them at a clean shutdown, and the
+orphan sweep of the next start after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from emberbox import errors
+from emberbox.vmm.base import VM, Driver, Prelaunching, SnapshotFiles, VMConfig
+
+log = logging.getLogger(__name__)
+
+# How long a refill waits after a restore: the new sandbox's first calls (translated
+# afresh under TCG) should not share the two cores with a QEMU starting.
+REFILL_DELAY_S = 0.3
+MAX_SPARES = 4  # shapes with a spare at once: each is an idle QEMU process
+
+
+@dataclass(frozen=True)
+class SpareShape:
+    image: str
+    vcpus: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class Spare:
+    sandbox_id: str
+    shape: SpareShape
+    template: SnapshotFiles
+    vm: VM
+
+
+class SpareVMMs:
+    """At most one spare VMM per shape, made after a restore of that shape."""
+
+    def __init__(
+        self,
+        *,
+        id_bytes: int = 6,
+        refill_delay_s: float = REFILL_DELAY_S,
+        max_spares: int = MAX_SPARES,
+    ) -> None:
+        self.id_bytes = id_bytes  # the length of the manager's sandbox ids
+        self._refill_delay_s = refill_delay_s
+        self._max = max_spares
+        self._ready: dict[SpareShape, Spare] = {}
+        self._claimed: dict[str, Spare] = {}  # by the sandbox id a create gave it
+        self._filling: dict[SpareShape, asyncio.Task[None]] = {}
+        self._doomed: set[asyncio.Task[None]] = set()  # kills of spares not used
+        self._closed = False
+
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    def claim(self, shape: SpareShape) -> str | None:
+        """The id of a ready spare of ``shape``, reserved from now on for the sandbox
+        of that id (a create's admission); None when there is none."""
+        spare = self._ready.pop(shape, None)
+        if spare is None:
+            return None
+        if not spare.vm.is_running():
+            self._discard(spare, "its VMM has exited")
+            return None
+        self._claimed[spare.sandbox_id] = spare
+        return spare.sandbox_id
+
+    def release(self, sandbox_id: str) -> None:
+        """A claim whose sandbox will not be started (admission failed): kill it."""
+        spare = self._claimed.pop(sandbox_id, None)
+        if spare is not None:
+            self._discard(spare, None)
+
+    def take(self, sandbox_id: str, template: SnapshotFiles) -> VM | None:
+        """The VMM claimed for ``sandbox_id``, if it waits for ``template``'s state
+        (else it is killed: the template was rebuilt meanwhile) and still runs."""
+        spare = self._claimed.pop(sandbox_id, None)
+        if spare is None:
+            return None
+        if spare.template != template:
+            self._discard(spare, "its template was replaced")
+            return None
+        if not spare.vm.is_running():
+            self._discard(spare, "its VMM has exited")
+            return None
+        return spare.vm
+
+    def refill(
+        self,
+        driver: Driver,
+        template: SnapshotFiles,
+        shape: SpareShape,
+        make_config: Callable[[str], VMConfig],
+    ) -> None:
+        """Make a spare of ``shape`` (after the refill delay; ``make_config`` gives the
+        VM's config for a sandbox id) unless it has one, one is being made, the driver
+        cannot, or ``max_spares`` shapes have one."""
+        if (
+            self._closed
+            or not isinstance(driver, Prelaunching)
+            or shape in self._ready
+            or shape in self._filling
+            or len(self._ready) + len(self._filling) >= self._max
+        ):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._fill(driver, template, shape, make_config)
+        )
+        self._filling[shape] = task
+        task.add_done_callback(lambda _t: self._filling.pop(shape, None))
+
+    async def _fill(
+        self,
+        driver: Prelaunching,
+        template: SnapshotFiles,
+        shape: SpareShape,
+        make_config: Callable[[str], VMConfig],
+    ) -> None:
+        await asyncio.sleep(self._refill_delay_s)
+        sandbox_id = secrets.token_hex(self.id_bytes)
+        started = time.perf_counter()
+        try:
+            vm = await driver.prelaunch(make_config(sandbox_id), template)
+        except errors.EmberboxError as exc:
+            log.warning("spare VMM for %s: not started: %s", shape.image, exc.message)
+            return
+        except Exception:  # a bug must not end in an unretrieved task exception
+            log.exception("spare VMM for %s: not started", shape.image)
+            return
+        if self._closed:
+            await vm.kill()
+            return
+        log.debug(
+            "spare VMM %s for %s ready in %.0f ms",
+            sandbox_id,
+            shape.image,
+            (time.perf_counter() - started) * 1000,
+        )
+        self._ready[shape] = Spare(sandbox_id, shape, template, vm)
+
+    def _discard(self, spare: Spare, reason: str | None) -> None:
+        if reason is not None:
+            log.info("spare VMM %s not used: %s", spare.sandbox_id, reason)
+        task = asyncio.get_running_loop().create_task(spare.vm.kill())
+        self._doomed.add(task)
+        task.add_done_callback(self._doomed.discard)
+
+    async def close(self) -> None:
+        """Kill every spare (and stop making them). Idempotent; call shielded."""
+        self._closed = True
+        filling = list(self._filling.values())
+        for task in filling:
+            task.cancel()
+        await asyncio.gather(*filling, return_exceptions=True)
+        spares = [*self._ready.values(), *self._claimed.values()]
+        self._ready.clear()
+        self._claimed.clear()
+        for spare in spares:
+            with contextlib.suppress(Exception):
+                await spare.vm.kill()
+        await asyncio.gather(*self._doomed, return_exceptions=True)
