@@ -134,7 +134,12 @@ _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT
 
 def schema_version(conn: PgConnection) -> int:
     """The version reached; 0 for an empty database."""
-    found = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    # A catalog query, not to_regclass(): that reads the backend's catalog cache, which a
+    # transaction that waited on the advisory lock may hold stale (no table yet).
+    found = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables"
+        " WHERE schemaname = current_schema() AND tablename = 'schema_version')"
+    ).fetchone()
     if not found[0]:
         return 0
     row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
@@ -153,10 +158,11 @@ def migrate(conn: PgConnection, migrations: tuple[str, ...] = PG_MIGRATIONS) -> 
         )
     for version in range(current, len(migrations)):
         with transaction(conn):
-            conn.execute(_VERSION_TABLE)
             # Re-read under the lock: another replica may have migrated meanwhile.
             if schema_version(conn) != version:
                 continue
+            if version == 0:
+                conn.execute(_VERSION_TABLE)
             conn.run_script(migrations[version])
             conn.execute("DELETE FROM schema_version")
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
