@@ -102,24 +102,35 @@ class HostAgent:
         self._write_state({"draining": on})
 
     def status(self) -> dict[str, Any]:
-        """What placement needs (see hosts.HostStatus); raises when the server does not
-        answer (the caller then counts the host as not alive)."""
-        headers = {"Authorization": f"Bearer {self._key}"}
-        with httpx.Client(
-            base_url=self._url, headers=headers, timeout=STATUS_HTTP_TIMEOUT_S
-        ) as client:
-            sandboxes = client.get("/v1/sandboxes").raise_for_status().json()["sandboxes"]
-            images = client.get("/v1/images").raise_for_status().json()
+        """What placement needs (see hosts.HostStatus). ``serving`` is False when the
+        server does not answer in time: the host takes no sandbox then, but its actor
+        answered, so the host is not counted down."""
         meminfo = Path("/proc/meminfo").read_text()
-        return {
+        found: dict[str, Any] = {
             "name": self._name,
             "url": self._url,
             "draining": self._draining,
-            "sandboxes": sum(1 for s in sandboxes if s["state"] in LIVE_STATES),
+            "serving": False,
+            "sandboxes": 0,
             "max_sandboxes": self._settings.max_sandboxes,
             "free_memory_mib": free_memory_mib(meminfo),
-            "images": sorted(image["name"] for image in images),
+            "images": [],
             "node_id": node_id(),
+        }
+        headers = {"Authorization": f"Bearer {self._key}"}
+        try:
+            with httpx.Client(
+                base_url=self._url, headers=headers, timeout=STATUS_HTTP_TIMEOUT_S
+            ) as client:
+                sandboxes = client.get("/v1/sandboxes").raise_for_status().json()["sandboxes"]
+                images = client.get("/v1/images").raise_for_status().json()
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            log.warning("host %s: its server did not answer: %s", self._name, exc)
+            return found
+        return found | {
+            "serving": True,
+            "sandboxes": sum(1 for s in sandboxes if s["state"] in LIVE_STATES),
+            "images": sorted(image["name"] for image in images),
         }
 
     def shutdown(self) -> None:

@@ -47,6 +47,9 @@ class HostStatus:
     free_memory_mib: int
     images: tuple[str, ...]
     node_id: str | None = None  # the Ray node the host's actor runs (ran) on
+    # The actor answered (alive=False with reachable=True: its server did not, in time).
+    # The monitor counts only an unreachable host down.
+    reachable: bool | None = None  # None: as alive
 
 
 @dataclass(frozen=True)
@@ -155,13 +158,15 @@ def stop_host(name: str) -> None:
 
 
 def dead_status(name: str, node_id: str | None) -> HostStatus:
-    return HostStatus(name, False, False, None, 0, 0, 0, (), node_id)
+    return HostStatus(name, False, False, None, 0, 0, 0, (), node_id, reachable=False)
 
 
 def status_of(raw: Mapping[str, Any], node_id: str | None) -> HostStatus:
+    """The actor's answer; ``alive`` only when its server answered too."""
     return HostStatus(
         name=str(raw["name"]),
-        alive=True,
+        alive=bool(raw.get("serving", True)),
+        reachable=True,
         draining=bool(raw["draining"]),
         url=str(raw["url"]),
         sandboxes=int(raw["sandboxes"]),

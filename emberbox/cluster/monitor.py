@@ -145,6 +145,8 @@ class HostMonitor:
         if status.alive:
             self._unreachable_since.pop(status.name, None)
             await self._host_up(status, row, sync_all)
+        elif status.reachable:  # the actor answers, its server is slow: not down
+            self._unreachable_since.pop(status.name, None)
         elif self._is_down(status, dead_nodes):
             await self._host_down(status, row)
 

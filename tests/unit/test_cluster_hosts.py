@@ -87,3 +87,19 @@ def test_status_of_the_actor_answer() -> None:
     status = status_of(raw, "abc")
     assert status.alive and status.draining and status.images == ("default", "py")
     assert (status.sandboxes, status.max_sandboxes, status.node_id) == (2, 16, "abc")
+
+
+def test_status_of_a_host_whose_server_does_not_answer() -> None:
+    """The actor answered, its server did not: not alive (no placement), but reachable."""
+    raw = {
+        "name": "h1",
+        "url": "http://10.0.0.5:8123",
+        "draining": False,
+        "serving": False,
+        "sandboxes": 0,
+        "max_sandboxes": 16,
+        "free_memory_mib": 4096,
+        "images": [],
+    }
+    status = status_of(raw, "abc")
+    assert not status.alive and status.reachable

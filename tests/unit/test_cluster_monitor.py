@@ -227,3 +227,20 @@ async def test_one_failing_host_does_not_stop_the_round(store: Store) -> None:
     await monitor.run_once()
     assert await states(store) == {"b1": "lost"}
     assert await store.get_host("a") is None  # not reconciled: not marked up either
+
+
+async def test_a_slow_server_behind_a_live_actor_is_not_down(store: Store) -> None:
+    """The actor answers but its server does not (busy): not alive, yet never down."""
+    clock = Clock()
+    servers = ScriptedServers()
+    cluster = ScriptedCluster({"a": up("a")})
+    monitor = HostMonitor(store, cluster, servers=servers, down_after_s=5, clock=clock)
+    await seed(store, servers, "a", a1="running")
+    await monitor.run_once()
+    cluster.statuses["a"] = replace(up("a"), alive=False, reachable=True)
+    for _ in range(3):
+        clock.now += 5
+        await monitor.run_once()
+    assert await states(store) == {"a1": "running"}
+    host_a = await store.get_host("a")
+    assert host_a is not None and host_a.state == "up"
