@@ -324,8 +324,12 @@ class SandboxVM:
         out as ``sandbox_id`` (which must be the id it was started with)."""
         if sandbox_id != self.id:
             raise InvalidRequest(f"sandbox {self.id} cannot be renamed to {sandbox_id}")
-        # From here on its phases are the hand-out's; how it was made stays readable.
-        self.prepared_phases, self.phases = self.phases, Phases()
+        # From here on its phases are the hand-out's; how it was made stays readable
+        # (a prelaunched VMM's start first).
+        prepared = Phases()
+        prepared.merge(self.prepared_phases)
+        prepared.merge(self.phases)
+        self.prepared_phases, self.phases = prepared, Phases()
         with self.phases.timed("hand-out hello"):
             self.hello = await self.agent.handshake(
                 timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id
