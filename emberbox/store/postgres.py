@@ -34,6 +34,11 @@ URL_PREFIXES = ("postgresql://", "postgres://")
 #: The advisory lock every write transaction holds: b"emberbox" as a signed 64-bit int.
 STORE_LOCK_KEY = int.from_bytes(b"emberbox", "big")
 CONNECT_TIMEOUT_S = 10
+# A replica never waits forever for the store's lock (HostError, 503, instead), and a
+# replica that died inside a transaction (its TCP connection half-open) loses its
+# session, and so the lock, after this long: the server would wait for TCP keepalive.
+LOCK_TIMEOUT_S = 30
+IDLE_IN_TRANSACTION_TIMEOUT_S = 30
 _USERINFO_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*:)([^/?#]*)@", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)", re.IGNORECASE)
 
@@ -128,7 +133,18 @@ def connect_unmigrated(url: str) -> PgConnection:
     except (psycopg.Error, ValueError) as exc:
         reason = scrub(str(exc).strip(), url)
         raise errors.HostError(f"cannot connect to the database {where}: {reason}") from None
-    return PgConnection(raw, where)
+    conn = PgConnection(raw, where)
+    try:
+        with database_errors(where, url):
+            conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")
+            conn.execute(
+                "SET idle_in_transaction_session_timeout"
+                f" = '{int(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)}ms'"
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @contextlib.contextmanager

@@ -416,6 +416,24 @@ async def test_a_dropped_connection_is_replaced(pg_url: str, pg_server: str) -> 
         assert (await store.get("sb1")) is not None
 
 
+async def test_a_held_lock_is_a_host_error_not_a_hang(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica stuck inside a transaction (here: a session holding the store's lock)
+    makes another's write fail with HostError after the lock timeout, not hang; the
+    write works once the lock is free."""
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT_S", 0.5)
+    async with await Store.open(pg_url) as store:
+        await store.insert(make_row("sb1"))
+        with psycopg.connect(pg_url, autocommit=True) as stuck:
+            stuck.execute("BEGIN")
+            stuck.execute("SELECT pg_advisory_xact_lock(%s)", (postgres.STORE_LOCK_KEY,))
+            with pytest.raises(errors.HostError, match="lock timeout"):
+                await store.transition("sb1", {"creating"}, "running")
+            stuck.execute("ROLLBACK")
+        assert (await store.transition("sb1", {"creating"}, "running")).state == "running"
+
+
 async def test_unreachable_or_refusing_database_is_host_error_without_password(
     pg_url: str, pg_server: str
 ) -> None:
