@@ -52,16 +52,14 @@ def free_memory_mib(meminfo: str) -> int:
     return 0
 
 
-def settings_of(env: Mapping[str, str]) -> Settings:
-    """The child's Settings, as it will read them from ``env``."""
-    saved = dict(os.environ)
-    try:  # pydantic-settings reads os.environ; this worker process is the actor's own
-        os.environ.clear()
-        os.environ.update(env)
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def max_sandboxes_of(env: Mapping[str, str]) -> int:
+    """The child's ``max_sandboxes`` as its Settings read it from ``env`` (names are
+    case-insensitive there). Read here without touching this process's environment,
+    which Ray's own threads read too."""
+    for name, value in env.items():
+        if name.upper() == "EMBERBOX_MAX_SANDBOXES":
+            return int(value)  # a bad value: the server refuses to start, with the reason
+    return int(Settings.model_fields["max_sandboxes"].default)
 
 
 class HostAgent:
@@ -78,7 +76,7 @@ class HostAgent:
         child_env = server.server_env(
             os.environ, env, data_dir=self._data_dir, host=host, port=port, key=self._key
         )
-        self._settings = settings_of(child_env)
+        self._max_sandboxes = max_sandboxes_of(child_env)
         self._draining = bool(self._read_state().get("draining", False))
         self._server = server.ServerProcess(
             child_env, self._data_dir / "host-server.log", on_exit=self._server_died
@@ -112,7 +110,7 @@ class HostAgent:
             "draining": self._draining,
             "serving": False,
             "sandboxes": 0,
-            "max_sandboxes": self._settings.max_sandboxes,
+            "max_sandboxes": self._max_sandboxes,
             "free_memory_mib": free_memory_mib(meminfo),
             "images": [],
             "node_id": node_id(),

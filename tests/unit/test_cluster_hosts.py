@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from emberbox.cluster.agent import free_memory_mib, settings_of
+from emberbox.cluster.agent import free_memory_mib, max_sandboxes_of
 from emberbox.cluster.hosts import actor_options, check_name, resource_name, status_of
 from emberbox.cluster.server import server_env
+from emberbox.config import Settings
 from emberbox.errors import InvalidRequest
 
 
@@ -38,12 +39,12 @@ def test_server_env_keeps_cluster_and_ray_settings_out() -> None:
     }
 
 
-def test_settings_of_reads_the_child_env_and_leaves_ours() -> None:
-    """The agent reads the server's limits from the env it gives it, not its own."""
-    env = {"EMBERBOX_MAX_SANDBOXES": "7", "EMBERBOX_DATA_DIR": "/srv/h1"}
-    settings = settings_of(env)
-    assert settings.max_sandboxes == 7 and settings.data_dir == Path("/srv/h1")
-    assert settings_of({}).max_sandboxes != 7
+def test_max_sandboxes_is_read_from_the_child_env() -> None:
+    """The agent reports the server's limit from the env it gives it (any case), else
+    the default."""
+    assert max_sandboxes_of({"EMBERBOX_MAX_SANDBOXES": "7"}) == 7
+    assert max_sandboxes_of({"emberbox_max_sandboxes": "5"}) == 5
+    assert max_sandboxes_of({}) == Settings.model_fields["max_sandboxes"].default
 
 
 def test_actor_options_pin_the_host() -> None:
