@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import secrets
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 LIVE_STATES = frozenset({"creating", "running"})  # what counts against max_sandboxes
 STATUS_HTTP_TIMEOUT_S = 1.5
+REFRESH_S = 1.0  # how old the sandbox count and images in a status may be
+STALE_S = 5.0  # no answer from the server for this long: not serving
 STATE_FILE = "cluster.json"
 
 
@@ -82,6 +86,14 @@ class HostAgent:
             child_env, self._data_dir / "host-server.log", on_exit=self._server_died
         )
         self._server.start(self._url)
+        self._capacity: tuple[float, int, tuple[str, ...]] | None = None
+        self._stopping = threading.Event()
+        self._first_read = threading.Event()
+        self._refresher = threading.Thread(
+            target=self._refresh_capacity, name="emberbox-capacity", daemon=True
+        )
+        self._refresher.start()
+        self._first_read.wait(STALE_S)  # the first status already counts
         log.info("host %s serves on %s (data in %s)", name, self._url, self._data_dir)
 
     @staticmethod
@@ -100,39 +112,52 @@ class HostAgent:
         self._write_state({"draining": on})
 
     def status(self) -> dict[str, Any]:
-        """What placement needs (see hosts.HostStatus). ``serving`` is False when the
-        server does not answer in time: the host takes no sandbox then, but its actor
-        answered, so the host is not counted down."""
+        """What placement needs (see hosts.HostStatus), at once: the server's sandbox
+        count and images as the refresher last read them (at most ``REFRESH_S`` old).
+        ``serving`` is False when the server has not answered for ``STALE_S``: the host
+        takes no sandbox then, but its actor answered, so the host is not counted down."""
         meminfo = Path("/proc/meminfo").read_text()
-        found: dict[str, Any] = {
+        read = self._capacity
+        serving = read is not None and time.monotonic() - read[0] < STALE_S
+        return {
             "name": self._name,
             "url": self._url,
             "draining": self._draining,
-            "serving": False,
-            "sandboxes": 0,
+            "serving": serving,
+            "sandboxes": read[1] if read and serving else 0,
             "max_sandboxes": self._max_sandboxes,
             "free_memory_mib": free_memory_mib(meminfo),
-            "images": [],
+            "images": list(read[2]) if read and serving else [],
             "node_id": node_id(),
         }
-        headers = {"Authorization": f"Bearer {self._key}"}
-        try:
-            with httpx.Client(
-                base_url=self._url, headers=headers, timeout=STATUS_HTTP_TIMEOUT_S
-            ) as client:
-                sandboxes = client.get("/v1/sandboxes").raise_for_status().json()["sandboxes"]
-                images = client.get("/v1/images").raise_for_status().json()
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            log.warning("host %s: its server did not answer: %s", self._name, exc)
-            return found
-        return found | {
-            "serving": True,
-            "sandboxes": sum(1 for s in sandboxes if s["state"] in LIVE_STATES),
-            "images": sorted(image["name"] for image in images),
-        }
+
+    def _refresh_capacity(self) -> None:
+        """Every ``REFRESH_S``: the server's live sandboxes and images, with its key."""
+        answered = True
+        with httpx.Client(
+            base_url=self._url,
+            headers={"Authorization": f"Bearer {self._key}"},
+            timeout=STATUS_HTTP_TIMEOUT_S,
+        ) as client:
+            while True:
+                try:
+                    sandboxes = client.get("/v1/sandboxes").raise_for_status().json()
+                    images = client.get("/v1/images").raise_for_status().json()
+                    live = sum(1 for s in sandboxes["sandboxes"] if s["state"] in LIVE_STATES)
+                    names = tuple(sorted(image["name"] for image in images))
+                    self._capacity = (time.monotonic(), live, names)
+                    answered = True
+                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                    if answered:
+                        log.warning("host %s: its server does not answer: %s", self._name, exc)
+                    answered = False
+                self._first_read.set()
+                if self._stopping.wait(REFRESH_S):
+                    return
 
     def shutdown(self) -> None:
         """Stop the server (its VMs keep running; a new start re-adopts them)."""
+        self._stopping.set()
         self._server.stop()
 
     def __ray_shutdown__(self) -> None:
