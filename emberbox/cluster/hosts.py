@@ -187,7 +187,7 @@ class Cluster:
 
     @classmethod
     async def connect(cls, settings: Settings) -> Cluster:
-        address = str(getattr(settings, "cluster_address", "") or "auto")
+        address = settings.cluster_address or "auto"
         with anyio.fail_after(CONNECT_TIMEOUT_S):
             await anyio.to_thread.run_sync(_init_ray, address, abandon_on_cancel=True)
         return cls()
