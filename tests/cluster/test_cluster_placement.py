@@ -66,13 +66,13 @@ def test_full_hosts_are_skipped_and_all_full_is_503(rig: Rig, alice: httpx.Clien
     made = [create(alice) for _ in range(MAX_PER_HOST * len(HOSTS))]
     per_host = Counter(rig.host_of(sandbox_id)[0] for sandbox_id in made)
     assert per_host == dict.fromkeys(HOSTS, MAX_PER_HOST), per_host
-    vms_before = {name: rig.vm_ids_on(name) for name in HOSTS}
+    vms_before = {name: rig.sandbox_vms_on(name) for name in HOSTS}
 
     refused = alice.post("/v1/sandboxes", json={})
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["Retry-After"]) > 0
     assert refused.json()["error"]["type"] == "NoCapacity"
-    assert {name: rig.vm_ids_on(name) for name in HOSTS} == vms_before
+    assert {name: rig.sandbox_vms_on(name) for name in HOSTS} == vms_before
 
     freed = next(s for s in made if rig.host_of(s)[0] == "h2")
     assert alice.delete(f"/v1/sandboxes/{freed}").status_code == 204

@@ -116,7 +116,7 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
 
     settled_after = _measure(settled, time.monotonic(), WAIT_CAP_S)
     print(f"reconciled {settled_after:.1f} s after the host answered")
-    vms = rig.vm_ids_on(VICTIM)
+    vms = rig.sandbox_vms_on(VICTIM)
     state = rig.host_of(kept)[1]
     assert (state == "running") == (kept in vms), (state, vms)
     if state == "running":  # the VM outlived its server and was re-adopted
@@ -129,6 +129,8 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
         s["id"] for s in listed if s["state"] == "running" and rig.host_of(s["id"])[0] == VICTIM
     }
     assert vms <= running_on_victim, f"orphaned VMs on {VICTIM}: {vms - running_on_victim}"
+    spares = rig.vm_ids_on(VICTIM) - vms  # idle QEMUs with no row on the host
+    assert not spares & {s["id"] for s in listed}, spares
     for name in others:  # the host takes new sandboxes again
         drain(rig, name, True)
     placed = create(alice)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -145,6 +146,18 @@ class Rig:
                     if str(vms) + "/" in text:
                         found.add(text.split(str(vms) + "/", 1)[1].split("/", 1)[0])
         return found
+
+    def host_rows(self, name: str) -> dict[str, str]:
+        """Sandbox id -> state in host ``name``'s own SQLite (read-only)."""
+        path = self.host_dir(name) / "emberbox.db"
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return dict(conn.execute("SELECT id, state FROM sandboxes").fetchall())
+
+    def sandbox_vms_on(self, name: str) -> set[str]:
+        """QEMUs of host ``name`` that are sandboxes of its server (a row in its SQLite).
+        The others are spare VMMs: idle QEMUs started ahead of a restore, with no guest
+        and no row until a create claims one (emberbox/service/vm/spares.py)."""
+        return self.vm_ids_on(name) & set(self.host_rows(name))
 
     def kill_all_sandboxes(self) -> None:
         """Delete every live sandbox through a replica (admin key)."""
