@@ -90,6 +90,7 @@ def config_for(sandbox_id: str) -> VMConfig:
 
 
 async def filled(spares: SpareVMMs, driver: Prelauncher, template: SnapshotFiles = TEMPLATE) -> str:
+    spares.claim(SHAPE)  # a create asked for the shape
     spares.refill(driver, template, SHAPE, config_for)
     for _ in range(500):
         if spares.ready_count():
@@ -103,7 +104,10 @@ async def filled(spares: SpareVMMs, driver: Prelauncher, template: SnapshotFiles
 async def test_claim_take_refill_and_close() -> None:
     driver = Prelauncher()
     spares = SpareVMMs(refill_delay_s=0)
-    assert spares.claim(SHAPE) is None  # none before a restore of the shape
+    assert spares.claim(SHAPE, want=False) is None  # none before a restore of the shape
+    spares.refill(driver, TEMPLATE, SHAPE, config_for)  # only the pool asked: no spare
+    await asyncio.sleep(0.01)
+    assert not driver.made
     sandbox_id = await filled(spares, driver)
     assert len(sandbox_id) == 12 and driver.made[0].config.vm_id == sandbox_id
     assert spares.claim(SHAPE) is None  # one spare per shape, claimed once
@@ -142,6 +146,7 @@ async def test_a_released_claim_or_a_replaced_template_kills_the_spare() -> None
 async def test_a_spare_whose_vmm_exited_is_not_used() -> None:
     driver = Prelauncher()
     spares = SpareVMMs(refill_delay_s=0)
+    spares.claim(SHAPE)
     spares.refill(driver, TEMPLATE, SHAPE, config_for)
     for _ in range(500):
         if spares.ready_count():
@@ -157,12 +162,15 @@ async def test_a_spare_whose_vmm_exited_is_not_used() -> None:
 
 async def test_no_spares_from_a_driver_that_cannot_prelaunch_or_past_the_cap() -> None:
     spares = SpareVMMs(refill_delay_s=0, max_spares=1)
+    other = SpareShape("other", 1, 512)
+    spares.claim(SHAPE)
+    spares.claim(other)
     spares.refill(PlainDriver(), TEMPLATE, SHAPE, config_for)
     await asyncio.sleep(0.01)
     assert spares.ready_count() == 0
     driver = Prelauncher()
     spares.refill(driver, TEMPLATE, SHAPE, config_for)
-    spares.refill(driver, TEMPLATE, SpareShape("other", 1, 512), config_for)  # past the cap
+    spares.refill(driver, TEMPLATE, other, config_for)  # past the cap
     await asyncio.sleep(0.01)
     assert spares.ready_count() == 1 and len(driver.made) == 1
     await spares.close()

@@ -74,10 +74,12 @@ class BootFlows:
         if self._spares is not None:
             await self._spares.close()
 
-    def _claim_spare(self, image: str, vcpus: int, memory_mib: int) -> str | None:
+    def _claim_spare(
+        self, image: str, vcpus: int, memory_mib: int, *, want: bool = True
+    ) -> str | None:
         if self._spares is None:
             return None
-        return self._spares.claim(SpareShape(image, vcpus, memory_mib))
+        return self._spares.claim(SpareShape(image, vcpus, memory_mib), want=want)
 
     def _release_spare(self, sandbox_id: str | None) -> None:
         if self._spares is not None and sandbox_id is not None:
@@ -201,7 +203,7 @@ class BootFlows:
         own ``true`` (which warms the VMM's translation of the exec path), never a
         caller's command. A spare VMM of the shape, if there is one, becomes it (the
         pool's id for it is then the spare's)."""
-        spare = self._claim_spare(shape.image, shape.vcpus, shape.memory_mib)
+        spare = self._claim_spare(shape.image, shape.vcpus, shape.memory_mib, want=False)
         try:
             handle = await self._factory(
                 self._settings,

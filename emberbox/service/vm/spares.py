@@ -12,13 +12,16 @@ the restore itself (load, resume, hello, first exec).
 That is what sets it apart from the warm pool (:mod:`~emberbox.service.vm.pool`),
 which holds whole running sandboxes of the default shape that have already been
 greeted and have run ``true`` (their translation warm). A spare is one idle QEMU per
-shape that has been restored since start (any image, vCPUs, memory): a few MiB of the
-host's memory (no guest RAM is mapped in until the state loads), and it serves only
+shape that creates have restored since start (any image, vCPUs, memory): about 12 MiB
+of the host's memory (the template's RAM is mapped, untouched until the state loads),
+and it serves only
 restores without a network (a TAP is given to QEMU when it starts).
 
-A spare's directory is named for the sandbox it will become (its id appears in QEMU's
-command line, where the orphan sweep and a restarted server's attach look for it), so
-the create claims it at admission (:meth:`SpareVMMs.claim`) and the row gets its id.
+Only shapes that creates asked for get spares (not the warm pool's own fills: its
+sandboxes are restored ahead anyway). A spare's directory is named for the sandbox it
+will become (its id appears in QEMU's command line, where the orphan sweep and a
+restarted server's attach look for it), so the create claims it at admission
+(:meth:`SpareVMMs.claim`) and the row gets its id.
 Spares have no row: :meth:`SpareVMMs.close` kills them at a clean shutdown, and the
 orphan sweep of the next start after a crash.
 """
@@ -76,14 +79,19 @@ class SpareVMMs:
         self._claimed: dict[str, Spare] = {}  # by the sandbox id a create gave it
         self._filling: dict[SpareShape, asyncio.Task[None]] = {}
         self._doomed: set[asyncio.Task[None]] = set()  # kills of spares not used
+        self._wanted: set[SpareShape] = set()  # shapes that creates (not the pool) asked for
         self._closed = False
 
     def ready_count(self) -> int:
         return len(self._ready)
 
-    def claim(self, shape: SpareShape) -> str | None:
+    def claim(self, shape: SpareShape, *, want: bool = True) -> str | None:
         """The id of a ready spare of ``shape``, reserved from now on for the sandbox
-        of that id (a create's admission); None when there is none."""
+        of that id (a create's admission); None when there is none. ``want``: creates
+        ask for this shape, so restores of it make the next spare (the warm pool's own
+        fills take a spare that is there but do not ask for more)."""
+        if want:
+            self._wanted.add(shape)
         spare = self._ready.pop(shape, None)
         if spare is None:
             return None
@@ -121,10 +129,11 @@ class SpareVMMs:
         make_config: Callable[[str], VMConfig],
     ) -> None:
         """Make a spare of ``shape`` (after the refill delay; ``make_config`` gives the
-        VM's config for a sandbox id) unless it has one, one is being made, the driver
-        cannot, or ``max_spares`` shapes have one."""
+        VM's config for a sandbox id) if creates asked for that shape, unless it has
+        one, one is being made, the driver cannot, or ``max_spares`` shapes have one."""
         if (
             self._closed
+            or shape not in self._wanted
             or not isinstance(driver, Prelaunching)
             or shape in self._ready
             or shape in self._filling
