@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from emberbox import errors
-from emberbox.agent_client.spec import ExecSpec, SpawnSpec
+from emberbox.agent_client.spec import ExecSpec, RunAs, SpawnSpec
 from emberbox.config import Settings
 from emberbox.images.registry import (
     FILE_NAMES,
@@ -245,15 +245,17 @@ def test_resolve_user_like_dockers_user() -> None:
 
 
 def test_run_defaults_sit_under_the_request() -> None:
-    wrap = ("setpriv", "--reuid=1000", "--regid=1000", "--init-groups", "--")
-    defaults = RunDefaults(env={"A": "image", "B": "image"}, cwd="/app", wrap=wrap)
+    user = RunAs(1000, 1000, "user")
+    defaults = RunDefaults(env={"A": "image", "B": "image"}, cwd="/app", user=user)
     spec = defaults.apply(ExecSpec(["ls"], env={"B": "call"}), {"A": "sandbox"})
     assert dict(spec.env) == {"A": "sandbox", "B": "call"}
-    assert (spec.cwd, list(spec.cmd)) == ("/app", [*wrap, "ls"])
+    assert (spec.cwd, list(spec.cmd), spec.user) == ("/app", ["ls"], user)
     shell = defaults.apply(ExecSpec("echo hi", cwd="/tmp"), {})
-    assert (shell.cwd, list(shell.cmd)) == ("/tmp", [*wrap, "/bin/sh", "-c", "echo hi"])
+    assert (shell.cwd, shell.cmd, shell.user) == ("/tmp", "echo hi", user)
     chosen = defaults.apply(SpawnSpec(["setpriv", "--reuid=0", "--", "id"]), {})
-    assert list(chosen.cmd) == ["setpriv", "--reuid=0", "--", "id"]  # chose its own user
+    assert chosen.user is None  # chose its own user
+    own = defaults.apply(SpawnSpec(["id"], user=RunAs(0, 0)), {})
+    assert own.user == RunAs(0, 0)
     plain = RunDefaults().apply(ExecSpec(["ls"], env={"X": "1"}), {"Y": "2"})
     assert (dict(plain.env), plain.cwd, list(plain.cmd)) == ({"Y": "2", "X": "1"}, None, ["ls"])
 

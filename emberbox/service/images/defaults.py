@@ -3,12 +3,14 @@ USER) applied to every command of a sandbox of that image, under the request's o
 
 The order, weakest first: the image's env (and ``HOME``/``USER``/``LOGNAME`` of its
 user), the sandbox's env (its create request), the command's env. ``cwd``: the command's,
-else the image's WORKDIR, else the agent's default. ``USER``: the guest agent runs
-everything as root, so a command of an image with a user is wrapped with ``setpriv``
-(util-linux) to that user's uid, gid and groups — as the E2B front and the one-shot
-runner do; a command that already starts with ``setpriv`` chose its own user and is left
-alone. User names are resolved once per image build from the image's own
-``/etc/passwd`` and ``/etc/group``, read on the host with ``debugfs`` (no VM, no mount).
+else the image's WORKDIR, else the agent's default. ``USER``: the guest agent runs as
+root, so a command of an image with a user gets that user's uid, gid and groups as its
+spec's ``user`` (``RunAs``), which the agent takes itself between fork and exec — as for
+the E2B front; agents of images built before that get a wrapper instead (``setpriv``,
+util-linux; in a foreign userland, our runtime's python). A command that already has a
+``user``, or starts with ``setpriv``, chose its own user and is left alone. User names
+are resolved once per image build from the image's own ``/etc/passwd`` and
+``/etc/group``, read on the host with ``debugfs`` (no VM, no mount).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from emberbox import errors
-from emberbox.agent_client.spec import CommandSpec
+from emberbox.agent_client.spec import CommandSpec, RunAs
 from emberbox.config import Settings
 from emberbox.images import foreign
 from emberbox.images.registry import ImageConfig, ImageRegistry
@@ -44,14 +46,14 @@ class RunDefaults:
 
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
-    wrap: tuple[str, ...] = ()  # the setpriv prefix for the image's user, if any
+    user: RunAs | None = None  # the image's user, if not root
 
     def apply(self, spec: S, sandbox_env: dict[str, str]) -> S:
         env = {**self.env, **sandbox_env, **spec.env}
-        cmd = spec.cmd
-        if self.wrap and spec.user is None and not _chose_user(cmd):
-            cmd = [*self.wrap, *(["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd)]
-        return dataclasses.replace(spec, env=env, cwd=spec.cwd or self.cwd, cmd=cmd)
+        user = spec.user
+        if user is None and not _chose_user(spec.cmd):
+            user = self.user
+        return dataclasses.replace(spec, env=env, cwd=spec.cwd or self.cwd, user=user)
 
 
 NONE = RunDefaults()
@@ -119,7 +121,7 @@ def _with_group(account: Account, grp: str, group: str) -> Account:
 def defaults_of(config: ImageConfig, rootfs: Path) -> RunDefaults:
     """The run defaults of an image (reads its passwd only when it has a USER)."""
     env = dict(config.env)
-    wrap: tuple[str, ...] = ()
+    user = None
     if config.user and config.user not in ("root", "0", "0:0"):
         account = resolve_user(
             config.user,
@@ -127,15 +129,15 @@ def defaults_of(config: ImageConfig, rootfs: Path) -> RunDefaults:
             read_image_file(rootfs, "/etc/group"),
         )
         if account.uid != 0:
-            groups = "--init-groups" if account.name else "--clear-groups"
-            wrap = (SETPRIV, f"--reuid={account.uid}", f"--regid={account.gid}", groups, "--")
+            fallback = None  # setpriv (RunAs.prefix), for agents that cannot switch
             if config.userland == "foreign":  # no setpriv there: the agent's runtime does it
-                wrap = tuple(foreign.run_as_argv(account.uid, account.gid, account.name))
+                fallback = tuple(foreign.run_as_argv(account.uid, account.gid, account.name))
+            user = RunAs(account.uid, account.gid, account.name, fallback=fallback)
         login = {"HOME": account.home}
         if account.name:
             login |= {"USER": account.name, "LOGNAME": account.name}
         env = {**login, **env}
-    return RunDefaults(env=env, cwd=config.workdir or None, wrap=wrap)
+    return RunDefaults(env=env, cwd=config.workdir or None, user=user)
 
 
 def read_image_file(rootfs: Path, path: str) -> str:
