@@ -72,7 +72,7 @@ class HostAgent:
     def __init__(self, name: str, data_dir: str, env: Mapping[str, str], port: int = 0) -> None:
         self._name = name
         self._data_dir = Path(data_dir)
-        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # production mode
         host = node_ip()
         port = port or server.free_port(host)
         self._key = secrets.token_hex(32)

@@ -117,11 +117,18 @@ def start_host(
         ray.get(actor.ping.remote(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
         raise HostError(
-            f"host {name} did not start in {timeout_s:.0f} s: does a node have the "
-            f"resource {resource_name(name)}? (ray start --resources)"
+            f"host {name} did not start in {timeout_s:.0f} s: is the node with "
+            f"{resource_name(name)} busy? (its server's log: {data_dir}/host-server.log)"
         ) from exc
     except ray.exceptions.RayActorError as exc:
-        raise HostError(f"host {name} could not start: {exc}") from exc
+        raise HostError(f"host {name} could not start: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The HostError message an actor's constructor raised, else Ray's own text."""
+    text = str(exc)
+    marker = "HostError: "
+    return text[text.rindex(marker) + len(marker) :].strip() if marker in text else text
 
 
 def connect_driver(address: str) -> None:

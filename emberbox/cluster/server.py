@@ -96,7 +96,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 class ServerProcess:
     """One ``emberbox serve`` child. ``on_exit`` runs (in the keeper thread) when the
-    child ends without :meth:`stop` having been called."""
+    child, once ready, ends without :meth:`stop` having been called."""
 
     def __init__(
         self, env: Mapping[str, str], log_path: Path, on_exit: Callable[[int], None]
@@ -107,6 +107,7 @@ class ServerProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._started = threading.Event()
         self._stopping = False
+        self._ready = False  # it answered once: a later exit is a crash (on_exit)
         self._error: BaseException | None = None
         self._keeper = threading.Thread(target=self._keep, name="emberbox-server", daemon=True)
 
@@ -125,6 +126,7 @@ class ServerProcess:
         except BaseException:
             self.stop()
             raise
+        self._ready = True
 
     def _keep(self) -> None:
         try:
@@ -144,7 +146,7 @@ class ServerProcess:
         finally:
             self._started.set()
         code = self._process.wait()
-        if not self._stopping:
+        if self._ready and not self._stopping:  # (a failed start raises from start())
             log.error("the host server exited with %s", code)
             self._on_exit(code)
 
@@ -152,7 +154,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
-                raise HostError(f"the host server exited at start; see {self._log_path}")
+                raise HostError(
+                    f"the host server exited at start ({self._log_path}):\n{self.log_tail()}"
+                )
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     return
@@ -160,6 +164,16 @@ class ServerProcess:
         raise HostError(
             f"the host server did not answer in {timeout_s:.0f} s; see {self._log_path}"
         )
+
+    def log_tail(self, lines: int = 6) -> str:
+        """The last lines of the server's log (why it did not start)."""
+        try:
+            with self._log_path.open("rb") as log_file:
+                log_file.seek(max(0, self._log_path.stat().st_size - 8192))
+                text = log_file.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM to the child's process group, SIGKILL after ``timeout_s``; idempotent.

@@ -24,6 +24,7 @@ import pytest
 from emberbox.cluster.hosts import Cluster, HostStatus, start_host, stop_host
 from emberbox.cluster.monitor import HostMonitor
 from emberbox.config import Settings
+from emberbox.errors import HostError
 from emberbox.store import Store
 from tests.support.paths import REPO, short_tmp_dir
 from tests.support.raycluster import RayCluster, running_ray_cluster
@@ -31,6 +32,7 @@ from tests.support.rows import make_row
 
 pytestmark = pytest.mark.anyio
 HOSTS = ("h1", "h2")
+SPARE = "h3"  # a node with no host started: for a start that fails
 NETWORKS = {"h1": "10.223.0.0/16", "h2": "10.224.0.0/16"}  # one block per host server
 DEATH_WAIT_S = 30.0  # the issue's bound: lost within 30 s of a node's death
 BACK_WAIT_S = 120.0
@@ -63,7 +65,7 @@ def data_root() -> Iterator[Path]:
 def ray_cluster(data_root: Path) -> Iterator[RayCluster]:
     """Two host nodes, each with its host agent and server; stopped at the end."""
     images = Settings().images_dir  # the shared image cache, as the other suites use it
-    with running_ray_cluster(HOSTS) as cluster:
+    with running_ray_cluster((*HOSTS, SPARE)) as cluster:
         cluster.connect()
         try:
             for name in HOSTS:
@@ -232,3 +234,15 @@ async def test_cli_host_start(hosts: Cluster, ray_cluster: RayCluster, data_root
     )
     assert nowhere.returncode != 0
     assert "emberbox_host_h9" in nowhere.stderr and "Traceback" not in nowhere.stderr
+
+
+async def test_a_host_that_cannot_start_says_why(
+    hosts: Cluster, ray_cluster: RayCluster, data_root: Path
+) -> None:
+    """A host server that refuses its settings: start_host raises HostError with the
+    server's own reason, and no host is left registered."""
+    bad = {"EMBERBOX_IMAGES_DIR": str(Settings().images_dir), "EMBERBOX_ACCEL": "warp-drive"}
+    with pytest.raises(HostError, match="exited at start") as caught:
+        start_host(SPARE, data_root / SPARE, env=bad, timeout_s=60)
+    assert "warp-drive" in str(caught.value)  # the server's own complaint, from its log
+    assert SPARE not in await hosts.names()
