@@ -232,6 +232,7 @@ class Cluster:
             raw, node_id = await self._call(_status_call(actor), STATUS_TIMEOUT_S)
         except (HostError, NotFound):
             self.forget(name)  # it may come back with a new URL and key
+            self._actors.pop(name, None)  # or as a new actor (host stop + start)
             return dead_status(name, self._nodes.get(name))
         self._nodes[name] = node_id
         status = status_of(raw, node_id)
@@ -245,10 +246,13 @@ class Cluster:
         cached = self._endpoints.get(name)
         if cached and time.monotonic() - cached[0] < ENDPOINT_TTL_S:
             return cached[1]
-        actor = await self._actor(name)
         try:
+            actor = await self._actor(name)
             url, key = await self._call(actor.endpoint.remote(), CALL_TIMEOUT_S)
+        except NotFound as exc:  # its actor is gone for good: the host is down
+            raise HostDown(f"host {name} is not registered", host=name) from exc
         except HostError as exc:
+            self._actors.pop(name, None)
             raise HostDown(f"host {name} does not answer: {exc}", host=name) from exc
         found = HostEndpoint(name, str(url), str(key))
         self._endpoints[name] = (time.monotonic(), found)
@@ -264,6 +268,7 @@ class Cluster:
         try:
             await self._call(actor.drain.remote(on), CALL_TIMEOUT_S)
         except HostError as exc:
+            self._actors.pop(name, None)
             raise HostDown(f"host {name} does not answer: {exc}", host=name) from exc
 
     async def dead_nodes(self) -> set[str]:

@@ -24,7 +24,7 @@ import pytest
 from emberbox.cluster.hosts import Cluster, HostStatus, start_host, stop_host
 from emberbox.cluster.monitor import HostMonitor
 from emberbox.config import Settings
-from emberbox.errors import HostError
+from emberbox.errors import HostDown, HostError
 from emberbox.store import Store
 from tests.support.paths import REPO, short_tmp_dir
 from tests.support.raycluster import RayCluster, running_ray_cluster
@@ -61,22 +61,25 @@ def data_root() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def host_env(name: str, data_root: Path) -> dict[str, str]:
+    """A host server's settings: the shared images, its own cache and network block."""
+    return {
+        "EMBERBOX_IMAGES_DIR": str(Settings().images_dir),  # as the other suites use it
+        "EMBERBOX_CACHE_DIR": str(data_root / name / "cache"),
+        "EMBERBOX_NETWORK_CIDR": NETWORKS[name],
+        "EMBERBOX_POOL_SIZE": "0",
+        "EMBERBOX_MAX_SANDBOXES": "3",
+    }
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(data_root: Path) -> Iterator[RayCluster]:
     """Two host nodes, each with its host agent and server; stopped at the end."""
-    images = Settings().images_dir  # the shared image cache, as the other suites use it
     with running_ray_cluster((*HOSTS, SPARE)) as cluster:
         cluster.connect()
         try:
             for name in HOSTS:
-                env = {
-                    "EMBERBOX_IMAGES_DIR": str(images),
-                    "EMBERBOX_CACHE_DIR": str(data_root / name / "cache"),
-                    "EMBERBOX_NETWORK_CIDR": NETWORKS[name],
-                    "EMBERBOX_POOL_SIZE": "0",
-                    "EMBERBOX_MAX_SANDBOXES": "3",
-                }
-                start_host(name, data_root / name, env=env)
+                start_host(name, data_root / name, env=host_env(name, data_root))
             yield cluster
         finally:
             for name in HOSTS:
@@ -246,3 +249,18 @@ async def test_a_host_that_cannot_start_says_why(
         start_host(SPARE, data_root / SPARE, env=bad, timeout_s=60)
     assert "warp-drive" in str(caught.value)  # the server's own complaint, from its log
     assert SPARE not in await hosts.names()
+
+
+async def test_host_stop_and_start_again(hosts: Cluster, data_root: Path) -> None:
+    """A host stopped for good is down (its endpoint a HostDown); started again, the same
+    Cluster finds the new actor (no stale handle)."""
+    assert (await hosts.status("h2")).alive
+    stop_host("h2")
+    assert not (await hosts.status("h2")).alive
+    with pytest.raises(HostDown):
+        await hosts.endpoint("h2")
+    start_host("h2", data_root / "h2", env=host_env("h2", data_root))
+    status = await hosts.status("h2")
+    assert status.alive
+    endpoint = await hosts.endpoint("h2")
+    assert endpoint.url == status.url
