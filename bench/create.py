@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from bench.harness import TRUE, Variant, ms_since, progress, wait_pool_full
+from bench.harness import TRUE, Variant, ms_since, progress, wait_pool_full, wait_spares
 from bench.stats import Measurement, Report
 from emberbox.service.sandboxes.manager import SandboxManager
 
@@ -60,8 +60,10 @@ async def create_to_first_exec(variants: list[Variant], rounds: int, report: Rep
             order = ready[i % len(ready) :] + ready[: i % len(ready)]
             for v in order:
                 await wait_pool_full(pool)
+                await wait_spares(ready)
                 await sample_create(v.get(), running[v.name], first[v.name])
             await wait_pool_full(pool)
+            await wait_spares(ready)
             for _ in range(EXECS_PER_ROUND):
                 started = time.perf_counter()
                 await host.exec(long_lived.id, TRUE)

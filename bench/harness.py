@@ -183,6 +183,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
+async def wait_spares(variants: list[Variant], timeout_s: float = 30.0) -> None:
+    """Until each template variant without a pool holds its spare VMM (started ahead
+    after a restore: emberbox.service.vm.spares), so that no spare starts while a sample
+    is timed; no-op for managers without spares."""
+    deadline = time.monotonic() + timeout_s
+    for variant in variants:
+        spares = getattr(getattr(variant.manager, "_boots", None), "_spares", None)
+        if spares is None or not variant.settings.templates or variant.settings.pool_size:
+            continue
+        while spares.ready_count() < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
 async def wait_pool_full(variant: Variant | None, timeout_s: float = POOL_REFILL_TIMEOUT_S) -> None:
     """Until the variant's pool holds ``pool_size`` ready VMs (no-op without a pool), so
     that no refill runs while another sample is timed."""

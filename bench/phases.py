@@ -18,10 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import anyio
-
 from bench.create import EXEC_RTT
-from bench.harness import TRUE, Variant, ms_since, progress, wait_pool_full
+from bench.harness import TRUE, Variant, ms_since, progress, wait_pool_full, wait_spares
 from bench.stats import Measurement, Report
 from emberbox.service.sandboxes.manager import SandboxManager
 from emberbox.vmm.phases import phases_of
@@ -85,18 +83,6 @@ async def sample(manager: SandboxManager, variant: str, rows: dict[str, Measurem
             rows.setdefault(name, Measurement(name)).samples.append(ms)
 
 
-async def wait_spare(variant: Variant, timeout_s: float = 30.0) -> None:
-    """Until the variant's manager holds a spare VMM (no-op for managers without
-    spares: no templates, or a driver that cannot start one ahead)."""
-    manager = variant.manager
-    spares = getattr(getattr(manager, "_boots", None), "_spares", None)
-    if manager is None or spares is None or not variant.settings.templates:
-        return
-    deadline = time.monotonic() + timeout_s
-    while spares.ready_count() < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
-        await anyio.sleep(0.02)
-
-
 async def phase_breakdown(variants: list[Variant], rounds: int, report: Report) -> None:
     """``rounds`` samples of each variant that has a manager, interleaved."""
     ready = [v for v in variants if v.manager is not None]
@@ -112,10 +98,10 @@ async def phase_breakdown(variants: list[Variant], rounds: int, report: Report) 
             progress(f"phase breakdown: round {i + 1}/{rounds}")
             for v in ready:
                 await wait_pool_full(pool)
-                if v.settings.pool_size == 0:
-                    await wait_spare(v)
+                await wait_spares(ready)
                 await sample(v.get(), v.name, rows)
             await wait_pool_full(pool)
+            await wait_spares(ready)
             started = time.perf_counter()
             await host.exec(long_lived.id, TRUE)
             rtt.samples.append(ms_since(started))
