@@ -29,9 +29,9 @@ from emberbox.config import Settings
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = frozenset({"creating", "running"})  # what counts against max_sandboxes
 STATUS_HTTP_TIMEOUT_S = 1.5
-REFRESH_S = 1.0  # how old the sandbox count and images in a status may be
+REFRESH_S = 1.0  # how old the sandbox count in a status may be
+IMAGES_REFRESH_S = 10.0  # and its image names (a new image shows within this)
 STALE_S = 5.0  # no answer from the server for this long: not serving
 STATE_FILE = "cluster.json"
 
@@ -132,8 +132,10 @@ class HostAgent:
         }
 
     def _refresh_capacity(self) -> None:
-        """Every ``REFRESH_S``: the server's live sandboxes and images, with its key."""
-        answered = True
+        """Every ``REFRESH_S`` the live sandbox count (``/healthz``: keyless, cheap, not in
+        the server's request log), every ``IMAGES_REFRESH_S`` the images (admin key)."""
+        answered, names_at = True, -IMAGES_REFRESH_S
+        names: tuple[str, ...] = ()
         with httpx.Client(
             base_url=self._url,
             headers={"Authorization": f"Bearer {self._key}"},
@@ -141,10 +143,11 @@ class HostAgent:
         ) as client:
             while True:
                 try:
-                    sandboxes = client.get("/v1/sandboxes").raise_for_status().json()
-                    images = client.get("/v1/images").raise_for_status().json()
-                    live = sum(1 for s in sandboxes["sandboxes"] if s["state"] in LIVE_STATES)
-                    names = tuple(sorted(image["name"] for image in images))
+                    live = int(client.get("/healthz").raise_for_status().json()["sandboxes"])
+                    if time.monotonic() - names_at >= IMAGES_REFRESH_S:
+                        images = client.get("/v1/images").raise_for_status().json()
+                        names = tuple(sorted(str(image["name"]) for image in images))
+                        names_at = time.monotonic()
                     self._capacity = (time.monotonic(), live, names)
                     answered = True
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:

@@ -44,6 +44,15 @@ DROPPED_ENV = (
 )
 # Ray's own settings, its auth token among them: the server has no use for them.
 DROPPED_PREFIXES = ("RAY_",)
+# Limits the API replicas already apply per tenant and per key: the host server sees
+# every tenant's calls under its one admin key (one "local" tenant), so its own per-key
+# rate limit and per-tenant WebSocket cap would throttle the whole cluster's traffic to
+# the host. ``start_host``'s env overrides these.
+HOST_DEFAULTS = {
+    "EMBERBOX_RATE_LIMIT_PER_S": "1000000",
+    "EMBERBOX_RATE_LIMIT_BURST": "1000000",
+    "EMBERBOX_TENANT_MAX_WEBSOCKETS": "100000",
+}
 SERVE_ARGV = ("-c", "import sys; from emberbox.cli import main; sys.exit(main())", "serve")
 
 
@@ -57,13 +66,15 @@ def server_env(
     key: str,
 ) -> dict[str, str]:
     """The child's environment: ``base`` (the worker's) without cluster or Ray settings
-    (the Ray token stays out of the server and its VMs' reach), ``extra`` (what
-    ``start_host`` was given) over it, then what the agent decides."""
+    (the Ray token stays out of the server and its VMs' reach), :data:`HOST_DEFAULTS`
+    over it, ``extra`` (what ``start_host`` was given) over that, then what the agent
+    decides."""
     env = {
         name: value
         for name, value in base.items()
         if name not in DROPPED_ENV and not name.startswith(DROPPED_PREFIXES)
     }
+    env.update(HOST_DEFAULTS)
     env.update(extra)
     env.update(
         EMBERBOX_DATA_DIR=str(data_dir),

@@ -9,14 +9,15 @@ import pytest
 
 from emberbox.cluster.agent import free_memory_mib, max_sandboxes_of
 from emberbox.cluster.hosts import actor_options, check_name, resource_name, status_of
-from emberbox.cluster.server import server_env
+from emberbox.cluster.server import HOST_DEFAULTS, server_env
 from emberbox.config import Settings
 from emberbox.errors import InvalidRequest
 
 
 def test_server_env_keeps_cluster_and_ray_settings_out() -> None:
     """The host server is a single-host server: no database URL, no Ray token, its own
-    data dir, address, port and key; start_host's env goes over the worker's."""
+    data dir, address, port and key, no per-key throttle of the cluster's traffic unless
+    asked; start_host's env goes over the worker's and the defaults."""
     base = {
         "PATH": "/usr/bin",
         "EMBERBOX_DATABASE_URL": "postgresql://x",
@@ -26,10 +27,17 @@ def test_server_env_keeps_cluster_and_ray_settings_out() -> None:
         "RAY_AUTH_TOKEN": "secret",
         "RAY_AUTH_MODE": "token",
     }
-    extra = {"EMBERBOX_MAX_SANDBOXES": "2", "EMBERBOX_NETWORK_CIDR": "10.230.0.0/16"}
+    extra = {
+        "EMBERBOX_MAX_SANDBOXES": "2",
+        "EMBERBOX_NETWORK_CIDR": "10.230.0.0/16",
+        "EMBERBOX_RATE_LIMIT_PER_S": "50",
+    }
     env = server_env(base, extra, data_dir=Path("/d"), host="10.0.0.5", port=8123, key="k")
     assert env == {
         "PATH": "/usr/bin",
+        "EMBERBOX_RATE_LIMIT_PER_S": "50",  # the operator's, over the host default
+        "EMBERBOX_RATE_LIMIT_BURST": HOST_DEFAULTS["EMBERBOX_RATE_LIMIT_BURST"],
+        "EMBERBOX_TENANT_MAX_WEBSOCKETS": HOST_DEFAULTS["EMBERBOX_TENANT_MAX_WEBSOCKETS"],
         "EMBERBOX_MAX_SANDBOXES": "2",
         "EMBERBOX_NETWORK_CIDR": "10.230.0.0/16",
         "EMBERBOX_DATA_DIR": "/d",
