@@ -276,10 +276,6 @@ class Cluster:
         nodes = await self._blocking(_ray_nodes, CALL_TIMEOUT_S)
         return {str(node["NodeID"]) for node in nodes if not node.get("Alive", False)}
 
-    async def node_of(self, name: str) -> str | None:
-        """The node host ``name``'s actor last answered from (None: never answered)."""
-        return self._nodes.get(name)
-
     async def _actor(self, name: str) -> Any:
         actor = self._actors.get(name)
         if actor is None:
