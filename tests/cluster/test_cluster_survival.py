@@ -38,6 +38,18 @@ def create(client: httpx.Client) -> str:
     return sandbox_id
 
 
+def create_honouring_retry_after(client: httpx.Client, tries: int = 4) -> tuple[str, int]:
+    """A create that waits out 503 + Retry-After as a client should; (id, 503s seen)."""
+    for refusals in range(tries):
+        made = client.post("/v1/sandboxes", json={"metadata": {"suite": "survival"}})
+        if made.status_code != 503 or refusals == tries - 1:
+            break
+        time.sleep(float(made.headers["Retry-After"]))
+    assert made.status_code == 201, made.text
+    sandbox_id: str = made.json()["id"]
+    return sandbox_id, refusals
+
+
 def drain(rig: Rig, name: str, on: bool) -> None:
     with rig.admin() as admin:
         answer = admin.post(f"/v1/cluster/hosts/{name}/drain", json={"drain": on})
@@ -133,7 +145,8 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     assert not spares & {s["id"] for s in listed}, spares
     for name in others:  # the host takes new sandboxes again
         drain(rig, name, True)
-    placed = create(alice)
+    placed, refusals = create_honouring_retry_after(alice)
+    print(f"a create with only {VICTIM} open: {refusals} 503 + Retry-After before it landed")
     assert rig.host_of(placed) == (VICTIM, "running") and placed in rig.vm_ids_on(VICTIM)
 
 
