@@ -87,6 +87,7 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     kept, dropped = create(alice), create(alice)
     for name in others:
         drain(rig, name, False)
+    rig.wait_hosts_report(HOSTS)  # placement is tested in test_cluster_placement.py
     survivor = create(alice)
     assert rig.host_of(kept)[0] == rig.host_of(dropped)[0] == VICTIM
     assert rig.host_of(survivor)[0] in others
@@ -108,7 +109,10 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     ran = alice.post(f"/v1/sandboxes/{survivor}/exec", json={"cmd": ["echo", "up"]})
     assert ran.status_code == 200 and ran.json()["stdout"] == "up\n"
     assert not alive(rig, VICTIM)
-    while_down = [create(alice) for _ in range(2)]
+    rig.wait_hosts_report(others)
+    while_down = [create(alice)]
+    rig.wait_hosts_report(others)
+    while_down.append(create(alice))
     assert all(rig.host_of(s)[0] in others for s in while_down)
     on_lost = alice.post(f"/v1/sandboxes/{kept}/exec", json={"cmd": ["true"]})
     assert on_lost.status_code == 503, on_lost.text  # HostDown, not a hang or a 500
@@ -145,6 +149,7 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     assert not spares & {s["id"] for s in listed}, spares
     for name in others:  # the host takes new sandboxes again
         drain(rig, name, True)
+    rig.wait_hosts_report([VICTIM])
     placed, refusals = create_honouring_retry_after(alice)
     print(f"a create with only {VICTIM} open: {refusals} 503 + Retry-After before it landed")
     assert rig.host_of(placed) == (VICTIM, "running") and placed in rig.vm_ids_on(VICTIM)

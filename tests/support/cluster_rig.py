@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,32 @@ class Rig:
             ).fetchone()
         assert row is not None, f"{sandbox_id} is not in the index"
         return row[0], row[1]
+
+    def live_per_host(self) -> dict[str, int]:
+        """Sandboxes creating or running per host, in the PostgreSQL index."""
+        import psycopg
+
+        with psycopg.connect(self.database_url) as conn:
+            rows = conn.execute(
+                "SELECT host, count(*) FROM sandboxes"
+                " WHERE state IN ('creating', 'running') GROUP BY host"
+            ).fetchall()
+        return {str(host): int(count) for host, count in rows if host}
+
+    def wait_hosts_report(self, names: Iterable[str], timeout_s: float = 15.0) -> None:
+        """Until the admin view's sandbox counts of ``names`` match the index: hosts
+        report their counts about every second, and placement uses what they reported,
+        so a test that is not about placement waits for them between creates."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.admin() as admin:
+                hosts = admin.get("/v1/cluster/hosts").json()["hosts"]
+            view = {host["name"]: host["sandboxes"] for host in hosts}
+            live = self.live_per_host()
+            if all(view.get(name) == live.get(name, 0) for name in names):
+                return
+            assert time.monotonic() < deadline, f"hosts report {view}, the index {live}"
+            time.sleep(0.2)
 
     def vm_ids_on(self, name: str) -> set[str]:
         """Sandbox ids of the QEMU processes running under host ``name``'s data dir."""
