@@ -36,7 +36,10 @@ _DESCRIPTIONS = {
     429: "Too many requests from this key (RateLimited); see the Retry-After header",
     500: "Internal error",
     502: "The VMM or the guest agent failed (VMMError, SnapshotCorrupt, AgentError)",
-    503: "The host lacks something (HostError)",
+    503: (
+        "The host lacks something (HostError); in a cluster, every host is full "
+        "(NoCapacity, see Retry-After) or the sandbox's host does not answer (HostDown)"
+    ),
     504: "The command ran past its timeout (ExecTimeout)",
     507: "The server's data dir is full (StorageFull); retry once space is freed",
 }
@@ -101,7 +104,7 @@ async def _emberbox_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     body = ErrorBody(error=error_detail(exc))
     response = JSONResponse(status_code=exc.status_code, content=body.model_dump(exclude_none=True))
-    if isinstance(exc, errors.RateLimited):
+    if isinstance(exc, errors.RateLimited | errors.NoCapacity):
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     return response
 

@@ -37,7 +37,8 @@ from emberbox.api.errors import count_error, error_response, render_error
 from emberbox.config import Settings
 
 DISCONNECT: Message = {"type": "http.disconnect"}
-OUR_ROUTES = "emberbox.api.routes."  # their JSON routes all sit behind authenticate()
+# Their JSON routes all sit behind authenticate() (the cluster replica's too).
+OUR_ROUTES = ("emberbox.api.routes.", "emberbox.api.cluster.")
 
 
 def is_json_route(route: Any) -> bool:

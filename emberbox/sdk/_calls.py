@@ -237,7 +237,17 @@ def error_from_response(response: httpx.Response) -> errors.EmberboxError:
             f"HTTP {response.status_code} from {response.request.url}: {text or 'no body'}",
             status_code=response.status_code,
         )
-    return error_from_body(detail, response.status_code)
+    exc = error_from_body(detail, response.status_code)
+    if isinstance(exc, errors.RateLimited | errors.NoCapacity):
+        exc.retry_after_s = retry_after_s(response, exc.retry_after_s)
+    return exc
+
+
+def retry_after_s(response: httpx.Response, default: float) -> float:
+    """The answer's ``Retry-After`` in seconds (RateLimited, NoCapacity); ``default``
+    without a usable one."""
+    text = response.headers.get("retry-after", "").strip()
+    return float(text) if text.isdigit() else default
 
 
 def error_from_body(

@@ -112,13 +112,16 @@ def _kill_all(server: Server) -> None:
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on a free port in a thread; yield its URL."""
+def serving(app: Any, *, lifespan: bool = False) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on a free port in a thread; yield its URL.
+    With ``lifespan``, the app's lifespan runs too (its start before the URL is given)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", ws="websockets-sansio", lifespan="off")
+    config = uvicorn.Config(
+        app, log_level="warning", ws="websockets-sansio", lifespan="on" if lifespan else "off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

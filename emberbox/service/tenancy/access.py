@@ -37,6 +37,7 @@ from emberbox.service.tenancy.tickets import TicketBook
 from emberbox.store import LOCAL_TENANT_ID as LOCAL_TENANT_ID  # the built-in tenant
 from emberbox.store import Store, sandboxes, tenants, utcnow
 from emberbox.store.connection import Connection
+from emberbox.store.database import database_target
 from emberbox.store.tenants import AuditEntry as AuditEntry  # the API builds them
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Tenancy:
         """The tenancy connection, opened (and the schema migrated) on first use."""
         async with self._opening:
             if self._store is None or self._store.closed:
-                self._store = await Store.open(self._settings.db_path)
+                # A cluster's PostgreSQL (database_url) when set, else the SQLite file.
+                self._store = await Store.open(database_target(self._settings))
             return self._store
 
     async def close(self) -> None:
