@@ -134,6 +134,7 @@ def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     print(f"reconciled {settled_after:.1f} s after the host answered")
     vms = rig.sandbox_vms_on(VICTIM)
     state = rig.host_of(kept)[1]
+    print(f"after the reconcile: {kept} is {state}; sandbox VMs on {VICTIM}: {sorted(vms)}")
     assert (state == "running") == (kept in vms), (state, vms)
     if state == "running":  # the VM outlived its server and was re-adopted
         ran = alice.post(f"/v1/sandboxes/{kept}/exec", json={"cmd": ["echo", "back"]})
