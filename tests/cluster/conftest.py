@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -107,18 +108,29 @@ def rig() -> Iterator[Rig]:
     root = short_tmp_dir("ebc-")
     ray: RayCluster | None = None
     left: list[int] = []
+    took: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(what: str) -> None:
+        nonlocal mark
+        took[what], mark = time.monotonic() - mark, time.monotonic()
+
     try:
         with ExitStack() as stack:
             database_url = stack.enter_context(running_postgres())
+            lap("postgres")
             ray = stack.enter_context(running_ray_cluster(HOSTS))
+            lap("ray (head + 3 nodes)")
             db_env = {"EMBERBOX_DATABASE_URL": database_url, "EMBERBOX_DATA_DIR": str(root / "cli")}
             admin_key = _make_key(db_env, "--name", "ops", "--admin")
             keys = {
                 tenant: _make_key(db_env, "--name", tenant, *TENANT_QUOTAS)
                 for tenant in ("alice", "bob")
             }
+            lap("keys")
             stack.callback(_stop_hosts, ray)
             _start_hosts(ray, root)
+            lap("hosts (emberbox cluster host start x3)")
             replicas = []
             for index in range(2):
                 env = {
@@ -135,6 +147,8 @@ def rig() -> Iterator[Rig]:
                 replicas.append(replica)
             for replica in replicas:
                 replica.start()
+            lap("API replicas x2")
+            print("cluster rig up: " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
             made = Rig(database_url, ray, root, replicas, admin_key, keys)
             stack.callback(_kill_sandboxes, made)
             yield made
