@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from emberbox.config import Settings
+from emberbox.images.registry import ImageInfo
 from tests.support.cluster_rig import (
     HOST_START_S,
     HOSTS,
@@ -103,8 +104,9 @@ def _leftovers(root: Path, ray: RayCluster | None) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def rig() -> Iterator[Rig]:
-    """The shared cluster; everything it started is gone after it (checked)."""
+def rig(default_image: ImageInfo) -> Iterator[Rig]:
+    """The shared cluster (its hosts share the image cache, where ``default_image`` is
+    built if missing); everything it started is gone after it (checked)."""
     root = short_tmp_dir("ebc-")
     ray: RayCluster | None = None
     left: list[int] = []
