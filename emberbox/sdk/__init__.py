@@ -27,6 +27,11 @@ Dockerfile on the server (in microVMs, cached step by step), ``Images.import_(re
 name=...)`` imports an OCI image, ``Images.list()`` / ``Images.delete(name)``;
 ``AsyncImages`` for asyncio. ``Sandbox.create(image="grader")`` then starts one.
 
+Clusters (``emberbox serve --cluster``, admin keys): ``Cluster.hosts()`` lists the hosts,
+``Cluster.drain(name)`` stops new sandboxes landing on one (``AsyncCluster`` for asyncio).
+A create when every host is full raises :class:`NoCapacity` (``retry_after_s``); a call
+to a sandbox whose host does not answer raises :class:`HostDown`.
+
 One-shot runs: ``run_code("python3", "print(6*7)")`` compiles and runs a program once in
 a fresh sandbox (``async_run_code`` for asyncio; ``list_languages`` for what it takes).
 """
@@ -39,10 +44,12 @@ from emberbox.errors import (
     Conflict,
     EmberboxError,
     ExecTimeout,
+    HostDown,
     HostError,
     ImageBuildError,
     ImageNotFound,
     InvalidRequest,
+    NoCapacity,
     NotFound,
     QuotaExceeded,
     RateLimited,
@@ -57,6 +64,7 @@ from emberbox.sdk._async import AsyncCommands, AsyncSandbox, AsyncSnapshots
 from emberbox.sdk._async_guest import AsyncCommandHandle, AsyncFiles, AsyncPty, AsyncPtySession
 from emberbox.sdk._async_images import AsyncImages
 from emberbox.sdk._calls import CommandResult, SandboxInfo, SnapshotInfo
+from emberbox.sdk._cluster import AsyncCluster, Cluster, HostInfo
 from emberbox.sdk._guest import FileInfo, ProcessInfo, ProcessStatus
 from emberbox.sdk._image_calls import ImageInfo
 from emberbox.sdk._images import Images
@@ -74,6 +82,7 @@ from emberbox.sdk._sync_guest import CommandHandle, Files, Pty, PtySession
 
 __all__ = [
     "AgentError",
+    "AsyncCluster",
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
@@ -85,6 +94,7 @@ __all__ = [
     "AsyncSnapshots",
     "BootTimeout",
     "BuildEvent",
+    "Cluster",
     "CommandHandle",
     "CommandResult",
     "Commands",
@@ -93,13 +103,16 @@ __all__ = [
     "ExecTimeout",
     "FileInfo",
     "Files",
+    "HostDown",
     "HostError",
+    "HostInfo",
     "ImageBuildError",
     "ImageInfo",
     "ImageNotFound",
     "Images",
     "InvalidRequest",
     "LanguageInfo",
+    "NoCapacity",
     "NotFound",
     "PortInfo",
     "Ports",

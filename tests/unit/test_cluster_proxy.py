@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -18,9 +19,11 @@ from emberbox.api.cluster.proxy import request_headers, response_headers, upstre
 from emberbox.api.cluster.relay import close_for_caller, host_subprotocols, websocket_url
 from emberbox.config import Settings
 from emberbox.models import ExecRequest, SandboxPublic
+from emberbox.sdk import AsyncCluster, Cluster, Sandbox
 from emberbox.service.cluster_index import differs, sandbox_public, with_host_down
 from emberbox.store import SandboxRow
 from tests.support.fakes_cluster import FakeCluster, FakeHost
+from tests.support.servers import serving
 
 NOW = datetime(2026, 12, 5, tzinfo=UTC)
 
@@ -232,3 +235,32 @@ def test_replica_app_without_hosts(tmp_path: Path) -> None:
             assert answer.status_code == 501, path
             assert answer.json()["error"]["type"] == "NotServedInCluster"
         assert client.post("/v1/images", headers=auth).status_code == 501
+
+
+def test_sdk_cluster_calls_and_no_capacity(tmp_path: Path) -> None:
+    """Cluster.hosts / drain (sync and async) through a real server; a create with no
+    room raises NoCapacity carrying the Retry-After seconds; a tenant key is refused."""
+    settings = Settings(data_dir=tmp_path, api_key=SecretStr("admin-key"))
+    cluster = FakeCluster()
+    cluster.add(FakeHost("beta", "http://127.0.0.1:9", "k", down=True))
+    cluster.add(FakeHost("alpha", "http://127.0.0.1:9", "k", down=True))
+    app = create_cluster_app(settings, cluster, monitor_interval_s=0)
+    with serving(app, lifespan=True) as url:
+        key = "admin-key"
+        assert [h.name for h in Cluster.hosts(url=url, api_key=key)] == ["alpha", "beta"]
+        drained = Cluster.drain("beta", url=url, api_key=key)
+        assert [(h.name, h.draining) for h in drained] == [("alpha", False), ("beta", True)]
+        undone = anyio.run(lambda: AsyncCluster.drain("beta", False, url=url, api_key=key))
+        assert [h.draining for h in undone] == [False, False]
+        assert [h.alive for h in anyio.run(lambda: AsyncCluster.hosts(url=url, api_key=key))] == [
+            False,
+            False,
+        ]
+        with pytest.raises(errors.NotFound):
+            Cluster.drain("gamma", url=url, api_key=key)
+        with pytest.raises(errors.NoCapacity) as full:
+            Sandbox.create(url=url, api_key=key)
+        assert full.value.retry_after_s == 5.0
+        assert "no host is reachable" in full.value.message
+        with pytest.raises(errors.Unauthorized):
+            Cluster.hosts(url=url, api_key="eb_wrong")

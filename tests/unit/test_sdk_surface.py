@@ -38,6 +38,7 @@ def _public_methods(cls: type) -> dict[str, list[tuple[object, ...]]]:
         (sdk.Pty, sdk.AsyncPty),
         (sdk.Ports, sdk.AsyncPorts),
         (sdk.PtySession, sdk.AsyncPtySession),
+        (sdk.Cluster, sdk.AsyncCluster),
     ],
 )
 def test_sync_and_async_have_the_same_calls(sync_cls: type, async_cls: type) -> None:
