@@ -31,11 +31,27 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="TCP port (default: $EMBERBOX_PORT or 8080)")
     ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            metavar="ADDRESS",
+            help=(
+                "Serve the API replica of the Ray cluster at ADDRESS (host:port of its "
+                "head, or auto); needs EMBERBOX_DATABASE_URL (docs/cluster.md)"
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Serve the sandbox API (OpenAPI docs at /docs) until interrupted."""
-    overrides: dict[str, Any] = {"host": host, "port": port}
+    overrides: dict[str, Any] = {"host": host, "port": port, "cluster_address": cluster}
     settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
     logs.configure(settings.log_format)
+    if cluster is not None:
+        from emberbox.cli.serve_cluster import serve_cluster
+
+        serve_cluster(settings)
+        return
     with clean_errors():
         for warning in check_serving(settings, db_keys=_active_keys(settings)):
             log.warning(warning)
