@@ -7,14 +7,18 @@ so that this group lists without them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from emberbox.cli.common import clean_errors, fail
+from emberbox.cli.common import ApiKey, Json, Url, clean_errors, fail, print_table
+from emberbox.sdk import Cluster, HostInfo
 
 app = typer.Typer(help="Cluster mode: VM hosts on Ray behind API replicas.", no_args_is_help=True)
 host_app = typer.Typer(help="This machine's host agent.", no_args_is_help=True)
@@ -95,3 +99,50 @@ def host_stop(name: Name, address: Address = None) -> None:
 
 
 # Commands that talk to the API replicas (status, drain) follow below.
+
+_console = Console(highlight=False)
+
+
+def _hosts_table(hosts: list[HostInfo]) -> Table:
+    table = Table("HOST", "ALIVE", "DRAINING", "SANDBOXES", "FREE MEMORY", "IMAGES")
+    for host in hosts:
+        table.add_row(
+            host.name,
+            "yes" if host.alive else "NO",
+            "yes" if host.draining else "no",
+            f"{host.sandboxes}/{host.max_sandboxes}",
+            f"{host.free_memory_mib} MiB",
+            ", ".join(host.images) or "-",
+        )
+    return table
+
+
+@app.command("status")
+def status(url: Url = None, api_key: ApiKey = None, json_out: Json = False) -> None:
+    """The cluster's hosts: alive, draining, sandboxes, free memory, images.
+
+    Asks an API replica (--url) with an admin key.
+    """
+    with clean_errors():
+        hosts = Cluster.hosts(url=url, api_key=api_key)
+    if json_out:
+        typer.echo(json.dumps([host.model_dump() for host in hosts], indent=2))
+        return
+    print_table(_console, _hosts_table(hosts))
+
+
+@app.command("drain")
+def drain(
+    name: Annotated[str, typer.Argument(help="Host name", show_default=False)],
+    undo: Annotated[bool, typer.Option("--undo", help="Take new sandboxes again")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Stop placing new sandboxes on host NAME; --undo opens it again.
+
+    Its sandboxes keep running. Asks an API replica (--url) with an admin key.
+    """
+    with clean_errors():
+        hosts = Cluster.drain(name, not undo, url=url, api_key=api_key)
+    typer.echo(f"host {name}: {'open again' if undo else 'draining'}")
+    print_table(_console, _hosts_table(hosts))

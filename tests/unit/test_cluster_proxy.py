@@ -3,6 +3,7 @@ relayed-route table, index rows as the API shows them (``lost``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,12 +12,15 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from emberbox import errors
 from emberbox.api.app import create_app
 from emberbox.api.cluster import create_cluster_app, passthrough, sandboxes, sockets
 from emberbox.api.cluster.proxy import request_headers, response_headers, upstream_url
 from emberbox.api.cluster.relay import close_for_caller, host_subprotocols, websocket_url
+from emberbox.cli import cluster as cluster_cli
+from emberbox.cli.common import EXIT_ERROR
 from emberbox.config import Settings
 from emberbox.models import ExecRequest, SandboxPublic
 from emberbox.sdk import AsyncCluster, Cluster, Sandbox
@@ -264,3 +268,26 @@ def test_sdk_cluster_calls_and_no_capacity(tmp_path: Path) -> None:
         assert "no host is reachable" in full.value.message
         with pytest.raises(errors.Unauthorized):
             Cluster.hosts(url=url, api_key="eb_wrong")
+
+
+def test_cli_cluster_status_and_drain(tmp_path: Path) -> None:
+    """`emberbox cluster status` prints every host with its capacity; `drain NAME` and
+    `drain NAME --undo` flip it; a wrong key is a clean error, no traceback."""
+    settings = Settings(data_dir=tmp_path, api_key=SecretStr("admin-key"))
+    cluster = FakeCluster()
+    cluster.add(FakeHost("alpha", "http://127.0.0.1:9", "k", max_sandboxes=3, down=True))
+    app = create_cluster_app(settings, cluster, monitor_interval_s=0)
+    runner = CliRunner()
+    with serving(app, lifespan=True) as url:
+        opts = ["--url", url, "--api-key", "admin-key"]
+        shown = runner.invoke(cluster_cli.app, ["status", *opts])
+        assert shown.exit_code == 0, shown.output
+        assert "alpha" in shown.output and "0/3" in shown.output and "NO" in shown.output
+        drained = runner.invoke(cluster_cli.app, ["drain", "alpha", *opts])
+        assert drained.exit_code == 0 and cluster.hosts_by_name["alpha"].draining
+        as_json = json.loads(runner.invoke(cluster_cli.app, ["status", "--json", *opts]).output)
+        assert as_json[0]["draining"] is True
+        undone = runner.invoke(cluster_cli.app, ["drain", "alpha", "--undo", *opts])
+        assert undone.exit_code == 0 and not cluster.hosts_by_name["alpha"].draining
+        refused = runner.invoke(cluster_cli.app, ["status", "--url", url, "--api-key", "nope"])
+        assert refused.exit_code == EXIT_ERROR and "Traceback" not in refused.output
