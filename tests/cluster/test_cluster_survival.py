@@ -82,12 +82,17 @@ def alice(rig: Rig) -> Iterator[httpx.Client]:
 def test_node_death_then_return(rig: Rig, alice: httpx.Client) -> None:
     """lost within 30 s, creates on the survivors, then reconciled with nothing orphaned."""
     others = [name for name in HOSTS if name != VICTIM]
+    # Between creates the test waits until the hosts have reported their counts (about
+    # every second): placement under that lag is test_cluster_placement.py's subject.
     for name in others:  # both sandboxes of the victim's, on the victim
         drain(rig, name, True)
-    kept, dropped = create(alice), create(alice)
+    rig.wait_hosts_report(HOSTS)
+    kept = create(alice)
+    rig.wait_hosts_report(HOSTS)
+    dropped = create(alice)
     for name in others:
         drain(rig, name, False)
-    rig.wait_hosts_report(HOSTS)  # placement is tested in test_cluster_placement.py
+    rig.wait_hosts_report(HOSTS)
     survivor = create(alice)
     assert rig.host_of(kept)[0] == rig.host_of(dropped)[0] == VICTIM
     assert rig.host_of(survivor)[0] in others
