@@ -20,7 +20,10 @@ VIEW_LAG_S = 15.0
 
 @pytest.fixture
 def alice(rig: Rig) -> Iterator[httpx.Client]:
-    """alice's client on replica 0; every sandbox alice has is killed afterwards."""
+    """alice's client on replica 0, once the hosts have reported the kills of earlier
+    tests; every sandbox alice has is killed afterwards. Creates then follow each other
+    at once, as a client's do: placement must not overshoot a host meanwhile."""
+    rig.wait_hosts_report(HOSTS)
     with rig.client(rig.keys["alice"]) as client:
         try:
             yield client
