@@ -50,7 +50,17 @@ class ClusterContext:
     async def forward(self, request: Request, host: str | None) -> UpstreamResponse:
         """``request`` relayed to ``host`` as it came (see :mod:`.proxy`)."""
         endpoint = await self.endpoint(host)
-        return await self.proxy.forward(request, endpoint.name, endpoint.url, endpoint.key)
+        try:
+            return await self.proxy.forward(request, endpoint.name, endpoint.url, endpoint.key)
+        except errors.HostDown:
+            self._forget(endpoint.name)
+            raise
+
+    def _forget(self, host: str) -> None:
+        """Drop a cached endpoint that failed (a restarted host has a new URL and key)."""
+        forget = getattr(self.cluster, "forget", None)
+        if callable(forget):
+            forget(host)
 
     async def call(
         self, host: str | None, method: str, path: str, body: bytes | None = None
@@ -62,7 +72,11 @@ class ClusterContext:
             headers.append((b"content-type", b"application/json"))
         headers = request_headers(headers, key=endpoint.key)
         url = upstream_url(endpoint.url, path)
-        response = await self.proxy.open(endpoint.name, method, url, headers, body)
+        try:
+            response = await self.proxy.open(endpoint.name, method, url, headers, body)
+        except errors.HostDown:
+            self._forget(endpoint.name)
+            raise
         try:
             await response.aread()
         except httpx.HTTPError as exc:
