@@ -39,6 +39,7 @@ from tests.support.cluster_rig import (
     TENANT_QUOTAS,
     Replica,
     Rig,
+    clean_env,
     cli,
     pids_with_env,
 )
@@ -69,7 +70,7 @@ def _start_hosts(ray: RayCluster, root: Path) -> None:
             subprocess.Popen(
                 [sys.executable, "-c", CLI, *args],
                 cwd=REPO,
-                env={**os.environ, **ray.env},
+                env=clean_env(ray.env),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

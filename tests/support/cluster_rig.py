@@ -40,6 +40,17 @@ def pids_with_env(text: str) -> list[int]:
     return found
 
 
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its EMBERBOX_* and RAY_AUTH_* settings (the
+    operator's own server URL, key or data dir must not leak in), with ``env`` over it."""
+    base = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("EMBERBOX_", "RAY_AUTH_"))
+    }
+    return {**base, **env}
+
+
 def cli(
     env: dict[str, str], *args: str, timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
@@ -47,7 +58,7 @@ def cli(
     return subprocess.run(
         [sys.executable, "-c", CLI, *args],
         cwd=REPO,
-        env={**os.environ, **env},
+        env=clean_env(env),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -74,7 +85,7 @@ class Replica:
         command += ["--port", str(self.port), "--cluster", self.env["EMBERBOX_CLUSTER_ADDRESS"]]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO, env={**os.environ, **self.env}, stdout=log, stderr=log
+                command, cwd=REPO, env=clean_env(self.env), stdout=log, stderr=log
             )
         deadline = time.monotonic() + REPLICA_START_S
         while time.monotonic() < deadline:
