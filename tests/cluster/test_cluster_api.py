@@ -18,11 +18,14 @@ pytestmark = [pytest.mark.vm]
 
 @pytest.fixture(scope="module")
 def on_each_host(rig: Rig) -> Iterator[dict[str, Sandbox]]:
-    """Three of alice's sandboxes made on replica 0: placement puts one on each host."""
+    """Three of alice's sandboxes made on replica 0: placement puts one on each host
+    (each create once the hosts have reported the last one: placement under that lag is
+    test_cluster_placement.py's subject)."""
     url, key = rig.replicas[0].url, rig.keys["alice"]
     made: list[Sandbox] = []
     try:
         for _ in HOSTS:
+            rig.wait_hosts_report(HOSTS)
             made.append(Sandbox.create(url=url, api_key=key, metadata={"suite": "api"}))
         by_host = {rig.host_of(sb.id)[0]: sb for sb in made}
         assert sorted(h for h in by_host if h) == sorted(HOSTS), "creates did not spread"
