@@ -291,3 +291,25 @@ def test_cli_cluster_status_and_drain(tmp_path: Path) -> None:
         assert undone.exit_code == 0 and not cluster.hosts_by_name["alpha"].draining
         refused = runner.invoke(cluster_cli.app, ["status", "--url", url, "--api-key", "nope"])
         assert refused.exit_code == EXIT_ERROR and "Traceback" not in refused.output
+
+
+def test_public_port_urls_are_refused_in_cluster_mode(tmp_path: Path) -> None:
+    """Making a port public through a replica is a 501 naming why (its URL would be a
+    host's); revoking goes to the host (here: down, so HostDown)."""
+    settings = Settings(data_dir=tmp_path, api_key=SecretStr("admin-key"))
+    cluster = FakeCluster()
+    cluster.add(FakeHost("alpha", "http://127.0.0.1:9", "k", down=True))
+    app = create_cluster_app(settings, cluster, monitor_interval_s=0)
+    auth = {"Authorization": "Bearer admin-key"}
+    with TestClient(app) as client:
+        info = sandbox_public(_row())
+        assert client.portal is not None
+        client.portal.call(
+            lambda: app.state.cluster.index.record(info, host="alpha", tenant_id="local")
+        )
+        made = client.post("/v1/sandboxes/sb1/ports/8000", json={"public": True}, headers=auth)
+        assert made.status_code == 501 and "public port URLs" in made.json()["error"]["message"]
+        revoked = client.post("/v1/sandboxes/sb1/ports/8000", json={"public": False}, headers=auth)
+        assert revoked.status_code == 503 and revoked.json()["error"]["type"] == "HostDown"
+        unknown = client.post("/v1/sandboxes/nope/ports/8000", json={"public": True}, headers=auth)
+        assert unknown.status_code == 404  # ownership first, as for any id

@@ -9,7 +9,10 @@ and are not served in cluster mode (docs/cluster.md).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, WebSocket
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, WebSocket
+from starlette.responses import Response
 
 from emberbox import errors
 from emberbox.api import browsers
@@ -17,9 +20,13 @@ from emberbox.api.auth import PrincipalDep, TenancyDep
 from emberbox.api.cluster.context import ClusterDep, get_cluster_context
 from emberbox.api.cluster.relay import refuse, relay
 from emberbox.api.cluster.sandboxes import SandboxId
+from emberbox.api.cluster.system import not_served
 from emberbox.api.deps import require_api_key
 from emberbox.api.errors import error_responses
-from emberbox.models import PtyTicket
+from emberbox.models import PortPublic, PortUpdate, PtyTicket
+
+Port = Annotated[int, Path(ge=1, le=65535, description="TCP port in the guest")]
+PUBLIC_PORTS = "public port URLs (the token is a host's); reach the port with an API key"
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["terminal"])  # behind authorize_websocket
 ticket_router = APIRouter(prefix="/v1/sandboxes", tags=["terminal"])  # guarded as any call
@@ -72,3 +79,19 @@ async def terminal_ticket(
         expires_in_s=tenancy.tickets.ttl_s,
         protocols=[browsers.PTY_PROTOCOL, browsers.TICKET_PREFIX + ticket],
     )
+
+
+@ticket_router.post(
+    "/{sandbox_id}/ports/{port}",
+    response_model=PortPublic,
+    responses=error_responses(400, 404, 422, 503),
+)
+async def update_port(
+    sandbox_id: SandboxId, port: Port, body: PortUpdate, request: Request, cluster: ClusterDep
+) -> Response:
+    """Revoke a port's public URL (`{"public": false}`); making one public is not served
+    in cluster mode (501): its URL would name a host's token the replicas cannot route."""
+    row = await cluster.index.sandbox(sandbox_id)  # an unknown id is a 404 first
+    if body.public:
+        return not_served(PUBLIC_PORTS)
+    return await cluster.forward(request, row.host)
