@@ -32,11 +32,7 @@ class Launcher:
     def __init__(self) -> None:
         self._drivers = DriverCache()
         self._templates: Templates | None = None
-        self.spares = SpareVMMs()
-
-    async def close(self) -> None:
-        """Kill the spare VMMs (the sandboxes started are the manager's)."""
-        await self.spares.close()
+        self.spares = SpareVMMs()  # claimed by admission, closed by the manager's close
 
     def _driver(self, settings: Settings, image: str | None) -> Driver:
         """The one driver; the first call probes KVM with ``image``'s boot files."""
