@@ -105,6 +105,7 @@ class Launcher:
                         exc.message,
                     )
                     self._templates_for(settings).discard(template)
+        self.spares.release(sandbox_id)  # claimed at admission, but no template to load
         log.info("sandbox %s: cold boot of image %s", sandbox_id, image)
         return await SandboxVM.start(
             settings,
