@@ -1,6 +1,7 @@
 """Spare VMMs over real QEMU: after a template restore its shape gets a QEMU started
 ahead (``-incoming defer``); the next create without a network takes its id and only
-loads the state into it; a spare whose QEMU died is not used; close kills the spares."""
+loads the state into it; a spare whose QEMU died is not used (and the restore in its
+place is whole); close kills the spares."""
 
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ async def test_a_restore_loads_into_the_spare_made_ahead(settings: Settings) -> 
         with anyio.fail_after(10):
             while alive(dead_pid):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
-        other = await manager.create()
-        assert other.id != dead_id and other.vmm_pid != dead_pid
+        other = await manager.create()  # may keep the dead spare's id: a name, nothing more
+        assert other.vmm_pid not in (None, dead_pid)
         assert (await manager.exec(other.id, ExecSpec(["true"]))).exit_code == 0
         await manager.kill(other.id)
 

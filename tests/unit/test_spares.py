@@ -111,10 +111,10 @@ async def test_claim_take_refill_and_close() -> None:
     sandbox_id = await filled(spares, driver)
     assert len(sandbox_id) == 12 and driver.made[0].config.vm_id == sandbox_id
     assert spares.claim(SHAPE) is None  # one spare per shape, claimed once
-    assert spares.take("someone-else", TEMPLATE) is None
-    taken: object = spares.take(sandbox_id, TEMPLATE)
+    assert await spares.take("someone-else", TEMPLATE) is None
+    taken: object = await spares.take(sandbox_id, TEMPLATE)
     assert taken is driver.made[0]
-    assert spares.take(sandbox_id, TEMPLATE) is None  # taken once
+    assert await spares.take(sandbox_id, TEMPLATE) is None  # taken once
     second = await filled(spares, driver)
     assert second != sandbox_id
     spares.refill(driver, TEMPLATE, SHAPE, config_for)  # a third, ready but unclaimed
@@ -137,7 +137,7 @@ async def test_a_released_claim_or_a_replaced_template_kills_the_spare() -> None
     spares.release(first)  # its create failed at admission
     newer = SnapshotFiles(Path("/t/2/snap"), "qemu", "7.2+m2", Path("/t/2/memory"))
     second = await filled(spares, driver)
-    assert spares.take(second, newer) is None  # made for the old template
+    assert await spares.take(second, newer) is None  # made for the old template
     await asyncio.sleep(0.01)
     assert [vm.killed for vm in driver.made] == [True, True]
     await spares.close()
@@ -156,7 +156,7 @@ async def test_a_spare_whose_vmm_exited_is_not_used() -> None:
     assert spares.claim(SHAPE) is None
     sandbox_id = await filled(spares, driver)
     driver.made[1].running = False  # exits between the claim and the restore
-    assert spares.take(sandbox_id, TEMPLATE) is None
+    assert await spares.take(sandbox_id, TEMPLATE) is None
     await spares.close()
 
 

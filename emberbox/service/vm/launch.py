@@ -59,7 +59,7 @@ class Launcher:
             if template is not None:
                 # A spare serves (and is made for) restores without a network only.
                 spare_shape = SpareShape(image, vcpus, memory_mib)
-                spare = self.spares.take(sandbox_id, template)
+                spare = await self.spares.take(sandbox_id, template)
                 if spare is not None and (network is not None or lifetime != "detached"):
                     await spare.kill()  # made for neither
                     spare = None

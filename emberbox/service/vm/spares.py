@@ -107,19 +107,24 @@ class SpareVMMs:
         if spare is not None:
             self._discard(spare, None)
 
-    def take(self, sandbox_id: str, template: SnapshotFiles) -> VM | None:
-        """The VMM claimed for ``sandbox_id``, if it waits for ``template``'s state
-        (else it is killed: the template was rebuilt meanwhile) and still runs."""
+    async def take(self, sandbox_id: str, template: SnapshotFiles) -> VM | None:
+        """The VMM claimed for ``sandbox_id``, if it waits for ``template``'s state and
+        still runs. Otherwise it is killed (the template was replaced, or its QEMU
+        died) before this returns: the sandbox's restore then makes the same work
+        directory afresh, which the spare's removal must not race."""
         spare = self._claimed.pop(sandbox_id, None)
         if spare is None:
             return None
+        reason = None
         if spare.template != template:
-            self._discard(spare, "its template was replaced")
-            return None
-        if not spare.vm.is_running():
-            self._discard(spare, "its VMM has exited")
-            return None
-        return spare.vm
+            reason = "its template was replaced"
+        elif not spare.vm.is_running():
+            reason = "its VMM has exited"
+        if reason is None:
+            return spare.vm
+        log.info("spare VMM %s not used: %s", spare.sandbox_id, reason)
+        await spare.vm.kill()
+        return None
 
     def refill(
         self,
