@@ -46,3 +46,24 @@ def test_rebuilding_a_held_key_and_old_layouts_do_not_count(tmp_path: Path) -> N
     _template(templates.root, "old2", layout="0")
     one_held = _templates(tmp_path, limit=3)
     one_held._check_room("c")
+
+
+def test_when_full_templates_whose_image_is_gone_make_room(tmp_path: Path) -> None:
+    """At the limit, a template whose image left the images dir it was made from (a
+    deleted image, a removed temporary images dir) is deleted to make room; one whose
+    image is still there, or that does not say where it came from, is kept."""
+    templates = _templates(tmp_path, limit=2)
+    images = tmp_path / "images"
+    (images / "blobs" / "alive").mkdir(parents=True)
+    for key, image_hash in (("kept", "alive"), ("gone", "deleted")):
+        _template(templates.root, key)
+        meta = templates.root / key / "gen1" / META
+        fields = json.loads(meta.read_text())
+        meta.write_text(json.dumps(fields | {"image_hash": image_hash, "images_dir": str(images)}))
+    templates._check_room("new")
+    assert not (templates.root / "gone").exists()
+    assert (templates.root / "kept" / CURRENT / META).is_file()
+    _template(templates.root, "unknown")  # no images_dir: kept, and the cache is full again
+    with pytest.raises(errors.QuotaExceeded):
+        templates._check_room("new")
+    assert (templates.root / "unknown").is_dir()

@@ -136,6 +136,8 @@ class Templates:
         limit = self._settings.templates_max
         held = [k for k in _layout_keys(self.root) if k != key]
         if len(held) >= limit:
+            held = [k for k in held if not _remove_if_orphaned(self.root / k)]
+        if len(held) >= limit:
             raise errors.QuotaExceeded(
                 f"{len(held)} templates exist (templates_max={limit}); this shape is not given one",
                 quota="templates_max",
@@ -201,6 +203,9 @@ class Templates:
                 "key": key,
                 "image": info.name,
                 "image_hash": info.image_hash,
+                # Whose image this is: once that images dir no longer holds the image,
+                # nothing can restore from (or be backed by) this template any more.
+                "images_dir": str(settings.images_dir),
                 "vmm": snap.vmm,
                 "vmm_version": snap.vmm_version,
                 "shared_memory": snap.memory_file is not None,
@@ -261,6 +266,24 @@ def _layout_keys(root: Path) -> list[str]:
             if json.loads(meta.read_text()).get("layout") == LAYOUT:
                 keys.append(meta.parent.parent.name)
     return keys
+
+
+def _remove_if_orphaned(key_dir: Path) -> bool:
+    """Delete a template whose image is gone from the images dir it was made from (a
+    deleted image, or a temporary images dir that no longer exists): no sandbox or
+    snapshot can use it, since an image is only deleted when none does. Templates
+    that do not say where their image lives are kept."""
+    try:
+        meta = json.loads((key_dir / CURRENT / META).read_text())
+        images_dir = meta.get("images_dir")
+        image_hash = str(meta["image_hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(images_dir, str) or (Path(images_dir) / "blobs" / image_hash).exists():
+        return False
+    log.info("removing template %s: image %s is gone from %s", key_dir, image_hash, images_dir)
+    shutil.rmtree(key_dir, ignore_errors=True)
+    return not key_dir.exists()
 
 
 def _commit(generation: Path, meta: dict[str, Any]) -> None:
