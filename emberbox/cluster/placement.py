@@ -9,7 +9,8 @@ or pulls the image). Then the most free memory, then the fewest sandboxes, then 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
 
 from emberbox.cluster.hosts import HostStatus
 from emberbox.errors import NoCapacity
@@ -28,12 +29,39 @@ def has_room(host: HostStatus, memory_mib: int) -> bool:
     )
 
 
-def place(hosts: Sequence[HostStatus], *, image: str, memory_mib: int) -> str:
-    """The name of the host for a sandbox of ``image`` with ``memory_mib`` of memory.
+def with_placed(
+    hosts: Sequence[HostStatus], indexed: Mapping[str, int], memory_mib: int
+) -> list[HostStatus]:
+    """The hosts' statuses with the sandboxes the index already places on them: a host
+    reports its count about once a second, so creates in a row (or on other replicas)
+    would otherwise all see the same free host. Each sandbox the index has beyond the
+    host's own count also takes ``memory_mib`` off its free memory."""
+    adjusted = []
+    for host in hosts:
+        extra = max(0, indexed.get(host.name, 0) - host.sandboxes)
+        adjusted.append(
+            dataclasses.replace(
+                host,
+                sandboxes=host.sandboxes + extra,
+                free_memory_mib=max(0, host.free_memory_mib - extra * memory_mib),
+            )
+        )
+    return adjusted
+
+
+def place(
+    hosts: Sequence[HostStatus],
+    *,
+    image: str,
+    memory_mib: int,
+    refused: Collection[str] = (),
+) -> str:
+    """The name of the host for a sandbox of ``image`` with ``memory_mib`` of memory,
+    other than the hosts in ``refused`` (they turned this create down already).
 
     Raises :class:`NoCapacity` (HTTP 503, Retry-After) when no host has room.
     """
-    fitting = [host for host in hosts if has_room(host, memory_mib)]
+    fitting = [h for h in hosts if has_room(h, memory_mib) and h.name not in refused]
     if not fitting:
         raise NoCapacity(_refusal(hosts), retry_after_s=RETRY_AFTER_S, hosts=len(hosts))
     with_image = [host for host in fitting if image in host.images]

@@ -132,6 +132,15 @@ class SandboxIndex:
     async def live_count(self) -> int:
         return await (await self._store()).count(states=_LIVE)
 
+    async def live_by_host(self) -> dict[str, int]:
+        """Live sandboxes per host, as the index (shared by every replica) has them:
+        ahead of the hosts' own counts, which placement reads about once a second."""
+        counts: dict[str, int] = {}
+        for row in await (await self._store()).list(states=_LIVE):
+            if row.host is not None:
+                counts[row.host] = counts.get(row.host, 0) + 1
+        return counts
+
     # -- snapshots -----------------------------------------------------------------------
 
     async def snapshot(self, snapshot_id: str) -> SnapshotRow:

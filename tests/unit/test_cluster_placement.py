@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from emberbox.api.cluster.sandboxes import host_was_full
 from emberbox.cluster.hosts import HostStatus
-from emberbox.cluster.placement import MEMORY_MARGIN_MIB, place
+from emberbox.cluster.placement import MEMORY_MARGIN_MIB, place, with_placed
 from emberbox.errors import NoCapacity
 
 
@@ -95,3 +97,38 @@ def test_no_capacity_is_a_503_with_retry_after(hosts: list[HostStatus], words: s
     assert caught.value.status_code == 503
     assert caught.value.retry_after_s > 0
     assert words in str(caught.value)
+
+
+def test_the_index_counts_sandboxes_the_hosts_have_not_reported_yet() -> None:
+    """Creates in a row: the index holds two sandboxes on "a" that its last report
+    (one) has not caught up with, so "a" is full and has less memory than it said."""
+    hosts = [host("a", sandboxes=1, max_sandboxes=2, free_mib=9000), host("b", free_mib=5000)]
+    adjusted = with_placed(hosts, {"a": 2, "b": 0}, memory_mib=512)
+    assert [(h.sandboxes, h.free_memory_mib) for h in adjusted] == [(2, 8488), (0, 5000)]
+    assert place(adjusted, image="default", memory_mib=512) == "b"
+    behind = with_placed(hosts, {"a": 0}, memory_mib=512)  # the index never lowers a count
+    assert behind[0].sandboxes == 1 and behind[0].free_memory_mib == 9000
+
+
+def test_hosts_that_refused_the_create_are_passed_over() -> None:
+    """A host that turned this create down is not asked again; none left is a 503."""
+    hosts = [host("a", free_mib=9000), host("b", free_mib=5000)]
+    assert place(hosts, image="default", memory_mib=512, refused={"a"}) == "b"
+    with pytest.raises(NoCapacity):
+        place(hosts, image="default", memory_mib=512, refused={"a", "b"})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "full"),
+    [
+        (403, {"error": {"type": "QuotaExceeded", "message": "max_sandboxes=2"}}, True),
+        (503, {"error": {"type": "HostError", "message": "no memory"}}, True),
+        (507, {"error": {"type": "StorageFull", "message": "disk"}}, True),
+        (403, {"error": {"type": "Forbidden", "message": "x"}}, False),
+        (400, {"error": {"type": "InvalidRequest", "message": "bad image"}}, False),
+        (201, {"id": "x"}, False),
+    ],
+)
+def test_which_host_answers_mean_it_was_full(status: int, body: object, full: bool) -> None:
+    """Only refusals for want of room send a create on to another host."""
+    assert host_was_full(httpx.Response(status, json=body)) is full

@@ -8,16 +8,18 @@ snapshot, snapshot delete. Everything else under a sandbox is relayed (:mod:`.pa
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
+import httpx
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from emberbox import errors
 from emberbox.api.auth import PrincipalDep, TenancyDep, scope_kwargs
-from emberbox.api.cluster.context import ClusterDep, passthrough, sandbox_path
+from emberbox.api.cluster.context import ClusterContext, ClusterDep, passthrough, sandbox_path
 from emberbox.api.deps import parse_metadata_filter, refuse_unknown_params
 from emberbox.api.errors import error_responses
-from emberbox.cluster.placement import place
+from emberbox.cluster.placement import place, with_placed
 from emberbox.models import (
     ObjectId,
     SandboxCreate,
@@ -36,6 +38,7 @@ from emberbox.service.cluster_index import (
 )
 from emberbox.service.sandboxes.reserved import RESERVED_PREFIX
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["sandboxes"])
 
 SandboxId = Annotated[str, Path(min_length=1, max_length=128, description="Sandbox id")]
@@ -65,13 +68,14 @@ async def create_sandbox(
         await tenancy.check_owner(principal, "snapshot", body.snapshot_id)
         snapshot = await cluster.index.snapshot(body.snapshot_id)
         host, vcpus, memory_mib = snapshot.host, snapshot.vcpus, snapshot.memory_mib
+        await cluster.index.check_quota(principal.tenant_id, vcpus, memory_mib)
+        answer = await cluster.call(host, "POST", "/v1/sandboxes", await request.body())
     else:
         vcpus = body.vcpus or settings.default_vcpus
         memory_mib = body.memory_mib or settings.default_memory_mib
         image = body.image or settings.default_image
-        host = place(await cluster.cluster.hosts(), image=image, memory_mib=memory_mib)
-    await cluster.index.check_quota(principal.tenant_id, vcpus, memory_mib)
-    answer = await cluster.call(host, "POST", "/v1/sandboxes", await request.body())
+        await cluster.index.check_quota(principal.tenant_id, vcpus, memory_mib)
+        host, answer = await _create_on_some_host(cluster, request, image, memory_mib)
     if answer.status_code != 201:
         return passthrough(answer)
     info = SandboxPublic.model_validate_json(answer.content)
@@ -82,6 +86,41 @@ async def create_sandbox(
         await cluster.call(host, "DELETE", sandbox_path(info.id))
         raise
     return Response(answer.content, status_code=201, media_type=JSON)
+
+
+async def _create_on_some_host(
+    cluster: ClusterContext, request: Request, image: str, memory_mib: int
+) -> tuple[str, httpx.Response]:
+    """Place and forward the create; a host that turns it down for want of room (its
+    own max_sandboxes, memory or disk: the placement's view of it was behind) is left
+    out and the next best host asked, until none is left (NoCapacity, 503)."""
+    body = await request.body()
+    refused: set[str] = set()
+    while True:
+        hosts = with_placed(
+            await cluster.cluster.hosts(), await cluster.index.live_by_host(), memory_mib
+        )
+        host = place(hosts, image=image, memory_mib=memory_mib, refused=refused)
+        answer = await cluster.call(host, "POST", "/v1/sandboxes", body)
+        if not host_was_full(answer):
+            return host, answer
+        log.info("host %s refused a create for want of room; placing it again", host)
+        refused.add(host)
+
+
+def host_was_full(answer: httpx.Response) -> bool:
+    """A host's refusal for want of room (not for a bad request): its sandbox limit
+    (403 QuotaExceeded; tenants' quotas are the replica's, never the host's), or no
+    memory or disk left (503, 507)."""
+    if answer.status_code in (503, 507):
+        return True
+    if answer.status_code != 403:
+        return False
+    try:
+        kind = answer.json()["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(kind == "QuotaExceeded")
 
 
 @router.get("/v1/sandboxes", response_model=SandboxList, responses=error_responses(400, 422))

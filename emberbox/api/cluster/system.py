@@ -25,7 +25,7 @@ from emberbox._version import __version__
 from emberbox.api.auth import PrincipalDep
 from emberbox.api.cluster.context import ClusterDep
 from emberbox.api.errors import count_error, error_response, error_responses
-from emberbox.cluster.placement import place
+from emberbox.cluster.placement import place, with_placed
 from emberbox.models import Health
 from emberbox.models.cluster import DrainRequest, HostList, HostPublic
 from emberbox.models.oneshot import RunRequest, RunResponse
@@ -68,7 +68,10 @@ async def run(
     settings = cluster.settings
     memory_mib = settings.default_memory_mib
     await cluster.index.check_quota(principal.tenant_id, settings.default_vcpus, memory_mib)
-    host = place(await cluster.cluster.hosts(), image=settings.run_image, memory_mib=memory_mib)
+    hosts = with_placed(
+        await cluster.cluster.hosts(), await cluster.index.live_by_host(), memory_mib
+    )
+    host = place(hosts, image=settings.run_image, memory_mib=memory_mib)
     return await cluster.forward(request, host)
 
 
