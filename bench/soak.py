@@ -36,9 +36,10 @@ import httpx
 import websockets
 
 from emberbox.service.tenancy import keys
+from emberbox.service.vm.spares import MAX_SPARES
 from emberbox.store.db import connect
 from tests.support.hostile import host_cgroups
-from tests.support.paths import qemu_pids_under, short_tmp_dir
+from tests.support.paths import pids_mentioning, qemu_pids_under, short_tmp_dir
 from tests.support.servers import Server, serve_emberbox
 
 MIB = 1 << 20
@@ -288,18 +289,32 @@ class Soak:
 
 
 def leftovers(server: Server, made: set[str]) -> dict[str, list[str]]:
-    """What is left of the run's sandboxes once they are all gone."""
+    """What is left of the run's sandboxes once they are all gone. (The server's spare
+    VMMs are not the run's: see :func:`spare_vmms`.)"""
     data_dir = server.settings.data_dir
     vms_dir = data_dir / "vms"
     nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=False)
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    ours = {pid: sid for sid in made for pid in pids_mentioning(f"emberbox-{sid}")}
     return {
-        "vmm_processes": [str(pid) for pid in qemu_pids_under(data_dir)],
+        "vmm_processes": [
+            f"{pid} ({ours[pid]})" for pid in qemu_pids_under(data_dir) if pid in ours
+        ],
         "cgroups": [str(p) for sid in made for p in host_cgroups(sid)],
         "nft_rules": [sid for sid in made if sid in nft.stdout or sid[-8:] in nft.stdout],
         "netns": [sid for sid in made if sid in netns.stdout],
-        "files": sorted(p.name for p in vms_dir.iterdir()) if vms_dir.exists() else [],
+        "files": sorted(p.name for p in vms_dir.iterdir() if p.name in made)
+        if vms_dir.exists()
+        else [],
     }
+
+
+def spare_vmms(server: Server, made: set[str]) -> list[str]:
+    """VMMs under the server's data dir that are none of the run's sandboxes: the idle
+    QEMUs the server starts ahead of template restores (emberbox.service.vm.spares),
+    which it owns until it stops. At most MAX_SPARES of them may be there."""
+    ours = {pid for sid in made for pid in pids_mentioning(f"emberbox-{sid}")}
+    return [str(pid) for pid in qemu_pids_under(server.settings.data_dir) if pid not in ours]
 
 
 def new_key(data_dir: Path, tenant: str) -> str:
@@ -332,12 +347,14 @@ async def soak(server: Server, duration_s: float) -> dict[str, Any]:
     await sampler
     rss_end, fds_end = watch.rss(), watch.fds()
     left = leftovers(server, run.made | warm.made)
+    spares = spare_vmms(server, run.made | warm.made)
     five_xx = run.stats.five_xx + warm.stats.five_xx
     bars = {
         "zero_5xx": not five_xx,
         "rss_growth_le_64_mib": watch.rss_peak - watch.rss_start <= RSS_GROWTH_MAX,
         "fds_back_to_baseline": fds_end <= fds_start,
         "zero_leftovers": not any(left.values()),
+        "spare_vmms_le_max": len(spares) <= MAX_SPARES,
     }
     return {
         "duration_s": round(elapsed, 1),
@@ -352,6 +369,7 @@ async def soak(server: Server, duration_s: float) -> dict[str, Any]:
         "server_fds": {"start": fds_start, "end": fds_end},
         "sandboxes_made": len(run.made),
         "leftovers": left,
+        "spare_vmms": spares,
         "bars": bars,
         "passed": all(bars.values()),
     }
