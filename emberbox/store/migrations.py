@@ -113,19 +113,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 4: the cluster (docs/cluster.md): which host holds a sandbox or a snapshot, and
     # the hosts. A single host leaves ``host`` NULL and ``hosts`` empty.
-    """
-    ALTER TABLE sandboxes ADD COLUMN host TEXT;
-    ALTER TABLE snapshots ADD COLUMN host TEXT;
-    CREATE INDEX sandboxes_host ON sandboxes (host, state);
-    CREATE TABLE hosts (
-        name       TEXT PRIMARY KEY,
-        url        TEXT,
-        node_id    TEXT,
-        state      TEXT NOT NULL DEFAULT 'down' CHECK (state IN ('up', 'down')),
-        draining   INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
-        updated_at TEXT NOT NULL
-    );
-    """,
+    pg_migrations.CLUSTER_HOSTS,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -17,6 +17,21 @@ from __future__ import annotations
 from emberbox import errors
 from emberbox.store.postgres import PgConnection, transaction
 
+# Version 4 in words both backends take alike: SQLite's MIGRATIONS[3] is this too.
+CLUSTER_HOSTS = """
+    ALTER TABLE sandboxes ADD COLUMN host TEXT;
+    ALTER TABLE snapshots ADD COLUMN host TEXT;
+    CREATE INDEX sandboxes_host ON sandboxes (host, state);
+    CREATE TABLE hosts (
+        name       TEXT PRIMARY KEY,
+        url        TEXT,
+        node_id    TEXT,
+        state      TEXT NOT NULL DEFAULT 'down' CHECK (state IN ('up', 'down')),
+        draining   INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
+        updated_at TEXT NOT NULL
+    );
+"""
+
 PG_MIGRATIONS: tuple[str, ...] = (
     # 1: sandboxes and the commands they ran.
     """
@@ -114,19 +129,7 @@ PG_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX snapshots_tenant ON snapshots (tenant_id);
     """,
     # 4: the cluster: which host holds a sandbox or a snapshot, and the hosts.
-    """
-    ALTER TABLE sandboxes ADD COLUMN host TEXT;
-    ALTER TABLE snapshots ADD COLUMN host TEXT;
-    CREATE INDEX sandboxes_host ON sandboxes (host, state);
-    CREATE TABLE hosts (
-        name       TEXT PRIMARY KEY,
-        url        TEXT,
-        node_id    TEXT,
-        state      TEXT NOT NULL DEFAULT 'down' CHECK (state IN ('up', 'down')),
-        draining   INTEGER NOT NULL DEFAULT 0 CHECK (draining IN (0, 1)),
-        updated_at TEXT NOT NULL
-    );
-    """,
+    CLUSTER_HOSTS,
 )
 
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
