@@ -26,7 +26,7 @@ from emberbox.service.sandboxes.reserved import public_metadata
 from emberbox.service.sandboxes.state import LIVE_STATES
 from emberbox.service.tenancy import quotas
 from emberbox.service.tenancy.access import Tenancy
-from emberbox.store import LOCAL_TENANT_ID, SandboxRow, SnapshotRow, Store, tenants, utcnow
+from emberbox.store import LOCAL_TENANT_ID, SandboxRow, SnapshotRow, Store, hosts, tenants, utcnow
 
 #: The path column of a snapshot row: the files are on its host, not here.
 REMOTE_PATH = Path("/nonexistent/on-host")
@@ -135,11 +135,8 @@ class SandboxIndex:
     async def live_by_host(self) -> dict[str, int]:
         """Live sandboxes per host, as the index (shared by every replica) has them:
         ahead of the hosts' own counts, which placement reads about once a second."""
-        counts: dict[str, int] = {}
-        for row in await (await self._store()).list(states=_LIVE):
-            if row.host is not None:
-                counts[row.host] = counts.get(row.host, 0) + 1
-        return counts
+        store = await self._store()
+        return await store.call(lambda conn: hosts.count_by_host(conn, _LIVE))
 
     # -- snapshots -----------------------------------------------------------------------
 

@@ -102,6 +102,20 @@ def mark_lost(conn: Connection, host: str, from_states: Collection[str]) -> list
     return sorted(str(values[0]) for values in cursor.fetchall())
 
 
+def count_by_host(conn: Connection, states: Collection[str]) -> dict[str, int]:
+    """Sandboxes in one of ``states`` per host (hosts with none are left out)."""
+    wanted = sorted({encode_value(s) for s in states})
+    if not wanted:
+        return {}
+    marks = ", ".join("?" for _ in wanted)
+    cursor = conn.execute(
+        f"SELECT host, count(*) FROM sandboxes"  # noqa: S608
+        f" WHERE host IS NOT NULL AND state IN ({marks}) GROUP BY host",
+        tuple(wanted),
+    )
+    return {str(host): int(count) for host, count in cursor.fetchall()}
+
+
 def _check_state(state: str) -> None:
     if state not in HOST_STATES:
         raise ValueError(f"host state must be one of {HOST_STATES}, not {state!r}")

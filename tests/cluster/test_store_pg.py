@@ -32,6 +32,7 @@ from emberbox.store import (
     HostRow,
     SnapshotRow,
     Store,
+    hosts,
     migrations,
     open_database,
     pg_migrations,
@@ -276,6 +277,19 @@ async def test_mark_lost(store: Store) -> None:
     states = {r.id: r.state for r in await store.list()}
     assert states == {"a": "lost", "b": "lost", "c": "stopped", "d": "running"}
     assert (await store.transition("a", {"lost"}, "running")).state == "running"
+
+
+async def test_count_by_host(store: Store) -> None:
+    """Per host, the sandboxes in the given states; hostless rows and other states are
+    not counted (placement's view of what the index holds)."""
+    await store.insert(make_row("a", state="running", host="h1"))
+    await store.insert(make_row("b", state="paused", host="h1"))
+    await store.insert(make_row("c", state="stopped", host="h1"))
+    await store.insert(make_row("d", state="running", host="h2"))
+    await store.insert(make_row("e", state="running"))
+    live = {"running", "paused", "creating"}
+    assert await store.call(lambda conn: hosts.count_by_host(conn, live)) == {"h1": 2, "h2": 1}
+    assert await store.call(lambda conn: hosts.count_by_host(conn, set())) == {}
 
 
 async def test_migration_4_upgrades_a_v3_database(target: Path | str) -> None:
