@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ RESOURCE_PREFIX = "emberbox_host_"
 STATUS_TIMEOUT_S = 2.0  # a host that does not answer in this is reported not alive
 CALL_TIMEOUT_S = 5.0  # endpoint, drain
 CONNECT_TIMEOUT_S = 30.0
+GCS_PROBE_S = 5.0  # a TCP connect to the GCS before ray.init
 # An endpoint is asked again after this; a status call that finds the host down or at
 # another URL drops it at once (a restarted host has a new key).
 ENDPOINT_TTL_S = 5.0
@@ -312,9 +314,23 @@ async def _status_call(actor: Any) -> tuple[dict[str, Any], str]:
     return raw, str(raw.get("node_id", ""))
 
 
+def probe_gcs(address: str, timeout_s: float = GCS_PROBE_S) -> None:
+    """HostError at once when nothing answers at a ``HOST:PORT`` address: ``ray.init``
+    itself retries an unreachable GCS for minutes. ("auto" and URLs are left to Ray.)"""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise HostError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+
+
 def _init_ray(address: str) -> None:
     import ray
 
+    probe_gcs(address)
     ray.init(
         address=address,
         namespace=NAMESPACE,

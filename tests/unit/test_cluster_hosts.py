@@ -3,15 +3,22 @@ names, MemAvailable (emberbox/cluster/{server,hosts,agent}.py)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from emberbox.cluster.agent import free_memory_mib, max_sandboxes_of
-from emberbox.cluster.hosts import actor_options, check_name, resource_name, status_of
+from emberbox.cluster.hosts import (
+    actor_options,
+    check_name,
+    probe_gcs,
+    resource_name,
+    status_of,
+)
 from emberbox.cluster.server import HOST_DEFAULTS, server_env
 from emberbox.config import Settings
-from emberbox.errors import InvalidRequest
+from emberbox.errors import HostError, InvalidRequest
 
 
 def test_server_env_keeps_cluster_and_ray_settings_out() -> None:
@@ -112,3 +119,17 @@ def test_status_of_a_host_whose_server_does_not_answer() -> None:
     }
     status = status_of(raw, "abc")
     assert not status.alive and status.reachable
+
+
+def test_an_unreachable_ray_address_fails_at_once() -> None:
+    """ray.init retries a GCS that is not there for minutes; the probe says so at once
+    (and leaves "auto" and URLs to Ray)."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        probe_gcs(f"127.0.0.1:{port}")  # something answers: no error
+    with pytest.raises(HostError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        probe_gcs(f"127.0.0.1:{port}", timeout_s=2.0)
+    probe_gcs("auto")
+    probe_gcs("ray://127.0.0.1:1")
