@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,22 @@ def config_for(sandbox_id: str) -> VMConfig:
     return VMConfig(sandbox_id, Path("/vms") / sandbox_id, files, 1, 512)
 
 
+async def until(check: Callable[[], object], timeout_s: float = 30.0) -> None:
+    """Until ``check()`` holds (fills and kills are tasks: on a loaded host they may
+    take a while); the assertion after it says whether it did."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+
+
+async def until_ready(spares: SpareVMMs) -> None:
+    await until(spares.ready_count)
+
+
 async def filled(spares: SpareVMMs, driver: Prelauncher, template: SnapshotFiles = TEMPLATE) -> str:
     spares.claim(SHAPE)  # a create asked for the shape
     spares.refill(driver, template, SHAPE, config_for)
-    for _ in range(500):
-        if spares.ready_count():
-            break
-        await asyncio.sleep(0.001)
+    await until_ready(spares)
     claimed = spares.claim(SHAPE)
     assert claimed is not None
     return claimed
@@ -118,10 +128,7 @@ async def test_claim_take_refill_and_close() -> None:
     second = await filled(spares, driver)
     assert second != sandbox_id
     spares.refill(driver, TEMPLATE, SHAPE, config_for)  # a third, ready but unclaimed
-    for _ in range(500):
-        if spares.ready_count():
-            break
-        await asyncio.sleep(0.001)
+    await until_ready(spares)
     await spares.close()
     # The taken one is the sandbox's now; the claimed and the ready one were ours.
     assert [vm.killed for vm in driver.made] == [False, True, True]
@@ -138,7 +145,7 @@ async def test_a_released_claim_or_a_replaced_template_kills_the_spare() -> None
     newer = SnapshotFiles(Path("/t/2/snap"), "qemu", "7.2+m2", Path("/t/2/memory"))
     second = await filled(spares, driver)
     assert await spares.take(second, newer) is None  # made for the old template
-    await asyncio.sleep(0.01)
+    await until(lambda: all(vm.killed for vm in driver.made))
     assert [vm.killed for vm in driver.made] == [True, True]
     await spares.close()
 
@@ -148,10 +155,7 @@ async def test_a_spare_whose_vmm_exited_is_not_used() -> None:
     spares = SpareVMMs(refill_delay_s=0)
     spares.claim(SHAPE)
     spares.refill(driver, TEMPLATE, SHAPE, config_for)
-    for _ in range(500):
-        if spares.ready_count():
-            break
-        await asyncio.sleep(0.001)
+    await until_ready(spares)
     driver.made[0].running = False
     assert spares.claim(SHAPE) is None
     sandbox_id = await filled(spares, driver)
@@ -171,6 +175,7 @@ async def test_no_spares_from_a_driver_that_cannot_prelaunch_or_past_the_cap() -
     driver = Prelauncher()
     spares.refill(driver, TEMPLATE, SHAPE, config_for)
     spares.refill(driver, TEMPLATE, other, config_for)  # past the cap
+    await until_ready(spares)
     await asyncio.sleep(0.01)
     assert spares.ready_count() == 1 and len(driver.made) == 1
     await spares.close()
