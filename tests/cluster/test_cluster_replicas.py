@@ -14,7 +14,7 @@ import pytest
 
 from emberbox import errors
 from emberbox.sdk import Sandbox
-from tests.support.cluster_rig import Rig
+from tests.support.cluster_rig import HOSTS, Rig
 
 pytestmark = [pytest.mark.vm]
 WORKLOAD_AFTER_RESTART = 10  # exec rounds on each replica once the restarted one is back
@@ -22,7 +22,10 @@ WORKLOAD_AFTER_RESTART = 10  # exec rounds on each replica once the restarted on
 
 @pytest.fixture
 def made(rig: Rig) -> Iterator[list[Sandbox]]:
-    """Sandboxes a test makes (append them); killed afterwards through replica 1."""
+    """Sandboxes a test makes (append them); killed afterwards through replica 1. First,
+    the hosts' reports catch up with the sandboxes killed before (placement under that
+    lag is test_cluster_placement.py's subject)."""
+    rig.wait_hosts_report(HOSTS)
     sandboxes: list[Sandbox] = []
     try:
         yield sandboxes
