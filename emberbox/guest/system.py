@@ -180,17 +180,30 @@ class GuestSystem:
         except (OSError, ValueError) as exc:
             raise common.RequestError(f"network set-up failed: {exc}") from exc
 
+    # Both with os-level calls, not open(): on a restored clone's first hello every
+    # code path is new to TCG, and the io stack's objects (and makedirs' exception when
+    # the directory exists) were ~2,700 of the hello's ~16,000 translated blocks.
     @staticmethod
     def add_entropy(data: bytes) -> None:
-        with open("/dev/random", "wb", buffering=0) as random:
+        random = os.open("/dev/random", os.O_WRONLY | os.O_CLOEXEC)
+        try:
             for i in range(0, len(data), 512):  # fcntl.ioctl takes at most 1024 bytes
                 chunk = data[i : i + 512]
                 info = struct.pack("ii", len(chunk) * 8, len(chunk)) + chunk
                 fcntl.ioctl(random, RNDADDENTROPY, info)
             fcntl.ioctl(random, RNDRESEEDCRNG)
+        finally:
+            os.close(random)
 
     @staticmethod
     def write_sandbox_id(sandbox_id: str) -> None:
-        os.makedirs(os.path.dirname(SANDBOX_ID_FILE), exist_ok=True)
-        with open(SANDBOX_ID_FILE, "w", encoding="utf-8") as out:
-            out.write(sandbox_id + "\n")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(SANDBOX_ID_FILE, flags, 0o644)
+        except FileNotFoundError:  # the first hello after a boot
+            os.makedirs(os.path.dirname(SANDBOX_ID_FILE), exist_ok=True)
+            fd = os.open(SANDBOX_ID_FILE, flags, 0o644)
+        try:
+            os.write(fd, (sandbox_id + "\n").encode())
+        finally:
+            os.close(fd)

@@ -34,7 +34,7 @@ def probe_argv(binary: str, guest: BootFiles) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(guest.kernel),
         "-initrd", str(guest.initrd),
-        "-append", kernel_cmdline(("emberbox.probe",)),
+        "-append", kernel_cmdline("kvm", ("emberbox.probe",)),
         "-serial", "stdio",
     ]  # fmt: skip
 

@@ -88,4 +88,13 @@ async def test_a_template_clone_has_no_kernel_image_and_no_huge_pages(settings: 
         )
         result = await manager.exec(record.id, ExecSpec(["cat", "/proc/cmdline"]))
         assert result.exit_code == 0 and b"panic=-1" in result.stdout  # booted as usual
+        # Under TCG, no ASLR in the guest's user space (translated code is found by
+        # virtual address): two processes map libc at the same address. KVM keeps it.
+        tcg = any("accel=tcg" in arg for arg in argv)
+        maps = "cat /proc/sys/kernel/randomize_va_space"
+        maps += "; for i in 1 2; do grep -m1 libc /proc/self/maps; done"
+        result = await manager.exec(record.id, ExecSpec(["sh", "-c", maps]))
+        setting, first, second = result.stdout.decode().splitlines()
+        assert setting == ("0" if tcg else "2")
+        assert (first == second) == tcg, (first, second)
         await manager.kill(record.id)

@@ -87,6 +87,17 @@ def test_shape_and_sockets_are_passed_listening_fds() -> None:
     assert "-no-reboot" in argv and "-nodefaults" in argv
 
 
+def test_guest_user_space_is_not_randomised_under_tcg_only() -> None:
+    """TCG finds translated code by guest virtual address: its guests boot with
+    norandmaps (every process's code at the same addresses, translated once); KVM
+    guests keep ASLR."""
+    tcg = option(argv_of("tcg"), "-append")[0].split()
+    kvm = option(argv_of("kvm"), "-append")[0].split()
+    assert "norandmaps" in tcg
+    assert "norandmaps" not in kvm
+    assert set(tcg) - {"norandmaps"} == set(kvm)
+
+
 def test_qemu_opens_no_host_path() -> None:
     """Kernel and initrd are /proc/self/fd links and disks are fd sets: no path of ours
     is in the argv except the overlay's, as an fd label (attach and the orphan sweep

@@ -42,7 +42,8 @@ from emberbox.vmm.base import Driver, SnapshotFiles, VMConfig
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "4"  # bump when a template's files or meaning change: old ones are then ignored
+LAYOUT = "5"  # bump when a template's files or meaning change: old ones are then ignored
+# 5: TCG guests boot with norandmaps (emberbox.vmm.qemu.argv TCG_KERNEL_ARGS)
 # 4: every VM has a virtio-net NIC (emberbox.vmm network_args), so restores keep the device set
 META = "meta.json"
 CURRENT = "current"
