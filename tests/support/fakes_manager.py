@@ -300,6 +300,9 @@ class FakeManager:
         found = [s for s in self.snapshots.values() if sandbox_id in (None, s.sandbox_id)]
         return sorted(found, key=lambda s: (s.created_at, s.id))
 
+    async def drop_spares(self, image: str) -> None:
+        self.calls.append(("drop_spares", {"image": image}))
+
     async def get_snapshot(self, snapshot_id: str) -> SnapshotRecord:
         try:
             return self.snapshots[snapshot_id]

@@ -69,6 +69,8 @@ class UsageSource(Protocol):
 
     def reserve_address(self) -> contextlib.AbstractAsyncContextManager[str]: ...
 
+    async def drop_spares(self, image: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class ImageUsage:
@@ -186,6 +188,7 @@ class ImageCatalogService:
             lambda: self._registry.unlink(name, tenant=info.tenant or None)
         )
         log.info("image %s deleted (blob %s)", info.ref, info.image_hash)
+        await self._users.drop_spares(info.ref)  # a spare maps the template: not collected
         return await self.collect_garbage()
 
     async def collect_garbage(self) -> int:

@@ -74,6 +74,11 @@ class BootFlows:
         if self._spares is not None:
             await self._spares.close()
 
+    async def drop_spares(self, image: str) -> None:
+        """Kill the spare VMMs of ``image`` (deleted: they map its template)."""
+        if self._spares is not None:
+            await self._spares.drop(image)
+
     def _claim_spare(
         self, image: str, vcpus: int, memory_mib: int, *, want: bool = True
     ) -> str | None:

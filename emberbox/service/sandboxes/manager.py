@@ -184,6 +184,10 @@ class SandboxManager:
         )
         return [SandboxRecord.from_row(row) for row in rows]
 
+    async def drop_spares(self, image: str) -> None:
+        """Kill the spare VMMs made for ``image`` (a ref): the image was deleted."""
+        await self._boots.drop_spares(image)
+
     @contextlib.asynccontextmanager
     async def reserve_address(self) -> AsyncIterator[str]:
         """A guest address for a VM that has no sandbox row (an image builder), held

@@ -187,6 +187,19 @@ class SpareVMMs:
         self._doomed.add(task)
         task.add_done_callback(self._doomed.discard)
 
+    async def drop(self, image: str) -> None:
+        """Kill the spares of ``image`` (ready or being made): it was deleted, and a
+        spare maps its template, which would keep the blob from being collected."""
+        filling = [task for shape, task in self._filling.items() if shape.image == image]
+        for task in filling:
+            task.cancel()
+        await asyncio.gather(*filling, return_exceptions=True)
+        spares = [spare for shape, spare in self._ready.items() if shape.image == image]
+        for spare in spares:
+            del self._ready[spare.shape]
+            with contextlib.suppress(Exception):
+                await spare.vm.kill()
+
     async def close(self) -> None:
         """Kill every spare (and stop making them). Idempotent; call shielded."""
         self._closed = True
