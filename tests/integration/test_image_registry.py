@@ -11,12 +11,15 @@ module's blobs.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import shutil
+import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,7 +33,8 @@ from emberbox.images.registry import (
     ImageInfo,
     register_image,
 )
-from emberbox.service.images.registry_service import template_hashes
+from emberbox.service.images.registry_service import held_paths, template_hashes
+from emberbox.service.tenancy.keys import e2b_form
 from emberbox.store.db import connect
 from emberbox.store.tenants import tenant_by_name
 from tests.support.keys import emberbox_cli, make_key
@@ -252,3 +256,179 @@ def _probe_as(client: httpx.Client, sandbox_id: str, headers: dict[str, str]) ->
     ran = client.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"cmd": PROBE}, headers=headers)
     assert ran.status_code == 200, ran.text
     return str(ran.json()["stdout"]).splitlines()
+
+
+def _tenant_id(settings: Settings, name: str) -> str:
+    conn = connect(settings.db_path)
+    try:
+        row = tenant_by_name(conn, name)
+    finally:
+        conn.close()
+    assert row is not None
+    return row.id
+
+
+def test_a_snapshot_keeps_its_image_until_the_snapshot_is_deleted(
+    registry_server: tuple[Server, Settings], default_image: ImageInfo
+) -> None:
+    """No sandbox runs the image any more, but a snapshot of one does: the delete is
+    409 naming the snapshot (and no sandbox); once the snapshot is gone it succeeds."""
+    server, settings = registry_server
+    key = make_key(settings.data_dir, "--name", "snapper")
+    tenant = _tenant_id(settings, "snapper")
+    # The default's content (its template serves the create) under the tenant's name.
+    register_copy(settings, default_image, "snapped", default_image.image_hash, tenant=tenant)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=server.url, timeout=300, headers=headers) as client:
+        created = client.post("/v1/sandboxes", json={"image": "snapped"})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["id"]
+        taken = client.post(f"/v1/sandboxes/{sandbox_id}/snapshots")
+        assert taken.status_code == 201, taken.text
+        snapshot_id = taken.json()["id"]
+        assert taken.json()["image"] == "snapped"
+        assert client.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
+
+        usage = client.get("/v1/images/snapped").json()["usage"]
+        assert usage["sandboxes"] == [] and usage["snapshots"] == [snapshot_id]
+        refused = client.delete("/v1/images/snapped")
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"image 'snapped' is in use by snapshots {snapshot_id};" in message
+        assert client.get("/v1/images/snapped").status_code == 200  # still there
+
+        assert client.delete(f"/v1/snapshots/{snapshot_id}").status_code == 204
+        deleted = client.delete("/v1/images/snapped")
+        assert deleted.status_code == 200, deleted.text
+        assert client.get("/v1/images/snapped").status_code == 404
+        assert (settings.images_dir / "blobs" / default_image.image_hash).is_dir()
+
+
+MARKER = "/etc/emberbox-test-built-over-http"
+BUILT_DOCKERFILE = f"FROM default\nRUN echo built over http > {MARKER}\n"
+
+
+@dataclass(frozen=True)
+class HttpBuild:
+    """The image ``name`` built by ``key``'s tenant through ``POST /v1/images``."""
+
+    name: str
+    key: str
+    events: list[dict[str, object]]
+
+
+def _context_tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def http_build(registry_server: tuple[Server, Settings]) -> HttpBuild:
+    """One real build (its RUN runs in a builder VM: ``no_cache``, so also when the
+    shared layer cache has it) streamed over HTTP; the server makes its template."""
+    server, settings = registry_server
+    key = make_key(settings.data_dir, "--name", "maker")
+    body = _context_tar({"Dockerfile": BUILT_DOCKERFILE.encode()})
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-tar"}
+    params = {"name": "marked", "no_cache": "true"}
+    events: list[dict[str, object]] = []
+    with (
+        httpx.Client(base_url=server.url, timeout=600) as client,
+        client.stream("POST", "/v1/images", params=params, content=body, headers=headers) as out,
+    ):
+        assert out.status_code == 200, out.read()
+        assert out.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in out.iter_lines() if line]
+    return HttpBuild("marked", key, events)
+
+
+def test_a_build_over_http_streams_its_steps_and_registers_the_image(
+    registry_server: tuple[Server, Settings], http_build: HttpBuild
+) -> None:
+    """NDJSON events: the RUN step running then done in a builder VM, its output, a
+    final ``done`` naming the image; then the tenant's list and detail show it."""
+    server, _ = registry_server
+    events = http_build.events
+    assert events and (events[-1]["kind"], events[-1]["image"]) == ("done", "marked"), events
+    assert not [e for e in events if e["kind"] == "error"], events
+    steps = [e for e in events if e["kind"] == "step"]
+    assert [e["state"] for e in steps] == ["running", "done"], steps
+    assert steps[-1]["step"] == 1 and steps[-1]["total"] == 1
+    assert f"echo built over http > {MARKER}" in str(steps[-1]["instruction"])
+    headers = {"Authorization": f"Bearer {http_build.key}"}
+    with httpx.Client(base_url=server.url, timeout=60, headers=headers) as client:
+        listed = {i["name"]: i for i in client.get("/v1/images").json()}
+        assert listed["marked"]["shared"] is False
+        assert listed["marked"]["base"] == "default"
+        assert listed["marked"]["created_by"] == "dockerfile"
+        assert [layer["step"] for layer in listed["marked"]["layers"]] == [
+            f"RUN echo built over http > {MARKER}"
+        ]
+
+
+def test_the_e2b_front_resolves_template_ids_through_the_registry(
+    registry_server: tuple[Server, Settings], http_build: HttpBuild
+) -> None:
+    """``POST /e2b/v2/sandboxes {"templateID": "marked"}`` with the builder's E2B key
+    boots the built image (its sandbox has the file the build wrote); another tenant's
+    create of that template gets the answer of a name nobody has."""
+    server, settings = registry_server
+    mine = {"X-API-Key": e2b_form(http_build.key)}
+    other = {"X-API-Key": e2b_form(make_key(settings.data_dir, "--name", "outsider"))}
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        created = client.post("/e2b/v2/sandboxes", json={"templateID": "marked"}, headers=mine)
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["sandboxID"]
+        assert created.json()["templateID"] == "marked"
+        try:
+            ran = client.post(
+                f"/v1/sandboxes/{sandbox_id}/exec",
+                json={"cmd": ["cat", MARKER]},
+                headers={"Authorization": f"Bearer {http_build.key}"},
+            )
+            assert ran.status_code == 200, ran.text
+            assert (ran.json()["exit_code"], ran.json()["stdout"]) == (0, "built over http\n")
+        finally:
+            killed = client.delete(f"/e2b/sandboxes/{sandbox_id}", headers=mine)
+            assert killed.status_code == 204, killed.text
+
+        theirs = client.post("/e2b/v2/sandboxes", json={"templateID": "marked"}, headers=other)
+        nobodys = client.post("/e2b/v2/sandboxes", json={"templateID": "nosuch"}, headers=other)
+        assert theirs.status_code == nobodys.status_code == 400, theirs.text
+        assert theirs.json() == {"code": 400, "message": theirs.json()["message"]}
+        assert "unknown image 'marked'" in theirs.json()["message"]
+        assert theirs.json()["message"].replace("marked", "nosuch") == nobodys.json()["message"]
+        listed = client.get("/e2b/v2/sandboxes", headers=other)
+        assert listed.status_code == 200 and listed.json() == [], listed.text
+
+
+def test_deleting_an_image_frees_its_template_though_a_spare_vmm_maps_it(
+    registry_server: tuple[Server, Settings], http_build: HttpBuild
+) -> None:
+    """A restore of the built image's template leaves a spare VMM (QEMU waiting for that
+    template's state, its RAM mapped) for the next create; the image's delete kills it,
+    so the blob and the template are collected at once instead of staying held."""
+    server, settings = registry_server
+    headers = {"Authorization": f"Bearer {http_build.key}"}
+    with httpx.Client(base_url=server.url, timeout=300, headers=headers) as client:
+        image_hash = client.get("/v1/images/marked").json()["image_hash"]
+        (template_key,) = _templates_of(settings, image_hash)  # the build made it
+        template = settings.templates_dir / template_key
+        created = client.post("/v1/sandboxes", json={"image": "marked"})
+        assert created.status_code == 201, created.text
+        assert client.delete(f"/v1/sandboxes/{created.json()['id']}").status_code == 204
+        deadline = time.monotonic() + 60
+        while not held_paths([template]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held_paths([template]), "a spare VMM maps the template after a restore"
+
+        deleted = client.delete("/v1/images/marked")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["freed_bytes"] > 0
+        assert not held_paths([template]) and not template.exists()
+        assert not (settings.images_dir / "blobs" / image_hash).exists()
