@@ -291,6 +291,33 @@ async def test_concurrent_builds_of_one_dockerfile_do_the_work_once(env: Env) ->
     assert env.leftovers() == []
 
 
+@pytest.mark.anyio
+async def test_copying_the_whole_context_leaves_out_what_dockerignore_lists(env: Env) -> None:
+    """`COPY . /dst/` of a context whose .dockerignore names a file and a pattern: the
+    image's /dst (listed by the next step, in the builder, on the image's disk) has
+    every other file and none of the ignored ones."""
+    context = env.root / "ignore.tar"
+    ignore = b"# not these\ndrop.txt\nsub/*.log\n"
+    context.write_bytes(
+        _tar(
+            {
+                ".dockerignore": ignore,
+                "keep.txt": b"kept\n",
+                "drop.txt": b"dropped\n",
+                "sub/also.txt": b"also kept\n",
+                "sub/noise.log": b"dropped too\n",
+            }
+        )
+    )
+    text = "FROM default\nCOPY . /dst/\nRUN cd /dst && find . -type f | sort && cat keep.txt\n"
+    info = await env.build("ignored", text, context=context)
+    assert env.steps() == {1: "done", 2: "done"}
+    output = "".join(str(e.log) for e in env.events if e.kind == "log")
+    assert output.splitlines() == ["./.dockerignore", "./keep.txt", "./sub/also.txt", "kept"]
+    assert [layer["step"] for layer in info.layers] == ["COPY . /dst/", text.splitlines()[2]]
+    assert env.leftovers() == []
+
+
 def _refused(env: Env, name: str) -> None:
     assert name not in ImageRegistry(env.settings).names()
     assert env.leftovers() == []
