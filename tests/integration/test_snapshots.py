@@ -223,6 +223,30 @@ async def test_warm_pool_hands_out_unused_vms_and_refills(manager_settings: Sett
     # close() killed the pooled VM: the data_dir fixture checks no QEMU is left
 
 
+async def test_a_refused_create_kills_the_pooled_vm_it_took(manager_settings: Settings) -> None:
+    """The hand-out hello runs beside the admission: when the admission refuses, the
+    pooled VM it took is killed (not leaked, not put back) and the pool refills."""
+    settings = manager_settings.model_copy(update={"pool_size": 1, "max_sandboxes": 1})
+    async with SandboxManager(settings) as manager:
+        with anyio.fail_after(120):
+            while manager.pool_ready() < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        first = await manager.create()
+        with anyio.fail_after(120):
+            while manager.pool_ready() < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        (taken,) = [d for d in settings.vms_dir.iterdir() if d.name != first.id]
+        with pytest.raises(errors.QuotaExceeded):
+            await manager.create()
+        assert not taken.exists()
+        assert taken.name not in {r.id for r in await manager.list()}
+        with anyio.fail_after(120):
+            while manager.pool_ready() < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        assert (await run(manager, first.id, "echo ok")) == "ok\n"
+        await manager.kill(first.id)
+
+
 async def test_snapshot_of_another_image_build_or_vmm_is_refused(
     manager_settings: Settings,
 ) -> None:

@@ -5,6 +5,7 @@ starts without the kernel image in QEMU and without huge pages, and its start is
 from __future__ import annotations
 
 import ctypes
+import time
 from pathlib import Path
 
 import anyio
@@ -13,6 +14,8 @@ import pytest
 from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.sandboxes.manager import SandboxManager
+from emberbox.service.vm.machine import SandboxVM
+from emberbox.service.vm.pool import HELLO_FRESH_S
 from emberbox.vmm.phases import phases_of
 
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
@@ -57,8 +60,16 @@ async def test_a_pooled_sandbox_is_warm_and_shows_nothing_of_it(settings: Settin
         assert prepared is not None and {"QMP connect", "migrate-incoming", "agent hello"} <= set(
             prepared.as_dict()
         )
+        # Handed out within HELLO_FRESH_S of its restore hello: nothing more is sent.
+        assert isinstance(handle, SandboxVM)
         handed_out = phases_of(handle)
-        assert handed_out is not None and list(handed_out.as_dict()) == ["hand-out hello"]
+        assert handed_out is not None and list(handed_out.as_dict()) == []
+        assert time.monotonic() - handle.greeted_at < HELLO_FRESH_S
+        # One that waited longer is greeted again (its clock set anew).
+        before = handle.greeted_at
+        await handle.greet(record.id, unless_within_s=0.0)
+        assert handle.greeted_at > before
+        assert list(handle.phases.as_dict()) == ["hand-out hello"]
         # The warm-up exec left no entry the user can read, and no process behind.
         assert await manager.exec_log(record.id) == []
         result = await manager.exec(record.id, ExecSpec(["sh", "-c", PROCESSES]))

@@ -113,7 +113,7 @@ class GuestHandle:
         self.running = self.running and not stop
         return SnapshotFiles(dest, "fake", "0")
 
-    async def greet(self, sandbox_id: str) -> object:
+    async def greet(self, sandbox_id: str, *, unless_within_s: float = 0.0) -> object:
         self.id = sandbox_id
         return None
 

@@ -135,7 +135,7 @@ class FakeSandbox:
     async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
         raise NotImplementedError("FakeSandbox does not snapshot")
 
-    async def greet(self, sandbox_id: str) -> object:
+    async def greet(self, sandbox_id: str, *, unless_within_s: float = 0.0) -> object:
         raise NotImplementedError("FakeSandbox is never pooled")
 
 

@@ -20,7 +20,7 @@ async def test_an_image_pool_hands_out_its_sandbox(
 ) -> None:
     greeted: list[str] = []
 
-    async def greet(self: FakeSandbox, sandbox_id: str) -> object:
+    async def greet(self: FakeSandbox, sandbox_id: str, *, unless_within_s: float = 0.0) -> object:
         greeted.append(sandbox_id)
         return None
 

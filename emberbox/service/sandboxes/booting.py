@@ -38,7 +38,7 @@ from emberbox.service.snapshots import records as snapshots
 from emberbox.service.tenancy import quotas
 from emberbox.service.vm import templates
 from emberbox.service.vm.launch import spares_of
-from emberbox.service.vm.pool import PoolShape
+from emberbox.service.vm.pool import HELLO_FRESH_S, PoolShape
 from emberbox.service.vm.spares import SpareShape
 from emberbox.store import LOCAL_TENANT_ID, SandboxRow, SnapshotRow, Store, tenants, utcnow
 
@@ -164,13 +164,13 @@ class BootFlows:
         self,
         row: SandboxRow,
         source: SnapshotRow | None,
-        pooled: SandboxHandle | None,
+        pooled: HandOut | None,
         network: netplan.NetworkPlan | None = None,
     ) -> Starter:
         """How ``row``'s VM comes to be: handed out by the pool, forked, or started
         (from the template, or cold); each path counted in the create metrics."""
         if pooled is not None:
-            return _measured("pool", lambda: _hand_out(pooled, row.id))
+            return _measured("pool", pooled.handle)
         net = network_kwargs(network)
         if source is not None:
             return _measured("fork", lambda: self._fork(row, source, net))
@@ -324,15 +324,55 @@ def _measured(path: str | None, start: Starter) -> Starter:
     return measured
 
 
-async def _hand_out(pooled: SandboxHandle, sandbox_id: str) -> SandboxHandle:
-    """A pooled sandbox greeted as ``sandbox_id``; killed if the greeting fails."""
-    try:
-        await pooled.greet(sandbox_id)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await pooled.kill()
-        raise
-    return pooled
+class HandOut:
+    """A pooled sandbox's hand-out hello (fresh entropy, clock, its id), sent as soon as
+    the pool gives the sandbox up, so that the guest answers while the service admits
+    the create: the two overlap instead of following each other. The boot takes the
+    greeted sandbox with :meth:`handle`; :meth:`discard` kills it if nothing took it
+    (the admission failed, or a kill() ended the boot before its start)."""
+
+    def __init__(self, pooled: SandboxHandle) -> None:
+        self.pooled = pooled
+        self.started = False  # set by whoever starts greet() in the background
+        self._answered = anyio.Event()
+        self._error: Exception | None = None
+        self._greeted = False
+        self._taken = False
+
+    async def greet(self, sandbox_id: str) -> None:
+        """Run in a background task beside the admission; never raises (its error is
+        raised by :meth:`handle`)."""
+        try:
+            await self.pooled.greet(sandbox_id, unless_within_s=HELLO_FRESH_S)
+            self._greeted = True
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._answered.set()
+
+    async def handle(self) -> SandboxHandle:
+        """The greeted sandbox; killed, and the greeting's error raised, if it failed."""
+        self._taken = True
+        try:
+            if not self.started:  # no background task could be started: greet here
+                self.started = True
+                await self.greet(self.pooled.id)
+            await self._answered.wait()
+            if self._error is not None:
+                raise self._error
+            if not self._greeted:
+                raise errors.AgentDisconnected("the pooled sandbox's greeting was cancelled")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.pooled.kill()
+            raise
+        return self.pooled
+
+    async def discard(self) -> None:
+        """Kill the pooled sandbox unless the boot took it. Call shielded."""
+        if not self._taken:
+            self._taken = True
+            await self.pooled.kill()
 
 
 def _new_row(

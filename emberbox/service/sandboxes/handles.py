@@ -49,8 +49,9 @@ class SandboxHandle(Protocol):
     async def snapshot(self, dest: Path, *, stop: bool = False) -> SnapshotFiles:
         """Save the VM into ``dest``; with ``stop`` the VM ends (pause to disk)."""
 
-    async def greet(self, sandbox_id: str) -> object:
-        """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out)."""
+    async def greet(self, sandbox_id: str, *, unless_within_s: float = 0.0) -> object:
+        """Fresh entropy, clock, hostname and id (a pooled sandbox being handed out);
+        not sent again when its last hello is less than ``unless_within_s`` old."""
 
 
 class SandboxFactory(Protocol):

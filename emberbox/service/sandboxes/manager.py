@@ -36,7 +36,12 @@ from emberbox.agent_client.spec import ExecSpec
 from emberbox.config import Settings
 from emberbox.service.catalog import image_pool_settings, resolve_ref
 from emberbox.service.sandboxes import execs, storage, validation
-from emberbox.service.sandboxes.booting import BootFlows, allocate_address, network_plan
+from emberbox.service.sandboxes.booting import (
+    BootFlows,
+    HandOut,
+    allocate_address,
+    network_plan,
+)
 from emberbox.service.sandboxes.core import ID_BYTES, ManagerCore, Phase
 from emberbox.service.sandboxes.handles import (
     ImageCatalog,
@@ -263,27 +268,26 @@ class SandboxManager:
         pools = [self.pool, *self.image_pools]
         pool = next((p for p in pools if p.shape == shape), self.pool)
         pooled = None if source is not None or policy else pool.take(shape, refill=False)
+        hand_out = None if pooled is None else HandOut(pooled)
+        if hand_out is not None:  # the guest answers while we admit
+            hand_out.started = self.in_background(hand_out.greet, hand_out.pooled.id)
         try:
-            try:
-                row = await self._boots.admit(
-                    store,
-                    spec,
-                    pooled.id if pooled else None,
-                    snapshot_id=snapshot_id,
-                    tenant_id=tenant_id,
-                    networked=policy is not None,
-                )
-            except BaseException:
-                if pooled is not None:
-                    with anyio.CancelScope(shield=True):
-                        await pooled.kill()
-                raise
+            row = await self._boots.admit(
+                store,
+                spec,
+                pooled.id if pooled else None,
+                snapshot_id=snapshot_id,
+                tenant_id=tenant_id,
+                networked=policy is not None,
+            )
             starter = self._boots.starter(
-                row, source, pooled, network_plan(self._settings, policy, row)
+                row, source, hand_out, network_plan(self._settings, policy, row)
             )
             return await self._boots.boot_locked(row, starter)
         finally:
-            if pooled is not None:
+            if hand_out is not None:
+                with anyio.CancelScope(shield=True):
+                    await hand_out.discard()
                 pool.refill()  # only now: starting a VM would hold up this hand-out
 
     def pool_ready(self, image: str | None = None) -> int:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class SandboxVM:
         # Where its start went (the driver's phases, then ours); the bench reads it.
         self.phases = Phases()
         self.prepared_phases: Phases | None = None  # a pooled VM's, before its hand-out
+        self.greeted_at = time.monotonic()  # made right after its hello
 
     @property
     def ip_address(self) -> str | None:
@@ -319,9 +321,14 @@ class SandboxVM:
             await network_down(ns, keep_record=True)
         return files
 
-    async def greet(self, sandbox_id: str) -> HelloInfo:
+    async def greet(self, sandbox_id: str, *, unless_within_s: float = 0.0) -> HelloInfo:
         """Say hello again (fresh entropy, clock, hostname, id): a pooled sandbox handed
-        out as ``sandbox_id`` (which must be the id it was started with)."""
+        out as ``sandbox_id`` (which must be the id it was started with).
+
+        Not said when the last hello is less than ``unless_within_s`` old: that hello
+        gave this VM its own entropy (no other VM shares its RNG state), its hostname and
+        id (the same), and a clock that has run since; only our own ``true`` ran in it.
+        """
         if sandbox_id != self.id:
             raise InvalidRequest(f"sandbox {self.id} cannot be renamed to {sandbox_id}")
         # From here on its phases are the hand-out's; how it was made stays readable
@@ -330,10 +337,13 @@ class SandboxVM:
         prepared.merge(self.prepared_phases)
         prepared.merge(self.phases)
         self.prepared_phases, self.phases = prepared, Phases()
+        if time.monotonic() - self.greeted_at < unless_within_s:
+            return self.hello
         with self.phases.timed("hand-out hello"):
             self.hello = await self.agent.handshake(
                 timeout_s=10.0, hostname=_hostname(sandbox_id), sandbox_id=sandbox_id
             )
+        self.greeted_at = time.monotonic()
         return self.hello
 
     async def _reconnect_if_lost(self) -> None:

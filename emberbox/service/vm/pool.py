@@ -4,7 +4,8 @@ Only the default shape (``default_image``, ``default_vcpus``, ``default_memory_m
 pooled. A pooled VM has been restored from the template, greeted once and has run our
 own ``true`` (so the exec path is translated and warm); it has never run a caller's
 command, so handing it out cannot leak anything between users. At hand-out the manager
-greets it again (fresh entropy, clock, id); refilling starts ``REFILL_DELAY_S`` later,
+greets it again (fresh entropy, clock, id), while it admits the create, if it waited in
+the pool longer than ``HELLO_FRESH_S``; refilling starts ``REFILL_DELAY_S`` later,
 so that the new sandbox's first calls do not share the CPU with a restore. The pool
 holds at most ``pool_size`` VMs and at most ``pool_memory_budget_mib`` of guest memory.
 
@@ -37,6 +38,11 @@ RETRY_AFTER_FAILURE_S = 10.0
 # follow its create within this time: they would otherwise share two cores with it
 # (pool create -> first exec 52 -> 310 ms on a loaded host, the refill's doing).
 REFILL_DELAY_S = 0.3
+# A pooled VM handed out within this time of its restore hello is not greeted again: that
+# hello's entropy, hostname, id and clock still stand (the guest's clock runs on the
+# host's; NTP slews it by at most 0.5 ms/s). An idle VM's hello costs ~5 ms at hand-out
+# (the guest wakes up), a quarter of a create -> first exec from the pool.
+HELLO_FRESH_S = 60.0
 
 
 @dataclass(frozen=True)
