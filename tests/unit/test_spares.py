@@ -180,3 +180,23 @@ async def test_no_spares_from_a_driver_that_cannot_prelaunch_or_past_the_cap() -
     assert spares.ready_count() == 1 and len(driver.made) == 1
     await spares.close()
     assert driver.made[0].killed
+
+
+async def test_dropping_an_image_kills_its_spares_only() -> None:
+    """A deleted image's spares go (they map its template); another image's stay."""
+    driver = Prelauncher()
+    spares = SpareVMMs(refill_delay_s=0)
+    other = SpareShape("other", 1, 512)
+    for shape in (SHAPE, other):
+        spares.claim(shape)  # a create asked for each shape
+        spares.refill(driver, TEMPLATE, shape, config_for)
+    await until(lambda: spares.ready_count() == 2)
+    assert spares.ready_count() == 2
+    await spares.drop("default")
+    assert spares.ready_count() == 1
+    by_image = {vm.config.vm_id: vm for vm in driver.made}
+    assert sorted(vm.killed for vm in by_image.values()) == [False, True]
+    kept = spares.claim(other)
+    assert kept is not None and not by_image[kept].killed
+    assert spares.claim(SHAPE) is None
+    await spares.close()

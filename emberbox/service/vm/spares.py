@@ -29,7 +29,6 @@ orphan sweep of the next start after a crash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -197,8 +196,7 @@ class SpareVMMs:
         spares = [spare for shape, spare in self._ready.items() if shape.image == image]
         for spare in spares:
             del self._ready[spare.shape]
-            with contextlib.suppress(Exception):
-                await spare.vm.kill()
+            await _kill_logged(spare)
 
     async def close(self) -> None:
         """Kill every spare (and stop making them). Idempotent; call shielded."""
@@ -211,6 +209,14 @@ class SpareVMMs:
         self._ready.clear()
         self._claimed.clear()
         for spare in spares:
-            with contextlib.suppress(Exception):
-                await spare.vm.kill()
+            await _kill_logged(spare)
         await asyncio.gather(*self._doomed, return_exceptions=True)
+
+
+async def _kill_logged(spare: Spare) -> None:
+    """Kill a spare's VMM; a failure is logged (the orphan sweep of the next start
+    finds what is left), not raised into a delete or a shutdown."""
+    try:
+        await spare.vm.kill()
+    except Exception:
+        log.exception("spare VMM %s: kill failed", spare.sandbox_id)
