@@ -153,6 +153,9 @@ async def _create(request: Request) -> Response:
         )
         target = record.id
         return JSONResponse(sandbox_body(front, record, data), 201)
+    except errors.ImageNotFound as exc:  # E2B's own answer for a template nobody has
+        outcome = type(exc).__name__
+        return api_error(404, f"template '{exc.name}' not found")
     except errors.EmberboxError as exc:
         outcome = type(exc).__name__
         return control_error(exc)
