@@ -11,12 +11,10 @@ module's blobs.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
 import shutil
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from emberbox.service.images.registry_service import held_paths, template_hashes
 from emberbox.service.tenancy.keys import e2b_form
 from emberbox.store.db import connect
 from emberbox.store.tenants import tenant_by_name
+from tests.support.archives import tar_of
 from tests.support.keys import emberbox_cli, make_key
 from tests.support.paths import short_tmp_dir
 from tests.support.servers import Server, serve_emberbox
@@ -317,23 +316,13 @@ class HttpBuild:
     events: list[dict[str, object]]
 
 
-def _context_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def http_build(registry_server: tuple[Server, Settings]) -> HttpBuild:
     """One real build (its RUN runs in a builder VM: ``no_cache``, so also when the
     shared layer cache has it) streamed over HTTP; the server makes its template."""
     server, settings = registry_server
     key = make_key(settings.data_dir, "--name", "maker")
-    body = _context_tar({"Dockerfile": BUILT_DOCKERFILE.encode()})
+    body = tar_of({"Dockerfile": BUILT_DOCKERFILE.encode()})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-tar"}
     params = {"name": "marked", "no_cache": "true"}
     events: list[dict[str, object]] = []

@@ -5,10 +5,8 @@ limit, and the async client."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from emberbox.images.registry import ImageInfo
 from emberbox.sdk import AsyncSandbox, Sandbox
+from tests.support.archives import tar_of
 from tests.support.paths import REPO
 from tests.support.server_calls import cli_argv, new_sandbox, run_command
 from tests.support.servers import Server, serve_emberbox
@@ -153,17 +152,11 @@ def test_directories_archives_and_cp(server: Server, tmp_path: Path) -> None:
 
 
 def _put_archive(sandbox_id: str, members: dict[str, bytes]) -> httpx.Response:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     url = os.environ["EMBERBOX_URL"]
     return httpx.put(
         f"{url}/v1/sandboxes/{sandbox_id}/archive",
         params={"path": "/tmp/x"},
-        content=buffer.getvalue(),
+        content=tar_of(members),
         timeout=60,
     )
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.api_calls import UPLOAD_LIMIT, error_message, new_sandbox, start_process
+from tests.support.archives import tar_of
 from tests.support.fakes_manager import FakeManager
 
 pytestmark = pytest.mark.anyio
@@ -116,22 +117,12 @@ async def test_upload_limit_is_413_before_anything_is_stored(
     error_message(await client.post(stdin, content=big), 413, "PayloadTooLarge")
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 async def test_archive_in_and_out(client: httpx.AsyncClient, manager: FakeManager) -> None:
     """PUT /archive extracts a tar into a directory; GET /archive streams one back; a
     member climbing out with .. is refused (400)."""
     sandbox_id = await new_sandbox(client)
     archive = f"/v1/sandboxes/{sandbox_id}/archive"
-    body = _tar({"a.txt": b"A", "sub/b.txt": b"B"})
+    body = tar_of({"a.txt": b"A", "sub/b.txt": b"B"})
     put = await client.put(archive, params={"path": "/srv/app"}, content=body)
     assert put.json() == {"path": "/srv/app", "entries": 2}
     assert manager.guests[sandbox_id].files["/srv/app/sub/b.txt"] == b"B"
@@ -143,7 +134,7 @@ async def test_archive_in_and_out(client: httpx.AsyncClient, manager: FakeManage
         extracted = tar.extractfile(names["sub/b.txt"])
         assert extracted is not None
         assert extracted.read() == b"B"
-    bad = _tar({"../../etc/evil": b"x"})
+    bad = tar_of({"../../etc/evil": b"x"})
     error_message(
         await client.put(archive, params={"path": "/srv"}, content=bad), 400, "InvalidRequest"
     )
