@@ -98,8 +98,8 @@ async def until(check: Callable[[], object], timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.001)
 
 
-async def until_ready(spares: SpareVMMs) -> None:
-    await until(spares.ready_count)
+async def until_ready(spares: SpareVMMs, timeout_s: float = 30.0) -> None:
+    await until(spares.ready_count, timeout_s)
 
 
 async def filled(spares: SpareVMMs, driver: Prelauncher, template: SnapshotFiles = TEMPLATE) -> str:
@@ -199,4 +199,21 @@ async def test_dropping_an_image_kills_its_spares_only() -> None:
     kept = spares.claim(other)
     assert kept is not None and not by_image[kept].killed
     assert spares.claim(SHAPE) is None
+    await spares.close()
+
+
+async def test_a_made_spare_no_longer_counts_as_being_made() -> None:
+    """Once its spare is ready, a fill no longer holds its shape: a refill right after a
+    claim makes the next spare (it used to wait for the fill task's done-callback, so
+    a refill that came first made none)."""
+    driver = Prelauncher()
+    spares = SpareVMMs(refill_delay_s=0)
+    spares.claim(SHAPE)
+    spares.refill(driver, TEMPLATE, SHAPE, config_for)
+    while not spares.ready_count():  # noqa: ASYNC110 (each turn of the loop counts here)
+        await asyncio.sleep(0)
+    assert spares.claim(SHAPE) is not None
+    spares.refill(driver, TEMPLATE, SHAPE, config_for)
+    await until_ready(spares, timeout_s=2.0)
+    assert spares.ready_count() == 1 and len(driver.made) == 2
     await spares.close()

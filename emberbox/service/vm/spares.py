@@ -29,11 +29,13 @@ orphan sweep of the next start after a crash.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from emberbox import errors
 from emberbox.vmm.base import VM, Driver, Prelaunching, SnapshotFiles, VMConfig
@@ -148,7 +150,7 @@ class SpareVMMs:
             self._fill(driver, template, shape, make_config)
         )
         self._filling[shape] = task
-        task.add_done_callback(lambda _t: self._filling.pop(shape, None))
+        task.add_done_callback(functools.partial(self._filled, shape))
 
     async def _fill(
         self,
@@ -178,6 +180,12 @@ class SpareVMMs:
             (time.perf_counter() - started) * 1000,
         )
         self._ready[shape] = Spare(sandbox_id, shape, template, vm)
+        self._filled(shape, asyncio.current_task())  # made: a refill may start the next one
+
+    def _filled(self, shape: SpareShape, task: asyncio.Task[Any] | None) -> None:
+        """``task`` no longer makes ``shape``'s spare (unless a newer task does)."""
+        if self._filling.get(shape) is task:
+            del self._filling[shape]
 
     def _discard(self, spare: Spare, reason: str | None) -> None:
         if reason is not None:
