@@ -131,7 +131,9 @@ def launch(
 
     Without a PTY, stdout and stderr are pipes and `stdin` is PIPE or DEVNULL. With one,
     the child's stdio is the PTY, which becomes its controlling terminal. With
-    ``cmd.user`` the child takes that identity last, just before its exec. Raises OSError
+    ``cmd.user`` the child takes that identity last, just before its exec; when nothing
+    else runs in the child, it is vforked by this thread as that user instead
+    (``runas.as_user``). Raises OSError
     if the program cannot be run, BadRequest for a bad cwd or argument, RequestError if
     the child could not take its user's identity.
     """
@@ -142,27 +144,34 @@ def launch(
     if pty is not None:
         master, slave = os.openpty()
         set_window_size(slave, pty)
+    setup = _child_setup(group, slave is not None, cmd.user)
+    on_thread = cmd.user is not None and setup is None and runas.thread_switch_available()
+    ids = {} if cmd.user is None or group is not None or on_thread else cmd.user.popen_ids()
     try:
-        popen = subprocess.Popen(
-            cmd.argv,
-            stdin=stdin if slave is None else slave,
-            stdout=subprocess.PIPE if slave is None else slave,
-            stderr=subprocess.PIPE if slave is None else slave,
-            env=env,
-            cwd=cmd.cwd,
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=_child_setup(group, slave is not None, cmd.user),
-            **({} if cmd.user is None or group is not None else cmd.user.popen_ids()),
-        )
+        with runas.as_user(cmd.user) if on_thread and cmd.user else contextlib.nullcontext():
+            popen = subprocess.Popen(
+                cmd.argv,
+                stdin=stdin if slave is None else slave,
+                stdout=subprocess.PIPE if slave is None else slave,
+                stderr=subprocess.PIPE if slave is None else slave,
+                env=env,
+                cwd=cmd.cwd,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=setup,
+                **ids,
+            )
     except ValueError as exc:  # e.g. an embedded NUL byte
         _close(master)
         raise common.BadRequest(f"cannot run the command: {exc}") from exc
     except subprocess.SubprocessError as exc:  # the set-up in the child failed
         _close(master)
         raise common.RequestError(f"cannot start the command as {_who(cmd.user)}: {exc}") from exc
-    except OSError:
+    except OSError as exc:
         _close(master)
+        if on_thread and cmd.cwd is not None and exc.filename == cmd.cwd:  # its chdir, as user
+            who = _who(cmd.user)
+            raise common.BadRequest(f"cwd {cmd.cwd!r}: {exc.strerror} for {who}") from exc
         raise
     finally:
         _close(slave)

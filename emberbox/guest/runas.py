@@ -7,7 +7,16 @@ is switched by the agent's own child between fork and exec: ``setgroups``, ``set
 root, when the command has a cgroup), then ``PR_SET_NO_NEW_PRIVS`` when asked — what
 ``setpriv --reuid --regid --init-groups`` did, without a ``setpriv`` process (an exec
 and its dynamic linking: ~50 ms under TCG) and in images that have no ``setpriv``
-(foreign userlands). The price is a fork of the agent instead of a vfork. The supplementary groups
+(foreign userlands).
+
+Popen's own switch costs a fork of the agent instead of a vfork (Python will not vfork a
+child that changes its ids), 10-20 ms under TCG. So a command with nothing else to do in
+its child is started by :func:`as_user` instead: the calling thread alone takes the
+user's ids (the kernel's per-thread calls, not glibc's, which change every thread),
+vforks the child, which inherits them, and takes root's back. The thread keeps root as
+its saved uid, which is what lets it switch back; the child's exec makes its saved uid
+its effective one and leaves it no capability (capabilities(7)), so it ends exactly as
+after ``setreuid``. The supplementary groups
 are ``gid`` and every group of ``/etc/group`` that lists ``name`` (initgroups); none
 without a name (``--clear-groups``). ``/etc/group`` is read once and again only when it
 changes. The environment is the caller's to set (``HOME``, ``USER``, ``LOGNAME``).
@@ -19,8 +28,10 @@ is never run as root by an agent that ignored the field.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import platform
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +40,9 @@ from . import common
 GROUP_FILE = "/etc/group"
 PR_SET_NO_NEW_PRIVS = 38
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to the kernel
+UNCHANGED = -1
+# setgroups, setresuid, setresgid: the raw system calls, which change the calling thread only
+THREAD_SYSCALLS = {"x86_64": (116, 117, 119), "aarch64": (159, 147, 149)}
 
 
 @dataclass(frozen=True)
@@ -143,3 +157,61 @@ def prctl() -> Callable[..., int]:
 
         _prctl = ctypes.CDLL(None, use_errno=True).prctl
     return _prctl
+
+
+class ThreadIds:
+    """The calling thread's ids, switched by raw system calls (libc's ``syscall``)."""
+
+    def __init__(self, machine: str) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._setgroups, self._setresuid, self._setresgid = THREAD_SYSCALLS[machine]
+
+    def _call(self, number: int, *args: Any) -> None:
+        if self._syscall(number, *args) != 0:
+            errno = self._ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    def set_groups(self, groups: list[int]) -> None:
+        array = (self._ctypes.c_uint * len(groups))(*groups)
+        self._call(self._setgroups, len(groups), array)
+
+    def set_gids(self, real: int, effective: int) -> None:
+        self._call(self._setresgid, real, effective, UNCHANGED)
+
+    def set_uids(self, real: int, effective: int, saved: int) -> None:
+        self._call(self._setresuid, real, effective, saved)
+
+
+_thread_ids: ThreadIds | None = None
+
+
+def thread_switch_available() -> bool:
+    """Whether :func:`as_user` can work here: a known architecture, the agent as root."""
+    return platform.machine() in THREAD_SYSCALLS and os.getresuid() == (0, 0, 0)
+
+
+@contextlib.contextmanager
+def as_user(user: RunAs) -> Iterator[None]:
+    """Runs the body with the calling thread (only) as `user`, saved uid root; then root
+    again. A child forked or vforked in the body starts as `user`. If the thread cannot
+    become root again the agent exits: a thread of PID 1 must not stay someone else."""
+    global _thread_ids
+    if _thread_ids is None:
+        _thread_ids = ThreadIds(platform.machine())
+    ids, groups = _thread_ids, os.getgroups()
+    ids.set_groups(user.supplementary)
+    try:
+        ids.set_gids(user.gid, user.gid)
+        ids.set_uids(user.uid, user.uid, UNCHANGED)
+        yield
+    finally:
+        try:
+            ids.set_uids(0, 0, 0)
+            ids.set_gids(0, 0)
+            ids.set_groups(groups)
+        except OSError as exc:
+            common.log(f"cannot take root's ids back: {exc}; exiting")
+            os._exit(70)

@@ -288,3 +288,49 @@ async def test_warm_run_refuses_a_user(client: AgentClient) -> None:
         await client.run(
             ExecSpec(["true"], user=RunAs(1, 1)), warm=WarmProgram("python3", "x.py", [])
         )
+
+
+def _thread_statuses(pid: int) -> dict[str, str]:
+    """/proc/PID/task/*/status of every thread of `pid`, by thread id."""
+    tasks = Path(f"/proc/{pid}/task")
+    return {task.name: (task / "status").read_text() for task in tasks.iterdir()}
+
+
+def _ids(status: str, field: str) -> list[str]:
+    return next(line.split()[1:] for line in status.splitlines() if line.startswith(field + ":"))
+
+
+@as_root
+async def test_vforked_command_ends_with_the_users_ids_and_no_capability(
+    client: AgentClient,
+) -> None:
+    """A command started by the calling thread as the user (runas.as_user): real,
+    effective, saved and filesystem ids all the user's, no capability left, as after
+    Popen's own setreuid; and the agent's every thread is root again afterwards."""
+    agent_pid = int((await client.exec(ExecSpec("echo $PPID"))).stdout)
+    spec = ExecSpec(["cat", "/proc/self/status"], user=RunAs(NOBODY, 4242))
+    result = await client.exec(spec)
+    assert result.exit_code == 0, result.stderr
+    status = result.stdout.decode()
+    assert _ids(status, "Uid") == [str(NOBODY)] * 4
+    assert _ids(status, "Gid") == ["4242"] * 4
+    assert _ids(status, "Groups") == ["4242"]
+    for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(_ids(status, field)[0], 16) == 0, field
+    for task, text in _thread_statuses(agent_pid).items():
+        assert _ids(text, "Uid") == ["0"] * 4 and _ids(text, "Gid") == ["0"] * 4, task
+
+
+@as_root
+async def test_a_cwd_the_user_cannot_enter_is_a_bad_request(
+    client: AgentClient, files: Path
+) -> None:
+    """The vforked child changes directory as the user (as E2B's envd does): a cwd only
+    root may enter is refused with its reason, and root still runs there."""
+    private = files / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(errors.InvalidRequest, match="Permission denied for uid 65534"):
+        await client.exec(ExecSpec(["true"], cwd=str(private), user=RunAs(NOBODY, NOBODY)))
+    assert (await client.exec(ExecSpec(["true"], cwd=str(private)))).exit_code == 0
+    who = await client.exec(ExecSpec(["id", "-u"], user=RunAs(NOBODY, NOBODY)))
+    assert who.stdout.split() == [str(NOBODY).encode()]
