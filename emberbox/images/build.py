@@ -34,7 +34,7 @@ from emberbox.images.rootfs import (
     guest_files,
 )
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: quicken_shells
 BUSYBOX = Path("/bin/busybox")
 Progress = Callable[[str], None]
 # The guest agent's package, and where it goes in the guest (the initramfs runs it there).

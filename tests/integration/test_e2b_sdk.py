@@ -23,7 +23,11 @@ from e2b import (
     SandboxState,
     TimeoutException,
 )
-from e2b.exceptions import AuthenticationException, SandboxException
+from e2b.exceptions import (
+    AuthenticationException,
+    InvalidArgumentException,
+    SandboxException,
+)
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 from emberbox.images.registry import ImageInfo
@@ -63,6 +67,19 @@ def test_commands_run(sbx: Sandbox) -> None:
     assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
     assert sbx.commands.run("cat", stdin=False).stdout == ""
+
+
+def test_commands_run_in_a_static_bash_with_a_utf8_locale(sbx: Sandbox) -> None:
+    """The image's bash is bash-static (docs/images.md) and C.UTF-8 comes from its locale
+    archive: bash counts `é` as one character and `locale` complains of nothing. A cwd
+    `user` may not enter fails the Start (InvalidArgumentException), as in E2B."""
+    linked = sbx.commands.run("ldd /usr/bin/bash 2>&1 || true").stdout
+    assert "not a dynamic executable" in linked
+    shown = sbx.commands.run("s=é; echo $LANG ${#s}; locale 2>&1 >/dev/null | wc -c")
+    assert shown.stdout == "C.UTF-8 1\n0\n"
+    with pytest.raises(InvalidArgumentException, match="Permission denied"):
+        sbx.commands.run("true", cwd="/root")
+    assert sbx.commands.run("pwd", cwd="/root", user="root").stdout == "/root\n"
 
 
 def test_the_agent_switches_to_user(front: E2bServer, sbx: Sandbox) -> None:
