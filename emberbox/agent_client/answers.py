@@ -157,6 +157,13 @@ def process_status_from(answer: dict[str, Any]) -> ProcessStatus:
     )
 
 
+def spawned_pid(event: dict[str, Any]) -> int:
+    """The pid of a ``spawned`` event (FEATURE_SPAWN_ATTACH)."""
+    if event.get("event") != "spawned":
+        raise errors.ProtocolError(f"expected a spawned event, got {event!r}")
+    return parsed("spawned event", event, lambda: int(event["pid"]))
+
+
 def process_infos_from(answer: dict[str, Any]) -> list[ProcessInfo]:
     return parsed(
         "ps",

@@ -7,7 +7,7 @@ what each call does); the service holds a sandbox's agent as ``AgentCalls``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 #: Called with each chunk of output as it arrives (a coroutine function is awaited).
 OutputCallback = Callable[[bytes], object]
+#: Awaited with a started process's guest pid, before any of its output is passed on.
+StartCallback = Callable[[int], Awaitable[None]]
 
 
 class AgentCalls(Protocol):
@@ -34,6 +36,15 @@ class AgentCalls(Protocol):
 
     # -- background processes --------------------------------------------------------------
     async def spawn(self, spec: SpawnSpec) -> int: ...
+    async def start(
+        self,
+        spec: SpawnSpec,
+        on_start: StartCallback,
+        *,
+        close_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus: ...
     async def attach(
         self,
         pid: int,

@@ -37,8 +37,9 @@ from emberbox.agent_client.answers import (
     hello_info_from,
     process_infos_from,
     process_status_from,
+    spawned_pid,
 )
-from emberbox.agent_client.calls import AgentCalls, OutputCallback
+from emberbox.agent_client.calls import AgentCalls, OutputCallback, StartCallback
 from emberbox.agent_client.link import AgentLink, checked
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 from emberbox.agent_client.tunnel import Tunnel, open_tunnel
@@ -287,6 +288,57 @@ class AgentClient:
         output = _Output(on_stdout, on_stderr, keep=False)
         body = {"op": Op.ATTACH, "pid": pid, "from_start": from_start}
         return process_status_from(await self._link.request(body, output.feed))
+
+    async def start(
+        self,
+        spec: SpawnSpec,
+        on_start: StartCallback,
+        *,
+        close_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus:
+        """:meth:`spawn` and :meth:`attach` from its start: ``on_start(pid)`` is awaited
+        before any output is passed on; ``close_stdin`` (no PTY) ends its stdin at once.
+        Returns how it ended. One request to an agent that lists
+        ``FEATURE_SPAWN_ATTACH``; spawn, close and attach one after the other otherwise.
+        """
+        close_stdin = close_stdin and spec.pty is None
+        if protocol.FEATURE_SPAWN_ATTACH not in self.features:
+            return await self._start_in_steps(spec, on_start, close_stdin, on_stdout, on_stderr)
+        output, started = _Output(on_stdout, on_stderr, keep=False), False
+
+        async def on_frame(frame: protocol.Frame) -> None:
+            nonlocal started
+            if frame.kind is protocol.Kind.EVENT and not started:
+                started = True
+                await on_start(spawned_pid(frame.json()))
+            elif not started:
+                raise errors.ProtocolError("agent sent output before the spawned event")
+            else:
+                await output.feed(frame)
+
+        extra = {"op": Op.SPAWN, "attach": True, "close_stdin": close_stdin}
+        body = {**spec.for_agent(self.switches_user).wire(), **extra}
+        answer = await self._link.request(body, on_frame)
+        if not started:
+            raise errors.ProtocolError("agent answered spawn-attach without a spawned event")
+        return process_status_from(answer)
+
+    async def _start_in_steps(
+        self,
+        spec: SpawnSpec,
+        on_start: StartCallback,
+        close_stdin: bool,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> ProcessStatus:
+        pid = await self.spawn(spec)
+        await on_start(pid)
+        if close_stdin:
+            with contextlib.suppress(errors.AgentRequestFailed):  # it may have ended
+                await self.write_stdin(pid, b"", close=True)
+        return await self.attach(pid, on_stdout=on_stdout, on_stderr=on_stderr)
 
     async def write_stdin(
         self, pid: int, data: bytes | AsyncIterable[bytes], *, close: bool = False

@@ -2,8 +2,10 @@
 calls, one envelope for streams), error answers, and :class:`EnvelopeStream`, the
 response of a server-streaming call.
 
-A stream answers 200 at once; what fails after that ends the stream with an error
-envelope (``{"error": {"code", "message"}}``), never a changed status.
+A stream answers 200 with its first message (or at once); what fails after that ends
+the stream with an error envelope (``{"error": {"code", "message"}}``), never a changed
+status. A stream made with ``early_errors`` answers an error raised before its first
+message as a unary call does (an HTTP status), like a Start whose command could not run.
 """
 
 from __future__ import annotations
@@ -93,24 +95,42 @@ class EnvelopeStream(Response):
 
     media_type = CONNECT_JSON
 
-    def __init__(self, produce: Produce, keepalive: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        produce: Produce,
+        keepalive: dict[str, Any] | None = None,
+        *,
+        early_errors: bool = False,
+    ) -> None:
         self.produce = produce
         self.keepalive = keepalive
+        self.early_errors = early_errors
         self.status_code = 200
         self.background = None
         self.init_headers(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lock = anyio.Lock()
+        lock, started = anyio.Lock(), False
+
+        async def begin() -> None:  # under the lock
+            nonlocal started
+            if not started:
+                started = True
+                start = {"type": "http.response.start", "status": 200}
+                await send({**start, "headers": self.raw_headers})
 
         async def write(data: bytes) -> None:
             async with lock:
+                await begin()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
 
         async def emit(message: dict[str, Any]) -> None:
             await write(self.frame(message))
 
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if not self.early_errors:
+            async with lock:
+                await begin()
+        early: errors.EmberboxError | None = None
         error: tuple[str, str] | None = None
         gone_away = False
         async with anyio.create_task_group() as tg:
@@ -120,11 +140,14 @@ class EnvelopeStream(Response):
             try:
                 await self.produce(emit)
             except errors.EmberboxError as exc:
-                error = _stream_error(exc)
+                early, error = (exc if not started else None), _stream_error(exc)
             except OSError:
                 gone_away = True
             tg.cancel_scope.cancel()
         if gone_away:
+            return
+        if early is not None:
+            await error_answer(early)(scope, receive, send)
             return
         try:
             await write(self.closing(error))

@@ -10,7 +10,6 @@ the stream ends with ``deadline_exceeded`` (the SDK's TimeoutException).
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 from typing import Any
 
@@ -20,6 +19,7 @@ from starlette.responses import Response
 
 from emberbox import errors
 from emberbox.agent_client.answers import ProcessStatus
+from emberbox.agent_client.calls import OutputCallback
 from emberbox.agent_client.spec import SpawnSpec
 from emberbox.e2b import users
 from emberbox.e2b.connect import (
@@ -100,7 +100,9 @@ def end_event(status: ProcessStatus) -> dict[str, Any]:
     return {"event": {"end": end}}
 
 
-async def _follow(call: EnvdCall, pid: int, emit: Emit, pty: bool) -> ProcessStatus:
+def _forwarders(emit: Emit, pty: bool) -> tuple[OutputCallback, OutputCallback]:
+    """Output callbacks that emit ``data`` events (all of a terminal's output is ``pty``)."""
+
     async def out(chunk: bytes) -> None:
         key = "pty" if pty else "stdout"
         await emit({"event": {"data": {key: base64.b64encode(chunk).decode()}}})
@@ -108,6 +110,11 @@ async def _follow(call: EnvdCall, pid: int, emit: Emit, pty: bool) -> ProcessSta
     async def err(chunk: bytes) -> None:
         await emit({"event": {"data": {"stderr": base64.b64encode(chunk).decode()}}})
 
+    return out, err
+
+
+async def _follow(call: EnvdCall, pid: int, emit: Emit, pty: bool) -> ProcessStatus:
+    out, err = _forwarders(emit, pty)
     processes = call.front.manager.processes
     return await processes.follow(call.sandbox_id, pid, on_stdout=out, on_stderr=err)
 
@@ -124,18 +131,12 @@ async def start(request: Request) -> Response:
         call, body = await stream_request(request)
         user = users.from_authorization(request.headers.get("authorization"))
         spec, config = spawn_spec(body, user, deadline_s(request))
-        processes = call.front.manager.processes
-        command = cut([config["cmd"], *config["args"]])
-        shown = {"cmd": command, "cwd": config["cwd"], "user": user.name, "pty": bool(spec.pty)}
-        try:
-            pid = await processes.spawn(call.sandbox_id, spec)
-        except errors.EmberboxError as exc:
-            await call.record("e2b.process.start", type(exc).__name__, **shown)
-            raise
     except errors.EmberboxError as exc:
         return error_answer(exc)
+    command = cut([config["cmd"], *config["args"]])
+    shown = {"cmd": command, "cwd": config["cwd"], "user": user.name, "pty": bool(spec.pty)}
     tag = body.get("tag")
-    call.front.processes[(call.sandbox_id, pid)] = {
+    entry = {
         "config": config,
         "pty": spec.pty is not None,
         **({"tag": tag} if isinstance(tag, str) else {}),
@@ -143,26 +144,42 @@ async def start(request: Request) -> Response:
     close_stdin = not body.get("stdin") and spec.pty is None
 
     async def produce(emit: Emit) -> None:
-        """The start event at once; the audit entry and the end of stdin (``stdin:
-        false``) go alongside the output, not before it (one agent round trip less)."""
-        await emit({"event": {"start": {"pid": pid}}})
+        """Started and followed in one agent request: the start event as soon as the pid
+        is known, the audit entry alongside the output. A command that cannot start is
+        answered with an HTTP error (``early_errors``), as E2B's envd answers it."""
+        pid: int | None = None
+        failure: errors.EmberboxError | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                functools.partial(call.record, "e2b.process.start", "ok", **shown, pid=pid)
-            )
-            if close_stdin:
-                tg.start_soon(_end_stdin, call, pid)
-            status = await _follow(call, pid, emit, spec.pty is not None)
+
+            async def started(new_pid: int) -> None:
+                nonlocal pid
+                pid = new_pid
+                call.front.processes[(call.sandbox_id, pid)] = entry
+                await emit({"event": {"start": {"pid": pid}}})
+                audit = functools.partial(call.record, "e2b.process.start", "ok", pid=pid)
+                tg.start_soon(functools.partial(audit, **shown))
+
+            out, err = _forwarders(emit, spec.pty is not None)
+            try:
+                status = await call.front.manager.processes.start(
+                    call.sandbox_id,
+                    spec,
+                    started,
+                    close_stdin=close_stdin,
+                    on_stdout=out,
+                    on_stderr=err,
+                )
+            except errors.EmberboxError as exc:  # raised below: not as an ExceptionGroup
+                failure = exc
+        if failure is not None:
+            if pid is None:
+                await call.record("e2b.process.start", type(failure).__name__, **shown)
+            raise failure
+        assert pid is not None  # start() returns only after on_start
         call.front.processes.pop((call.sandbox_id, pid), None)
         await _finish(call, pid, emit, status)
 
-    return EnvelopeStream(produce, KEEPALIVE)
-
-
-async def _end_stdin(call: EnvdCall, pid: int) -> None:
-    """EOF on the process's stdin (it may have ended already: nothing to do then)."""
-    with contextlib.suppress(errors.EmberboxError):
-        await call.front.manager.processes.write_stdin(call.sandbox_id, pid, b"", close=True)
+    return EnvelopeStream(produce, KEEPALIVE, early_errors=True)
 
 
 @router.post("/Connect")

@@ -177,6 +177,10 @@ class Call:
         for chunk in protocol.encode_data(kind, self.rid, data):
             self._channel.send(chunk)
 
+    def event(self, body: dict[str, Any]) -> None:
+        """Sends an EVENT on this request (e.g. ``spawned``), ahead of its data and answer."""
+        self._channel.send(protocol.encode_json(protocol.Kind.EVENT, self.rid, body))
+
     def congested(self) -> bool:
         """The channel is backed up, or the host has not acknowledged a window yet."""
         return self._channel.congested() or self._sent - self._acked_out >= protocol.WINDOW

@@ -173,16 +173,25 @@ class ProcessTable:
             raise
         exited = self._reaper.watch(popen.pid)  # before any await: the reaper may run next
         proc, readers = self._record(popen, master, cmd, pty, cap)
+        if pty is None and common.opt_bool(req, "close_stdin", False):
+            proc.close_stdin()
         task = asyncio.get_running_loop().create_task(
             self._supervise(proc, readers, exited, cmd.timeout_s, group)
         )
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
+        if common.opt_bool(req, "attach", False):  # FEATURE_SPAWN_ATTACH: spawn, then attach
+            call.event({"event": "spawned", "pid": proc.pid})
+            return await self._follow(proc, proc.ring.start, call)
         return {"ok": True, "pid": proc.pid}
 
     async def attach(self, req: dict[str, Any], call: Call) -> dict[str, Any]:
         proc = self._get(req)
         offset = proc.ring.start if common.opt_bool(req, "from_start", True) else proc.ring.end
+        return await self._follow(proc, offset, call)
+
+    async def _follow(self, proc: Process, offset: int, call: Call) -> dict[str, Any]:
+        """Sends its output from `offset` on until it ended; then the `wait` answer."""
         while True:
             changed = proc.ring.changed
             chunks, offset = proc.ring.since(offset)

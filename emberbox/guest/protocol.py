@@ -37,7 +37,11 @@ PROTOCOL_VERSION = 3
 # FEATURE_USER: exec, spawn and run take "user" {uid, gid, name, no_new_privs} and the
 # agent switches to it itself (guest/runas.py); without it the host wraps the command.
 FEATURE_USER = "user"
-FEATURES = (FEATURE_USER,)
+# FEATURE_SPAWN_ATTACH: spawn takes "close_stdin" (a pipe closed at once) and "attach"
+# (an EVENT {"event": "spawned", "pid"} first, then what attach sends and answers), so a
+# command is started and followed in one request.
+FEATURE_SPAWN_ATTACH = "spawn_attach"
+FEATURES = (FEATURE_USER, FEATURE_SPAWN_ATTACH)
 AGENT_PORT_NAME = "org.emberbox.agent"  # virtio-serial port name
 AGENT_VSOCK_PORT = 1024
 MAGIC = b"EB"

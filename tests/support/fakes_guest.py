@@ -28,7 +28,7 @@ import anyio
 
 from emberbox import errors
 from emberbox.agent_client.answers import ExecResult, FileInfo, ProcessInfo, ProcessStatus
-from emberbox.agent_client.calls import OutputCallback
+from emberbox.agent_client.calls import OutputCallback, StartCallback
 from emberbox.agent_client.spec import ExecSpec, SpawnSpec
 
 if TYPE_CHECKING:
@@ -141,6 +141,22 @@ class FakeGuest:
             return self.processes[pid]
         except KeyError:
             raise errors.NotFound(f"no process {pid}") from None
+
+    async def start(
+        self,
+        spec: SpawnSpec,
+        on_start: StartCallback,
+        *,
+        close_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus:
+        pid = await self.spawn(spec)
+        await on_start(pid)
+        process = self._process(pid)
+        if close_stdin and spec.pty is None:
+            process.stdin_open = False
+        return await self.attach(pid, on_stdout=on_stdout, on_stderr=on_stderr)
 
     async def attach(
         self,

@@ -80,6 +80,75 @@ async def test_spawn_returns_at_once_and_attach_streams_in_order(client: AgentCl
     assert status.duration_ms is not None and status.duration_ms > 800
 
 
+@pytest.mark.parametrize("one_request", [True, False], ids=["spawn-attach", "in-steps"])
+async def test_start_spawns_and_follows(client: AgentClient, one_request: bool) -> None:
+    """start(): the pid before any output, then stdout and stderr in order and how it
+    ended; with close_stdin a reader of stdin sees its end at once. One request to an
+    agent with FEATURE_SPAWN_ATTACH, spawn/close/attach to one without (same results)."""
+    if one_request:  # a client learns the agent's features from its hello
+        await client.handshake(timeout_s=10)
+        assert protocol.FEATURE_SPAWN_ATTACH in client.features
+    else:
+        assert protocol.FEATURE_SPAWN_ATTACH not in client.features
+    output, pids = Output(), []
+
+    async def started(pid: int) -> None:
+        assert not output.chunks
+        pids.append(pid)
+
+    script = "echo out1; echo err1 >&2; cat; echo out2; exit 7"
+    status = await asyncio.wait_for(
+        client.start(
+            SpawnSpec(script),
+            started,
+            close_stdin=True,
+            on_stdout=output.stdout,
+            on_stderr=output.stderr,
+        ),
+        10,
+    )
+    assert len(pids) == 1 and status.pid == pids[0]
+    assert (status.running, status.exit_code) == (False, 7)
+    assert [(s, d.decode()) for s, d in output.chunks] == [
+        ("out", "out1\n"),
+        ("err", "err1\n"),
+        ("out", "out2\n"),
+    ]
+    listed = [p for p in await client.ps() if p.pid == pids[0]]
+    assert len(listed) == 1 and listed[0].exit_code == 7
+
+
+async def test_start_keeps_stdin_open_unless_asked(client: AgentClient) -> None:
+    """Without close_stdin the process reads what write_stdin sends while start follows it."""
+    await client.handshake(timeout_s=10)
+    pids: asyncio.Queue[int] = asyncio.Queue()
+    output = Output()
+
+    async def started(pid: int) -> None:
+        await pids.put(pid)
+
+    following = asyncio.create_task(
+        client.start(SpawnSpec("cat"), started, on_stdout=output.stdout)
+    )
+    pid = await asyncio.wait_for(pids.get(), 5)
+    await client.write_stdin(pid, b"fed\n", close=True)
+    status = await asyncio.wait_for(following, 5)
+    assert (status.exit_code, output.text()) == (0, "fed\n")
+
+
+async def test_start_of_a_missing_program_fails_before_any_pid(client: AgentClient) -> None:
+    """A command that cannot start is the spawn's error; on_start is never called."""
+    await client.handshake(timeout_s=10)
+    pids: list[int] = []
+
+    async def started(pid: int) -> None:
+        pids.append(pid)
+
+    with pytest.raises(errors.NotFound):
+        await client.start(SpawnSpec(["/no/such/program"]), started)
+    assert pids == []
+
+
 async def test_several_attaches_and_from_start(client: AgentClient) -> None:
     """Two attaches follow one process; without from_start only later output is seen."""
     pid = await client.spawn(SpawnSpec("echo early; read go; echo late"))

@@ -23,7 +23,9 @@ from emberbox.service.sandboxes.manager import OutputCallback
 from emberbox.service.sandboxes.validation import check_frame, validate_command
 
 if TYPE_CHECKING:
+    from emberbox.agent_client.calls import StartCallback
     from emberbox.agent_client.client import ProcessInfo, ProcessStatus
+    from emberbox.service.sandboxes.manager import SandboxRecord
 
 # A terminal's program (the pty route's) when the client names none: a login shell, bash
 # where there is one.
@@ -42,14 +44,36 @@ class Processes(GuestService):
         ``env`` is merged over the sandbox's env; ``timeout_s`` (seconds, None: none)
         kills its process group; ``pty=(cols, rows)`` runs it on a terminal.
         """
-        validate_command(spec)
-        if spec.pty is not None:
-            _check_size(*spec.pty)
+        _validate(spec)
         async with self._guest(sandbox_id) as (record, agent):
-            defaults = image_defaults.for_settings(self._settings)
-            merged = await defaults.apply(record.image, spec, record.env)
-            check_frame(merged)  # with the sandbox's env in it
-            return await agent.spawn(merged)
+            return await agent.spawn(await self._merged(record, spec))
+
+    async def start(
+        self,
+        sandbox_id: str,
+        spec: SpawnSpec,
+        on_start: StartCallback,
+        *,
+        close_stdin: bool = False,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessStatus:
+        """:meth:`spawn` and :meth:`follow` from its start, in one agent request where
+        the guest's agent can: ``on_start(pid)`` is awaited before any output is passed
+        on, and ``close_stdin`` (no PTY) ends its stdin at once. Returns how it ended."""
+        _validate(spec)
+        async with self._guest(sandbox_id) as (record, agent):
+            merged = await self._merged(record, spec)
+            return await agent.start(
+                merged, on_start, close_stdin=close_stdin, on_stdout=on_stdout, on_stderr=on_stderr
+            )
+
+    async def _merged(self, record: SandboxRecord, spec: SpawnSpec) -> SpawnSpec:
+        """`spec` with the image's and the sandbox's defaults (env, cwd, user)."""
+        defaults = image_defaults.for_settings(self._settings)
+        merged = await defaults.apply(record.image, spec, record.env)
+        check_frame(merged)  # with the sandbox's env in it
+        return merged
 
     async def follow(
         self,
@@ -135,6 +159,12 @@ class Processes(GuestService):
                     await agent.signal(pid, "KILL", group=True)
                     await agent.wait(pid, END_WAIT_S)
                 await agent.forget(pid)
+
+
+def _validate(spec: SpawnSpec) -> None:
+    validate_command(spec)
+    if spec.pty is not None:
+        _check_size(*spec.pty)
 
 
 def _check_size(cols: int, rows: int) -> None:
