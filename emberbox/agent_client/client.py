@@ -336,7 +336,7 @@ class AgentClient:
         pid = await self.spawn(spec)
         await on_start(pid)
         if close_stdin:
-            with contextlib.suppress(errors.AgentRequestFailed):  # it may have ended
+            with contextlib.suppress(errors.Conflict):  # it may have ended already
                 await self.write_stdin(pid, b"", close=True)
         return await self.attach(pid, on_stdout=on_stdout, on_stderr=on_stderr)
 

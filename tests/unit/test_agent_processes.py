@@ -118,6 +118,22 @@ async def test_start_spawns_and_follows(client: AgentClient, one_request: bool) 
     assert len(listed) == 1 and listed[0].exit_code == 7
 
 
+@pytest.mark.parametrize("one_request", [True, False], ids=["spawn-attach", "in-steps"])
+async def test_start_of_a_process_that_ended_at_once(
+    client: AgentClient, one_request: bool
+) -> None:
+    """close_stdin of a process that has already ended is no error (in steps the close
+    comes after on_start, here after the process is gone)."""
+    if one_request:
+        await client.handshake(timeout_s=10)
+
+    async def started(pid: int) -> None:
+        assert not (await client.wait(pid, timeout_s=5)).running
+
+    status = await asyncio.wait_for(client.start(SpawnSpec("true"), started, close_stdin=True), 10)
+    assert (status.running, status.exit_code) == (False, 0)
+
+
 async def test_start_keeps_stdin_open_unless_asked(client: AgentClient) -> None:
     """Without close_stdin the process reads what write_stdin sends while start follows it."""
     await client.handshake(timeout_s=10)
