@@ -148,7 +148,7 @@ async def start(request: Request) -> Response:
         is known, the audit entry alongside the output. A command that cannot start is
         answered with an HTTP error (``early_errors``), as E2B's envd answers it."""
         pid: int | None = None
-        failure: errors.EmberboxError | None = None
+        failure: errors.EmberboxError | OSError | None = None
         async with anyio.create_task_group() as tg:
 
             async def started(new_pid: int) -> None:
@@ -169,10 +169,10 @@ async def start(request: Request) -> Response:
                     on_stdout=out,
                     on_stderr=err,
                 )
-            except errors.EmberboxError as exc:  # raised below: not as an ExceptionGroup
-                failure = exc
+            except (errors.EmberboxError, OSError) as exc:  # raised below, not in a group
+                failure = exc  # (OSError: the client left, EnvelopeStream's to handle)
         if failure is not None:
-            if pid is None:
+            if pid is None and isinstance(failure, errors.EmberboxError):
                 await call.record("e2b.process.start", type(failure).__name__, **shown)
             raise failure
         assert pid is not None  # start() returns only after on_start

@@ -144,10 +144,11 @@ def launch(
     if pty is not None:
         master, slave = os.openpty()
         set_window_size(slave, pty)
-    setup = _child_setup(group, slave is not None, cmd.user)
-    on_thread = cmd.user is not None and setup is None and runas.thread_switch_available()
-    ids = {} if cmd.user is None or group is not None or on_thread else cmd.user.popen_ids()
+    on_thread = False
     try:
+        setup = _child_setup(group, slave is not None, cmd.user)
+        on_thread = cmd.user is not None and setup is None and runas.thread_switch_available()
+        ids = {} if cmd.user is None or group is not None or on_thread else cmd.user.popen_ids()
         with runas.as_user(cmd.user) if on_thread and cmd.user else contextlib.nullcontext():
             popen = subprocess.Popen(
                 cmd.argv,

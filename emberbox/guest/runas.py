@@ -197,7 +197,8 @@ def thread_switch_available() -> bool:
 def as_user(user: RunAs) -> Iterator[None]:
     """Runs the body with the calling thread (only) as `user`, saved uid root; then root
     again. A child forked or vforked in the body starts as `user`. If the thread cannot
-    become root again the agent exits: a thread of PID 1 must not stay someone else."""
+    become root again the agent exits (as PID 1: the guest stops): a thread of the agent
+    must not stay someone else."""
     global _thread_ids
     if _thread_ids is None:
         _thread_ids = ThreadIds(platform.machine())

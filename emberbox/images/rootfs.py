@@ -172,7 +172,7 @@ def assemble_ext4(tarball: Path, files: dict[str, bytes], dest: Path, size_mib: 
 def quicken_shells(root: Path) -> None:
     """Start-up costs every shell pays, cut in the unpacked tree ``root`` (E2B runs each
     command as ``bash -l -c``; under TCG, measured in a guest: ``bash -l -c true`` with
-    ``LANG=C.UTF-8`` 15.9 -> 9.8 ms, docs/benchmarks.md):
+    ``LANG=C.UTF-8`` 15.9 -> 9.8 ms, docs/images.md):
 
     - ``/usr/bin/bash`` becomes Debian's ``bash-static`` (the same bash 5.2, linked
       statically): no dynamic linking, which the guest's emulated CPU does slowly. A later
