@@ -175,9 +175,15 @@ class Prelaunching(Driver, Protocol):
     that a later restore only loads the saved state into it."""
 
     async def prelaunch(
-        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+        self,
+        config: VMConfig,
+        snapshot: SnapshotFiles,
+        *,
+        adopt_disk: bool = False,
+        load_state: bool = False,
     ) -> VM:
-        """The VMM for ``config``, started and waiting for ``snapshot``'s state."""
+        """The VMM for ``config``, started and waiting for ``snapshot``'s state (with
+        ``load_state``: the state loaded, the guest paused and never run)."""
         ...
 
     async def restore(

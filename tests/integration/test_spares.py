@@ -67,14 +67,20 @@ async def test_a_restore_loads_into_the_spare_made_ahead(settings: Settings) -> 
         spare_id, pid = await ready_spare(manager)
         argv = cmdline(pid)
         assert b"-incoming" in argv and b"defer" in argv
+        # The template's state is loaded into it ahead, and its guest has never run.
+        (spare,) = spares_of(manager)._ready.values()
+        status = await (await spare.vm.qmp()).execute("query-status")  # type: ignore[attr-defined]
+        assert status["running"] is False and status["status"] != "inmigrate", status
         record = await manager.create()
         assert (record.id, record.vmm_pid) == (spare_id, pid)
         handle = manager._core.live[record.id]
         during = phases_of(handle)
         assert during is not None
-        assert "migrate-incoming" in during.as_dict() and "QEMU spawn" not in during.as_dict()
+        assert "resume" in during.as_dict()
+        assert not {"QEMU spawn", "migrate-incoming"} & set(during.as_dict())
         ahead = handle.prepared_phases  # type: ignore[attr-defined]
-        assert ahead is not None and {"QEMU spawn", "QMP connect"} <= set(ahead.as_dict())
+        assert ahead is not None
+        assert {"QEMU spawn", "QMP connect", "migrate-incoming"} <= set(ahead.as_dict())
         # A sandbox like any restore: its own name and id, fresh entropy, a working exec.
         result = await manager.exec(
             record.id,

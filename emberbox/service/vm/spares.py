@@ -3,18 +3,19 @@ waiting for the template's saved state (QEMU ``-incoming defer``).
 
 A template restore is QEMU's start (fork/exec, its cgroup, device set-up until its
 monitor answers: ~35 ms under TCG), then loading the device state, resuming the guest,
-the hello and the guest's first translated code. A spare does the first part before
-anyone asks: its disk overlay is made, the process runs in its cgroup, QMP is connected.
-The guest does not exist in it yet: no state is loaded, nothing of the template runs,
-no sandbox's data reaches it. What the create still does, and the bench still times, is
-the restore itself (load, resume, hello, first exec).
+the hello and the guest's first translated code. A spare does the first two before
+anyone asks: its disk overlay is made, the process runs in its cgroup, QMP is connected,
+and the template's device state is loaded (its RAM is the template's file, mapped
+copy-on-write), the guest left paused as the template was saved. Nothing of the guest
+has run, and no sandbox's data reaches it. What the create still does, and the bench
+still times, is the rest of the restore (resume, hello, first exec).
 
 That is what sets it apart from the warm pool (:mod:`~emberbox.service.vm.pool`),
 which holds whole running sandboxes of the default shape that have already been
 greeted and have run ``true`` (their translation warm). A spare is one idle QEMU per
-shape that creates have restored since start (any image, vCPUs, memory): about 12 MiB
-of the host's memory (the template's RAM is mapped, untouched until the state loads),
-and it serves only
+shape that creates have restored since start (any image, vCPUs, memory): about 13 MiB
+of the host's private memory (the template's RAM is mapped, untouched until the guest
+runs), and it serves only
 restores without a network (a TAP is given to QEMU when it starts).
 
 Only shapes that creates asked for get spares (not the warm pool's own fills: its
@@ -163,7 +164,7 @@ class SpareVMMs:
         sandbox_id = secrets.token_hex(self.id_bytes)
         started = time.perf_counter()
         try:
-            vm = await driver.prelaunch(make_config(sandbox_id), template)
+            vm = await driver.prelaunch(make_config(sandbox_id), template, load_state=True)
         except errors.EmberboxError as exc:
             log.warning("spare VMM for %s: not started: %s", shape.image, exc.message)
             return

@@ -129,7 +129,8 @@ class QemuDriver:
         prelaunched: QemuVM | None = None,
     ) -> QemuVM:
         """(See :meth:`Driver.restore`.) With ``prelaunched`` (made by :meth:`prelaunch`
-        for this ``config`` and ``snapshot``), only the state is loaded into it."""
+        for this ``config`` and ``snapshot``), only the state is loaded into it, or,
+        loaded already, its guest is run."""
         if prelaunched is None:
             vm = await self.prelaunch(config, snapshot, adopt_disk=adopt_disk)
         else:
@@ -144,12 +145,19 @@ class QemuDriver:
         return vm
 
     async def prelaunch(
-        self, config: VMConfig, snapshot: SnapshotFiles, *, adopt_disk: bool = False
+        self,
+        config: VMConfig,
+        snapshot: SnapshotFiles,
+        *,
+        adopt_disk: bool = False,
+        load_state: bool = False,
     ) -> QemuVM:
         """A QEMU for ``config`` that waits for ``snapshot``'s state (``-incoming
         defer``): its disk overlay made, the process started in its cgroup, QMP
         connected. The guest does not exist yet; :meth:`restore` with ``prelaunched``
-        loads it. Kill it when it is not used."""
+        loads it. ``load_state``: load it now (a template's, saved stopped), leaving the
+        guest paused, never run: the restore then only runs it. Kill it when it is not
+        used."""
         self.check_host()
         if (snapshot.vmm, snapshot.vmm_version) != (NAME, self.state_version()):
             raise SnapshotMismatch(
@@ -185,10 +193,20 @@ class QemuDriver:
             with vm.phases.timed("QMP connect"):
                 qmp = await vm.qmp()
             await migration.set_ignore_shared(qmp, vm.incoming.ignore_shared)
+            if load_state:
+                await self._load_paused(vm, vm.incoming)
         except BaseException as exc:
             await self._fail_load(vm, state, exc)
             raise
         return vm
+
+    async def _load_paused(self, vm: QemuVM, incoming: Incoming) -> None:
+        qmp = await vm.qmp()
+        with vm.phases.timed("migrate-incoming"):
+            await migration.load_state(qmp, incoming.fd_number, timeout_s=300.0)
+        if await migration.running(qmp):  # a state saved running: its guest ran already
+            raise VMMError(f"snapshot {incoming.state} resumed by itself when loaded")
+        vm.incoming = replace(incoming, loaded=True)
 
     def _check_disk(self, config: VMConfig) -> None:
         try:
@@ -199,8 +217,12 @@ class QemuDriver:
 
     async def _load(self, vm: QemuVM, incoming: Incoming) -> None:
         try:
-            with vm.phases.timed("migrate-incoming"):
-                await migration.load(await vm.qmp(), incoming.fd_number, timeout_s=300.0)
+            if incoming.loaded:  # seen paused when it was loaded
+                with vm.phases.timed("resume"):
+                    await (await vm.qmp()).execute("cont")
+            else:
+                with vm.phases.timed("migrate-incoming"):
+                    await migration.load(await vm.qmp(), incoming.fd_number, timeout_s=300.0)
         except BaseException as exc:
             await self._fail_load(vm, incoming.state, exc)
             raise

@@ -61,14 +61,28 @@ async def save(qmp: QMPClient, dest: Path, *, ignore_shared: bool, timeout_s: fl
 
 
 async def load(qmp: QMPClient, fd_number: int, *, timeout_s: float) -> None:
+    """:func:`load_state`, then run the guest."""
+    await load_state(qmp, fd_number, timeout_s=timeout_s)
+    await run(qmp)
+
+
+async def load_state(qmp: QMPClient, fd_number: int, *, timeout_s: float) -> None:
     """Feed the state on QEMU's inherited ``fd_number`` to a ``-incoming defer`` QEMU
-    (``x-ignore-shared`` already set as its snapshot needs: :func:`set_ignore_shared`),
-    wait until it is loaded, and run the guest (saved stopped, it would stay paused)."""
+    (``x-ignore-shared`` already set as its snapshot needs: :func:`set_ignore_shared`)
+    and wait until it is loaded; a state saved stopped stays paused."""
     await qmp.execute("migrate-incoming", uri=f"fd:{fd_number}")
     status = await _wait_done(qmp, timeout_s, LOAD_POLL_S)
     if status.get("status") != "completed":
         raise VMMError(f"loading VM state failed: {status.get('error-desc', status)}")
-    if not (await qmp.execute("query-status")).get("running"):
+
+
+async def running(qmp: QMPClient) -> bool:
+    return bool((await qmp.execute("query-status")).get("running"))
+
+
+async def run(qmp: QMPClient) -> None:
+    """Run a loaded guest (a state saved stopped would stay paused)."""
+    if not await running(qmp):
         await qmp.execute("cont")
 
 

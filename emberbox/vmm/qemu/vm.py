@@ -40,11 +40,13 @@ QMP_TIMEOUT_S = 10.0
 @dataclass(frozen=True)
 class Incoming:
     """The saved state a ``-incoming defer`` QEMU waits for: the file (for messages),
-    the number QEMU inherited it under, and whether its RAM stays in a shared file."""
+    the number QEMU inherited it under, whether its RAM stays in a shared file, and
+    whether it is loaded already (the guest paused, never run: a spare's)."""
 
     state: Path
     fd_number: int
     ignore_shared: bool
+    loaded: bool = False
 
 
 class QemuVM:
