@@ -88,6 +88,11 @@ def test_the_agent_switches_to_user(front: E2bServer, sbx: Sandbox) -> None:
     wrapper in the process's command line); user="root" stays root."""
     ids = sbx.commands.run("id -u; id -g; id -G; id -Gn; grep NoNewPrivs /proc/self/status")
     assert ids.stdout.split("\n")[:5] == ["1000", "1000", "1000", "user", "NoNewPrivs:\t0"]
+    # vforked by an agent thread that took these ids (saved ones included) and gave up
+    # every capability, as a setreuid would have left them
+    status = sbx.commands.run("grep -E '^(Uid|Gid|CapPrm|CapEff):' /proc/self/status").stdout
+    no_caps = ["CapPrm:", "0" * 16, "CapEff:", "0" * 16]
+    assert status.split() == ["Uid:", *["1000"] * 4, "Gid:", *["1000"] * 4, *no_caps]
     sbx.commands.run("echo s > /tmp/runas-secret && chmod 600 /tmp/runas-secret", user="root")
     with pytest.raises(CommandExitException) as raised:
         sbx.commands.run("cat /tmp/runas-secret")
