@@ -36,6 +36,10 @@ NATIVE_LOGIN_ROOT = "emberbox SDK: exec('bash -l -c true'), root"
 ROOT_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root"}
 RUN_CODE = "E2B code interpreter: run_code('1+1'), warm"
 WARMUP = 2
+# Before each timed create: both shapes share one spare VMM (refilled 0.3 s after a
+# restore), so a create right behind the other side's would find none and start QEMU
+# itself. Waiting puts both sides in the same state (bench/create.py waits likewise).
+SETTLE_S = 1.0
 LOGIN_SHELL = ["setpriv", "--reuid=1000", "--regid=1000", "--init-groups", "--"]
 LOGIN_SHELL += ["bash", "-l", "-c", "true"]
 
@@ -71,11 +75,13 @@ def _measure(url: str, samples: int, runs: int) -> list[Measurement]:
     native_login_root = out[7]
     progress(f"e2b front: {samples} creates each way")
     for _ in range(samples):
+        time.sleep(SETTLE_S)
         started = time.perf_counter()
         box = E2bSandbox.create()
         box.commands.run("true")
         e2b_create.samples.append(ms_since(started))
         box.kill()
+        time.sleep(SETTLE_S)
         started = time.perf_counter()
         native = Sandbox.create(url=url)
         native.commands.run(["true"])
