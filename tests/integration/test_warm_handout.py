@@ -21,6 +21,8 @@ from emberbox.vmm.phases import phases_of
 pytestmark = [pytest.mark.vm, pytest.mark.anyio]
 
 PR_GET_THP_DISABLE = 42
+VIRTIO_NET_F_CTRL_VQ = 17  # bit numbers in the guest's sysfs "features" string
+VIRTIO_NET_F_GUEST_ANNOUNCE = 21
 # Every process of the guest but the agent (PID 1) and this shell and its children,
 # with its state: a leftover of the warm-up (a zombie, a process still running) shows.
 PROCESSES = (
@@ -39,6 +41,12 @@ def anyio_backend() -> str:
 def qemu_argv(pid: int | None) -> list[str]:
     assert pid is not None
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+async def disk_reads(vm: object) -> int:
+    """Read requests the VM's disk has served (QEMU's own count)."""
+    stats = await (await vm.qmp()).execute("query-blockstats")  # type: ignore[attr-defined]
+    return sum(int(s["stats"]["rd_operations"]) for s in stats)
 
 
 def thp_enabled(pid: int | None) -> str:
@@ -97,8 +105,23 @@ async def test_a_template_clone_has_no_kernel_image_and_no_huge_pages(settings: 
         assert {"disk overlay", "QEMU spawn", "QMP connect", "migrate-incoming"} <= set(
             phases.as_dict()
         )
+        # The template read the everyday commands' files: a clone's first ones read no disk.
+        vm = manager._core.live[record.id].vm
+        reads = await disk_reads(vm)
+        for command in (["true"], ["ls", "/"]):
+            assert (await manager.exec(record.id, ExecSpec(command))).exit_code == 0
+        assert await disk_reads(vm) == reads
+        direct = "dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct status=none"
+        assert (await manager.exec(record.id, ExecSpec(["sh", "-c", direct]))).exit_code == 0
+        assert await disk_reads(vm) > reads  # the count counts
         result = await manager.exec(record.id, ExecSpec(["cat", "/proc/cmdline"]))
         assert result.exit_code == 0 and b"panic=-1" in result.stdout  # booted as usual
+        # The NIC offers no guest announcement, so the restore announced nothing.
+        bits = "cat /sys/class/net/eth0/device/features"
+        result = await manager.exec(record.id, ExecSpec(["sh", "-c", bits]))
+        features = result.stdout.decode().strip()
+        assert features[VIRTIO_NET_F_CTRL_VQ] == "1"
+        assert features[VIRTIO_NET_F_GUEST_ANNOUNCE] == "0"
         # Under TCG, no ASLR in the guest's user space (translated code is found by
         # virtual address): two processes map libc at the same address. KVM keeps it.
         tcg = any("accel=tcg" in arg for arg in argv)
