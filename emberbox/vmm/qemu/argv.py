@@ -130,7 +130,8 @@ def network_args(config: VMConfig, accel: Accel) -> list[str]:
         backend = "hubport,id=net0,hubid=0"
     else:
         backend = f"tap,id=net0,fd={config.tap_fd}"
-    return ["-netdev", backend, "-device", f"{nic},netdev=net0,mac=52:54:00:eb:00:01,guest_announce=off"]
+    device = f"{nic},netdev=net0,mac=52:54:00:eb:00:01,guest_announce=off"
+    return ["-netdev", backend, "-device", device]
 
 
 def boot_args(accel: Accel, config: VMConfig, fds: HostFds, *, incoming: bool) -> list[str]:
