@@ -124,7 +124,7 @@ def network_args(config: VMConfig, accel: Accel) -> list[str]:
     announce itself (gratuitous ARP, unsolicited neighbour advertisements, MLD reports),
     which is for a VM that moved to another host's switch. A clone's TAP is new and its
     peer learns the guest's address from its first packet; under TCG the announcement
-    was ~2,000 freshly translated blocks of a restore's hello and first exec."""
+    was ~1,700 freshly translated blocks of a restore's hello and first exec."""
     nic = "virtio-net-device" if accel == "kvm" else "virtio-net-pci"
     if config.tap_fd is None:
         backend = "hubport,id=net0,hubid=0"
