@@ -22,8 +22,7 @@ Accel = Literal["kvm", "tcg"]
 # (QemuDriver.state_version), so one made for another device set is refused
 # (SnapshotMismatch) or rebuilt, never loaded into the wrong machine.
 # 2: q35 without SATA and SMBus.
-# 3: the NIC has guest_announce=off (network_args).
-MACHINE_REVISION = "3"
+MACHINE_REVISION = "2"
 # The option ROM QEMU adds for -kernel on q35 (fw_cfg DMA), from its own data directory.
 LINUXBOOT_ROM = "linuxboot_dma.bin"
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -118,20 +117,13 @@ def network_args(config: VMConfig, accel: Accel) -> list[str]:
     """Every VM has one virtio NIC, so that a snapshot of any VM restores into any other
     (same device set): on the TAP ``config.tap_fd`` (a networked sandbox; the host
     opened it in the sandbox's namespace), else on a hub port with no other port (a
-    cable to nowhere). The TAP has no vnet header, so both offer the guest the same features.
-
-    ``guest_announce=off``: otherwise QEMU asks the guest, after every state load, to
-    announce itself (gratuitous ARP, unsolicited neighbour advertisements, MLD reports),
-    which is for a VM that moved to another host's switch. A clone's TAP is new and its
-    peer learns the guest's address from its first packet; under TCG the announcement
-    was ~1,700 freshly translated blocks of a restore's hello and first exec."""
+    cable to nowhere). The TAP has no vnet header, so both offer the guest the same features."""
     nic = "virtio-net-device" if accel == "kvm" else "virtio-net-pci"
     if config.tap_fd is None:
         backend = "hubport,id=net0,hubid=0"
     else:
         backend = f"tap,id=net0,fd={config.tap_fd}"
-    device = f"{nic},netdev=net0,mac=52:54:00:eb:00:01,guest_announce=off"
-    return ["-netdev", backend, "-device", device]
+    return ["-netdev", backend, "-device", f"{nic},netdev=net0,mac=52:54:00:eb:00:01"]
 
 
 def boot_args(accel: Accel, config: VMConfig, fds: HostFds, *, incoming: bool) -> list[str]:
